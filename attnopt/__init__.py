@@ -1,0 +1,21 @@
+"""attnopt: torch.compile passes that make attention and linear layers fast without touching model code.
+
+    model = torch.compile(model, backend="attnopt", options={"attention": {"quant": "int8"}})
+    report = attnopt.inspect(model, *example_inputs)
+"""
+
+__version__ = "0.1.0"
+
+from .config import ConfigError, default_options, normalize_options  # noqa: E402
+from .ops import attention as _attention_op  # noqa: E402,F401  (registers torch.ops.attnopt.attention)
+from .ops import probe as _probe_op  # noqa: E402,F401
+from .ops.attention import attention  # noqa: E402
+from .compiler import AttnoptBackend, backend  # noqa: E402
+from .inspection.run import inspect  # noqa: E402
+from .plan import Plan  # noqa: E402
+from .report import Report, SiteRecord  # noqa: E402
+
+__all__ = [
+    "attention", "backend", "inspect", "AttnoptBackend", "ConfigError", "Plan", "Report", "SiteRecord",
+    "default_options", "normalize_options", "__version__",
+]

@@ -1,0 +1,154 @@
+"""GPU architectures attnopt targets, and everything chosen per architecture, in one table.
+
+"How is sm90 chosen": `detect_arch()` maps the device's compute capability to a name; the
+`ARCHS` table below gives, for that name, the number formats the tensor cores run natively,
+the P.V default, whether loads go through tensor descriptors (TMA), and the kernel tile
+configurations (the first is the default, all are autotuned on a GPU). `options["arch"]`
+forces a row; "cpu" is the pure-PyTorch reference path, which emulates every format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One attention kernel configuration."""
+
+    block_m: int  # query rows per program
+    block_n: int  # keys per inner-loop step
+    warps: int
+    stages: int
+
+    def __str__(self) -> str:
+        return f"BM{self.block_m}-BN{self.block_n}-w{self.warps}-s{self.stages}"
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """One linear (GEMM) kernel configuration."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    group_m: int = 8
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    capability: tuple[int, int] | None
+    qk_formats: tuple[str, ...]  # QK^T formats the hardware runs ("none" = 16-bit, always)
+    pv_formats: tuple[str, ...]  # P.V formats
+    pv_auto: str  # P.V format chosen by pv="auto" with a quantized QK^T
+    fp4: bool  # microscaled FP4 (tl.dot_scaled native)
+    tma: bool  # tensor descriptors lowered to TMA
+    smem_kb: int  # shared memory per block, for stage counts
+    # attention tiles per head-dim bucket (padded head dim <= key); first entry is the default
+    attn_tiles: dict[int, tuple[Tile, ...]] = field(default_factory=dict)
+    gemm_tiles: tuple[GemmTile, ...] = ()
+    linear_formats: tuple[str, ...] = ("w8a8", "w4a16")
+
+    def attention_tiles(self, head_dim: int) -> tuple[Tile, ...]:
+        for bucket in sorted(self.attn_tiles):
+            if head_dim <= bucket:
+                return self.attn_tiles[bucket]
+        raise ValueError(f"head dim {head_dim} above the largest supported (256)")
+
+    def supports(self, quant: str, pv: str) -> str | None:
+        """None when (quant, pv) runs here; otherwise the reason it does not."""
+        if quant not in self.qk_formats and quant != "none":
+            return f"QK^T format {quant!r} needs {_needs(quant)} (target is {self.name})"
+        if pv not in self.pv_formats:
+            return f"P.V format {pv!r} needs {_needs(pv)} (target is {self.name})"
+        return None
+
+
+def _needs(fmt: str) -> str:
+    return {"fp8": "sm89+", "int8": "sm80+", "fp16": "sm80+"}.get(fmt, "another arch")
+
+
+_AMPERE_TILES = {
+    64: (Tile(128, 64, 4, 3), Tile(64, 64, 4, 3), Tile(128, 128, 8, 2)),
+    128: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 32, 4, 3)),
+    256: (Tile(64, 32, 4, 2), Tile(64, 64, 8, 2)),
+}
+# Consumer parts (sm86/sm89/sm120) have ~100 KB of shared memory: fewer stages.
+_SMALL_SMEM_TILES = {
+    64: (Tile(128, 64, 4, 2), Tile(64, 64, 4, 2), Tile(128, 32, 4, 3)),
+    128: (Tile(128, 64, 8, 2), Tile(64, 64, 4, 2), Tile(64, 32, 4, 3)),
+    256: (Tile(64, 32, 4, 2), Tile(32, 32, 4, 2)),
+}
+_HOPPER_TILES = {
+    64: (Tile(128, 128, 8, 3), Tile(128, 64, 4, 3), Tile(64, 64, 4, 4)),
+    128: (Tile(128, 128, 8, 2), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3)),
+    256: (Tile(64, 64, 8, 2), Tile(128, 32, 8, 2)),
+}
+_GEMM_DEFAULT = (
+    GemmTile(128, 128, 64, 8, 3), GemmTile(128, 64, 64, 4, 4), GemmTile(64, 128, 64, 4, 4),
+    GemmTile(64, 64, 128, 4, 3), GemmTile(128, 256, 64, 8, 3),
+)
+
+ARCHS: dict[str, ArchSpec] = {
+    # name     capability  QK^T formats      P.V formats       pv auto  fp4    tma    smem
+    "sm80": ArchSpec("sm80", (8, 0), ("int8",), ("fp16",), "fp16", False, False, 163,
+                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16")),
+    "sm86": ArchSpec("sm86", (8, 6), ("int8",), ("fp16",), "fp16", False, False, 99,
+                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16")),
+    "sm89": ArchSpec("sm89", (8, 9), ("int8", "fp8"), ("fp16", "fp8"), "fp8", False, False, 99,
+                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+    "sm90": ArchSpec("sm90", (9, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", False, True, 227,
+                     _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+    "sm100": ArchSpec("sm100", (10, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", True, True, 227,
+                      _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+    "sm120": ArchSpec("sm120", (12, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", True, True, 99,
+                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+    # The reference path emulates every format; pv "auto" follows the Ampere default.
+    "cpu": ArchSpec("cpu", None, ("int8", "fp8"), ("fp16", "fp8"), "fp16", True, False, 0,
+                    _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+}
+
+
+def arch_for_capability(major: int, minor: int) -> str:
+    """Compute capability -> table row (the nearest row at or below it)."""
+    if major >= 12:
+        return "sm120"
+    if major >= 10:
+        return "sm100"
+    if major == 9:
+        return "sm90"
+    if (major, minor) >= (8, 9):
+        return "sm89"
+    if (major, minor) >= (8, 6):
+        return "sm86"
+    if major == 8:
+        return "sm80"
+    raise RuntimeError(f"compute capability {major}.{minor} is below sm80: attnopt's kernels need Ampere+")
+
+
+def detect_arch(device: torch.device | str | None = None) -> str:
+    """The table row for a device: its CUDA capability, or "cpu" for anything without CUDA."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return arch_for_capability(*torch.cuda.get_device_capability(device))
+
+
+def resolve_arch(option: str, device: torch.device | str | None = None) -> ArchSpec:
+    """options["arch"] ('auto' or a name) -> ArchSpec for tensors on `device`."""
+    name = detect_arch(device) if option == "auto" else option
+    return ARCHS[name]
+
+
+def resolve_pv(pv: str, quant: str, spec: ArchSpec) -> str:
+    """'auto' P.V format: FP8 where the arch runs it and QK^T is quantized, else 16-bit."""
+    if pv != "auto":
+        return pv
+    return spec.pv_auto if quant != "none" else "fp16"

@@ -1,0 +1,19 @@
+"""Human-readable names of the attention kernel variant a site runs (the report's `kernel`)."""
+
+from __future__ import annotations
+
+from ..arch import ArchSpec
+
+
+def variant_name(quant: str, pv: str) -> str:
+    qk = {"int8": "int8qk", "fp8": "fp8qk", "none": "f16qk"}[quant]
+    return f"{qk}-{'fp8pv' if pv == 'fp8' else 'f16pv'}"
+
+
+def describe_attention_kernel(spec: ArchSpec, quant: str, pv: str, head_dim: int, device_type: str) -> str:
+    """e.g. 'triton/sm90/int8qk-fp8pv/BM128-BN128-w8-s2+tma' or 'reference/int8qk-f16pv'."""
+    v = variant_name(quant, pv)
+    if spec.name == "cpu" or device_type != "cuda":
+        return f"reference/{v}" + ("" if spec.name == "cpu" else f"@{spec.name}")
+    tile = spec.attention_tiles(head_dim)[0]
+    return f"triton/{spec.name}/{v}/{tile}" + ("+tma" if spec.tma else "") + " (autotuned)"

@@ -1,0 +1,119 @@
+"""`torch.ops.attnopt.attention`: the op every captured attention site becomes.
+
+Registered with `torch.library.triton_op`, so under torch.compile AOT decomposes it into its body:
+on CUDA that body launches the Triton kernels through `wrap_triton` (Inductor inlines them into
+its generated code); on other devices it is the pure-PyTorch reference, which computes the same
+quantized arithmetic (so CPU runs show the accuracy a GPU run gives).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..codegen.arch import resolve_pv
+from .attention_ref import attention_reference
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def _use_triton(q: torch.Tensor, arch: str, impl: str) -> bool:
+    if impl == "reference" or arch == "cpu":
+        return False
+    if impl == "triton":
+        return True
+    return q.device.type == "cuda"
+
+
+@torch.library.triton_op("attnopt::attention", mutates_args=())
+def attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_bias: Optional[torch.Tensor],
+    keep_mask: Optional[torch.Tensor],
+    masked_value: float,
+    is_causal: bool,
+    causal_offset: int,
+    scale: float,
+    quant: str,
+    pv: str,
+    smooth_k: bool,
+    smooth_q: bool,
+    arch: str,
+    impl: str,
+) -> torch.Tensor:
+    """q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> out [B, Hq, Nq, Dv] (q's dtype).
+
+    `pv` must already be resolved ('fp16' | 'fp8'); `arch` is a name from codegen.arch.
+    """
+    if _use_triton(q, arch, impl):
+        from ..codegen.attention.launch import attention_triton
+
+        return attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
+                                scale, quant, pv, smooth_k, smooth_q, arch)
+    return attention_reference(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
+                               scale, quant, pv, smooth_k, smooth_q)
+
+
+def _to_bhnd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.transpose(1, 2) if layout == "bnhd" else t
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    quant: str = "int8",
+    pv: str = "auto",
+    smooth_k: bool = True,
+    smooth_q: bool = False,
+    layout: str = "bhnd",
+    impl: str = "auto",
+    arch: str = "auto",
+) -> torch.Tensor:
+    """Drop-in for `F.scaled_dot_product_attention`, running attnopt's quantized attention.
+
+    Same masking rules as SDPA: a bool `attn_mask` keeps True positions, a float one is added;
+    `is_causal` masks keys after the query (top-left aligned); rows with no kept key give 0.
+    `layout="bnhd"` takes and returns [B, N, H, D] tensors. `impl="triton"` on CPU tensors runs
+    the kernels through Triton's interpreter (TRITON_INTERPRET=1 must be set before import).
+    """
+    from ..config import ConfigError
+    from ..codegen.arch import resolve_arch
+
+    if dropout_p != 0.0:
+        raise ValueError("attnopt.attention does not implement dropout (dropout_p must be 0)")
+    if quant not in ("int8", "fp8", "none"):
+        raise ConfigError("quant", quant, "'int8' | 'fp8' | 'none'")
+    if pv not in ("fp16", "fp8", "auto"):
+        raise ConfigError("pv", pv, "'fp16' | 'fp8' | 'auto'")
+    if layout not in ("bhnd", "bnhd"):
+        raise ConfigError("layout", layout, "'bhnd' | 'bnhd'")
+    if impl not in IMPLS:
+        raise ConfigError("impl", impl, " | ".join(repr(i) for i in IMPLS))
+    q, k, v = (_to_bhnd(t, layout) for t in (query, key, value))
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attnopt.attention takes 4-D q, k, v")
+    if k.shape[1] != q.shape[1] and not enable_gqa:
+        raise ValueError(f"q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for GQA")
+    spec = resolve_arch(arch, q.device)
+    pv_fmt = resolve_pv(pv, quant, spec)
+    bias = keep = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask
+        else:
+            bias = attn_mask
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out = torch.ops.attnopt.attention(q, k, v, bias, keep, -math.inf, bool(is_causal), 0, s,
+                                      quant, pv_fmt, smooth_k, smooth_q, spec.name, impl)
+    return _to_bhnd(out, layout)

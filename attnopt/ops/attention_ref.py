@@ -1,0 +1,281 @@
+"""Pure-PyTorch reference of attnopt's quantized attention (algorithms.md section 1).
+
+This is the CPU path of `torch.ops.attnopt.attention` and the ground truth the Triton kernels
+are tested against: the same quantization grid (per-block scales, K smoothing, scale*log2(e)
+folded into Q), the same P precision, fp32 accumulation. It uses the row's global maximum where
+the kernels use a running maximum: P is rounded relative to a power-of-two-free rescaling either
+way, so both land on the same quantization grid and differ only in fp32 summation order.
+
+Tensors: q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], Hq % Hkv == 0 (GQA: query head
+h reads kv head h // (Hq // Hkv)). Masks broadcast to [B, Hq, Nq, Nk].
+
+Mask semantics (shared with the kernels):
+- attn_bias: float, added to the scaled logits.
+- keep_mask: bool, False positions take the logit `masked_value`; so do keys j > i + causal_offset
+  when is_causal.
+- A row with no kept key: masked_value == -inf gives 0 (as torch SDPA); a finite masked_value
+  gives the plain mean of V over all keys (what eager softmax over equal logits gives).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG2E = 1.4426950408889634
+FP32_MAX = 3.4028234663852886e38
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # float8_e4m3fn
+
+# Quantization granularity: rows of Q / K sharing one scale. The kernels read scales per row
+# (row // GRAN), so their tile sizes are free to differ from these.
+Q_GRAN = 32
+K_GRAN = 64
+
+_ROW_CHUNK_ELEMS = 1 << 25  # bound on logits held at once by the reference (per chunk)
+
+
+# ------------------------------------------------------------------------------- quantization
+
+
+def quantize_rows(x: torch.Tensor, gran: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x [..., N, D] (float32) in blocks of `gran` rows.
+
+    Returns (xq [..., N, D] int8 | float8_e4m3fn, scales [..., ceil(N / gran)] float32) with
+    x ~= xq * scale. int8 rounds half away from zero (as the kernels do); a block of zeros gets
+    scale 1.
+    """
+    n = x.shape[-2]
+    nb = -(-n // gran)
+    pad = nb * gran - n
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+    blocks = xp.reshape(*x.shape[:-2], nb, gran, x.shape[-1])
+    amax = blocks.abs().amax(dim=(-1, -2))
+    qmax = INT8_MAX if fmt == "int8" else FP8_MAX
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    y = blocks / scale[..., None, None]
+    if fmt == "int8":
+        y = torch.trunc(y + 0.5 * torch.sign(y)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    elif fmt == "fp8":
+        y = y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    y = y.reshape(*x.shape[:-2], nb * gran, x.shape[-1])[..., :n, :]
+    return y, scale
+
+
+def rows_scale(scale: torch.Tensor, gran: int, n: int) -> torch.Tensor:
+    """Per-block scales [..., nb] -> per-row scales [..., n]."""
+    return scale.repeat_interleave(gran, dim=-1)[..., :n]
+
+
+def block_mean(x: torch.Tensor, gran: int) -> torch.Tensor:
+    """Mean of each block of `gran` rows of x [..., N, D] over its valid rows -> [..., nb, D]."""
+    n = x.shape[-2]
+    nb = -(-n // gran)
+    pad = nb * gran - n
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+    sums = xp.reshape(*x.shape[:-2], nb, gran, x.shape[-1]).sum(dim=-2)
+    counts = torch.full((nb,), float(gran), dtype=x.dtype, device=x.device)
+    counts[-1] = n - (nb - 1) * gran
+    return sums / counts[:, None]
+
+
+def pv_dtype_for(v_dtype: torch.dtype) -> torch.dtype:
+    """16-bit type P and V use for P.V: the model's own, bf16 for fp32 models (no fp16 overflow)."""
+    return v_dtype if v_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------- masking
+
+
+def causal_keep(nq: int, nk: int, offset: int, device) -> torch.Tensor:
+    """[nq, nk] bool: key j visible to query i iff j <= i + offset."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    return j <= i + offset
+
+
+def _fold_gqa(t: torch.Tensor | None, hkv: int) -> torch.Tensor | None:
+    """[B, Hq, Nq, X] -> [B, Hkv, G*Nq, X]: query heads of one kv head become rows."""
+    if t is None:
+        return None
+    b, hq, nq, x = t.shape
+    return t.reshape(b, hkv, (hq // hkv) * nq, x)
+
+
+def _full_mask(m: torch.Tensor | None, b, hq, nq, nk) -> torch.Tensor | None:
+    if m is None:
+        return None
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m.expand(b, hq, nq, nk)
+
+
+def _log2_logit(x: torch.Tensor | float) -> torch.Tensor | float:
+    """Natural-log logits -> log2 units, keeping finite values finite (finfo.min masks stay finite)."""
+    if isinstance(x, float):
+        return x if x == -math.inf else max(x * LOG2E, -FP32_MAX)
+    y = x.float() * LOG2E
+    return torch.where(torch.isneginf(x), y, y.clamp(min=-FP32_MAX))
+
+
+def _masked_logits(s, rows, nq, nk, bias, keep, masked_value, is_causal, causal_offset):
+    """Apply bias / keep mask / causal to log2-domain logits s [B, Hkv, rows_chunk, Nk]."""
+    if bias is not None:
+        s = s + _log2_logit(bias)
+    fill = _log2_logit(float(masked_value))
+    if keep is not None:
+        s = torch.where(keep, s, torch.full_like(s, fill))
+    if is_causal:
+        qi = (rows % nq)[:, None]
+        kj = torch.arange(nk, device=s.device)[None, :]
+        s = torch.where(kj <= qi + causal_offset, s, torch.full_like(s, fill))
+    return s
+
+
+# ---------------------------------------------------------------------------- the reference
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_bias: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
+    masked_value: float = -math.inf,
+    is_causal: bool = False,
+    causal_offset: int = 0,
+    scale: float | None = None,
+    quant: str = "int8",
+    pv: str = "fp16",
+    smooth_k: bool = True,
+    smooth_q: bool = False,
+) -> torch.Tensor:
+    """Quantized attention, computed in plain PyTorch with the kernels' arithmetic."""
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out_dtype = q.dtype
+    if nq == 0 or b == 0 or hq == 0:
+        return q.new_zeros(b, hq, nq, dv)
+
+    qf = q.float() * (scale * LOG2E)
+    kf = k.float()
+    if smooth_k:
+        kf = kf - kf.mean(dim=-2, keepdim=True)
+
+    corr_rows = None
+    if quant == "none":
+        qs16 = pv_dtype_for(q.dtype)
+        q_deq = q.to(qs16).float()
+        k_deq = k.to(qs16).float()
+        qk_scale = scale * LOG2E
+    else:
+        q_in = qf
+        if smooth_q:
+            qmean = block_mean(qf, Q_GRAN)  # [B, Hq, nbq, D]
+            q_in = qf - qmean.repeat_interleave(Q_GRAN, dim=-2)[..., :nq, :]
+            corr_rows = qmean.repeat_interleave(Q_GRAN, dim=-2)[..., :nq, :]  # per-row qbar
+        q_q, q_s = quantize_rows(q_in, Q_GRAN, quant)
+        k_q, k_s = quantize_rows(kf, K_GRAN, quant)
+        # Exact in fp32: int8 products summed over D <= 1040 stay below 2**24.
+        q_deq = q_q.float() * rows_scale(q_s, Q_GRAN, nq)[..., None]
+        k_deq = k_q.float() * rows_scale(k_s, K_GRAN, nk)[..., None]
+        qk_scale = 1.0
+
+    g = hq // hkv
+    q_rows = _fold_gqa(q_deq, hkv)  # [B, Hkv, G*Nq, D]
+    corr_rows = _fold_gqa(corr_rows, hkv)
+    bias = _fold_gqa(_full_mask(attn_bias, b, hq, nq, nk), hkv)
+    keep = _fold_gqa(_full_mask(keep_mask, b, hq, nq, nk), hkv)
+
+    if pv == "fp8":
+        vf = v.float()
+        v_mean = vf.mean(dim=-2, keepdim=True)  # V smoothing: O = P (V - vbar) + vbar, exact
+        vs = vf - v_mean
+        amax = vs.abs().amax(dim=-2, keepdim=True)
+        v_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        v_op = (vs / v_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    elif pv == "fp16":
+        v_op = v.to(pv_dtype_for(v.dtype)).float()
+    else:
+        raise ValueError(f"unknown pv format {pv!r}")
+    v_all_mean = v.float().mean(dim=-2, keepdim=True)  # [B, Hkv, 1, Dv]
+
+    rows_total = g * nq
+    chunk = max(1, min(rows_total, _ROW_CHUNK_ELEMS // max(1, b * hkv * nk)))
+    outs = []
+    for r0 in range(0, rows_total, chunk):
+        r1 = min(rows_total, r0 + chunk)
+        rows = torch.arange(r0, r1, device=q.device)
+        s = torch.matmul(q_rows[:, :, r0:r1], k_deq.transpose(-1, -2)) * qk_scale
+        if corr_rows is not None:
+            s = s + torch.matmul(corr_rows[:, :, r0:r1], kf.transpose(-1, -2))
+        s = _masked_logits(s, rows, nq, nk,
+                           None if bias is None else bias[:, :, r0:r1],
+                           None if keep is None else keep[:, :, r0:r1],
+                           masked_value, is_causal, causal_offset)
+        m = s.amax(dim=-1, keepdim=True)
+        empty = torch.isneginf(m)  # row with no kept key and -inf fill
+        p = torch.exp2(s - torch.where(empty, torch.zeros_like(m), m))
+        l = p.sum(dim=-1, keepdim=True)
+        if pv == "fp8":
+            p_op = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
+            o = torch.matmul(p_op, v_op) * (v_scale / FP8_MAX)
+            o = o / torch.where(l > 0, l, torch.ones_like(l)) + v_mean
+        else:
+            p_op = p.to(pv_dtype_for(v.dtype)).float()
+            o = torch.matmul(p_op, v_op) / torch.where(l > 0, l, torch.ones_like(l))
+        o = torch.where(empty, torch.zeros_like(o), o)
+        if masked_value != -math.inf:
+            # A row whose every key is masked with a finite value: eager softmax is uniform.
+            fill = _log2_logit(float(masked_value))
+            all_masked = (m <= fill) & ~empty
+            o = torch.where(all_masked, v_all_mean.expand_as(o), o)
+        outs.append(o)
+    o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return o.reshape(b, hq, nq, dv).to(out_dtype)
+
+
+def attention_exact(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_bias: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
+    masked_value: float = -math.inf,
+    is_causal: bool = False,
+    causal_offset: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Unquantized attention in float64 with the same mask semantics: the accuracy yardstick."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    g = hq // hkv
+    kk = k.double().repeat_interleave(g, dim=1)
+    vv = v.double().repeat_interleave(g, dim=1)
+    s = torch.matmul(q.double(), kk.transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        s = s + attn_bias.double()
+    keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        keep = causal_keep(nq, nk, causal_offset, q.device)
+    keep = keep.expand(b, hq, nq, nk)
+    if keep_mask is not None:
+        keep = keep & _full_mask(keep_mask, b, hq, nq, nk)
+    s = torch.where(keep, s, torch.full_like(s, float(masked_value)))
+    m = s.amax(dim=-1, keepdim=True)
+    empty = torch.isneginf(m)
+    p = torch.exp(s - torch.where(empty, torch.zeros_like(m), m))
+    l = p.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p, vv) / torch.where(l > 0, l, torch.ones_like(l))
+    o = torch.where(empty, torch.zeros_like(o), o)
+    if masked_value != -math.inf:
+        all_masked = (~keep).all(dim=-1, keepdim=True)
+        o = torch.where(all_masked, vv.mean(dim=-2, keepdim=True).expand_as(o), o)
+    return o

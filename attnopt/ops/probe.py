@@ -1,0 +1,89 @@
+"""`torch.ops.attnopt.attention_probe`: the op `attnopt.inspect` puts at each rewritten site.
+
+It returns exactly what `attnopt.attention` returns (so the model downstream sees the real
+rewritten numerics) and, on the side, measures that output against float64 attention and the
+original-dtype SDPA on the same inputs, handing the numbers to the inspect session's sink.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..metrics import compare
+from .attention_ref import attention_exact, causal_keep
+
+_SINKS: dict[str, Callable[[str, dict], None]] = {}
+_LOCK = threading.Lock()
+
+
+def register_sink(sink_id: str, fn: Callable[[str, dict], None]) -> None:
+    with _LOCK:
+        _SINKS[sink_id] = fn
+
+
+def unregister_sink(sink_id: str) -> None:
+    with _LOCK:
+        _SINKS.pop(sink_id, None)
+
+
+def _baseline(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale):
+    """torch SDPA in the inputs' own dtype with the same mask: what the unmodified model computes."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    nq, nk = q.shape[2], k.shape[2]
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        allowed = causal_keep(nq, nk, causal_offset, q.device)
+    if keep is not None:
+        allowed = allowed & keep
+    mask = torch.where(allowed, 0.0, float(masked_value)).to(q.dtype if q.is_floating_point() else torch.float32)
+    if bias is not None:
+        mask = torch.where(allowed, mask + bias.to(mask.dtype), mask)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
+
+
+@torch.library.custom_op("attnopt::attention_probe", mutates_args=())
+def attention_probe(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_bias: Optional[torch.Tensor],
+    keep_mask: Optional[torch.Tensor],
+    masked_value: float,
+    is_causal: bool,
+    causal_offset: int,
+    scale: float,
+    quant: str,
+    pv: str,
+    smooth_k: bool,
+    smooth_q: bool,
+    arch: str,
+    impl: str,
+    probe_key: str,
+) -> torch.Tensor:
+    out = torch.ops.attnopt.attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
+                                      scale, quant, pv, smooth_k, smooth_q, arch, impl)
+    sink_id, _, site_key = probe_key.partition("/")
+    sink = _SINKS.get(sink_id)
+    if sink is not None:
+        with torch.no_grad():
+            ref = attention_exact(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale)
+            m = compare(out, ref)
+            try:
+                base = _baseline(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale)
+                m["baseline_rel_l1"] = compare(base, ref)["rel_l1"]
+            except RuntimeError:
+                m["baseline_rel_l1"] = math.nan
+        sink(site_key, m)
+    return out.clone() if out is q else out
+
+
+@attention_probe.register_fake
+def _(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv, smooth_k,
+      smooth_q, arch, impl, probe_key):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])

@@ -1,0 +1,495 @@
+"""Where attention is matched: SDPA calls and hand-written matmul-softmax-matmul subgraphs.
+
+Runs on the aten-level graph Inductor hands to `joint_custom_pre_pass`, i.e. before Inductor's
+own SDPA fusion, so hand-written forms are still visible (tril / iota causal masks, repeat_kv,
+fp32 softmax casts, einsum layouts) and user SDPA calls appear as their decomposed aten ops.
+
+`find_attention_sites(graph)` only reads the graph. It returns every candidate: a site that can
+be rewritten carries its operands and mask; one that cannot carries the reason, so the report
+can say why it was left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import aten, is_call, known_eq, module_class, module_path, prims, scalar_value, shape, source_line
+from .layout import Atom, Traced, covers_in_order, initial_dims, is_layout_op, propagate, trace, trace_to
+from .masks import MASK_FILL_MAX, KeepMask, read_additive, split_keep
+
+SDPA_OPS = {
+    # op: (index of attn_mask/bias arg or None, dropout index, is_causal index, tuple output?)
+    aten.scaled_dot_product_attention.default: (3, 4, 5, False),
+    aten._scaled_dot_product_flash_attention_for_cpu.default: ("attn_mask", 3, 4, True),
+    aten._scaled_dot_product_flash_attention.default: (None, 3, 4, True),
+    aten._scaled_dot_product_efficient_attention.default: (3, 5, 6, True),
+    aten._scaled_dot_product_cudnn_attention.default: (3, 5, 6, True),
+    aten._scaled_dot_product_attention_math.default: (3, 4, 5, True),
+    aten._scaled_dot_product_fused_attention_overrideable.default: (3, 4, 5, True),
+}
+
+_BMM = (aten.bmm.default, aten.baddbmm.default)
+_CAST = (prims.convert_element_type.default, aten._to_copy.default)
+_PASSTHRU = (aten.clone.default, aten.alias.default) + _CAST
+
+
+@dataclass
+class Operand:
+    """A [batch..., rows, cols] view of `traced.src` (rows = tokens, cols = features)."""
+
+    traced: Traced
+    batch: list  # atoms, flattened batch order
+    rows: list
+    cols: list
+
+
+@dataclass
+class AttentionSite:
+    pattern: str  # what was matched, for the report
+    anchor: fx.Node  # its uses receive the op's output (reshaped to the anchor's shape)
+    module: str
+    module_type: str
+    source: str
+    q: Operand | None = None
+    k: Operand | None = None
+    v: Operand | None = None
+    scale: float = 1.0
+    bias: list = field(default_factory=list)  # (node, coefficient): natural-log logits added
+    keep: KeepMask = field(default_factory=KeepMask)
+    fill: float = -math.inf
+    dropout_p: float = 0.0
+    logits_node: fx.Node | None = None  # masks broadcast against this node's shape
+    internal: set = field(default_factory=set)  # nodes the rewrite makes dead
+    reject: str | None = None  # set when the site cannot be rewritten safely
+
+
+def _operand(node: fx.Node, batch_dims: list[int], row_dim: int, col_dim: int) -> Operand:
+    def accept(t: Traced) -> bool:  # tokens and features must each be one source dim
+        return len(t.dims[row_dim]) <= 1 and len(t.dims[col_dim]) <= 1
+
+    t = trace(node, accept)
+    return Operand(t, [a for d in batch_dims for a in t.dims[d]], t.dims[row_dim], t.dims[col_dim])
+
+
+def _sdpa_site(node: fx.Node) -> AttentionSite:
+    mask_at, drop_at, causal_at, tupled = SDPA_OPS[node.target]
+    site = AttentionSite(f"sdpa:{node.target.__name__.split('.')[0]}", node, module_path(node),
+                         module_class(node), source_line(node))
+    args = list(node.args)
+
+    def arg(i, default=None):
+        if isinstance(i, str):
+            return node.kwargs.get(i, default)
+        return args[i] if i is not None and i < len(args) else default
+
+    q, k, v = args[:3]
+    nd = len(shape(q))
+    if nd < 3 or len(shape(k)) != nd or len(shape(v)) != nd:
+        site.reject = "q, k, v of different ranks"
+        return site
+    lead = list(range(nd - 2))
+    site.q, site.k, site.v = (_operand(x, lead, nd - 2, nd - 1) for x in (q, k, v))
+    head_dim = shape(q)[-1]
+    if node.kwargs.get("scale") is None and not isinstance(head_dim, int):
+        site.reject = "symbolic head dim"
+        return site
+    site.scale = float(node.kwargs.get("scale") or 1.0 / math.sqrt(head_dim))
+    site.dropout_p = float(arg(drop_at, 0.0) or 0.0)
+    if arg(causal_at, False):
+        site.keep = KeepMask(0, [])
+    mask = arg(mask_at)
+    if isinstance(mask, fx.Node):
+        _add_mask(site, mask)
+    if tupled:
+        outs = [u for u in node.users]
+        if not all(is_call(u, operator.getitem) for u in outs):
+            site.reject = "SDPA tuple output used as a whole"
+            return site
+        used = [u for u in outs if u.users]
+        if any(u.args[1] != 0 for u in used):
+            site.reject = "SDPA's logsumexp / extra outputs are used (training graph?)"
+            return site
+        firsts = [u for u in outs if u.args[1] == 0]
+        if len(firsts) != 1:
+            site.reject = "SDPA output read more than once"
+            return site
+        site.anchor = firsts[0]
+        site.internal = set(outs) | {node}
+    else:
+        site.internal = {node}
+    return site
+
+
+def _add_mask(site: AttentionSite, mask: fx.Node) -> None:
+    """Fold an SDPA attn_mask (bool keep mask or float additive mask) into the site."""
+    if mask.meta["val"].dtype == torch.bool:
+        km = split_keep(mask)
+        _merge_keep(site, km, -math.inf)
+        return
+    add = read_additive(mask)
+    if add.keep is not None:
+        _merge_keep(site, split_keep(add.keep, add.keep_negated), add.fill)
+    else:
+        site.bias.append((add.bias, 1.0))
+
+
+def _merge_keep(site: AttentionSite, km: KeepMask, fill: float) -> None:
+    has_keep = site.keep.causal_offset is not None or site.keep.residual
+    if has_keep and fill != site.fill:
+        if math.isinf(fill) != math.isinf(site.fill) or not math.isinf(fill):
+            site.reject = f"masks with different fill values ({site.fill} and {fill})"
+            return
+    site.fill = fill
+    off = site.keep.causal_offset
+    if km.causal_offset is not None:
+        off = km.causal_offset if off is None else min(off, km.causal_offset)
+    site.keep = KeepMask(off, site.keep.residual + km.residual)
+
+
+# ------------------------------------------------------------------------------ manual form
+
+
+def _softmax_input(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """If `node` computes softmax(x, -1) (any of its decompositions), return (x, its nodes)."""
+    if is_call(node, aten.where.self) and is_call(node.args[0], aten.all.dim, aten.all.dims):
+        # _safe_softmax: where(all(x == -inf), 0, softmax(x)); fully masked rows -> 0, as our op
+        inner = _softmax_input(node.args[2]) if scalar_value(node.args[1]) == 0.0 or is_call(
+            node.args[1], aten.zeros_like.default, aten.full_like.default) else None
+        if inner is None:
+            return None
+        x, nodes = inner
+        cond = node.args[0]
+        if not (is_call(cond.args[0], aten.eq.Scalar) and cond.args[0].args[0] is x):
+            return None
+        return x, nodes + [node, cond, cond.args[0], node.args[1]]
+    if is_call(node, aten._softmax.default, aten.softmax.int, aten._safe_softmax.default):
+        x, dim = node.args[0], node.args[1]
+        return (x, [node]) if dim % len(shape(x)) == len(shape(x)) - 1 else None
+    if not is_call(node, aten.div.Tensor):
+        return None
+    e, s = node.args
+    if not (is_call(e, aten.exp.default) and is_call(s, aten.sum.dim_IntList) and s.args[0] is e):
+        return None
+    sub = e.args[0]
+    if not is_call(sub, aten.sub.Tensor) or not is_call(sub.args[1], aten.amax.default):
+        return None
+    x, mx = sub.args[0], sub.args[1]
+    if mx.args[0] is not x:
+        return None
+    nd = len(shape(x))
+    for red in (mx, s):
+        dims = red.args[1]
+        keep = red.args[2] if len(red.args) > 2 else red.kwargs.get("keepdim", False)
+        if len(dims) != 1 or dims[0] % nd != nd - 1 or not keep:
+            return None
+    return x, [node, e, s, sub, mx]
+
+
+def _is_dropout_identity(node: fx.Node) -> fx.Node | None:
+    """getitem(native_dropout(x, p, train), 0) with p == 0 or train False -> x."""
+    if not (is_call(node, operator.getitem) and node.args[1] == 0):
+        return None
+    d = node.args[0]
+    if is_call(d, aten.native_dropout.default) and (d.args[1] == 0 or d.args[2] is False):
+        return d.args[0]
+    return None
+
+
+def _trace_probs(pv_bmm: fx.Node):
+    """From the P.V matmul's first operand back to a softmax.
+
+    Returns (softmax output, softmax input, softmax nodes, chain of layout/cast nodes from the
+    softmax output to the operand, in forward order) or None.
+    """
+    if pv_bmm.target is not aten.bmm.default:
+        return None
+    cur = pv_bmm.args[0]
+    chain = []
+    while True:
+        if is_layout_op(cur) or is_call(cur, *_CAST):
+            chain.append(cur)
+            cur = cur.args[0]
+            continue
+        x = _is_dropout_identity(cur)
+        if x is not None:
+            chain.extend([cur, cur.args[0]])
+            cur = x
+            continue
+        break
+    sm = _softmax_input(cur)
+    if sm is None:
+        return None
+    chain.reverse()
+    return cur, sm[0], sm[1], chain
+
+
+def _pv_operand_ok(p_node: fx.Node, chain: list[fx.Node]) -> bool:
+    """The P.V operand is P as [batch (P's leading dims in order), queries, keys]."""
+    dims = initial_dims(p_node)
+    for op in chain:
+        if is_layout_op(op):
+            dims = propagate(dims, op, allow_split=True)
+            if dims is None:
+                return False
+    r = len(shape(p_node))
+    full = shape(p_node)
+    if len(dims) != 3:
+        return False
+
+    def whole(a, d):
+        return a.src == d and known_eq(a.stride, 1) and known_eq(a.size, full[d])
+
+    lead = [d for d in range(r - 2) if not known_eq(full[d], 1)]
+    return (len(dims[0]) == len(lead) and all(whole(a, d) for a, d in zip(dims[0], lead))
+            and len(dims[1]) == 1 and whole(dims[1][0], r - 2)
+            and len(dims[2]) == 1 and whole(dims[2][0], r - 1))
+
+
+def _manual_site(pv: fx.Node) -> AttentionSite | None:
+    found = _trace_probs(pv)
+    if found is None:
+        return None
+    p_node, x, sm_nodes, p_chain = found
+    site = AttentionSite("matmul-softmax-matmul", pv, module_path(sm_nodes[0]), module_class(sm_nodes[0]),
+                         source_line(sm_nodes[0]))
+    site.internal = set(sm_nodes) | set(p_chain) | {pv}
+    if not _pv_operand_ok(p_node, p_chain):
+        site.reject = "softmax output does not reach P.V as [batch, queries, keys]"
+        return site
+
+    # -- score side: walk from the softmax input back to QK^T, collecting scale and masks
+    chain = []
+    cur = x
+    while not is_call(cur, *_BMM) and not is_layout_op(cur):
+        if not isinstance(cur, fx.Node) or cur.op != "call_function":
+            site.reject = "softmax input is not computed from a matmul"
+            return site
+        chain.append(cur)
+        if is_call(cur, aten.where.self):
+            cur = _score_operand_of_where(cur)
+            if cur is None:
+                site.reject = "torch.where between QK^T and softmax is not a mask"
+                return site
+        elif is_call(cur, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
+            cur = _score_operand_of_binary(cur)
+            if cur is None:
+                site.reject = f"{chain[-1].target} between QK^T and softmax is not a scale or mask"
+                return site
+        elif is_call(cur, *_PASSTHRU):
+            cur = cur.args[0]
+        else:
+            site.reject = f"unsupported op {cur.target} between QK^T and softmax"
+            return site
+    logits = cur  # first node after QK^T's layout ops (or the bmm itself)
+    qk = logits
+    while is_layout_op(qk):
+        qk = qk.args[0]
+    if not is_call(qk, *_BMM):
+        site.reject = "softmax input is not computed from a matmul"
+        return site
+    chain.reverse()
+    site.internal |= set(chain) | {qk}
+    ldims = trace_to(logits, qk)
+    if ldims is None or not _logits_ok(ldims):
+        site.reject = "QK^T is not laid out as [batch, queries, keys] before softmax"
+        return site
+    site.internal |= _layout_nodes(logits, qk)
+    site.logits_node = logits
+    if len(shape(x)) != len(shape(logits)) or not all(known_eq(a, b) for a, b in zip(shape(x), shape(logits))):
+        site.reject = "masks broadcast the logits to a larger shape"
+        return site
+
+    a, b = (qk.args[1], qk.args[2]) if qk.target is aten.baddbmm.default else qk.args[:2]
+    scale = 1.0
+    if qk.target is aten.baddbmm.default:
+        beta = qk.kwargs.get("beta", 1)
+        if beta != 0:
+            site.reject = "baddbmm with beta != 0 adds its input to QK^T"
+            return site
+        scale = float(qk.kwargs.get("alpha", 1))
+    site.q = _operand(a, [0], 1, 2)
+    site.k = _operand(b, [0], 2, 1)  # b is K^T: the operand's rows are features
+    site.v = _operand(pv.args[1], [0], 1, 2)
+    _apply_score_chain(site, chain, scale, logits)
+    return site
+
+
+def _layout_nodes(top: fx.Node, bottom: fx.Node) -> set:
+    out, cur = set(), top
+    while cur is not bottom:
+        out.add(cur)
+        cur = cur.args[0]
+    return out
+
+
+def _logits_ok(dims) -> bool:
+    """Logits [lead..., q, k] against the QK^T bmm [batch, q, k]: keys and queries are whole bmm
+    dims and the leading dims enumerate the bmm batch in order."""
+    if len(dims) < 2:
+        return False
+    if [a.src for a in dims[-1]] != [2] or [a.src for a in dims[-2]] != [1]:
+        return False
+    if not all(known_eq(a.stride, 1) for a in dims[-1] + dims[-2]):
+        return False
+    lead_atoms = [a for d in dims[:-2] for a in d]
+    if not lead_atoms:
+        return True  # batch of size 1
+    return all(a.src == 0 for a in lead_atoms) and covers_in_order(lead_atoms, 0, _prod_atoms(lead_atoms))
+
+
+def _prod_atoms(atoms):
+    out = 1
+    for a in atoms:
+        out = out * a.size
+    return out
+
+
+def _score_operand_of_where(w: fx.Node):
+    cond, a, b = w.args
+    if scalar_value(b) is not None and isinstance(a, fx.Node) and len(shape(a)) > 0:
+        return a
+    if scalar_value(a) is not None and isinstance(b, fx.Node) and len(shape(b)) > 0:
+        return b
+    return None
+
+
+def _score_operand_of_binary(n: fx.Node):
+    a, b = n.args[0], n.args[1]
+    if n.target in (aten.mul.Tensor, aten.div.Tensor):
+        if scalar_value(b) is not None and isinstance(a, fx.Node):
+            return a
+        if n.target is aten.mul.Tensor and scalar_value(a) is not None and isinstance(b, fx.Node):
+            return b
+        return None
+    # add / sub: the score operand is the one that leads back to the matmul; prefer the larger
+    if n.kwargs.get("alpha", 1) != 1:
+        return None
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return a if isinstance(a, fx.Node) and scalar_value(b) is not None else None
+    la, lb = _leads_to_bmm(a), _leads_to_bmm(b)
+    if la and lb:
+        return None  # several matmuls add into the logits (e.g. relative-position terms)
+    if la:
+        return a
+    if n.target is aten.add.Tensor and lb:
+        return b
+    return None
+
+
+def _leads_to_bmm(n: fx.Node, depth: int = 0) -> bool:
+    if depth > 16 or not isinstance(n, fx.Node) or n.op != "call_function":
+        return False
+    if is_call(n, *_BMM):
+        return True
+    if is_layout_op(n) or is_call(n, *_PASSTHRU):
+        return _leads_to_bmm(n.args[0], depth + 1)
+    if is_call(n, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.where.self):
+        return any(_leads_to_bmm(a, depth + 1) for a in n.args if isinstance(a, fx.Node))
+    return False
+
+
+def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, logits: fx.Node) -> bool:
+    """Read scale, additive masks and fills off the ops between QK^T and softmax, in order.
+
+    The logits are kept in the form where(keep, scale * qk + sum(c_i * bias_i), fill); an op that
+    does not fit that form rejects the site.
+    """
+    biases: list = []
+    keep = KeepMask()
+    fill = None
+    prev = logits  # the node carrying the logits into n
+    for n in chain:
+        t = n.target
+        if t in (aten.mul.Tensor, aten.div.Tensor):
+            c = scalar_value(n.args[1]) if scalar_value(n.args[1]) is not None else scalar_value(n.args[0])
+            if c is None or c == 0:
+                site.reject = "logits scaled by a non-constant"
+                return False
+            f = c if t is aten.mul.Tensor else 1.0 / c
+            if f < 0:
+                site.reject = "negative logit scale"
+                return False
+            scale *= f
+            biases = [(m, k * f) for m, k in biases]
+            if fill is not None and fill != -math.inf:
+                fill *= f
+        elif t in (aten.add.Tensor, aten.sub.Tensor):
+            a, b = n.args[0], n.args[1]
+            other = b if a is prev else a
+            sign = -1.0 if (t is aten.sub.Tensor and other is b) else 1.0
+            if t is aten.sub.Tensor and other is a:
+                site.reject = "logits subtracted from a tensor"
+                return False
+            if not isinstance(other, fx.Node):
+                continue  # adding a constant to every logit: softmax ignores it
+            if len(shape(other)) == 0:
+                continue
+            if fill is not None and fill != -math.inf:
+                site.reject = "additive mask applied after a finite masked fill"
+                return False
+            add = read_additive(other)
+            if add.keep is not None and sign > 0:
+                fill = _merge_fill(site, fill, add.fill)
+                if fill is None:
+                    return False
+                km = split_keep(add.keep, add.keep_negated)
+                keep = _and_keep(keep, km)
+            else:
+                biases.append((other, sign))
+        elif t is aten.where.self:
+            cond, a, b = n.args
+            if scalar_value(b) is not None:
+                negated, fv = False, scalar_value(b)
+            else:
+                negated, fv = True, scalar_value(a)
+            if fv is None or (fv > MASK_FILL_MAX and fv != -math.inf):
+                site.reject = f"torch.where fills logits with {fv}, not a mask value"
+                return False
+            fill = _merge_fill(site, fill, fv)
+            if fill is None:
+                return False
+            keep = _and_keep(keep, split_keep(cond, negated))
+        prev = n
+    site.scale = scale
+    site.bias = biases
+    site.keep = keep
+    if fill is not None:
+        site.fill = fill
+    return True
+
+
+def _merge_fill(site, fill, new):
+    if fill is None or fill == new:
+        return new
+    site.reject = f"masks with different fill values ({fill} and {new})"
+    return None
+
+
+def _and_keep(a: KeepMask, b: KeepMask) -> KeepMask:
+    off = a.causal_offset
+    if b.causal_offset is not None:
+        off = b.causal_offset if off is None else min(off, b.causal_offset)
+    return KeepMask(off, a.residual + b.residual)
+
+
+def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
+    """Every attention candidate in graph order (rewritable or with a reject reason)."""
+    sites = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA_OPS:
+            sites.append(_sdpa_site(node))
+        elif node.target is aten.bmm.default:
+            s = _manual_site(node)
+            if s is not None:
+                sites.append(s)
+    return sites
+
+
+__all__ = ["AttentionSite", "Operand", "find_attention_sites", "SDPA_OPS", "Atom"]

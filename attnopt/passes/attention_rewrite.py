@@ -1,0 +1,274 @@
+"""Decide per attention site, then replace the site with one `torch.ops.attnopt.attention` call.
+
+The decision checks everything that would make a rewrite unsafe or useless (config, dtypes,
+head dims, lengths, formats the target arch lacks, intermediates used elsewhere) and returns the
+reason; such a site is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..codegen.arch import ArchSpec, resolve_pv
+from ..codegen.attention.describe import describe_attention_kernel
+from .attention_match import AttentionSite, Operand
+from .graph_utils import GraphBuilder, aten, known_eq, known_one, shape
+
+MAX_HEAD_DIM = 256
+_DTYPES_16 = (torch.float16, torch.bfloat16)
+
+
+class Reject(Exception):
+    """A site cannot be rewritten; the message is the reason the report shows."""
+
+
+@dataclass
+class SiteParams:
+    """What the op will run at a site (also what the report shows)."""
+
+    quant: str
+    pv: str
+    smooth_k: bool
+    smooth_q: bool
+    arch: str
+    kernel: str
+
+
+def glob_selected(path: str, include: list[str], exclude: list[str]) -> str | None:
+    """None if the module path is selected, else the reason."""
+    p = path or "<top>"
+    if not any(fnmatch.fnmatchcase(p, g) for g in include):
+        return f"module {p!r} not matched by include {include}"
+    hit = next((g for g in exclude if fnmatch.fnmatchcase(p, g)), None)
+    if hit is not None:
+        return f"module {p!r} excluded by {hit!r}"
+    return None
+
+
+def _tensor_meta(op: Operand):
+    return op.traced.src.meta["val"]
+
+
+def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool) -> SiteParams:
+    """Raise Reject(reason) unless the site can be rewritten; return what it will run."""
+    if site.reject:
+        raise Reject(site.reject)
+    a = opts["attention"]
+    if not a["enabled"]:
+        raise Reject("attention.enabled is false")
+    why = glob_selected(site.module, a["include"], a["exclude"])
+    if why:
+        raise Reject(why)
+    if a["quant"] == "none" and a["sparsity"] is None:
+        raise Reject("attention.quant is 'none' and no sparsity is configured: nothing to change")
+    if training:
+        raise Reject("training graph: quantized attention has no backward yet (left for autograd)")
+    if site.dropout_p:
+        raise Reject(f"dropout_p={site.dropout_p} (attention dropout is not implemented)")
+    q, k, v = (_tensor_meta(x) for x in (site.q, site.k, site.v))
+    anchor = site.anchor.meta["val"]
+    if any(t.requires_grad for t in (q, k, v)):
+        raise Reject("q/k/v require grad: quantized attention has no backward yet")
+    if anchor.dtype not in _DTYPES_16 and not (anchor.dtype == torch.float32 and a["allow_fp32"]):
+        raise Reject(f"dtype {anchor.dtype} (fp16/bf16 only; fp32 needs attention.allow_fp32)")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise Reject(f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.device.type not in ("cuda", "cpu"):
+        raise Reject(f"device {q.device.type}")
+    d = _size(site.q.cols)
+    dv = _size(site.v.cols)
+    for name, x in (("head dim", d), ("value head dim", dv)):
+        if not isinstance(x, int):
+            raise Reject(f"symbolic {name}")
+        if x > MAX_HEAD_DIM:
+            raise Reject(f"{name} {x} > {MAX_HEAD_DIM}")
+    nq, nk = _size(site.q.rows), _size(site.k.rows)
+    if isinstance(nq, int) and nq == 1 and not a["decode"]:
+        raise Reject("decode (one query token): stays dense unless attention.decode is true")
+    if a["min_seq_len"] and not bool(nk >= a["min_seq_len"]):  # may guard on a symbolic length
+        raise Reject(f"key length {nk} < attention.min_seq_len ({a['min_seq_len']})")
+    quant = a["quant"]
+    pv = resolve_pv(a["pv"], quant, spec)
+    if quant == "none" and pv == "fp8":
+        raise Reject("pv 'fp8' needs a quantized QK^T (attention.quant)")
+    why = spec.supports(quant, pv)
+    if why:
+        raise Reject(why)
+    if a["sparsity"] is not None:
+        raise Reject("attention.sparsity is not implemented yet")
+    kernel = describe_attention_kernel(spec, quant, pv, d, q.device.type)
+    return SiteParams(quant, pv, a["smooth_k"], a["smooth_q"], spec.name, kernel)
+
+
+def _size(atoms):
+    out = 1
+    for a in atoms:
+        out = out * a.size
+    return out
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def _int_size(x, what: str) -> int:
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt) and x.node.maybe_as_int() is not None:
+        return x.node.maybe_as_int()
+    raise Reject(f"symbolic {what}")
+
+
+def _as_bhnd(b: GraphBuilder, op: Operand, heads: int, drop_bcast_last: bool = False) -> fx.Node:
+    """Build [B, heads, rows, cols] from an operand's source: permute, expand broadcast batch
+    atoms, reshape. No copy when the source is already laid out that way."""
+    src = op.traced.src
+    rank = len(shape(src))
+    batch = list(op.batch)
+    if drop_bcast_last:
+        batch = batch[:-1]
+    target = batch + list(op.rows) + list(op.cols)
+    real = [a.src for a in target if not a.broadcast]
+    rest = [d for d in range(rank) if d not in real]  # size-1 dims, carried in front
+    x = b.permute(src, rest + real)
+    # insert broadcast atoms (repeated heads or batch) as expanded dims
+    pos = len(rest)
+    sizes = []
+    for a in target:
+        if a.broadcast:
+            x = b.call(aten.unsqueeze.default, x, pos)
+            sizes.append(_int_size(a.size, "broadcast size"))
+        else:
+            sizes.append(-1)
+        pos += 1
+    if any(s != -1 for s in sizes):
+        x = b.call(aten.expand.default, x, [-1] * len(rest) + sizes)
+    rows_i = len(rest) + len(batch)
+    cols_i = rows_i + len(op.rows)
+    n = b.dim(x, rows_i) if len(op.rows) == 1 else _prod_dims(b, x, range(rows_i, cols_i))
+    c = b.dim(x, cols_i) if len(op.cols) == 1 else _prod_dims(b, x, range(cols_i, cols_i + len(op.cols)))
+    if not op.rows:
+        n = 1
+    if not op.cols:
+        c = 1
+    return b.reshape(x, [-1, heads, n, c])
+
+
+def _prod_dims(b: GraphBuilder, x: fx.Node, dims) -> object:
+    out = 1
+    for d in dims:
+        out = b.mul(out, b.dim(x, d))
+    return out
+
+
+def build_qkv(b: GraphBuilder, site: AttentionSite):
+    """Operands as [B, Hq, Nq, D], [B, Hkv, Nk, D], [B, Hkv, Nk, Dv]; GQA kept unrepeated."""
+    qb = site.q.batch
+    if len(qb) >= 2 and not qb[-1].broadcast:
+        hq = _int_size(qb[-1].size, "head count")
+        q_lead = qb[:-1]
+    else:
+        hq, q_lead = 1, list(qb)
+    q4 = _as_bhnd(b, site.q, hq)
+    lead_size = _size(q_lead)
+
+    def kv(op: Operand) -> tuple[fx.Node, int]:
+        kb = op.batch
+        if (len(kb) >= 2 and kb[-1].broadcast and not kb[-2].broadcast and hq > 1
+                and known_eq(kb[-2].size * kb[-1].size, hq) and known_eq(_size(kb[:-2]), lead_size)):
+            hkv = _int_size(kb[-2].size, "kv head count")  # repeat_kv / repeat_interleave: GQA
+            return _as_bhnd(b, op, hkv, drop_bcast_last=True), hkv
+        if kb and not kb[-1].broadcast and isinstance(kb[-1].size, int) and hq % kb[-1].size == 0 \
+                and known_eq(_size(kb[:-1]), lead_size):
+            return _as_bhnd(b, op, kb[-1].size), kb[-1].size  # own heads (SDPA enable_gqa: fewer)
+        return _as_bhnd(b, op, hq), hq
+
+    k4, hk = kv(site.k)
+    v4, hv = kv(site.v)
+    if hk != hv:  # one side repeated, the other not: read both with the query-head count
+        k4 = _as_bhnd(b, site.k, hq)
+        v4 = _as_bhnd(b, site.v, hq)
+    return q4, k4, v4, hq
+
+
+def _to_b_h_q_k(b: GraphBuilder, m: fx.Node, site: AttentionSite, hq: int, q4: fx.Node, k4: fx.Node) -> fx.Node:
+    """A mask broadcastable to the site's logits -> broadcastable to [B, Hq, Nq, Nk]."""
+    ms = shape(m)
+    if site.logits_node is None:  # SDPA: masks broadcast against [B, H, Nq, Nk]
+        if len(shape(site.anchor)) == 4 or len(ms) <= 2:
+            return m
+        raise Reject("attention mask on a non-4-D SDPA call")
+    lshape = list(shape(site.logits_node))
+    if (len(lshape) == 4 and known_eq(lshape[1], hq)) or len(ms) <= 2:
+        return m  # same [B, Hq] split as ours (or only [Nq, Nk]): broadcasting carries over
+    if len(lshape) == 3 and len(ms) == 3 and known_one(ms[0]):
+        return b.call(aten.unsqueeze.default, m, 0)
+    # general: materialize against the logits, then split the flat batch into (B, Hq)
+    full = b.call(aten.expand.default, m, [b.dim(site.logits_node, i) for i in range(len(lshape))])
+    return b.reshape(full, [-1, hq, b.dim(q4, 2), b.dim(k4, 2)])
+
+
+def build_masks(b: GraphBuilder, site: AttentionSite, hq: int, q4, k4):
+    keep = None
+    for node, negated in site.keep.residual:
+        m = b.call(aten.bitwise_not.default, node) if negated else node
+        keep = m if keep is None else b.call(aten.logical_and.default, keep, m)
+    if keep is not None:
+        keep = _to_b_h_q_k(b, keep, site, hq, q4, k4)
+    bias = None
+    for node, coef in site.bias:
+        t = node if coef == 1.0 else b.call(aten.mul.Tensor, node, coef)
+        bias = t if bias is None else b.call(aten.add.Tensor, bias, t)
+    if bias is not None:
+        bias = _to_b_h_q_k(b, bias, site, hq, q4, k4)
+    return bias, keep
+
+
+def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key: str | None = None) -> fx.Node:
+    """Replace the site by the op (or, for inspect, the measuring probe). Returns the op node."""
+    b = GraphBuilder(graph, site.anchor)
+    try:
+        q4, k4, v4, hq = build_qkv(b, site)
+        bias, keep = build_masks(b, site, hq, q4, k4)
+        causal = site.keep.causal_offset is not None
+        offset = site.keep.causal_offset if causal else 0
+        args = (q4, k4, v4, bias, keep, float(site.fill), causal, int(offset), float(site.scale),
+                params.quant, params.pv, params.smooth_k, params.smooth_q, params.arch, "auto")
+        if probe_key is None:
+            out = b.call(torch.ops.attnopt.attention.default, *args)
+        else:
+            out = b.call(torch.ops.attnopt.attention_probe.default, *args, probe_key)
+        anchor_shape = shape(site.anchor)
+        if len(anchor_shape) == 4:
+            final = b.reshape(out, [-1, hq, b.dim(out, 2), b.dim(out, 3)])
+        elif len(anchor_shape) == 3:
+            final = b.reshape(out, [-1, b.dim(out, 2), b.dim(out, 3)])
+        else:
+            raise Reject(f"attention output of rank {len(anchor_shape)}")
+        if final.meta["val"].dtype != site.anchor.meta["val"].dtype:
+            final = b.call(torch.ops.prims.convert_element_type.default, final, site.anchor.meta["val"].dtype)
+    except Exception:
+        for n in reversed(b.created):  # leave the graph as it was
+            if not n.users:
+                graph.erase_node(n)
+        raise
+    site.anchor.replace_all_uses_with(final)
+    return out
+
+
+def site_flops(site: AttentionSite) -> int | None:
+    """4 * B * Hq * Nq * Nk * D (halved when causal with Nq == Nk)."""
+    try:
+        hq_total = _size(site.q.batch)
+        nq, nk, d = _size(site.q.rows), _size(site.k.rows), _size(site.q.cols)
+        f = 4 * hq_total * nq * nk * d
+        f = int(f)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if site.keep.causal_offset is not None and isinstance(nq, int) and isinstance(nk, int) and nq == nk:
+        f //= 2
+    return f
+

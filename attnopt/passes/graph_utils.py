@@ -1,0 +1,175 @@
+"""Small helpers over aten-level FX graphs shared by the passes."""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?")
+
+
+def val(node: Any):
+    """The FakeTensor (or SymInt) a node produces, if the graph recorded it."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def shape(node: fx.Node) -> tuple:
+    return tuple(node.meta["val"].shape)
+
+
+def is_call(node: Any, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def known_eq(a, b) -> bool:
+    """a == b provably, without adding a guard (works for ints and SymInts)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return bool(statically_known_true(a == b))
+
+
+def known_one(a) -> bool:
+    return known_eq(a, 1)
+
+
+def prod(xs: Iterable):
+    out = 1
+    for x in xs:
+        out = out * x
+    return out
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost user module that produced `node` ('' for top level).
+
+    Dynamo records `L['self'].model.layers.0.self_attn`; the user's own path drops the root.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _ROOT.sub("", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)  # layers[0] -> layers.0
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)  # ['key'] -> .key
+    return path.lstrip(".")
+
+
+def module_class(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    t = list(stack.values())[-1][1]
+    return getattr(t, "__name__", str(t)).rsplit(".", 1)[-1].strip("'>")
+
+
+def source_line(node: fx.Node) -> str:
+    """'file.py:123 code' of the user's line that produced the node, when recorded."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', trace)
+    if not frames:
+        return ""
+    fname, line, code = frames[-1]
+    return f"{fname}:{line} {code.strip()}"
+
+
+def scalar_value(x: Any) -> float | None:
+    """A Python number, or a node computing a constant 0-d tensor -> that float; else None."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if is_call(x, aten.full.default) and len(x.args[0]) == 0:
+        return _num(x.args[1])
+    if is_call(x, aten.scalar_tensor.default):
+        return _num(x.args[0])
+    if is_call(x, prims.convert_element_type.default, aten.clone.default, aten.alias.default,
+               aten.lift_fresh_copy.default):
+        return scalar_value(x.args[0])
+    if is_call(x, aten.full_like.default) and len(shape(x)) == 0:
+        return _num(x.args[1])
+    return None
+
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def users_except(node: fx.Node, allowed: set[fx.Node]) -> list[fx.Node]:
+    return [u for u in node.users if u not in allowed]
+
+
+def fake_mode_of(graph: fx.Graph):
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+class GraphBuilder:
+    """Inserts call_function nodes before an anchor, filling meta['val'] by running the op on the
+    fake inputs (later passes and Inductor read it) and copying the anchor's source metadata."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node):
+        self.graph, self.anchor = graph, anchor
+        self.fake_mode = fake_mode_of(graph)
+        self.created: list[fx.Node] = []
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr"):
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+        if self.fake_mode is not None:
+            with self.fake_mode:
+                node.meta["val"] = target(*fake_args, **fake_kwargs)
+        else:
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        self.created.append(node)
+        return node
+
+    def dim(self, x: fx.Node, d: int):
+        """Size of x along d, as an int or (symbolic) a sym_size node usable as a graph arg."""
+        s = x.meta["val"].shape[d]
+        if isinstance(s, int):
+            return s
+        if isinstance(s, torch.SymInt) and s.node.maybe_as_int() is not None:
+            return s.node.maybe_as_int()
+        return self.call(aten.sym_size.int, x, d)
+
+    def mul(self, a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return a * b
+        if isinstance(a, int) and a == 1:
+            return b
+        if isinstance(b, int) and b == 1:
+            return a
+        return self.call(operator.mul, a, b)
+
+    def permute(self, x: fx.Node, dims) -> fx.Node:
+        dims = list(dims)
+        return x if dims == list(range(len(dims))) else self.call(aten.permute.default, x, dims)
+
+    def reshape(self, x: fx.Node, sizes) -> fx.Node:
+        """Reshape to `sizes` (ints, -1, or sym_size nodes from `dim`/`mul`)."""
+        sizes = list(sizes)
+        cur = list(x.meta["val"].shape)
+        want = [s.meta["val"] if isinstance(s, fx.Node) else s for s in sizes]
+        if len(cur) == len(want) and all(not (isinstance(w, int) and w == -1) and known_eq(a, w) for a, w in zip(cur, want)):
+            return x
+        return self.call(aten.reshape.default, x, sizes)
+
+    def getitem(self, x: fx.Node, i: int) -> fx.Node:
+        return self.call(operator.getitem, x, i)
+
+
+NEG_INF = -math.inf

@@ -1,0 +1,161 @@
+"""attnopt's passes as Inductor custom graph passes, and the order they run in.
+
+Each pass is a `CustomGraphPass` whose uuid hashes attnopt's own source, the normalized options,
+torch / triton versions and the target arch, so Inductor's FX graph cache stays on and never
+serves a graph compiled under other options (torch-hooks.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from ..codegen.arch import ARCHS, ArchSpec, detect_arch
+from ..config import Options
+from ..report import Recorder, SiteRecord
+from .attention_match import find_attention_sites
+from .attention_rewrite import Reject, decide, rewrite, site_flops
+
+log = logging.getLogger("attnopt")
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """Hash of every .py file of the attnopt package: a code change invalidates cached graphs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = []
+    for d, _, files in os.walk(root):
+        paths += [os.path.join(d, f) for f in files if f.endswith(".py")]
+    return get_hash_for_files(tuple(sorted(paths))).hex()
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+@dataclass
+class PassContext:
+    """State shared by the passes of one backend: options, where records go, probe wiring."""
+
+    options: Options
+    recorder: Recorder = field(default_factory=Recorder)
+    probe_sink: str | None = None  # set by attnopt.inspect: rewritten sites measure themselves
+
+    def arch_key(self) -> str:
+        opt = self.options["arch"]
+        if opt != "auto":
+            return opt
+        return detect_arch("cuda") if torch.cuda.is_available() else "cpu"
+
+    def arch_for_graph(self, graph: fx.Graph) -> ArchSpec:
+        opt = self.options["arch"]
+        if opt != "auto":
+            return ARCHS[opt]
+        for n in graph.nodes:
+            v = n.meta.get("val")
+            if n.op == "placeholder" and isinstance(v, torch.Tensor):
+                if v.device.type == "cuda":
+                    return ARCHS[detect_arch(v.device)]
+        return ARCHS["cpu"]
+
+    def uuid(self, pass_name: str) -> str:
+        h = hashlib.sha256()
+        for part in (pass_name, source_hash(), self.options.to_json(), torch.__version__, _triton_version(),
+                     self.arch_key(), self.probe_sink or ""):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
+
+def _shape_list(node: fx.Node) -> list:
+    v = node.meta.get("val")
+    return [int(s) if isinstance(s, int) else str(s) for s in v.shape] if isinstance(v, torch.Tensor) else []
+
+
+def _is_training_graph(graph: fx.Graph) -> bool:
+    return any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+
+
+class AttentionPass(CustomGraphPass):
+    """Capture every attention (SDPA and hand-written) and rewrite it into attnopt's op.
+
+    Runs as Inductor's `joint_custom_pre_pass`: after decomposition, before Inductor's own SDPA
+    fusion and before the SDPA calls are lowered to opaque extern kernels.
+    """
+
+    name = "attention"
+
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+
+    def uuid(self) -> str:
+        return self.ctx.uuid(self.name)
+
+    def __call__(self, graph: fx.Graph) -> None:
+        t0 = time.perf_counter()
+        ctx = self.ctx
+        gi = ctx.recorder.new_graph()
+        spec = ctx.arch_for_graph(graph)
+        training = _is_training_graph(graph)
+        per_module: dict[str, int] = {}
+        changed = False
+        for site in find_attention_sites(graph):
+            idx = per_module[site.module] = per_module.get(site.module, -1) + 1
+            key = f"{site.module}#{idx}"
+            rec = SiteRecord(kind="attention", module=site.module, key=key, status="skipped",
+                             pattern=site.pattern, source=site.source, module_type=site.module_type)
+            rec.flops = site_flops(site) if site.q is not None and site.k is not None else None
+            if site.q is not None:
+                rec.shapes = {"q": _shape_list(site.q.traced.src), "k": _shape_list(site.k.traced.src),
+                              "v": _shape_list(site.v.traced.src), "out": _shape_list(site.anchor)}
+                rec.dtype = str(site.anchor.meta["val"].dtype).replace("torch.", "")
+            rec.details = {
+                "scale": site.scale, "causal_offset": site.keep.causal_offset,
+                "keep_masks": len(site.keep.residual), "bias_terms": len(site.bias),
+                "masked_value": site.fill,
+            }
+            try:
+                params = decide(site, ctx.options, spec, training)
+                probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
+                rewrite(graph, site, params, probe)
+                changed = True
+                rec.status = "rewritten"
+                rec.op = "attnopt::attention"
+                rec.kernel = params.kernel
+                rec.details.update(quant=params.quant, pv=params.pv, smooth_k=params.smooth_k,
+                                   smooth_q=params.smooth_q, arch=params.arch)
+            except Reject as e:
+                rec.reason = str(e)
+            except Exception as e:  # never break the user's compile: leave the site as it was
+                log.warning("attnopt: could not rewrite attention at %s: %r", key, e, exc_info=True)
+                rec.reason = f"internal error while rewriting: {e!r}"
+            ctx.recorder.add_site(gi, rec)
+            log.debug("attention site %s: %s %s", key, rec.status, rec.reason or rec.kernel)
+        if changed:
+            graph.eliminate_dead_code()
+            graph.lint()
+        ctx.recorder.add_pass_time(gi, self.name, time.perf_counter() - t0)
+
+
+# The order passes run in: (Inductor config slot, pass class). One table, one place.
+PASS_ORDER: tuple[tuple[str, type], ...] = (
+    ("joint_custom_pre_pass", AttentionPass),
+)
+
+
+def config_patches(ctx: PassContext) -> dict:
+    """Inductor config patches installing attnopt's passes for one compile."""
+    return {slot: cls(ctx) for slot, cls in PASS_ORDER}

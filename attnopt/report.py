@@ -1,0 +1,133 @@
+"""What attnopt did to a model: one record per candidate site, plus a summary.
+
+`attnopt.inspect` returns a `Report`; the inspection tool renders it (table, JSON, HTML).
+`Report.to_dict()` is JSON-safe and versioned by REPORT_SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def _jsonable(x: Any) -> Any:
+    """SymInts and other objects -> str; non-finite floats -> None (JSON has no NaN)."""
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return str(x)
+
+
+@dataclass
+class SiteRecord:
+    kind: str  # "attention" | "linear" | "norm"
+    module: str  # dotted module path in the user's model
+    key: str  # module path + '#' + index inside that module: stable across recompiles
+    status: str  # "rewritten" | "skipped"
+    reason: str | None = None  # why skipped
+    op: str | None = None  # the op that runs there now
+    kernel: str | None = None  # kernel variant (arch, formats, tile)
+    pattern: str = ""  # what the matcher recognized
+    shapes: dict = field(default_factory=dict)
+    dtype: str = ""
+    details: dict = field(default_factory=dict)  # causal, masks, gqa, scale, formats...
+    source: str = ""  # user's source line
+    flops: int | None = None
+    graph: int = 0  # which compiled graph (graph breaks split a model into several)
+    error: dict | None = None  # {rel_l1, cos, max_abs, rmse, baseline_rel_l1} measured by inspect
+    module_type: str = ""
+
+    def to_dict(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+class Recorder:
+    """Collects site records from the passes (compile time) and errors from probes (run time)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.graphs: list[dict] = []  # per compiled graph: {"index", "sites", "pass_time_s", ...}
+        self._by_key: dict[str, SiteRecord] = {}
+
+    def new_graph(self) -> int:
+        with self._lock:
+            self.graphs.append({"index": len(self.graphs), "sites": [], "pass_time_s": {}})
+            return len(self.graphs) - 1
+
+    def add_site(self, graph: int, rec: SiteRecord) -> None:
+        with self._lock:
+            rec.graph = graph
+            self.graphs[graph]["sites"].append(rec)
+            self._by_key[rec.key] = rec
+
+    def add_pass_time(self, graph: int, name: str, seconds: float) -> None:
+        with self._lock:
+            t = self.graphs[graph]["pass_time_s"]
+            t[name] = t.get(name, 0.0) + seconds
+
+    def set_error(self, key: str, metrics: dict) -> None:
+        with self._lock:
+            rec = self._by_key.get(key)
+            if rec is not None:
+                rec.error = dict(metrics)
+
+    def sites(self) -> list[SiteRecord]:
+        """Latest record per site key (a recompile for new shapes re-records the same sites)."""
+        with self._lock:
+            seen: dict[str, SiteRecord] = {}
+            for g in self.graphs:
+                for r in g["sites"]:
+                    seen[r.key] = r
+            return list(seen.values())
+
+    def pass_time(self) -> float:
+        return sum(sum(g["pass_time_s"].values()) for g in self.graphs)
+
+
+@dataclass
+class Report:
+    sites: list[SiteRecord]
+    summary: dict
+    options: dict
+    env: dict
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "sites": [s.to_dict() for s in self.sites],
+            "summary": _jsonable(self.summary),
+            "options": _jsonable(self.options),
+            "env": _jsonable(self.env),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save_json(self, path) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    def rewritten(self, kind: str | None = None) -> list[SiteRecord]:
+        return [s for s in self.sites if s.status == "rewritten" and (kind is None or s.kind == kind)]
+
+    def skipped(self, kind: str | None = None) -> list[SiteRecord]:
+        return [s for s in self.sites if s.status != "rewritten" and (kind is None or s.kind == kind)]
+
+    def __str__(self) -> str:
+        from .inspection.table import render_table
+
+        return render_table(self)
+
+    def __repr__(self) -> str:
+        return (f"Report({len(self.rewritten())}/{len(self.sites)} sites rewritten, "
+                f"e2e rel_l1={self.summary.get('e2e', {}).get('rel_l1')})")
