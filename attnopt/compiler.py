@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import Options, normalize_options
+from .config import ConfigError, Options, normalize_options
 from .passes.manager import PassContext, config_patches
 from .report import Recorder
 
@@ -41,7 +41,9 @@ class AttnoptBackend:
         if mode is not None:
             from torch._inductor import list_mode_options
 
-            list_mode_options(mode)  # raises on an unknown mode
+            modes = list(list_mode_options(None))
+            if mode not in modes:
+                raise ConfigError("mode", mode, " | ".join(repr(m) for m in modes))
 
     @property
     def recorder(self) -> Recorder:

@@ -260,7 +260,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "min_m": Field(17, _number(1, math.inf, integer=True), "integer >= 1",
                        "rows below which a linear takes the small-M path or stays as it was"),
         "include": Field(["*"], _globs, "glob or list of globs", "module paths to rewrite"),
-        "exclude": Field(["lm_head", "*.lm_head", "*head"], _globs, "glob or list of globs",
+        "exclude": Field(["lm_head", "*.lm_head"], _globs, "glob or list of globs",
                          "module paths to leave alone (output heads by default)"),
     },
     "arch": Field("auto", _choice(*ARCHS), " | ".join(repr(a) for a in ARCHS),
@@ -378,3 +378,22 @@ def schema_rows() -> list[tuple[str, str, str, str]]:
 
     walk(SCHEMA, "")
     return rows
+
+
+def schema_markdown() -> str:
+    """The README's option tables, generated from the schema (a test keeps them in sync)."""
+    lines = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    def esc(t: str) -> str:
+        return t.replace("|", "\\|")
+
+    lines += [f"| `{k}` | `{d}` | {esc(a)} | {esc(m)} |" for k, d, a, m in schema_rows()]
+    lines += ["", "Sparsity methods (`attention.sparsity = {\"method\": ..., <parameters>}`):", "",
+              "| method | parameter | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
+    for method, table in SPARSITY_METHODS.items():
+        for name, f in table.items():
+            lines.append(f"| `{method}` | `{name}` | `{json.dumps(f.default)}` | {esc(f.allowed)} | {esc(f.doc)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(schema_markdown())

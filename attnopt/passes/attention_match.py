@@ -11,6 +11,7 @@ can say why it was left alone.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ SDPA_OPS = {
     aten._scaled_dot_product_attention_math.default: (3, 4, 5, True),
     aten._scaled_dot_product_fused_attention_overrideable.default: (3, 4, 5, True),
 }
+
+log = logging.getLogger("attnopt")
 
 _BMM = (aten.bmm.default, aten.baddbmm.default)
 _CAST = (prims.convert_element_type.default, aten._to_copy.default)
@@ -64,6 +67,7 @@ class AttentionSite:
     fill: float = -math.inf
     dropout_p: float = 0.0
     logits_node: fx.Node | None = None  # masks broadcast against this node's shape
+    heads: object = None  # query heads when the graph states them (4-D SDPA input / logits)
     internal: set = field(default_factory=set)  # nodes the rewrite makes dead
     reject: str | None = None  # set when the site cannot be rewritten safely
 
@@ -74,6 +78,48 @@ def _operand(node: fx.Node, batch_dims: list[int], row_dim: int, col_dim: int) -
 
     t = trace(node, accept)
     return Operand(t, [a for d in batch_dims for a in t.dims[d]], t.dims[row_dim], t.dims[col_dim])
+
+
+def _compose(op: Operand, t: Traced) -> Operand | None:
+    """`op` is a view of t.node's output; re-express it as a view of t.src."""
+    def sub(atoms):
+        out = []
+        for a in atoms:
+            out.extend([a] if a.broadcast else t.dims[a.src])
+        return out
+
+    new = Operand(t, sub(op.batch), sub(op.rows), sub(op.cols))
+    if len(new.rows) > 1 or len(new.cols) > 1:
+        return None
+    return new
+
+
+_F16 = (torch.float16, torch.bfloat16)
+
+
+def _peel(op: Operand, allow_scale: bool) -> tuple[Operand, float]:
+    """Look through a lossless fp32 upcast of a 16-bit tensor and (q/k) a constant scale.
+
+    Models and SDPA's math fallback compute attention in fp32 from fp16/bf16 inputs, sometimes
+    scaling q and k by sqrt(scale) each; the op takes the 16-bit tensors and folds the scale.
+    """
+    factor = 1.0
+    while True:
+        src = op.traced.src
+        if is_call(src, *_CAST) and src.meta["val"].dtype == torch.float32 and \
+                src.args[0].meta["val"].dtype in _F16:
+            nxt = src.args[0]
+        elif allow_scale and is_call(src, aten.mul.Tensor, aten.mul.Scalar) and \
+                isinstance(src.args[0], fx.Node) and scalar_value(src.args[1]) is not None and \
+                shape(src.args[0]) == shape(src) and scalar_value(src.args[1]) > 0:
+            factor *= scalar_value(src.args[1])
+            nxt = src.args[0]
+        else:
+            return op, factor
+        composed = _compose(op, trace(nxt))
+        if composed is None:
+            return op, factor
+        op = composed
 
 
 def _sdpa_site(node: fx.Node) -> AttentionSite:
@@ -94,6 +140,7 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
         return site
     lead = list(range(nd - 2))
     site.q, site.k, site.v = (_operand(x, lead, nd - 2, nd - 1) for x in (q, k, v))
+    site.heads = shape(q)[-3] if nd == 4 else None
     head_dim = shape(q)[-1]
     if node.kwargs.get("scale") is None and not isinstance(head_dim, int):
         site.reject = "symbolic head dim"
@@ -154,19 +201,46 @@ def _merge_keep(site: AttentionSite, km: KeepMask, fill: float) -> None:
 # ------------------------------------------------------------------------------ manual form
 
 
+def _is_zero(x) -> bool:
+    if scalar_value(x) == 0.0:
+        return True
+    if is_call(x, aten.full.default) and x.args[1] == 0:
+        return True
+    return is_call(x, aten.zeros_like.default) or (is_call(x, aten.full_like.default) and x.args[1] == 0)
+
+
+def _all_neginf_rows(cond: fx.Node, x: fx.Node) -> bool:
+    """cond == 'every logit of the row is -inf': all(x == -inf) or not(any(not(x == -inf)))."""
+    def is_eq_neginf(n):
+        return is_call(n, aten.eq.Scalar) and n.args[0] is x and n.args[1] == -math.inf
+
+    if is_call(cond, aten.all.dim, aten.all.dims):
+        return is_eq_neginf(cond.args[0])
+    if is_call(cond, aten.logical_not.default, aten.bitwise_not.default):
+        a = cond.args[0]
+        return (is_call(a, aten.any.dim, aten.any.dims)
+                and is_call(a.args[0], aten.logical_not.default, aten.bitwise_not.default)
+                and is_eq_neginf(a.args[0].args[0]))
+    return False
+
+
 def _softmax_input(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """If `node` computes softmax(x, -1) (any of its decompositions), return (x, its nodes)."""
-    if is_call(node, aten.where.self) and is_call(node.args[0], aten.all.dim, aten.all.dims):
-        # _safe_softmax: where(all(x == -inf), 0, softmax(x)); fully masked rows -> 0, as our op
-        inner = _softmax_input(node.args[2]) if scalar_value(node.args[1]) == 0.0 or is_call(
-            node.args[1], aten.zeros_like.default, aten.full_like.default) else None
+    if is_call(node, aten.where.self) and _is_zero(node.args[1]):
+        # safe softmax: where(row all -inf, 0, softmax(x)); fully masked rows -> 0, as our op
+        inner = _softmax_input(node.args[2])
         if inner is None:
             return None
         x, nodes = inner
-        cond = node.args[0]
-        if not (is_call(cond.args[0], aten.eq.Scalar) and cond.args[0].args[0] is x):
+        if not _all_neginf_rows(node.args[0], x):
             return None
-        return x, nodes + [node, cond, cond.args[0], node.args[1]]
+        extra, stack = [node], [node.args[0], node.args[1]]
+        while stack:  # the row test's own nodes
+            n = stack.pop()
+            if isinstance(n, fx.Node) and n is not x and n.op == "call_function":
+                extra.append(n)
+                stack.extend(a for a in n.args if isinstance(a, fx.Node))
+        return x, nodes + extra
     if is_call(node, aten._softmax.default, aten.softmax.int, aten._safe_softmax.default):
         x, dim = node.args[0], node.args[1]
         return (x, [node]) if dim % len(shape(x)) == len(shape(x)) - 1 else None
@@ -190,13 +264,19 @@ def _softmax_input(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     return x, [node, e, s, sub, mx]
 
 
-def _is_dropout_identity(node: fx.Node) -> fx.Node | None:
-    """getitem(native_dropout(x, p, train), 0) with p == 0 or train False -> x."""
-    if not (is_call(node, operator.getitem) and node.args[1] == 0):
-        return None
-    d = node.args[0]
-    if is_call(d, aten.native_dropout.default) and (d.args[1] == 0 or d.args[2] is False):
-        return d.args[0]
+def _dropout_input(node: fx.Node) -> tuple[fx.Node, float, list] | None:
+    """Attention dropout in any decomposition -> (input, p, its nodes)."""
+    if is_call(node, operator.getitem) and node.args[1] == 0 and is_call(node.args[0], aten.native_dropout.default):
+        d = node.args[0]
+        p = float(d.args[1]) if d.args[2] is not False else 0.0
+        return d.args[0], p, [node, d]
+    # math SDPA: mul(mul(gt(rand, p), x), 1 / (1 - p))
+    if is_call(node, aten.mul.Tensor) and scalar_value(node.args[1]) is not None:
+        inner = node.args[0]
+        if is_call(inner, aten.mul.Tensor) and is_call(inner.args[0], aten.gt.Scalar) and is_call(
+                inner.args[0].args[0], aten.rand.default):
+            gt = inner.args[0]
+            return inner.args[1], float(gt.args[1]), [node, inner, gt, gt.args[0]]
     return None
 
 
@@ -210,14 +290,17 @@ def _trace_probs(pv_bmm: fx.Node):
         return None
     cur = pv_bmm.args[0]
     chain = []
+    dropout_p = 0.0
     while True:
         if is_layout_op(cur) or is_call(cur, *_CAST):
             chain.append(cur)
             cur = cur.args[0]
             continue
-        x = _is_dropout_identity(cur)
-        if x is not None:
-            chain.extend([cur, cur.args[0]])
+        drop = _dropout_input(cur)
+        if drop is not None:
+            x, p, nodes = drop
+            dropout_p = max(dropout_p, p)
+            chain.extend(nodes)
             cur = x
             continue
         break
@@ -225,7 +308,7 @@ def _trace_probs(pv_bmm: fx.Node):
     if sm is None:
         return None
     chain.reverse()
-    return cur, sm[0], sm[1], chain
+    return cur, sm[0], sm[1], chain, dropout_p
 
 
 def _pv_operand_ok(p_node: fx.Node, chain: list[fx.Node]) -> bool:
@@ -254,10 +337,11 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
     found = _trace_probs(pv)
     if found is None:
         return None
-    p_node, x, sm_nodes, p_chain = found
+    p_node, x, sm_nodes, p_chain, dropout_p = found
     site = AttentionSite("matmul-softmax-matmul", pv, module_path(sm_nodes[0]), module_class(sm_nodes[0]),
                          source_line(sm_nodes[0]))
     site.internal = set(sm_nodes) | set(p_chain) | {pv}
+    site.dropout_p = dropout_p
     if not _pv_operand_ok(p_node, p_chain):
         site.reject = "softmax output does not reach P.V as [batch, queries, keys]"
         return site
@@ -300,6 +384,7 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
         return site
     site.internal |= _layout_nodes(logits, qk)
     site.logits_node = logits
+    site.heads = shape(logits)[-3] if len(shape(logits)) == 4 else None
     if len(shape(x)) != len(shape(logits)) or not all(known_eq(a, b) for a, b in zip(shape(x), shape(logits))):
         site.reject = "masks broadcast the logits to a larger shape"
         return site
@@ -312,10 +397,10 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
             site.reject = "baddbmm with beta != 0 adds its input to QK^T"
             return site
         scale = float(qk.kwargs.get("alpha", 1))
-    site.q = _operand(a, [0], 1, 2)
-    site.k = _operand(b, [0], 2, 1)  # b is K^T: the operand's rows are features
-    site.v = _operand(pv.args[1], [0], 1, 2)
-    _apply_score_chain(site, chain, scale, logits)
+    site.q, fq = _peel(_operand(a, [0], 1, 2), allow_scale=True)
+    site.k, fk = _peel(_operand(b, [0], 2, 1), allow_scale=True)  # b is K^T: its rows are features
+    site.v, _ = _peel(_operand(pv.args[1], [0], 1, 2), allow_scale=False)
+    _apply_score_chain(site, chain, scale * fq * fk, logits)
     return site
 
 
@@ -481,14 +566,16 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
     """Every attention candidate in graph order (rewritable or with a reject reason)."""
     sites = []
     for node in graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or not (node.target in SDPA_OPS or node.target is aten.bmm.default):
             continue
-        if node.target in SDPA_OPS:
-            sites.append(_sdpa_site(node))
-        elif node.target is aten.bmm.default:
-            s = _manual_site(node)
-            if s is not None:
-                sites.append(s)
+        try:
+            s = _sdpa_site(node) if node.target in SDPA_OPS else _manual_site(node)
+        except Exception as e:  # a matcher bug must not break the user's compile
+            log.warning("attnopt: matching attention at %s failed: %r", node.name, e, exc_info=True)
+            s = AttentionSite("unknown", node, module_path(node), module_class(node), source_line(node),
+                              reject=f"internal error while matching: {e!r}")
+        if s is not None:
+            sites.append(s)
     return sites
 
 

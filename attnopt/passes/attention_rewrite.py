@@ -67,14 +67,17 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool) -> SitePar
         raise Reject("attention.quant is 'none' and no sparsity is configured: nothing to change")
     if training:
         raise Reject("training graph: quantized attention has no backward yet (left for autograd)")
+    for n in site.internal:
+        if n is not site.anchor and any(u not in site.internal for u in n.users):
+            raise Reject(f"intermediate {n.target} of the attention is used elsewhere "
+                         "(e.g. attention weights returned): rewriting would drop it")
     if site.dropout_p:
-        raise Reject(f"dropout_p={site.dropout_p} (attention dropout is not implemented)")
+        raise Reject(f"attention dropout p={site.dropout_p} (training-mode dropout is not implemented)")
     q, k, v = (_tensor_meta(x) for x in (site.q, site.k, site.v))
-    anchor = site.anchor.meta["val"]
     if any(t.requires_grad for t in (q, k, v)):
         raise Reject("q/k/v require grad: quantized attention has no backward yet")
-    if anchor.dtype not in _DTYPES_16 and not (anchor.dtype == torch.float32 and a["allow_fp32"]):
-        raise Reject(f"dtype {anchor.dtype} (fp16/bf16 only; fp32 needs attention.allow_fp32)")
+    if q.dtype not in _DTYPES_16 and not (q.dtype == torch.float32 and a["allow_fp32"]):
+        raise Reject(f"dtype {q.dtype} (fp16/bf16 only; fp32 needs attention.allow_fp32)")
     if len({q.dtype, k.dtype, v.dtype}) != 1:
         raise Reject(f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.device.type not in ("cuda", "cpu"):
@@ -167,23 +170,24 @@ def _prod_dims(b: GraphBuilder, x: fx.Node, dims) -> object:
 def build_qkv(b: GraphBuilder, site: AttentionSite):
     """Operands as [B, Hq, Nq, D], [B, Hkv, Nk, D], [B, Hkv, Nk, Dv]; GQA kept unrepeated."""
     qb = site.q.batch
-    if len(qb) >= 2 and not qb[-1].broadcast:
+    if site.heads is not None:
+        hq = _int_size(site.heads, "head count")
+    elif len(qb) >= 2 and not qb[-1].broadcast:
         hq = _int_size(qb[-1].size, "head count")
-        q_lead = qb[:-1]
     else:
-        hq, q_lead = 1, list(qb)
+        hq = 1
     q4 = _as_bhnd(b, site.q, hq)
-    lead_size = _size(q_lead)
+    total = _size(qb)
 
     def kv(op: Operand) -> tuple[fx.Node, int]:
         kb = op.batch
         if (len(kb) >= 2 and kb[-1].broadcast and not kb[-2].broadcast and hq > 1
-                and known_eq(kb[-2].size * kb[-1].size, hq) and known_eq(_size(kb[:-2]), lead_size)):
+                and known_eq(kb[-2].size * kb[-1].size, hq) and known_eq(_size(kb[:-2]) * hq, total)):
             hkv = _int_size(kb[-2].size, "kv head count")  # repeat_kv / repeat_interleave: GQA
             return _as_bhnd(b, op, hkv, drop_bcast_last=True), hkv
-        if kb and not kb[-1].broadcast and isinstance(kb[-1].size, int) and hq % kb[-1].size == 0 \
-                and known_eq(_size(kb[:-1]), lead_size):
-            return _as_bhnd(b, op, kb[-1].size), kb[-1].size  # own heads (SDPA enable_gqa: fewer)
+        if kb and not kb[-1].broadcast and isinstance(kb[-1].size, int) and kb[-1].size < hq \
+                and hq % kb[-1].size == 0 and known_eq(_size(kb[:-1]) * hq, total):
+            return _as_bhnd(b, op, kb[-1].size), kb[-1].size  # own, fewer heads (SDPA enable_gqa)
         return _as_bhnd(b, op, hq), hq
 
     k4, hk = kv(site.k)

@@ -97,6 +97,15 @@ def scalar_value(x: Any) -> float | None:
         return scalar_value(x.args[0])
     if is_call(x, aten.full_like.default) and len(shape(x)) == 0:
         return _num(x.args[1])
+    if isinstance(x, fx.Node) and x.op == "get_attr":  # a tensor constant folded into the graph
+        owner = x.graph.owning_module
+        t = getattr(owner, x.target, None) if owner is not None else None
+        if isinstance(t, torch.Tensor) and t.numel() == 1 and not isinstance(
+                t, torch._subclasses.FakeTensor) and t.is_floating_point():
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                return float(t.item())
     return None
 
 

@@ -130,8 +130,12 @@ class AttentionPass(CustomGraphPass):
             try:
                 params = decide(site, ctx.options, spec, training)
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
-                rewrite(graph, site, params, probe)
+                op = rewrite(graph, site, params, probe)
                 changed = True
+                q4, k4 = op.args[0].meta["val"], op.args[1].meta["val"]
+                rec.details.update(q_heads=q4.shape[1], kv_heads=k4.shape[1],
+                                   mask=("causal" if op.args[6] else "") + ("+bias" if op.args[3] is not None else "")
+                                   + ("+keep" if op.args[4] is not None else ""))
                 rec.status = "rewritten"
                 rec.op = "attnopt::attention"
                 rec.kernel = params.kernel

@@ -1,0 +1,77 @@
+"""The backend: found by name in a fresh interpreter, configurable, cache-safe."""
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+import torch.nn.functional as F
+
+import attnopt
+from helpers import ALL_SITES, randn
+
+
+class Attn(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_backend_by_name_without_import_in_fresh_interpreter():
+    code = textwrap.dedent("""
+        import sys, torch, torch.nn.functional as F
+        assert "attnopt" not in sys.modules
+        f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                          backend="attnopt", options={"attention": {"min_seq_len": 0}})
+        q = torch.randn(1, 2, 77, 32, dtype=torch.bfloat16)
+        out = f(q, q, q)
+        assert "attnopt" in sys.modules
+        ref = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        err = ((out.float() - ref.float()).abs().sum() / ref.float().abs().sum()).item()
+        assert err < 0.03, err
+        print("OK", err)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK" in r.stdout
+
+
+def test_backend_factory_with_mode():
+    be = attnopt.backend(ALL_SITES, mode="default")
+    torch._dynamo.reset()
+    q = randn(1, 2, 77, 32)
+    out = torch.compile(Attn(), backend=be)(q, q, q)
+    ref = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert not torch.equal(out, ref)  # rewritten (possibly served from the FX graph cache)
+    assert ((out.float() - ref.float()).abs().sum() / ref.float().abs().sum()) < 0.03
+
+
+def _run(options, q, k, v):
+    torch._dynamo.reset()
+    return torch.compile(Attn(), backend=attnopt.backend(options))(q, k, v)
+
+
+def test_cache_never_serves_a_graph_compiled_under_other_options():
+    from torch._dynamo.utils import counters
+
+    q, k, v = randn(1, 2, 77, 32), randn(1, 2, 77, 32), randn(1, 2, 77, 32)
+    dense = _run({"attention": {"enabled": False}}, q, k, v)
+    int8 = _run(ALL_SITES, q, k, v)
+    fp8 = _run({"attention": {"min_seq_len": 0, "pv": "fp8"}}, q, k, v)
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(dense, exact)  # untouched: torch's own kernel
+    assert not torch.equal(int8, dense) and not torch.equal(fp8, int8)  # three behaviours
+    # the same options again: Inductor's FX graph cache serves it, with the same result
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    again = _run(ALL_SITES, q, k, v)
+    assert torch.equal(again, int8)
+    assert counters["inductor"]["fxgraph_cache_hit"] > hits
+
+
+def test_pass_uuid_covers_options_and_arch():
+    from attnopt.config import normalize_options
+    from attnopt.passes.manager import AttentionPass, PassContext
+
+    a = AttentionPass(PassContext(normalize_options({}))).uuid()
+    assert a == AttentionPass(PassContext(normalize_options({}))).uuid()
+    assert a != AttentionPass(PassContext(normalize_options({"attention": {"pv": "fp8"}}))).uuid()
+    assert a != AttentionPass(PassContext(normalize_options({"arch": "sm90"}))).uuid()

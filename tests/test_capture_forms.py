@@ -1,0 +1,209 @@
+"""Every capture form of the core issue, on small hand-written modules, checked numerically."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import inspect, randn
+
+B, H, N, D = 2, 4, 77, 64
+E2E_BOUND = 0.03
+
+
+def check(module, *inputs, kv_heads=None, causal=None, options=None, sites=1):
+    report = inspect(module.eval(), *inputs, options=options)
+    att = [s for s in report.sites if s.kind == "attention"]
+    assert len(att) == sites, report
+    for s in att:
+        assert s.status == "rewritten", (s.reason, report)
+        if kv_heads is not None:
+            assert s.details["kv_heads"] == kv_heads, s.details
+        if causal is not None:
+            assert (s.details["causal_offset"] is not None) == causal, s.details
+    e2e = report.summary["e2e"]["rel_l1"]
+    assert e2e <= E2E_BOUND, report
+    for s in att:
+        assert s.error["rel_l1"] <= 0.02, s.error
+    return report
+
+
+# ---------------------------------------------------------------------------- SDPA calls
+
+class Sdpa(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.kw)
+
+
+def test_sdpa_plain_and_scale():
+    check(Sdpa(scale=0.2), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D), causal=False)
+
+
+def test_sdpa_causal():
+    check(Sdpa(is_causal=True), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D), causal=True)
+
+
+def test_sdpa_gqa():
+    check(Sdpa(is_causal=True, enable_gqa=True), randn(B, 8, N, D), randn(B, 2, N, D), randn(B, 2, N, D),
+          kv_heads=2, causal=True)
+
+
+@pytest.mark.parametrize("shape", [(N, N), (B, 1, N, N), (B, 1, 1, N), (1, H, N, N)])
+def test_sdpa_bool_mask(shape):
+    keep = torch.rand(*shape) > 0.3
+    keep |= torch.eye(N, dtype=torch.bool).expand_as(keep) if shape[-2] == N else True
+    check(Sdpa(), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D), keep)
+
+
+def test_sdpa_additive_mask():
+    bias = randn(B, 1, N, N)
+    check(Sdpa(), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D), bias)
+
+
+def test_sdpa_dropout_zero_in_training_mode():
+    m = Sdpa(dropout_p=0.0)
+    check(m.train(), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D))
+
+
+# ---------------------------------------------------------------------- hand-written forms
+
+class Manual(nn.Module):
+    """softmax(q k^T * scale + mask) v, written the many ways models write it."""
+
+    def __init__(self, scale_by="div", causal=None, fp32_softmax=False, dropout=0.0, gqa=None, layout="bhnd",
+                 mask_kind=None, n=N):
+        super().__init__()
+        self.scale_by, self.causal, self.fp32 = scale_by, causal, fp32_softmax
+        self.drop = nn.Dropout(dropout)
+        self.gqa, self.layout, self.mask_kind = gqa, layout, mask_kind
+        if causal == "buffer":
+            self.register_buffer("bias", torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n))
+
+    def forward(self, q, k, v, mask=None):
+        if self.layout == "bnhd":  # [B, N, H, D] activations, heads moved by transpose
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.gqa == "repeat_kv":
+            g = q.shape[1] // k.shape[1]
+            k = k[:, :, None].expand(k.shape[0], k.shape[1], g, *k.shape[2:]).reshape(q.shape[0], -1, *k.shape[2:])
+            v = v[:, :, None].expand(v.shape[0], v.shape[1], g, *v.shape[2:]).reshape(q.shape[0], -1, *v.shape[2:])
+        elif self.gqa == "repeat_interleave":
+            g = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        d = q.shape[-1]
+        if self.scale_by == "prescale":
+            s = (q * d ** -0.5) @ k.transpose(-2, -1)
+        elif self.scale_by == "mul":
+            s = torch.matmul(q, k.transpose(2, 3)) * (1 / math.sqrt(d))
+        else:
+            s = q @ k.transpose(-2, -1) / math.sqrt(d)
+        n, m = s.shape[-2], s.shape[-1]
+        if self.causal == "tril":
+            s = s.masked_fill(torch.tril(torch.ones(n, m, dtype=torch.bool)) == 0, float("-inf"))
+        elif self.causal == "triu":
+            s = s.masked_fill(torch.triu(torch.ones(n, m, dtype=torch.bool), diagonal=1), float("-inf"))
+        elif self.causal == "where":
+            keep = torch.arange(m)[None, :] <= torch.arange(n)[:, None]
+            s = torch.where(keep, s, torch.finfo(s.dtype).min)
+        elif self.causal == "buffer":
+            s = torch.where(self.bias[:, :, :n, :m], s, torch.tensor(float("-inf"), dtype=s.dtype))
+        if mask is not None:
+            s = s + mask
+        p = F.softmax(s.float(), dim=-1).to(q.dtype) if self.fp32 else s.softmax(dim=-1)
+        o = self.drop(p) @ v
+        return o.transpose(1, 2) if self.layout == "bnhd" else o
+
+
+@pytest.mark.parametrize("scale_by", ["div", "mul", "prescale"])
+def test_manual_scale_forms(scale_by):
+    check(Manual(scale_by=scale_by), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D))
+
+
+@pytest.mark.parametrize("causal", ["tril", "triu", "where"])
+def test_manual_causal_is_recognized(causal):
+    check(Manual(causal=causal), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D), causal=True)
+
+
+def test_manual_causal_from_registered_buffer_stays_correct():
+    # the buffer's values are not known at compile time: it stays a mask tensor the kernel reads
+    check(Manual(causal="buffer"), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D))
+
+
+def test_manual_additive_padding_mask_and_fp32_softmax():
+    pad = torch.zeros(B, 1, 1, N, dtype=torch.bfloat16)
+    pad[1, ..., 60:] = torch.finfo(torch.bfloat16).min
+    check(Manual(fp32_softmax=True), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D), pad)
+
+
+def test_manual_dropout_in_eval_and_p0_in_train():
+    check(Manual(dropout=0.1), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D))
+    m = Manual(dropout=0.0).train()
+    report = inspect(m, randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D))
+    assert report.rewritten("attention"), report
+
+
+@pytest.mark.parametrize("gqa", ["repeat_kv", "repeat_interleave"])
+def test_manual_gqa_does_not_materialize_repeated_kv(gqa):
+    check(Manual(gqa=gqa, causal="tril"), randn(B, 8, N, D), randn(B, 2, N, D), randn(B, 2, N, D),
+          kv_heads=2, causal=True)
+
+
+def test_manual_bnhd_layout():
+    check(Manual(layout="bnhd", causal="tril"), randn(B, N, H, D), randn(B, N, H, D), randn(B, N, H, D),
+          causal=True)
+
+
+class Einsum(nn.Module):
+    def forward(self, q, k, v):  # [B, N, H, D]
+        s = torch.einsum("bnhd,bmhd->bhnm", q, k) * q.shape[-1] ** -0.5
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.einsum("bhnm,bmhd->bnhd", p, v)
+
+
+def test_einsum_bnhd():
+    check(Einsum(), randn(B, N, H, D), randn(B, N, H, D), randn(B, N, H, D))
+
+
+class Baddbmm3d(nn.Module):
+    """diffusers' legacy processor: [B*H, N, D] and baddbmm with beta=0."""
+
+    def forward(self, q, k, v):
+        e = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype)
+        s = torch.baddbmm(e, q, k.transpose(-1, -2), beta=0, alpha=q.shape[-1] ** -0.5)
+        return torch.bmm(s.softmax(dim=-1).to(v.dtype), v)
+
+
+def test_baddbmm_3d():
+    check(Baddbmm3d(), randn(B * H, N, D), randn(B * H, N, D), randn(B * H, N, D))
+
+
+class CrossAttention(nn.Module):
+    def forward(self, x, ctx):
+        return F.scaled_dot_product_attention(x, ctx, ctx)
+
+
+def test_cross_attention_q_len_differs():
+    check(CrossAttention(), randn(B, H, 200, D), randn(B, H, 77, D))
+
+
+@pytest.mark.parametrize("d", [32, 96, 128, 256])
+def test_head_dims(d):
+    check(Sdpa(is_causal=True), randn(1, 2, 77, d), randn(1, 2, 77, d), randn(1, 2, 77, d))
+
+
+class SdpaMath(nn.Module):
+    """SDPA's math fallback (what CUDA picks when no fused backend fits): fp32 upcasts,
+    q and k each scaled by sqrt(scale), a safe softmax."""
+
+    def forward(self, q, k, v):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_sdpa_math_decomposition():
+    check(SdpaMath(), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D), causal=True)

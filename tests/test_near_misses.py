@@ -1,0 +1,143 @@
+"""Graphs that look like attention but are not (or cannot be replaced) must stay as they were."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnopt
+from helpers import ALL_SITES, inspect, randn, rel_l1
+
+B, H, N, D = 2, 4, 77, 32
+
+
+def _run(fn, *inputs):
+    class M(nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+
+    report = inspect(M(), *inputs)
+    report.fn, report.inputs = fn, inputs
+    torch._dynamo.reset()
+    return report
+
+
+def _qkv():
+    return randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
+
+
+def _assert_untouched(report):
+    """Nothing rewritten, and the output is bit-for-bit what plain Inductor gives."""
+    assert not report.rewritten("attention"), report
+    torch._dynamo.reset()
+    ours = torch.compile(report.fn, backend=attnopt.backend(ALL_SITES))(*report.inputs)
+    torch._dynamo.reset()
+    plain = torch.compile(report.fn, backend="inductor")(*report.inputs)
+    for a, b in zip(ours if isinstance(ours, tuple) else (ours,), plain if isinstance(plain, tuple) else (plain,)):
+        assert torch.equal(a, b)
+
+
+def test_softmax_over_wrong_dim_is_not_attention():
+    r = _run(lambda q, k, v: (q @ k.transpose(-1, -2)).softmax(dim=-2) @ v, *_qkv())
+    _assert_untouched(r)
+    assert not r.sites
+
+
+def test_scale_after_softmax_is_not_captured():
+    r = _run(lambda q, k, v: ((q @ k.transpose(-1, -2)).softmax(dim=-1) * 0.5) @ v, *_qkv())
+    _assert_untouched(r)
+
+
+def test_multiplicative_mask_is_skipped_with_reason():
+    m = torch.rand(1, 1, N, N).bfloat16()
+    r = _run(lambda q, k, v, m: ((q @ k.transpose(-1, -2)) * m).softmax(dim=-1) @ v, *_qkv(), m)
+    _assert_untouched(r)
+    assert r.sites and "not a scale or mask" in r.sites[0].reason
+
+
+def test_probs_transposed_before_pv_is_not_captured():
+    r = _run(lambda q, k, v: (q @ k.transpose(-1, -2)).softmax(dim=-1).transpose(-1, -2) @ v, *_qkv())
+    _assert_untouched(r)
+
+
+def test_values_on_the_left_is_not_attention():
+    q, k, v = _qkv()
+    r = _run(lambda q, k, v: v.transpose(-1, -2) @ (q @ k.transpose(-1, -2)).softmax(dim=-1), q, k, v)
+    _assert_untouched(r)
+
+
+def test_returned_attention_weights_keep_the_site_dense():
+    def f(q, k, v):
+        p = (q @ k.transpose(-1, -2) * D ** -0.5).softmax(dim=-1)
+        return p @ v, p
+
+    r = _run(f, *_qkv())
+    _assert_untouched(r)
+    assert "used elsewhere" in r.sites[0].reason
+
+
+def test_logit_softcap_is_skipped_with_reason():
+    def f(q, k, v):
+        s = torch.tanh(q @ k.transpose(-1, -2) / 30.0) * 30.0
+        return s.softmax(dim=-1) @ v
+
+    r = _run(f, *_qkv())
+    _assert_untouched(r)
+    assert r.sites and "tanh" in r.sites[0].reason
+
+
+def test_relative_position_matmul_in_logits_is_skipped():
+    pos = randn(B, H, N, D)
+
+    def f(q, k, v, pos):
+        s = q @ k.transpose(-1, -2) + q @ pos.transpose(-1, -2)
+        return s.softmax(dim=-1) @ v
+
+    r = _run(f, *_qkv(), pos)
+    _assert_untouched(r)
+
+
+def test_small_finite_fill_is_not_a_mask():
+    keep = torch.rand(N, N) > 0.5
+
+    def f(q, k, v, keep):
+        s = torch.where(keep, q @ k.transpose(-1, -2), -5.0)
+        return s.softmax(dim=-1) @ v
+
+    r = _run(f, *_qkv(), keep)
+    _assert_untouched(r)
+
+
+def test_masks_of_3d_scores_stay_correct():
+    """[B*H, N, N] scores with masks shaped per batch*head and shared."""
+    q, k, v = (randn(B * H, N, D) for _ in range(3))
+    per = torch.where(torch.rand(B * H, N, N) > 0.3, 0.0, float("-inf")).bfloat16()
+    per[..., 0] = 0  # no fully masked rows
+
+    def f(q, k, v, m):
+        return (torch.bmm(q, k.transpose(1, 2)) * D ** -0.5 + m).softmax(-1) @ v
+
+    r = _run(f, q, k, v, per)
+    assert r.rewritten("attention") and r.summary["e2e"]["rel_l1"] < 0.03, r
+    shared = per[:1]
+    r = _run(f, q, k, v, shared)
+    assert r.rewritten("attention") and r.summary["e2e"]["rel_l1"] < 0.03, r
+
+
+def test_attention_dropout_in_training_is_skipped():
+    m = nn.Module()
+
+    class Drop(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+    del m
+    report = inspect(Drop().train(), *_qkv())
+    assert not report.rewritten("attention")
+    assert "dropout" in report.sites[0].reason
+
+
+def test_rewrite_equals_uncompiled_numerically():
+    q, k, v = _qkv()
+    r = _run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v)
+    assert r.summary["e2e"]["rel_l1"] < 0.02
+    assert rel_l1(q, q) == 0
