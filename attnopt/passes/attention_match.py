@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph_utils import aten, is_call, known_eq, module_class, module_path, prims, scalar_value, shape, source_line
+from .graph_utils import (aten, is_call, known_eq, module_class, module_path, prims, scalar_value, shape,
+                          source_line, static_int)
 from .layout import Atom, Traced, covers_in_order, initial_dims, is_layout_op, propagate, trace, trace_to
 from .masks import MASK_FILL_MAX, KeepMask, read_additive, split_keep
 
@@ -141,11 +142,8 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     lead = list(range(nd - 2))
     site.q, site.k, site.v = (_operand(x, lead, nd - 2, nd - 1) for x in (q, k, v))
     site.heads = shape(q)[-3] if nd == 4 else None
-    head_dim = shape(q)[-1]
-    if node.kwargs.get("scale") is None and not isinstance(head_dim, int):
-        site.reject = "symbolic head dim"
-        return site
-    site.scale = float(node.kwargs.get("scale") or 1.0 / math.sqrt(head_dim))
+    scale = node.kwargs.get("scale")
+    site.scale = float(scale) if scale is not None else 1.0 / math.sqrt(static_int(shape(q)[-1]))
     site.dropout_p = float(arg(drop_at, 0.0) or 0.0)
     if arg(causal_at, False):
         site.keep = KeepMask(0, [])
@@ -343,8 +341,7 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
     site.internal = set(sm_nodes) | set(p_chain) | {pv}
     site.dropout_p = dropout_p
     if not _pv_operand_ok(p_node, p_chain):
-        site.reject = "softmax output does not reach P.V as [batch, queries, keys]"
-        return site
+        return None  # softmax output contracted over anything but keys: not attention
 
     # -- score side: walk from the softmax input back to QK^T, collecting scale and masks
     chain = []

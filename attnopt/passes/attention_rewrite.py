@@ -16,7 +16,7 @@ import torch.fx as fx
 from ..codegen.arch import ArchSpec, resolve_pv
 from ..codegen.attention.describe import describe_attention_kernel
 from .attention_match import AttentionSite, Operand
-from .graph_utils import GraphBuilder, aten, known_eq, known_one, shape
+from .graph_utils import GraphBuilder, aten, hint_int, known_eq, known_one, shape, static_int
 
 MAX_HEAD_DIM = 256
 _DTYPES_16 = (torch.float16, torch.bfloat16)
@@ -82,11 +82,9 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool) -> SitePar
         raise Reject(f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.device.type not in ("cuda", "cpu"):
         raise Reject(f"device {q.device.type}")
-    d = _size(site.q.cols)
-    dv = _size(site.v.cols)
+    d = static_int(_size(site.q.cols))
+    dv = static_int(_size(site.v.cols))
     for name, x in (("head dim", d), ("value head dim", dv)):
-        if not isinstance(x, int):
-            raise Reject(f"symbolic {name}")
         if x > MAX_HEAD_DIM:
             raise Reject(f"{name} {x} > {MAX_HEAD_DIM}")
     nq, nk = _size(site.q.rows), _size(site.k.rows)
@@ -118,11 +116,8 @@ def _size(atoms):
 
 
 def _int_size(x, what: str) -> int:
-    if isinstance(x, int):
-        return x
-    if isinstance(x, torch.SymInt) and x.node.maybe_as_int() is not None:
-        return x.node.maybe_as_int()
-    raise Reject(f"symbolic {what}")
+    del what
+    return static_int(x)
 
 
 def _as_bhnd(b: GraphBuilder, op: Operand, heads: int, drop_bcast_last: bool = False) -> fx.Node:
@@ -264,15 +259,12 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
 
 
 def site_flops(site: AttentionSite) -> int | None:
-    """4 * B * Hq * Nq * Nk * D (halved when causal with Nq == Nk)."""
-    try:
-        hq_total = _size(site.q.batch)
-        nq, nk, d = _size(site.q.rows), _size(site.k.rows), _size(site.q.cols)
-        f = 4 * hq_total * nq * nk * d
-        f = int(f)
-    except (TypeError, ValueError, RuntimeError):
+    """4 * B * Hq * Nq * Nk * D (halved when causal with Nq == Nk), at the example sizes."""
+    sizes = [hint_int(_size(x)) for x in (site.q.batch, site.q.rows, site.k.rows, site.q.cols)]
+    if any(x is None for x in sizes):
         return None
-    if site.keep.causal_offset is not None and isinstance(nq, int) and isinstance(nk, int) and nq == nk:
+    bh, nq, nk, d = sizes
+    f = 4 * bh * nq * nk * d
+    if site.keep.causal_offset is not None and nq == nk:
         f //= 2
     return f
-

@@ -38,6 +38,29 @@ def known_eq(a, b) -> bool:
     return bool(statically_known_true(a == b))
 
 
+def static_int(a) -> int:
+    """An int for a size that must be static for a kernel (head dim / head count).
+
+    Symbolic ones (dynamic=True makes every dim symbolic) are specialized with a guard: they do
+    not change between calls, and a change recompiles instead of running wrong.
+    """
+    if isinstance(a, int):
+        return a
+    return int(a)
+
+
+def hint_int(a) -> int | None:
+    """The example value of a size, for reports only: never installs a guard."""
+    if isinstance(a, int):
+        return a
+    if isinstance(a, torch.SymInt):
+        try:
+            return int(a.node.hint) if a.node.hint is not None else None
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
 def known_one(a) -> bool:
     return known_eq(a, 1)
 
@@ -82,22 +105,21 @@ def source_line(node: fx.Node) -> str:
     return f"{fname}:{line} {code.strip()}"
 
 
-def scalar_value(x: Any) -> float | None:
-    """A Python number, or a node computing a constant 0-d tensor -> that float; else None."""
+def scalar_value(x: Any, depth: int = 0) -> float | None:
+    """A Python number, or a node computing a constant 0-d tensor / symbolic scalar -> its float.
+
+    Symbolic scalars (head_dim ** -0.5 under dynamic=True) are specialized with a guard.
+    """
     if isinstance(x, bool):
         return None
     if isinstance(x, (int, float)):
         return float(x)
-    if is_call(x, aten.full.default) and len(x.args[0]) == 0:
-        return _num(x.args[1])
-    if is_call(x, aten.scalar_tensor.default):
-        return _num(x.args[0])
-    if is_call(x, prims.convert_element_type.default, aten.clone.default, aten.alias.default,
-               aten.lift_fresh_copy.default):
-        return scalar_value(x.args[0])
-    if is_call(x, aten.full_like.default) and len(shape(x)) == 0:
-        return _num(x.args[1])
-    if isinstance(x, fx.Node) and x.op == "get_attr":  # a tensor constant folded into the graph
+    if not isinstance(x, fx.Node) or depth > 12:
+        return None
+    v = x.meta.get("val")
+    if isinstance(v, (torch.SymFloat, torch.SymInt)):
+        return float(v)
+    if x.op == "get_attr":  # a tensor constant folded into the graph
         owner = x.graph.owning_module
         t = getattr(owner, x.target, None) if owner is not None else None
         if isinstance(t, torch.Tensor) and t.numel() == 1 and not isinstance(
@@ -106,6 +128,36 @@ def scalar_value(x: Any) -> float | None:
 
             with unset_fake_temporarily():
                 return float(t.item())
+        return None
+    if x.op != "call_function" or not isinstance(v, torch.Tensor) or v.dim() != 0:
+        return None
+    a = [scalar_value(y, depth + 1) if isinstance(y, fx.Node) else _num(y) for y in x.args]
+    t = x.target
+    if t is aten.full.default:
+        return _num(x.args[1])
+    if t is aten.scalar_tensor.default:
+        return a[0]
+    if t in (prims.convert_element_type.default, aten.clone.default, aten.alias.default,
+             aten.lift_fresh_copy.default, aten._to_copy.default):
+        return a[0]
+    if t is aten.full_like.default:
+        return _num(x.args[1])
+    if any(y is None for y in a[:2]) or len(a) < 1:
+        return None
+    ops = {
+        aten.pow.Tensor_Tensor: lambda p, q: p ** q, aten.pow.Tensor_Scalar: lambda p, q: p ** q,
+        aten.mul.Tensor: lambda p, q: p * q, aten.div.Tensor: lambda p, q: p / q,
+        aten.add.Tensor: lambda p, q: p + q, aten.sub.Tensor: lambda p, q: p - q,
+    }
+    unary = {aten.sqrt.default: math.sqrt, aten.rsqrt.default: lambda p: 1 / math.sqrt(p),
+             aten.reciprocal.default: lambda p: 1 / p, aten.neg.default: lambda p: -p}
+    try:
+        if t in ops and len(a) >= 2:
+            return float(ops[t](a[0], a[1]))
+        if t in unary:
+            return float(unary[t](a[0]))
+    except (ZeroDivisionError, ValueError, OverflowError):
+        return None
     return None
 
 

@@ -85,6 +85,18 @@ def _shape_list(node: fx.Node) -> list:
     return [int(s) if isinstance(s, int) else str(s) for s in v.shape] if isinstance(v, torch.Tensor) else []
 
 
+def _describe(rec: SiteRecord, site) -> None:
+    """Shapes, dtype, FLOPs and mask structure of a candidate, whatever its fate."""
+    rec.details = {"scale": site.scale, "causal_offset": site.keep.causal_offset,
+                   "keep_masks": len(site.keep.residual), "bias_terms": len(site.bias), "masked_value": site.fill}
+    if site.q is None:
+        return
+    rec.flops = site_flops(site)
+    rec.shapes = {"q": _shape_list(site.q.traced.src), "k": _shape_list(site.k.traced.src),
+                  "v": _shape_list(site.v.traced.src), "out": _shape_list(site.anchor)}
+    rec.dtype = str(site.q.traced.src.meta["val"].dtype).replace("torch.", "")
+
+
 def _is_training_graph(graph: fx.Graph) -> bool:
     return any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
 
@@ -117,30 +129,21 @@ class AttentionPass(CustomGraphPass):
             key = f"{site.module}#{idx}"
             rec = SiteRecord(kind="attention", module=site.module, key=key, status="skipped",
                              pattern=site.pattern, source=site.source, module_type=site.module_type)
-            rec.flops = site_flops(site) if site.q is not None and site.k is not None else None
-            if site.q is not None:
-                rec.shapes = {"q": _shape_list(site.q.traced.src), "k": _shape_list(site.k.traced.src),
-                              "v": _shape_list(site.v.traced.src), "out": _shape_list(site.anchor)}
-                rec.dtype = str(site.anchor.meta["val"].dtype).replace("torch.", "")
-            rec.details = {
-                "scale": site.scale, "causal_offset": site.keep.causal_offset,
-                "keep_masks": len(site.keep.residual), "bias_terms": len(site.bias),
-                "masked_value": site.fill,
-            }
             try:
+                _describe(rec, site)
                 params = decide(site, ctx.options, spec, training)
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
                 op = rewrite(graph, site, params, probe)
                 changed = True
-                q4, k4 = op.args[0].meta["val"], op.args[1].meta["val"]
-                rec.details.update(q_heads=q4.shape[1], kv_heads=k4.shape[1],
-                                   mask=("causal" if op.args[6] else "") + ("+bias" if op.args[3] is not None else "")
-                                   + ("+keep" if op.args[4] is not None else ""))
                 rec.status = "rewritten"
                 rec.op = "attnopt::attention"
                 rec.kernel = params.kernel
+                q4, k4 = op.args[0].meta["val"], op.args[1].meta["val"]
                 rec.details.update(quant=params.quant, pv=params.pv, smooth_k=params.smooth_k,
-                                   smooth_q=params.smooth_q, arch=params.arch)
+                                   smooth_q=params.smooth_q, arch=params.arch, q_heads=q4.shape[1],
+                                   kv_heads=k4.shape[1],
+                                   mask=("causal" if op.args[6] else "") + ("+bias" if op.args[3] is not None else "")
+                                   + ("+keep" if op.args[4] is not None else ""))
             except Reject as e:
                 rec.reason = str(e)
             except Exception as e:  # never break the user's compile: leave the site as it was

@@ -1,0 +1,197 @@
+"""Where the INT8 (and FP8) attention kernel is: one Triton kernel family, every variant.
+
+`_attn_step` is the one online-softmax step all variants share (exp2 domain: Q carries
+scale*log2(e)); `_attn_fwd` is the outer kernel: pointer setup, the two key loops (tiles wholly
+visible without element masks, then the causal-diagonal / tail tiles with them), the epilogue.
+Variants are constexpr switches, chosen per architecture in codegen/arch.py:
+
+  QK_FMT   0: INT8 QK^T (int32 accumulate)   1: FP8 e4m3 QK^T   2: 16-bit QK^T (quant "none")
+  PV_FP8   False: P and V in 16 bits, fp32 accumulate
+           True:  P scaled to [0, 448] and V per-channel scaled, both e4m3; each tile's product
+                  lands in a fresh fp32 tile added to the fp32 output (two-level accumulation)
+
+Masks follow attention_ref's semantics exactly: bias added, keep-mask / causal positions take
+FILL (log2 units), keys past the end never count, rows with no kept key give 0 (FILL = -inf)
+or the plain mean of V (finite FILL, as eager softmax over equal logits).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..casts import store_cast, to_16bit, to_e4m3
+
+@triton.jit
+def _attn_step(
+    acc, l_i, m_i, q, qs, qbar,
+    K_ptrs, KS_ptrs, K16_ptrs, kmean, V_ptrs, BIAS_ptrs, KEEP_ptrs,
+    start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
+    stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
+    QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
+    K_GRAN: tl.constexpr, BLOCK_N: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+):
+    cols = start_n + offs_n
+    kvalid = cols < Nk
+    if QK_FMT == 2 and not EVEN_D:  # the caller's K, head dim not padded
+        k = tl.load(K_ptrs + start_n * stride_kn, mask=dvalid[:, None] & kvalid[None, :], other=0)
+    elif MASKED:
+        k = tl.load(K_ptrs + start_n * stride_kn, mask=kvalid[None, :], other=0.0 if QK_FMT == 1 else 0)
+    else:
+        k = tl.load(K_ptrs + start_n * stride_kn)
+    if QK_FMT == 0:
+        s = tl.dot(q, k).to(tl.float32)
+    else:
+        s = tl.dot(q, k)
+    if QK_FMT != 2:
+        ks = tl.load(KS_ptrs + cols // K_GRAN, mask=kvalid, other=1.0)
+        s = s * qs[:, None] * ks[None, :]
+    else:
+        s = s * qs  # 16-bit QK^T: qs is scale * log2(e)
+    if SMOOTH_Q:  # qbar_b . (K - kmean), in fp32, added before softmax (it does not cancel)
+        k16 = tl.load(K16_ptrs + start_n * stride_k16n, mask=dvalid[:, None] & kvalid[None, :],
+                      other=0.0).to(tl.float32)
+        k16 = tl.where(dvalid[:, None], k16 - kmean[:, None], 0.0)
+        s += tl.dot(qbar, k16, input_precision="ieee")
+    if HAS_BIAS:
+        bias = tl.load(BIAS_ptrs + start_n * stride_biasn, mask=mvalid[:, None] & kvalid[None, :],
+                       other=0.0).to(tl.float32)
+        b2 = bias * 1.4426950408889634
+        b2 = tl.where(bias == float("-inf"), b2, tl.maximum(b2, -3.4028234663852886e38))
+        s += b2
+    if HAS_KEEP:
+        keep = tl.load(KEEP_ptrs + start_n * stride_keepn, mask=mvalid[:, None] & kvalid[None, :], other=1)
+        s = tl.where(keep != 0, s, FILL)
+    if MASKED:
+        if IS_CAUSAL:
+            s = tl.where(cols[None, :] <= offs_m[:, None] + causal_offset, s, FILL)
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if PV_FP8:
+        if MASKED:
+            v = tl.load(V_ptrs + start_n, mask=kvalid[:, None], other=0.0)
+        else:
+            v = tl.load(V_ptrs + start_n)
+        acc += tl.dot(to_e4m3(p * 448.0, EMULATE), v)  # fresh fp32 tile, then added
+    else:
+        if not EVEN_D:
+            v = tl.load(V_ptrs + start_n * stride_vn, mask=kvalid[:, None] & dvvalid[None, :], other=0.0)
+        elif MASKED:
+            v = tl.load(V_ptrs + start_n * stride_vn, mask=kvalid[:, None], other=0.0)
+        else:
+            v = tl.load(V_ptrs + start_n * stride_vn)
+        acc = tl.dot(to_16bit(p, PV_DTYPE, EMULATE), to_16bit(v, PV_DTYPE, EMULATE), acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd(
+    Q, stride_qb, stride_qh, stride_qm, stride_qd,
+    QS, stride_qsb, stride_qsh,
+    QBAR, stride_qbb, stride_qbh, stride_qbn,
+    K, stride_kb, stride_kh, stride_kn, stride_kd,
+    KS, stride_ksb, stride_ksh,
+    K16, stride_k16b, stride_k16h, stride_k16n, stride_k16d,
+    KMEAN, stride_kmb, stride_kmh,
+    V, stride_vb, stride_vh, stride_vn, stride_vd,
+    VSC, VMEAN, VALL, stride_vcb, stride_vch,
+    BIAS, stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
+    OUT, stride_ob, stride_oh, stride_om, stride_od,
+    Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, N_BUCKET,
+    QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_KEEP: tl.constexpr, FINITE_FILL: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
+    Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (batch, query head) against all its keys."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // GROUP  # GQA: query head h reads kv head h // (Hq / Hkv), nothing repeated
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mvalid = offs_m < Nq
+    dvalid = offs_d < DQK
+    dvvalid = offs_dv < DV
+
+    # Q tile and its per-row scales, loaded once
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if QK_FMT == 2:  # the caller's Q
+        q = tl.load(q_ptrs, mask=mvalid[:, None] & dvalid[None, :], other=0.0)
+        qs = qk_scale
+    else:
+        q = tl.load(q_ptrs, mask=mvalid[:, None], other=0.0 if QK_FMT == 1 else 0)
+        qs = tl.load(QS + b * stride_qsb + h * stride_qsh + offs_m // Q_GRAN, mask=mvalid, other=1.0)
+    qbar = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kmean = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if SMOOTH_Q:
+        qbar = tl.load(QBAR + b * stride_qbb + h * stride_qbh + (offs_m // Q_GRAN)[:, None] * stride_qbn
+                       + offs_d[None, :], mask=mvalid[:, None], other=0.0)
+        kmean = tl.load(KMEAN + b * stride_kmb + hk * stride_kmh + offs_d, mask=dvalid, other=0.0)
+
+    # K^T tile pointers [BLOCK_D, BLOCK_N]: head dim contiguous (K-major for the 8-bit dot)
+    K_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    KS_ptrs = KS + b * stride_ksb + hk * stride_ksh
+    K16_ptrs = K16 + b * stride_k16b + hk * stride_k16h + offs_n[None, :] * stride_k16n + offs_d[:, None] * stride_k16d
+    if PV_FP8:  # transposed e4m3 V [BLOCK_DV, Npad]: keys contiguous
+        V_ptrs = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd + offs_n[:, None]
+    else:
+        V_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    BIAS_ptrs = BIAS + b * stride_biasb + h * stride_biash + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn
+    KEEP_ptrs = KEEP + b * stride_keepb + h * stride_keeph + offs_m[:, None] * stride_keepm + offs_n[None, :] * stride_keepn
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # Key range: all keys, or (causal) up to the last row's diagonal. Tiles below `full_end`
+    # are visible to every row and inside Nk: no element masks there.
+    nk_full = (Nk // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Nk)
+        full_end = tl.minimum((tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N, nk_full)
+        full_end = tl.minimum(full_end, hi)
+    else:
+        hi = Nk
+        full_end = nk_full
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attn_step(
+            acc, l_i, m_i, q, qs, qbar, K_ptrs, KS_ptrs, K16_ptrs, kmean, V_ptrs, BIAS_ptrs, KEEP_ptrs,
+            start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
+            stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
+            QK_FMT, PV_FP8, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, K_GRAN, BLOCK_N, PV_DTYPE,
+            EMULATE)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _attn_step(
+            acc, l_i, m_i, q, qs, qbar, K_ptrs, KS_ptrs, K16_ptrs, kmean, V_ptrs, BIAS_ptrs, KEEP_ptrs,
+            start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
+            stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
+            QK_FMT, PV_FP8, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, K_GRAN, BLOCK_N, PV_DTYPE,
+            EMULATE)
+
+    # epilogue
+    dmask = dvvalid
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if PV_FP8:
+        vsc = tl.load(VSC + b * stride_vcb + hk * stride_vch + offs_dv, mask=dmask, other=0.0)
+        vmean = tl.load(VMEAN + b * stride_vcb + hk * stride_vch + offs_dv, mask=dmask, other=0.0)
+        o = o * (vsc / 448.0)[None, :] + vmean[None, :]
+    if FINITE_FILL:  # no kept key: eager softmax over equal (finite) logits is uniform
+        vall = tl.load(VALL + b * stride_vcb + hk * stride_vch + offs_dv, mask=dmask, other=0.0)
+        no_key = m_i <= FILL
+        o = tl.where(no_key[:, None], vall[None, :], o)
+    else:
+        o = tl.where((m_i == float("-inf"))[:, None], 0.0, o)
+    out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(out_ptrs, store_cast(o, OUT.dtype.element_ty, EMULATE), mask=mvalid[:, None] & dmask[None, :])

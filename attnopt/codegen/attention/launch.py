@@ -1,0 +1,126 @@
+"""Host side of the attention kernels: quantize, pick the arch's tile configs, launch.
+
+Every launch goes through `torch.library.wrap_triton`, so inside torch.compile the op's body
+traces into Inductor's graph and Inductor inlines the kernels into its generated code. On a GPU
+the kernel is autotuned over the arch table's tiles; under TRITON_INTERPRET=1 (CPU tests) the
+table's first tile runs directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit
+from .. import casts
+from ..arch import ARCHS, Tile
+from .kernel import _attn_fwd
+from .quantize import padded_head_dim, quantize_qk, quantize_v_fp8
+
+QK_FORMATS = {"int8": 0, "fp8": 1, "none": 2}
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned_kernel(arch: str, block_d: int):
+    """_attn_fwd autotuned over the arch table's tiles for this head-dim bucket."""
+    tiles = ARCHS[arch].attention_tiles(block_d)
+    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps, num_stages=t.stages)
+               for t in tiles]
+    return triton.autotune(configs=configs, key=["N_BUCKET", "DQK", "DV", "QK_FMT", "PV_FP8", "IS_CAUSAL",
+                                                 "HAS_BIAS", "HAS_KEEP", "SMOOTH_Q"])(_attn_fwd)
+
+
+def _mask4d(m: torch.Tensor | None, b, h, nq, nk) -> torch.Tensor | None:
+    if m is None:
+        return None
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(b, h, nq, nk)  # broadcast dims get stride 0: nothing is copied
+    return m.view(torch.uint8) if m.dtype == torch.bool else m
+
+
+def _pv_dtype(dtype: torch.dtype):
+    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+
+
+def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
+                     smooth_k, smooth_q, arch, tile: Tile | None = None, out: torch.Tensor | None = None):
+    """The op's CUDA body (and, under TRITON_INTERPRET, a CPU one). `tile` forces a config;
+    `out` lets tests pass a poisoned buffer to prove every element gets written."""
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if out is None:
+        out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    spec = ARCHS[arch]
+    block_d, block_dv = padded_head_dim(d), padded_head_dim(dv)
+    smooth_q = smooth_q and quant != "none"
+    if quant == "none":
+        qbuf, kbuf, qs, ks, qbar, kmean = q, k, out, out, out, None
+    else:
+        qbuf, qs, qbar, kbuf, ks, kmean = quantize_qk(q, k, scale, quant, smooth_k, smooth_q)
+        qbar = qbar if qbar is not None else out
+    if kmean is None:
+        kmean = torch.zeros(b, hkv, d, dtype=torch.float32, device=q.device)
+    if pv == "fp8":
+        vbuf, vsc, vmean = quantize_v_fp8(v)
+        v_strides = (vbuf.stride(0), vbuf.stride(1), 1, vbuf.stride(2))
+    else:
+        vbuf, vsc, vmean = v, kmean, kmean
+        v_strides = tuple(v.stride())
+    finite_fill = masked_value != -math.inf
+    vall = v.float().mean(dim=-2).contiguous() if finite_fill else (vsc if pv == "fp8" else kmean)
+    vc = vsc if pv == "fp8" else vall
+    bias = _mask4d(attn_bias, b, hq, nq, nk)
+    keep = _mask4d(keep_mask, b, hq, nq, nk)
+    bias_t = bias if bias is not None else out
+    keep_t = keep if keep is not None else out
+    bias_s = tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
+    keep_s = tuple(keep.stride()) if keep is not None else (0, 0, 0, 0)
+    q_s = tuple(qbuf.stride())
+    k_s = tuple(kbuf.stride())
+
+    args = (
+        qbuf, *q_s,
+        qs, *((qs.stride(0), qs.stride(1)) if quant != "none" else (0, 0)),
+        qbar, *((qbar.stride(0), qbar.stride(1), qbar.stride(2)) if smooth_q else (0, 0, 0)),
+        kbuf, *k_s,
+        ks, *((ks.stride(0), ks.stride(1)) if quant != "none" else (0, 0)),
+        k, *k.stride(),
+        kmean, kmean.stride(0), kmean.stride(1),
+        vbuf, *v_strides,
+        vsc, vmean, vall, vc.stride(0), vc.stride(1),
+        bias_t, *bias_s,
+        keep_t, *keep_s,
+        out, *out.stride(),
+        nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E,
+        triton.next_power_of_2(max(nk, 1)),
+    )
+    consts = dict(QK_FMT=QK_FORMATS[quant], PV_FP8=pv == "fp8", IS_CAUSAL=bool(is_causal),
+                  HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, FINITE_FILL=finite_fill,
+                  SMOOTH_Q=smooth_q, EVEN_D=(d == block_d and dv == block_dv),
+                  Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(v.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
+                  EMULATE=casts.EMULATE)
+    if tile is None and (interpreted() or q.device.type != "cuda"):
+        tile = spec.attention_tiles(block_d)[0]
+    if tile is not None:
+        grid = (triton.cdiv(nq, tile.block_m), hq, b)
+        wrap_triton(_attn_fwd)[grid](*args, **consts, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                     num_warps=tile.warps, num_stages=tile.stages)
+    else:
+        def grid(meta):
+            return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
+
+        wrap_triton(autotuned_kernel(arch, block_d))[grid](*args, **consts)
+    return out

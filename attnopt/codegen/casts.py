@@ -1,0 +1,54 @@
+"""Casts to 8- and 16-bit formats, shared by the kernel families.
+
+On a GPU these are the hardware's round-to-nearest conversions. Triton's CPU interpreter gets
+some wrong: float -> e4m3 misses the carry into the exponent (125.75 -> 64, not 128), and bf16
+has no numpy type, so its arithmetic, dots and fp32 -> bf16 stores are garbage or truncated.
+Under TRITON_INTERPRET (EMULATE) values are rounded onto the target grid in fp32 first and bf16
+operands stay fp32 (exactly representable values): the tests then check the same arithmetic
+the GPU runs. EMULATE is a constexpr argument, so GPU code never pays for it.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+EMULATE = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def to_e4m3(x, EMULATE: tl.constexpr):
+    """fp32 within [-448, 448] -> float8e4nv, rounding to nearest."""
+    if EMULATE:
+        ax = tl.abs(x)
+        e = tl.floor(tl.log2(tl.maximum(ax, 1e-30)))
+        e = tl.maximum(e, -6.0)  # subnormals: fixed step 2**-9
+        step = tl.exp2(e - 3.0)
+        r = tl.floor(ax / step + 0.5) * step
+        r = tl.minimum(r, 448.0)
+        x = tl.where(x < 0, -r, r)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_16bit(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """x -> DTYPE (fp16 / bf16) for a dot or a store; bf16 stays an exact fp32 under EMULATE."""
+    if EMULATE and DTYPE == tl.bfloat16:
+        return round_bf16(x.to(tl.float32))
+    return x.to(DTYPE)
+
+
+@triton.jit
+def store_cast(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 -> DTYPE for a store, rounding to nearest even under the interpreter too."""
+    if EMULATE and DTYPE == tl.bfloat16:
+        x = round_bf16(x)
+    return x.to(DTYPE)
