@@ -144,3 +144,36 @@ def test_public_function_runs_the_kernel_on_cpu_through_the_interpreter():
     tri = attnopt.attention(q, k, v, is_causal=True, enable_gqa=True, impl="triton")
     ref = attnopt.attention(q, k, v, is_causal=True, enable_gqa=True, impl="reference")
     assert rel_l1(tri, ref) <= 2e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_output(causal):
+    q, k, v = qkv(1, 4, 2, 200, 200, 64)
+    k = (k.float() + 3).half()  # K smoothing shifts the kernel's logits: the LSE must undo it
+    scale = 0.125
+    keep = torch.ones(1, 1, 200, 200, dtype=torch.bool)
+    keep[..., 7, :] = False
+    out, lse = attention_triton(q, k, v, None, keep, -math.inf, causal, 0, scale, "int8", "fp16", True, False,
+                                "cpu", return_lse=True)
+    ref_out, ref_lse = attention_reference(q, k, v, None, keep, -math.inf, causal, 0, scale, return_lse=True)
+    _, exact_lse = attention_exact(q, k, v, None, keep, -math.inf, causal, 0, scale, return_lse=True)
+    assert torch.isneginf(lse[..., 7]).all() and torch.isneginf(exact_lse[..., 7]).all()
+    fin = torch.isfinite(exact_lse)
+    assert (lse[fin] - exact_lse[fin].float()).abs().max() < 0.05
+    assert (ref_lse[fin] - exact_lse[fin].float()).abs().max() < 0.05
+    assert rel_l1(out, ref_out) < BOUND_REF["fp16"]
+
+
+@pytest.mark.parametrize("quant,pv", [("int8", "fp16"), ("int8", "fp8"), ("none", "fp16")])
+@pytest.mark.parametrize("d", [64, 96])
+def test_tensor_descriptor_path(quant, pv, d):
+    """The sm90+ variant (tiles through tensor descriptors) computes the same as the pointer one."""
+    q, k, v = qkv(1, 4, 2, 200, 333, d)
+    scale = d ** -0.5
+    args = (q, k, v, None, None, -math.inf, True, 133, scale, quant, pv, True, False, "cpu")
+    ptr = attention_triton(*args, use_tma=False)
+    out = torch.full_like(ptr, float("nan"))
+    tma = attention_triton(*args, use_tma=True, out=out)
+    assert not torch.isnan(tma).any()
+    assert rel_l1(tma, ptr) < 1e-3
+    assert rel_l1(tma, attention_exact(q, k, v, None, None, -math.inf, True, 133, scale)) <= BOUND_EXACT[(quant, pv)]

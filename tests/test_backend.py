@@ -1,6 +1,8 @@
 """The backend: found by name in a fresh interpreter, configurable, cache-safe."""
 
 import subprocess
+
+import pytest
 import sys
 import textwrap
 
@@ -75,3 +77,39 @@ def test_pass_uuid_covers_options_and_arch():
     assert a == AttentionPass(PassContext(normalize_options({}))).uuid()
     assert a != AttentionPass(PassContext(normalize_options({"attention": {"pv": "fp8"}}))).uuid()
     assert a != AttentionPass(PassContext(normalize_options({"arch": "sm90"}))).uuid()
+
+
+def _compiled_code(be, *inputs):
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(Attn(), backend=be), *inputs)
+    return out, "\n".join(code)
+
+
+def test_ops_inline_into_inductor_code():
+    """With inlining (the default on CUDA), the op's body lands in Inductor's generated code
+    instead of an extern call; on CPU that body is the reference arithmetic."""
+    q = randn(1, 2, 77, 32)
+    extern_be = attnopt.backend(ALL_SITES, inductor_config={"fx_graph_cache": False})
+    out_extern, code_extern = _compiled_code(extern_be, q, q, q)
+    assert "attnopt.attention" in code_extern
+    inline_be = attnopt.backend(ALL_SITES, inductor_config={"fx_graph_cache": False})
+    inline_be.ctx.inline = "always"
+    out_inline, code_inline = _compiled_code(inline_be, q, q, q)
+    assert "attnopt.attention" not in code_inline
+    assert ((out_inline.float() - out_extern.float()).abs().max()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_are_inlined_and_run_under_cuda_graphs():
+    q = torch.randn(2, 8, 1024, 128, device="cuda", dtype=torch.float16)
+    be = attnopt.backend({"attention": {"min_seq_len": 0}}, mode="reduce-overhead")
+    torch._dynamo.reset()
+    f = torch.compile(Attn(), backend=be, fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        out = f(q, q, q)
+    ref = F.scaled_dot_product_attention(q.double(), q.double(), q.double(), is_causal=True)
+    assert ((out.double() - ref).abs().sum() / ref.abs().sum()) < 0.05
+    _, code = _compiled_code(attnopt.backend({"attention": {"min_seq_len": 0}}), q, q, q)
+    assert "_attn_fwd" in code and "attnopt.attention" not in code

@@ -152,8 +152,12 @@ def attention_reference(
     pv: str = "fp16",
     smooth_k: bool = True,
     smooth_q: bool = False,
-) -> torch.Tensor:
-    """Quantized attention, computed in plain PyTorch with the kernels' arithmetic."""
+    return_lse: bool = False,
+):
+    """Quantized attention, computed in plain PyTorch with the kernels' arithmetic.
+
+    With `return_lse`, also the natural-log logsumexp of each row's logits [B, Hq, Nq] (fp32).
+    """
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     if hq % hkv:
@@ -161,12 +165,14 @@ def attention_reference(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     out_dtype = q.dtype
     if nq == 0 or b == 0 or hq == 0:
-        return q.new_zeros(b, hq, nq, dv)
+        z = q.new_zeros(b, hq, nq, dv)
+        return (z, z.new_zeros(b, hq, nq, dtype=torch.float32)) if return_lse else z
 
     qf = q.float() * (scale * LOG2E)
     kf = k.float()
+    kmean = kf.mean(dim=-2, keepdim=True)
     if smooth_k:
-        kf = kf - kf.mean(dim=-2, keepdim=True)
+        kf = kf - kmean
 
     corr_rows = None
     if quant == "none":
@@ -208,7 +214,7 @@ def attention_reference(
 
     rows_total = g * nq
     chunk = max(1, min(rows_total, _ROW_CHUNK_ELEMS // max(1, b * hkv * nk)))
-    outs = []
+    outs, lses = [], []
     for r0 in range(0, rows_total, chunk):
         r1 = min(rows_total, r0 + chunk)
         rows = torch.arange(r0, r1, device=q.device)
@@ -237,8 +243,17 @@ def attention_reference(
             all_masked = (m <= fill) & ~empty
             o = torch.where(all_masked, v_all_mean.expand_as(o), o)
         outs.append(o)
+        if return_lse:
+            lse2 = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log2(torch.where(l > 0, l, 1.0)))
+            lses.append(lse2[..., 0] * math.log(2.0))
     o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return o.reshape(b, hq, nq, dv).to(out_dtype)
+    o = o.reshape(b, hq, nq, dv).to(out_dtype)
+    if not return_lse:
+        return o
+    lse = (torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]).reshape(b, hq, nq)
+    if smooth_k and quant != "none":  # undo K smoothing's per-row shift of the logits
+        lse = lse + scale * torch.matmul(q.float(), kmean.repeat_interleave(g, dim=1).transpose(-1, -2))[..., 0]
+    return o, lse
 
 
 def attention_exact(
@@ -251,7 +266,8 @@ def attention_exact(
     is_causal: bool = False,
     causal_offset: int = 0,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Unquantized attention in float64 with the same mask semantics: the accuracy yardstick."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -278,4 +294,6 @@ def attention_exact(
     if masked_value != -math.inf:
         all_masked = (~keep).all(dim=-1, keepdim=True)
         o = torch.where(all_masked, vv.mean(dim=-2, keepdim=True).expand_as(o), o)
+    if return_lse:
+        return o, torch.logsumexp(s, dim=-1)
     return o

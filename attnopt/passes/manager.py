@@ -23,6 +23,7 @@ from ..config import Options
 from ..report import Recorder, SiteRecord
 from .attention_match import find_attention_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
+from .inline_ops import inline_op
 
 log = logging.getLogger("attnopt")
 
@@ -53,6 +54,7 @@ class PassContext:
     options: Options
     recorder: Recorder = field(default_factory=Recorder)
     probe_sink: str | None = None  # set by attnopt.inspect: rewritten sites measure themselves
+    inline: str = "cuda"  # inline attnopt ops whose tensors live on: "cuda" | "always" | "never"
 
     def arch_key(self) -> str:
         opt = self.options["arch"]
@@ -74,7 +76,7 @@ class PassContext:
     def uuid(self, pass_name: str) -> str:
         h = hashlib.sha256()
         for part in (pass_name, source_hash(), self.options.to_json(), torch.__version__, _triton_version(),
-                     self.arch_key(), self.probe_sink or ""):
+                     self.arch_key(), self.probe_sink or "", self.inline):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()
@@ -124,6 +126,7 @@ class AttentionPass(CustomGraphPass):
         training = _is_training_graph(graph)
         per_module: dict[str, int] = {}
         changed = False
+        to_inline: list[fx.Node] = []
         for site in find_attention_sites(graph):
             idx = per_module[site.module] = per_module.get(site.module, -1) + 1
             key = f"{site.module}#{idx}"
@@ -135,6 +138,9 @@ class AttentionPass(CustomGraphPass):
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
                 op = rewrite(graph, site, params, probe)
                 changed = True
+                dev = op.args[0].meta["val"].device.type
+                if probe is None and (ctx.inline == "always" or (ctx.inline == dev == "cuda")):
+                    to_inline.append(op)
                 rec.status = "rewritten"
                 rec.op = "attnopt::attention"
                 rec.kernel = params.kernel
@@ -151,6 +157,8 @@ class AttentionPass(CustomGraphPass):
                 rec.reason = f"internal error while rewriting: {e!r}"
             ctx.recorder.add_site(gi, rec)
             log.debug("attention site %s: %s %s", key, rec.status, rec.reason or rec.kernel)
+        for op in to_inline:
+            inline_op(graph, op)
         if changed:
             graph.eliminate_dead_code()
             graph.lint()

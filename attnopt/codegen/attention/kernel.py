@@ -1,7 +1,7 @@
 """Where the INT8 (and FP8) attention kernel is: one Triton kernel family, every variant.
 
 `_attn_step` is the one online-softmax step all variants share (exp2 domain: Q carries
-scale*log2(e)); `_attn_fwd` is the outer kernel: pointer setup, the two key loops (tiles wholly
+scale*log2(e)); `_attn_fwd` is the outer kernel: operand setup, the two key loops (tiles wholly
 visible without element masks, then the causal-diagonal / tail tiles with them), the epilogue.
 Variants are constexpr switches, chosen per architecture in codegen/arch.py:
 
@@ -9,6 +9,8 @@ Variants are constexpr switches, chosen per architecture in codegen/arch.py:
   PV_FP8   False: P and V in 16 bits, fp32 accumulate
            True:  P scaled to [0, 448] and V per-channel scaled, both e4m3; each tile's product
                   lands in a fresh fp32 tile added to the fp32 output (two-level accumulation)
+  USE_TMA  Q/K/V tiles through tensor descriptors (TMA on sm90+; 4-D, so a tile past the end of
+           one head reads zeros, and an unpadded head dim is zero-filled too)
 
 Masks follow attention_ref's semantics exactly: bias added, keep-mask / causal positions take
 FILL (log2 units), keys past the end never count, rows with no kept key give 0 (FILL = -inf)
@@ -22,24 +24,56 @@ import triton.language as tl
 
 from ..casts import store_cast, to_16bit, to_e4m3
 
+
+@triton.jit
+def _load_k(K_src, b, hk, start_n, stride_kn, kvalid, dvalid,
+            QK_FMT: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K^T tile [BLOCK_D, BLOCK_N]."""
+    if USE_TMA:
+        return tl.reshape(K_src.load([b, hk, start_n, 0]), [BLOCK_N, BLOCK_D]).T
+    if QK_FMT == 2 and not EVEN_D:  # the caller's K, head dim not padded
+        return tl.load(K_src + start_n * stride_kn, mask=dvalid[:, None] & kvalid[None, :], other=0)
+    if MASKED:
+        return tl.load(K_src + start_n * stride_kn, mask=kvalid[None, :], other=0.0 if QK_FMT == 1 else 0)
+    return tl.load(K_src + start_n * stride_kn)
+
+
+@triton.jit
+def _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid,
+            PV_FP8: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """V tile [BLOCK_N, BLOCK_DV] (e4m3 V is stored transposed, keys contiguous)."""
+    if USE_TMA:
+        if PV_FP8:
+            return tl.reshape(V_src.load([b, hk, 0, start_n]), [BLOCK_DV, BLOCK_N]).T
+        return tl.reshape(V_src.load([b, hk, start_n, 0]), [BLOCK_N, BLOCK_DV])
+    if PV_FP8:
+        if MASKED:
+            return tl.load(V_src + start_n, mask=kvalid[:, None], other=0.0)
+        return tl.load(V_src + start_n)
+    if not EVEN_D:
+        return tl.load(V_src + start_n * stride_vn, mask=kvalid[:, None] & dvvalid[None, :], other=0.0)
+    if MASKED:
+        return tl.load(V_src + start_n * stride_vn, mask=kvalid[:, None], other=0.0)
+    return tl.load(V_src + start_n * stride_vn)
+
+
 @triton.jit
 def _attn_step(
     acc, l_i, m_i, q, qs, qbar,
-    K_ptrs, KS_ptrs, K16_ptrs, kmean, V_ptrs, BIAS_ptrs, KEEP_ptrs,
-    start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
+    K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+    b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
     stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
     QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
-    K_GRAN: tl.constexpr, BLOCK_N: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    USE_TMA: tl.constexpr, K_GRAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
 ):
     cols = start_n + offs_n
     kvalid = cols < Nk
-    if QK_FMT == 2 and not EVEN_D:  # the caller's K, head dim not padded
-        k = tl.load(K_ptrs + start_n * stride_kn, mask=dvalid[:, None] & kvalid[None, :], other=0)
-    elif MASKED:
-        k = tl.load(K_ptrs + start_n * stride_kn, mask=kvalid[None, :], other=0.0 if QK_FMT == 1 else 0)
-    else:
-        k = tl.load(K_ptrs + start_n * stride_kn)
+    k = _load_k(K_src, b, hk, start_n, stride_kn, kvalid, dvalid, QK_FMT, MASKED, EVEN_D, USE_TMA,
+                BLOCK_N, BLOCK_D)
     if QK_FMT == 0:
         s = tl.dot(q, k).to(tl.float32)
     else:
@@ -73,19 +107,11 @@ def _attn_step(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    v = _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid, PV_FP8, MASKED, EVEN_D, USE_TMA,
+                BLOCK_N, BLOCK_DV)
     if PV_FP8:
-        if MASKED:
-            v = tl.load(V_ptrs + start_n, mask=kvalid[:, None], other=0.0)
-        else:
-            v = tl.load(V_ptrs + start_n)
         acc += tl.dot(to_e4m3(p * 448.0, EMULATE), v)  # fresh fp32 tile, then added
     else:
-        if not EVEN_D:
-            v = tl.load(V_ptrs + start_n * stride_vn, mask=kvalid[:, None] & dvvalid[None, :], other=0.0)
-        elif MASKED:
-            v = tl.load(V_ptrs + start_n * stride_vn, mask=kvalid[:, None], other=0.0)
-        else:
-            v = tl.load(V_ptrs + start_n * stride_vn)
         acc = tl.dot(to_16bit(p, PV_DTYPE, EMULATE), to_16bit(v, PV_DTYPE, EMULATE), acc)
     return acc, l_i, m_new
 
@@ -104,9 +130,12 @@ def _attn_fwd(
     BIAS, stride_biasb, stride_biash, stride_biasm, stride_biasn,
     KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
     OUT, stride_ob, stride_oh, stride_om, stride_od,
+    LSE, stride_lb, stride_lh,
+    NB, HQ, HKV, NPAD,
     Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, N_BUCKET,
     QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_KEEP: tl.constexpr, FINITE_FILL: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr,
     Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -125,12 +154,20 @@ def _attn_fwd(
     dvvalid = offs_dv < DV
 
     # Q tile and its per-row scales, loaded once
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    if QK_FMT == 2:  # the caller's Q
-        q = tl.load(q_ptrs, mask=mvalid[:, None] & dvalid[None, :], other=0.0)
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(Q, shape=[NB, HQ, Nq, DQK if QK_FMT == 2 else BLOCK_D],
+                                           strides=[stride_qb, stride_qh, stride_qm, 1],
+                                           block_shape=[1, 1, BLOCK_M, BLOCK_D])
+        q = tl.reshape(q_desc.load([b, h, m0, 0]), [BLOCK_M, BLOCK_D])
+    else:
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        if QK_FMT == 2:  # the caller's Q
+            q = tl.load(q_ptrs, mask=mvalid[:, None] & dvalid[None, :], other=0.0)
+        else:
+            q = tl.load(q_ptrs, mask=mvalid[:, None], other=0.0 if QK_FMT == 1 else 0)
+    if QK_FMT == 2:
         qs = qk_scale
     else:
-        q = tl.load(q_ptrs, mask=mvalid[:, None], other=0.0 if QK_FMT == 1 else 0)
         qs = tl.load(QS + b * stride_qsb + h * stride_qsh + offs_m // Q_GRAN, mask=mvalid, other=1.0)
     qbar = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kmean = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -139,14 +176,25 @@ def _attn_fwd(
                        + offs_d[None, :], mask=mvalid[:, None], other=0.0)
         kmean = tl.load(KMEAN + b * stride_kmb + hk * stride_kmh + offs_d, mask=dvalid, other=0.0)
 
-    # K^T tile pointers [BLOCK_D, BLOCK_N]: head dim contiguous (K-major for the 8-bit dot)
-    K_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    if USE_TMA:
+        K_src = tl.make_tensor_descriptor(K, shape=[NB, HKV, Nk, DQK if QK_FMT == 2 else BLOCK_D],
+                                          strides=[stride_kb, stride_kh, stride_kn, 1],
+                                          block_shape=[1, 1, BLOCK_N, BLOCK_D])
+        if PV_FP8:
+            V_src = tl.make_tensor_descriptor(V, shape=[NB, HKV, BLOCK_DV, NPAD],
+                                              strides=[stride_vb, stride_vh, stride_vd, 1],
+                                              block_shape=[1, 1, BLOCK_DV, BLOCK_N])
+        else:
+            V_src = tl.make_tensor_descriptor(V, shape=[NB, HKV, Nk, DV], strides=[stride_vb, stride_vh, stride_vn, 1],
+                                              block_shape=[1, 1, BLOCK_N, BLOCK_DV])
+    else:  # K^T tile pointers [BLOCK_D, BLOCK_N]: head dim contiguous (K-major for the 8-bit dot)
+        K_src = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        if PV_FP8:  # transposed e4m3 V [BLOCK_DV, Npad]: keys contiguous
+            V_src = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd + offs_n[:, None]
+        else:
+            V_src = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     KS_ptrs = KS + b * stride_ksb + hk * stride_ksh
     K16_ptrs = K16 + b * stride_k16b + hk * stride_k16h + offs_n[None, :] * stride_k16n + offs_d[:, None] * stride_k16d
-    if PV_FP8:  # transposed e4m3 V [BLOCK_DV, Npad]: keys contiguous
-        V_ptrs = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd + offs_n[:, None]
-    else:
-        V_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     BIAS_ptrs = BIAS + b * stride_biasb + h * stride_biash + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn
     KEEP_ptrs = KEEP + b * stride_keepb + h * stride_keeph + offs_m[:, None] * stride_keepm + offs_n[None, :] * stride_keepn
 
@@ -166,32 +214,37 @@ def _attn_fwd(
         full_end = nk_full
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_step(
-            acc, l_i, m_i, q, qs, qbar, K_ptrs, KS_ptrs, K16_ptrs, kmean, V_ptrs, BIAS_ptrs, KEEP_ptrs,
-            start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
+            acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+            b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
             stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
-            QK_FMT, PV_FP8, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, K_GRAN, BLOCK_N, PV_DTYPE,
-            EMULATE)
+            QK_FMT, PV_FP8, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, K_GRAN,
+            BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _attn_step(
-            acc, l_i, m_i, q, qs, qbar, K_ptrs, KS_ptrs, K16_ptrs, kmean, V_ptrs, BIAS_ptrs, KEEP_ptrs,
-            start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
+            acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+            b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
             stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
-            QK_FMT, PV_FP8, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, K_GRAN, BLOCK_N, PV_DTYPE,
-            EMULATE)
+            QK_FMT, PV_FP8, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, K_GRAN,
+            BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
 
     # epilogue
-    dmask = dvvalid
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     if PV_FP8:
-        vsc = tl.load(VSC + b * stride_vcb + hk * stride_vch + offs_dv, mask=dmask, other=0.0)
-        vmean = tl.load(VMEAN + b * stride_vcb + hk * stride_vch + offs_dv, mask=dmask, other=0.0)
+        vsc = tl.load(VSC + b * stride_vcb + hk * stride_vch + offs_dv, mask=dvvalid, other=0.0)
+        vmean = tl.load(VMEAN + b * stride_vcb + hk * stride_vch + offs_dv, mask=dvvalid, other=0.0)
         o = o * (vsc / 448.0)[None, :] + vmean[None, :]
-    if FINITE_FILL:  # no kept key: eager softmax over equal (finite) logits is uniform
-        vall = tl.load(VALL + b * stride_vcb + hk * stride_vch + offs_dv, mask=dmask, other=0.0)
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # natural log, before K-smoothing's shift
+    if FINITE_FILL:  # no kept key: eager softmax over equal (finite) logits is uniform over all keys
+        vall = tl.load(VALL + b * stride_vcb + hk * stride_vch + offs_dv, mask=dvvalid, other=0.0)
         no_key = m_i <= FILL
         o = tl.where(no_key[:, None], vall[None, :], o)
+        lse = tl.where(no_key, FILL * 0.6931471805599453 + tl.math.log(Nk.to(tl.float32)), lse)
     else:
-        o = tl.where((m_i == float("-inf"))[:, None], 0.0, o)
+        no_key = m_i == float("-inf")
+        o = tl.where(no_key[:, None], 0.0, o)
+        lse = tl.where(no_key, float("-inf"), lse)
     out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(out_ptrs, store_cast(o, OUT.dtype.element_ty, EMULATE), mask=mvalid[:, None] & dmask[None, :])
+    tl.store(out_ptrs, store_cast(o, OUT.dtype.element_ty, EMULATE), mask=mvalid[:, None] & dvvalid[None, :])
+    if HAS_LSE:
+        tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=mvalid)

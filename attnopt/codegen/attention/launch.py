@@ -53,16 +53,42 @@ def _pv_dtype(dtype: torch.dtype):
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
 
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Tensor descriptors need a contiguous last dim and 16-byte aligned base and strides."""
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need scratch memory from a Triton allocator."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device="cpu" if interpreted() else "cuda")
+
+        triton.set_allocator(alloc)
+        _ALLOCATOR_SET = True
+
+
 def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
-                     smooth_k, smooth_q, arch, tile: Tile | None = None, out: torch.Tensor | None = None):
+                     smooth_k, smooth_q, arch, tile: Tile | None = None, out: torch.Tensor | None = None,
+                     return_lse: bool = False, use_tma: bool | None = None):
     """The op's CUDA body (and, under TRITON_INTERPRET, a CPU one). `tile` forces a config;
-    `out` lets tests pass a poisoned buffer to prove every element gets written."""
+    `out` lets tests pass a poisoned buffer to prove every element gets written; `use_tma`
+    forces the tensor-descriptor path on or off (default: the arch table's choice)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     if out is None:
         out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device) if return_lse else None
     if out.numel() == 0:
-        return out
+        return (out, lse) if return_lse else out
     spec = ARCHS[arch]
     block_d, block_dv = padded_head_dim(d), padded_head_dim(dv)
     smooth_q = smooth_q and quant != "none"
@@ -90,6 +116,12 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     keep_s = tuple(keep.stride()) if keep is not None else (0, 0, 0, 0)
     q_s = tuple(qbuf.stride())
     k_s = tuple(kbuf.stride())
+    if use_tma is None:
+        use_tma = spec.tma and q.device.type == "cuda"
+    use_tma = bool(use_tma) and _tma_ok(qbuf, kbuf, vbuf)
+    if use_tma:
+        _ensure_allocator()
+    lse_t = lse if lse is not None else out
 
     args = (
         qbuf, *q_s,
@@ -104,12 +136,15 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         bias_t, *bias_s,
         keep_t, *keep_s,
         out, *out.stride(),
+        lse_t, *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
+        b, hq, hkv, vbuf.shape[-1] if pv == "fp8" else nk,
         nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E,
-        triton.next_power_of_2(max(nk, 1)),
+        _bucket(nk),
     )
     consts = dict(QK_FMT=QK_FORMATS[quant], PV_FP8=pv == "fp8", IS_CAUSAL=bool(is_causal),
                   HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, FINITE_FILL=finite_fill,
-                  SMOOTH_Q=smooth_q, EVEN_D=(d == block_d and dv == block_dv),
+                  SMOOTH_Q=smooth_q, EVEN_D=(d == block_d and dv == block_dv), HAS_LSE=lse is not None,
+                  USE_TMA=use_tma,
                   Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(v.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
                   EMULATE=casts.EMULATE)
     if tile is None and (interpreted() or q.device.type != "cuda"):
@@ -123,4 +158,16 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
             return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
 
         wrap_triton(autotuned_kernel(arch, block_d))[grid](*args, **consts)
-    return out
+    if lse is None:
+        return out
+    if quant != "none" and smooth_k:  # the kernel's logits were shifted by -scale * q . kmean per row
+        km = kmean.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, D]
+        lse = lse + scale * torch.matmul(q.float(), km[..., None]).squeeze(-1)
+    return out, lse
+
+
+def _bucket(n) -> int:
+    """Autotune key: the key length's power-of-two bucket (a symbolic length uses its hint)."""
+    if not isinstance(n, int):
+        n = n.node.hint if n.node.hint is not None else 1
+    return triton.next_power_of_2(max(int(n), 1))
