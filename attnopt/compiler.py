@@ -29,7 +29,7 @@ class AttnoptBackend:
 
     def __init__(self, options: Mapping | Options | None = None, *, mode: str | None = None,
                  inductor_config: Mapping[str, Any] | None = None, recorder: Recorder | None = None,
-                 probe_sink: str | None = None):
+                 probe_sink: str | None = None, progress=None):
         if isinstance(options, Mapping) and not isinstance(options, Options):
             options = {k: v for k, v in options.items() if k not in _TORCH_KEYS}
         self.options = normalize_options(options)
@@ -38,6 +38,7 @@ class AttnoptBackend:
         self.inductor_config = dict(inductor_config or {})
         self.compile_time_s = 0.0
         self.graphs_compiled = 0
+        self.progress = progress  # callable(str) told about each graph compile
         if mode is not None:
             from torch._inductor import list_mode_options
 
@@ -59,11 +60,16 @@ class AttnoptBackend:
         patches.update(self.inductor_config)
         patches.update(config_patches(self.ctx))
         t0 = time.perf_counter()
+        if self.progress:
+            self.progress(f"compiling graph {self.graphs_compiled} ({len(gm.graph.nodes)} nodes)...")
         try:
             return compile_fx(gm, example_inputs, config_patches=patches)
         finally:
-            self.compile_time_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.compile_time_s += dt
             self.graphs_compiled += 1
+            if self.progress:
+                self.progress(f"graph {self.graphs_compiled - 1} compiled in {dt:.1f}s")
 
     def __repr__(self) -> str:
         return f"AttnoptBackend({self.options.to_json()}, mode={self.mode!r})"

@@ -75,6 +75,16 @@ class Recorder:
             t = self.graphs[graph]["pass_time_s"]
             t[name] = t.get(name, 0.0) + seconds
 
+    def set_snapshot(self, graph: int, which: str, nodes: list) -> None:
+        with self._lock:
+            self.graphs[graph][which] = nodes
+
+    def snapshots(self) -> list[dict]:
+        """[{"index", "before", "after"}] for graphs captured with capture_graphs."""
+        with self._lock:
+            return [{"index": g["index"], "before": g.get("before"), "after": g.get("after")}
+                    for g in self.graphs if "before" in g]
+
     def set_error(self, key: str, metrics: dict) -> None:
         with self._lock:
             rec = self._by_key.get(key)
@@ -100,6 +110,7 @@ class Report:
     summary: dict
     options: dict
     env: dict
+    graphs: list = field(default_factory=list)  # before/after snapshots (not in to_dict)
 
     def to_dict(self) -> dict:
         return {

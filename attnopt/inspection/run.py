@@ -62,8 +62,14 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
                                               if progress else (lambda m: None))
     kwargs = dict(example_kwargs or {})
     sink_id = f"inspect{next(_SINK_IDS)}"
-    be = AttnoptBackend(options, probe_sink=sink_id, inductor_config={"fx_graph_cache": False})
-    probe.register_sink(sink_id, be.recorder.set_error)
+    be = AttnoptBackend(options, probe_sink=sink_id, inductor_config={"fx_graph_cache": False}, progress=say)
+    be.ctx.capture_graphs = True
+
+    def measured(key: str, metrics: dict) -> None:
+        be.recorder.set_error(key, metrics)
+        say(f"measured {key}: rel-L1 {metrics.get('rel_l1', float('nan')):.4g}")
+
+    probe.register_sink(sink_id, measured)
     from torch._dynamo.utils import counters
 
     try:
@@ -99,4 +105,4 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     say(f"done: {summary['sites_rewritten']}/{summary['sites_total']} sites rewritten, "
         f"end-to-end rel-L1 {e2e.get('rel_l1', float('nan')):.4g}")
     return Report(sites=sites, summary=summary, options=be.options.to_dict(),
-                  env=_env(list(example_inputs) + list(kwargs.values())))
+                  env=_env(list(example_inputs) + list(kwargs.values())), graphs=be.recorder.snapshots())

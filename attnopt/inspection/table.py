@@ -32,12 +32,15 @@ def _cut(s: str, n: int) -> str:
 
 def render_table(report, width: int | None = None) -> str:
     width = width or max(100, min(160, shutil.get_terminal_size((140, 20)).columns))
-    rows = [("module", "kind", "status", "kernel / reason", "shape", "rel-L1", "cos", "FLOPs")]
+    rows = [("site", "kind", "status", "kernel / reason", "shape", "rel-L1", "cos", "sparsity", "FLOPs",
+             "saved")]
     for s in sorted(report.sites, key=lambda r: (r.graph, r.key)):
         err = s.error or {}
         what = s.kernel if s.status == "rewritten" else (s.reason or "")
+        sp = s.details.get("sparsity") if s.status == "rewritten" else None
+        saved = s.flops * sp if (s.flops and sp) else None
         rows.append((s.key, s.kind, s.status, what, _shape(s.shapes), _fmt_err(err.get("rel_l1")),
-                     _fmt_err(err.get("cos")), _fmt_flops(s.flops)))
+                     _fmt_err(err.get("cos")), f"{sp:.2f}" if sp else "-", _fmt_flops(s.flops), _fmt_flops(saved)))
     fixed = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fixed[0] = min(fixed[0], 40)
     budget = width - sum(fixed) + fixed[3] - 2 * (len(fixed) - 1)

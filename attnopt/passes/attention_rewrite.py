@@ -226,8 +226,10 @@ def build_masks(b: GraphBuilder, site: AttentionSite, hq: int, q4, k4):
     return bias, keep
 
 
-def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key: str | None = None) -> fx.Node:
-    """Replace the site by the op (or, for inspect, the measuring probe). Returns the op node."""
+def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key: str | None = None,
+            tag: str | None = None) -> fx.Node:
+    """Replace the site by the op (or, for inspect, the measuring probe). Returns the op node.
+    New nodes carry `tag` (the site key) in their meta, for the graph view."""
     b = GraphBuilder(graph, site.anchor)
     try:
         q4, k4, v4, hq = build_qkv(b, site)
@@ -255,6 +257,9 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
                 graph.erase_node(n)
         raise
     site.anchor.replace_all_uses_with(final)
+    if tag is not None:
+        for n in b.created:
+            n.meta["attnopt_site"] = tag
     return out
 
 

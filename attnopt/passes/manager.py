@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,12 +19,14 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from ..codegen.arch import ARCHS, ArchSpec, detect_arch
 from ..config import Options
+from ..logs import log
 from ..report import Recorder, SiteRecord
 from .attention_match import find_attention_sites
+from ..inspection.graph_snapshot import snapshot
+from ..logs import trace_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
 from .inline_ops import inline_op
 
-log = logging.getLogger("attnopt")
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,6 +56,7 @@ class PassContext:
     recorder: Recorder = field(default_factory=Recorder)
     probe_sink: str | None = None  # set by attnopt.inspect: rewritten sites measure themselves
     inline: str = "cuda"  # inline attnopt ops whose tensors live on: "cuda" | "always" | "never"
+    capture_graphs: bool = False  # keep before/after snapshots of each graph (the HTML view)
 
     def arch_key(self) -> str:
         opt = self.options["arch"]
@@ -127,16 +129,23 @@ class AttentionPass(CustomGraphPass):
         per_module: dict[str, int] = {}
         changed = False
         to_inline: list[fx.Node] = []
-        for site in find_attention_sites(graph):
+        records: list[SiteRecord] = []
+        sites = find_attention_sites(graph)
+        keys = []
+        for site in sites:
             idx = per_module[site.module] = per_module.get(site.module, -1) + 1
-            key = f"{site.module}#{idx}"
+            keys.append(f"{site.module}#{idx}")
+        if ctx.capture_graphs:
+            owner = {n: key for site, key in zip(sites, keys) for n in site.internal}
+            ctx.recorder.set_snapshot(gi, "before", snapshot(graph, owner))
+        for site, key in zip(sites, keys):
             rec = SiteRecord(kind="attention", module=site.module, key=key, status="skipped",
                              pattern=site.pattern, source=site.source, module_type=site.module_type)
             try:
                 _describe(rec, site)
                 params = decide(site, ctx.options, spec, training)
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
-                op = rewrite(graph, site, params, probe)
+                op = rewrite(graph, site, params, probe, tag=key)
                 changed = True
                 dev = op.args[0].meta["val"].device.type
                 if probe is None and (ctx.inline == "always" or (ctx.inline == dev == "cuda")):
@@ -156,13 +165,17 @@ class AttentionPass(CustomGraphPass):
                 log.warning("attnopt: could not rewrite attention at %s: %r", key, e, exc_info=True)
                 rec.reason = f"internal error while rewriting: {e!r}"
             ctx.recorder.add_site(gi, rec)
-            log.debug("attention site %s: %s %s", key, rec.status, rec.reason or rec.kernel)
+            records.append(rec)
+            log.info("attention site %s: %s (%s)", key, rec.status, rec.reason or rec.kernel)
         for op in to_inline:
             inline_op(graph, op)
         if changed:
             graph.eliminate_dead_code()
             graph.lint()
         ctx.recorder.add_pass_time(gi, self.name, time.perf_counter() - t0)
+        if ctx.capture_graphs:
+            ctx.recorder.set_snapshot(gi, "after", snapshot(graph))
+        trace_sites(gi, records)
 
 
 # The order passes run in: (Inductor config slot, pass class). One table, one place.
