@@ -10,15 +10,17 @@ from . import logs as _logs  # noqa: E402
 from .config import ConfigError, default_options, normalize_options  # noqa: E402
 from .ops import attention as _attention_op  # noqa: E402,F401  (registers torch.ops.attnopt.attention)
 from .ops import probe as _probe_op  # noqa: E402,F401
+from .ops import sparse as _sparse_op  # noqa: E402,F401
 from .ops.attention import attention  # noqa: E402
 from .compiler import AttnoptBackend, backend  # noqa: E402
 from .inspection.run import inspect  # noqa: E402
+from .calibrate import calibrate  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .report import Report, SiteRecord  # noqa: E402
 
 _logs.register()
 
 __all__ = [
-    "attention", "backend", "inspect", "AttnoptBackend", "ConfigError", "Plan", "Report", "SiteRecord",
+    "attention", "backend", "calibrate", "inspect", "AttnoptBackend", "ConfigError", "Plan", "Report", "SiteRecord",
     "default_options", "normalize_options", "__version__",
 ]

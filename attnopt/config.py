@@ -346,7 +346,12 @@ def normalize_options(options: Mapping | Options | None = None) -> Options:
         json.dumps(options, default=_json_default)
     except (TypeError, ValueError) as e:
         raise ConfigError("options", options, "a JSON-compatible dict", str(e)) from None
-    return Options(_validate_table(SCHEMA, options, ""))
+    out = _validate_table(SCHEMA, options, "")
+    a = out["attention"]
+    if a["smooth_q"] and a["sparsity"] is not None:
+        raise ConfigError("attention.smooth_q", True, "false when attention.sparsity is set",
+                          "the block-sparse kernels do not apply Q smoothing")
+    return Options(out)
 
 
 def _json_default(o):

@@ -89,7 +89,10 @@ class Recorder:
         with self._lock:
             rec = self._by_key.get(key)
             if rec is not None:
-                rec.error = dict(metrics)
+                m = dict(metrics)
+                if "sparsity" in m:
+                    rec.details["sparsity"] = m.pop("sparsity")
+                rec.error = m
 
     def sites(self) -> list[SiteRecord]:
         """Latest record per site key (a recompile for new shapes re-records the same sites)."""

@@ -1,12 +1,15 @@
 """`torch.ops.attnopt.attention_probe`: the op `attnopt.inspect` puts at each rewritten site.
 
-It returns exactly what `attnopt.attention` returns (so the model downstream sees the real
+It returns exactly what the rewritten site computes (so the model downstream sees the real
 rewritten numerics) and, on the side, measures that output against float64 attention and the
-original-dtype SDPA on the same inputs, handing the numbers to the inspect session's sink.
+original-dtype SDPA on the same inputs, handing the numbers (and, for sparse sites, the block
+sparsity) to the inspect session's sink. `attnopt.calibrate` uses a capture hook instead: it
+keeps each site's inputs to search per-head parameters on.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from typing import Callable, Optional
@@ -18,6 +21,7 @@ from ..metrics import compare
 from .attention_ref import attention_exact, causal_keep
 
 _SINKS: dict[str, Callable[[str, dict], None]] = {}
+_CAPTURES: dict[str, Callable[[str, dict], None]] = {}  # calibration: the site's inputs themselves
 _LOCK = threading.Lock()
 
 
@@ -29,6 +33,12 @@ def register_sink(sink_id: str, fn: Callable[[str, dict], None]) -> None:
 def unregister_sink(sink_id: str) -> None:
     with _LOCK:
         _SINKS.pop(sink_id, None)
+        _CAPTURES.pop(sink_id, None)
+
+
+def register_capture(sink_id: str, fn: Callable[[str, dict], None]) -> None:
+    with _LOCK:
+        _CAPTURES[sink_id] = fn
 
 
 def _baseline(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale):
@@ -64,16 +74,31 @@ def attention_probe(
     smooth_q: bool,
     arch: str,
     impl: str,
+    sparsity: str,
     probe_key: str,
 ) -> torch.Tensor:
-    out = torch.ops.attnopt.attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                                      scale, quant, pv, smooth_k, smooth_q, arch, impl)
+    """`sparsity` is "" for dense sites, else the sparse op's JSON parameters."""
+    stats = {}
+    if sparsity:
+        from .sparse import sparse_attention_impl
+
+        out, stats = sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
+                                           scale, quant, pv, smooth_k, arch, impl, json.loads(sparsity),
+                                           return_stats=True)
+    else:
+        out = torch.ops.attnopt.attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
+                                          scale, quant, pv, smooth_k, smooth_q, arch, impl)
     sink_id, _, site_key = probe_key.partition("/")
+    capture = _CAPTURES.get(sink_id)
+    if capture is not None:
+        capture(site_key, dict(q=q, k=k, v=v, attn_bias=attn_bias, keep_mask=keep_mask, masked_value=masked_value,
+                               is_causal=is_causal, causal_offset=causal_offset, scale=scale))
     sink = _SINKS.get(sink_id)
     if sink is not None:
         with torch.no_grad():
             ref = attention_exact(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale)
             m = compare(out, ref)
+            m.update(stats)
             try:
                 base = _baseline(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale)
                 m["baseline_rel_l1"] = compare(base, ref)["rel_l1"]
@@ -85,5 +110,5 @@ def attention_probe(
 
 @attention_probe.register_fake
 def _(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv, smooth_k,
-      smooth_q, arch, impl, probe_key):
+      smooth_q, arch, impl, sparsity, probe_key):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])

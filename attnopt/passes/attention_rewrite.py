@@ -8,6 +8,7 @@ reason; such a site is left exactly as it was.
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ class SiteParams:
     smooth_q: bool
     arch: str
     kernel: str
+    sparsity: dict | None = None  # method + (per-head) parameters, for the block-sparse op
 
 
 def glob_selected(path: str, include: list[str], exclude: list[str]) -> str | None:
@@ -53,7 +55,28 @@ def _tensor_meta(op: Operand):
     return op.traced.src.meta["val"]
 
 
-def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool) -> SiteParams:
+def sparsity_for(opts, key: str, heads: int) -> dict | None:
+    """The site's sparse method and parameters: its calibrated plan entry, else the config's."""
+    sp = opts["attention"]["sparsity"]
+    plan = opts["plan"]
+    entry = plan["sites"].get(key) if plan else None
+    if entry is not None and entry.get("kind") == "attention":
+        if entry.get("dense"):
+            return None
+        if entry.get("sparsity") is not None:
+            sp = entry["sparsity"]
+    if sp is None:
+        return None
+    sp = dict(sp)
+    for name, val in sp.items():
+        if isinstance(val, list) and name not in ("mask", "dense_heads") and len(val) != heads:
+            raise Reject(f"sparsity.{name} has {len(val)} per-head values; the site has {heads} heads")
+    if any(h >= heads for h in sp.get("dense_heads", [])):
+        raise Reject(f"plan's dense_heads {sp['dense_heads']} name heads beyond the site's {heads}")
+    return sp
+
+
+def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str = "") -> SiteParams:
     """Raise Reject(reason) unless the site can be rewritten; return what it will run."""
     if site.reject:
         raise Reject(site.reject)
@@ -99,10 +122,24 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool) -> SitePar
     why = spec.supports(quant, pv)
     if why:
         raise Reject(why)
-    if a["sparsity"] is not None:
-        raise Reject("attention.sparsity is not implemented yet")
+    heads = static_int(site.heads) if site.heads is not None else static_int(_size(site.q.batch[-1:]))
+    sparsity = sparsity_for(opts, key, heads)
+    if sparsity is None and quant == "none":
+        raise Reject("plan keeps this site dense and attention.quant is 'none': nothing to change")
+    if sparsity is not None and sparsity["method"] == "block":
+        nq_, nk_ = _size(site.q.rows), _size(site.k.rows)
+        if not (isinstance(nq_, int) and isinstance(nk_, int)):
+            raise Reject("a user block mask needs static sequence lengths")
+        bs = sparsity["block_size"]
+        need = (-(-nq_ // bs), -(-nk_ // bs))
+        mask = sparsity["mask"]
+        got = (len(mask[0]), len(mask[0][0])) if isinstance(mask[0][0], list) else (len(mask), len(mask[0]))
+        if got != need:
+            raise Reject(f"block mask is {got[0]}x{got[1]} blocks; this site needs {need[0]}x{need[1]}")
     kernel = describe_attention_kernel(spec, quant, pv, d, q.device.type)
-    return SiteParams(quant, pv, a["smooth_k"], a["smooth_q"], spec.name, kernel)
+    if sparsity is not None:
+        kernel += f" +{sparsity['method']}" + ("+pv-skip" if sparsity.get("pv_threshold") is not None else "")
+    return SiteParams(quant, pv, a["smooth_k"], a["smooth_q"] and sparsity is None, spec.name, kernel, sparsity)
 
 
 def _size(atoms):
@@ -236,12 +273,16 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
         bias, keep = build_masks(b, site, hq, q4, k4)
         causal = site.keep.causal_offset is not None
         offset = site.keep.causal_offset if causal else 0
-        args = (q4, k4, v4, bias, keep, float(site.fill), causal, int(offset), float(site.scale),
-                params.quant, params.pv, params.smooth_k, params.smooth_q, params.arch, "auto")
-        if probe_key is None:
-            out = b.call(torch.ops.attnopt.attention.default, *args)
+        head = (q4, k4, v4, bias, keep, float(site.fill), causal, int(offset), float(site.scale),
+                params.quant, params.pv, params.smooth_k)
+        sp = json.dumps(params.sparsity, sort_keys=True) if params.sparsity is not None else ""
+        if probe_key is not None:
+            out = b.call(torch.ops.attnopt.attention_probe.default, *head, params.smooth_q, params.arch, "auto", sp,
+                         probe_key)
+        elif sp:
+            out = b.call(torch.ops.attnopt.sparse_attention.default, *head, params.arch, "auto", sp)
         else:
-            out = b.call(torch.ops.attnopt.attention_probe.default, *args, probe_key)
+            out = b.call(torch.ops.attnopt.attention.default, *head, params.smooth_q, params.arch, "auto")
         anchor_shape = shape(site.anchor)
         if len(anchor_shape) == 4:
             final = b.reshape(out, [-1, hq, b.dim(out, 2), b.dim(out, 3)])

@@ -143,7 +143,7 @@ class AttentionPass(CustomGraphPass):
                              pattern=site.pattern, source=site.source, module_type=site.module_type)
             try:
                 _describe(rec, site)
-                params = decide(site, ctx.options, spec, training)
+                params = decide(site, ctx.options, spec, training, key)
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
                 op = rewrite(graph, site, params, probe, tag=key)
                 changed = True
@@ -151,9 +151,11 @@ class AttentionPass(CustomGraphPass):
                 if probe is None and (ctx.inline == "always" or (ctx.inline == dev == "cuda")):
                     to_inline.append(op)
                 rec.status = "rewritten"
-                rec.op = "attnopt::attention"
+                rec.op = "attnopt::sparse_attention" if params.sparsity else "attnopt::attention"
                 rec.kernel = params.kernel
                 q4, k4 = op.args[0].meta["val"], op.args[1].meta["val"]
+                if params.sparsity:
+                    rec.details["sparse_method"] = params.sparsity["method"]
                 rec.details.update(quant=params.quant, pv=params.pv, smooth_k=params.smooth_k,
                                    smooth_q=params.smooth_q, arch=params.arch, q_heads=q4.shape[1],
                                    kv_heads=k4.shape[1],

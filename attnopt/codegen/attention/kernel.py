@@ -1,4 +1,5 @@
-"""Where the INT8 (and FP8) attention kernel is: one Triton kernel family, every variant.
+"""Where the INT8 (and FP8) attention kernel is: one Triton kernel family, every variant, dense
+and block-sparse.
 
 `_attn_step` is the one online-softmax step all variants share (exp2 domain: Q carries
 scale*log2(e)); `_attn_fwd` is the outer kernel: operand setup, the two key loops (tiles wholly
@@ -11,6 +12,9 @@ Variants are constexpr switches, chosen per architecture in codegen/arch.py:
                   lands in a fresh fp32 tile added to the fp32 output (two-level accumulation)
   USE_TMA  Q/K/V tiles through tensor descriptors (TMA on sm90+; 4-D, so a tile past the end of
            one head reads zeros, and an unpadded head dim is zero-filled too)
+  SPARSE   visit only the kv-blocks a predictor kept (a LUT per q-block: full tiles, then those
+           needing element masks); HAS_LAMBDA adds the second stage (skip exp and P.V of tiles
+           whose row maxima trail the running maxima by more than lambda)
 
 Masks follow attention_ref's semantics exactly: bias added, keep-mask / causal positions take
 FILL (log2 units), keys past the end never count, rows with no kept key give 0 (FILL = -inf)
@@ -63,12 +67,12 @@ def _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid,
 def _attn_step(
     acc, l_i, m_i, q, qs, qbar,
     K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
-    b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
+    b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
     stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
     QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
-    USE_TMA: tl.constexpr, K_GRAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_LAMBDA: tl.constexpr, K_GRAN: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
 ):
     cols = start_n + offs_n
     kvalid = cols < Nk
@@ -101,19 +105,26 @@ def _attn_step(
         if IS_CAUSAL:
             s = tl.where(cols[None, :] <= offs_m[:, None] + causal_offset, s, FILL)
         s = tl.where(kvalid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    v = _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid, PV_FP8, MASKED, EVEN_D, USE_TMA,
-                BLOCK_N, BLOCK_DV)
-    if PV_FP8:
-        acc += tl.dot(to_e4m3(p * 448.0, EMULATE), v)  # fresh fp32 tile, then added
+    m_tile = tl.max(s, 1)
+    if HAS_LAMBDA:  # second stage: skip exp and P.V when every row's max trails its running max
+        go = tl.max(m_tile - m_i, 0) >= -lam
     else:
-        acc = tl.dot(to_16bit(p, PV_DTYPE, EMULATE), to_16bit(v, PV_DTYPE, EMULATE), acc)
-    return acc, l_i, m_new
+        go = True
+    if go:
+        m_new = tl.maximum(m_i, m_tile)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid, PV_FP8, MASKED, EVEN_D, USE_TMA,
+                    BLOCK_N, BLOCK_DV)
+        if PV_FP8:
+            acc += tl.dot(to_e4m3(p * 448.0, EMULATE), v)  # fresh fp32 tile, then added
+        else:
+            acc = tl.dot(to_16bit(p, PV_DTYPE, EMULATE), to_16bit(v, PV_DTYPE, EMULATE), acc)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -131,11 +142,15 @@ def _attn_fwd(
     KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
     OUT, stride_ob, stride_oh, stride_om, stride_od,
     LSE, stride_lb, stride_lh,
+    LUT, stride_lutb, stride_luth, stride_lutr,
+    CNT, stride_cntb, stride_cnth, stride_cntr,
+    LAM,
     NB, HQ, HKV, NPAD,
     Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, N_BUCKET,
     QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_KEEP: tl.constexpr, FINITE_FILL: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
-    HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr, SPARSE: tl.constexpr, SPARSE_BQ: tl.constexpr,
+    HAS_LAMBDA: tl.constexpr,
     Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -202,30 +217,55 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # Key range: all keys, or (causal) up to the last row's diagonal. Tiles below `full_end`
-    # are visible to every row and inside Nk: no element masks there.
-    nk_full = (Nk // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Nk)
-        full_end = tl.minimum((tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N, nk_full)
-        full_end = tl.minimum(full_end, hi)
+    lam = 0.0
+    if HAS_LAMBDA:
+        lam = tl.load(LAM + h)
+    if SPARSE:  # only the kv-blocks the predictor kept: (full tiles first, then masked ones)
+        row = m0 // SPARSE_BQ
+        n_full = tl.load(CNT + b * stride_cntb + h * stride_cnth + row * stride_cntr)
+        n_all = tl.load(CNT + b * stride_cntb + h * stride_cnth + row * stride_cntr + 1)
+        lut = LUT + b * stride_lutb + h * stride_luth + row * stride_lutr
+        for t in range(0, n_full):
+            start_n = tl.load(lut + t) * BLOCK_N
+            acc, l_i, m_i = _attn_step(
+                acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+                b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
+                stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
+                QK_FMT, PV_FP8, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
+        for t in range(n_full, n_all):
+            start_n = tl.load(lut + t) * BLOCK_N
+            acc, l_i, m_i = _attn_step(
+                acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+                b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
+                stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
+                QK_FMT, PV_FP8, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
     else:
-        hi = Nk
-        full_end = nk_full
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attn_step(
-            acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
-            b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
-            stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
-            QK_FMT, PV_FP8, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, K_GRAN,
-            BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
-    for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _attn_step(
-            acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
-            b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL,
-            stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
-            QK_FMT, PV_FP8, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, K_GRAN,
-            BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
+        # Key range: all keys, or (causal) up to the last row's diagonal. Tiles below `full_end`
+        # are visible to every row and inside Nk: no element masks there.
+        nk_full = (Nk // BLOCK_N) * BLOCK_N
+        if IS_CAUSAL:
+            hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Nk)
+            full_end = tl.minimum((tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N, nk_full)
+            full_end = tl.minimum(full_end, hi)
+        else:
+            hi = Nk
+            full_end = nk_full
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _attn_step(
+                acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+                b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
+                stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
+                QK_FMT, PV_FP8, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
+        for start_n in range(full_end, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_step(
+                acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+                b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
+                stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
+                QK_FMT, PV_FP8, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
 
     # epilogue
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -18,6 +18,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit
+from ...ops.sparse_ref import BK as SPARSE_BK
+from ...ops.sparse_ref import BQ as SPARSE_BQ
 from .. import casts
 from ..arch import ARCHS, Tile
 from .kernel import _attn_fwd
@@ -30,10 +32,19 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _sparse_tile(t: Tile, second_stage: bool = False) -> Tile:
+    """Block-sparse tiles: BLOCK_N is the sparse kv-block, BLOCK_M divides the sparse q-block.
+    The second stage decides per q-block, so it takes BLOCK_M = the whole q-block."""
+    bm = t.block_m if (SPARSE_BQ % t.block_m == 0 and not second_stage) else SPARSE_BQ
+    return Tile(bm, SPARSE_BK, t.warps, min(t.stages, 2) if bm > t.block_m else t.stages)
+
+
 @functools.lru_cache(maxsize=None)
-def autotuned_kernel(arch: str, block_d: int):
+def autotuned_kernel(arch: str, block_d: int, mode: str = "dense"):
     """_attn_fwd autotuned over the arch table's tiles for this head-dim bucket."""
     tiles = ARCHS[arch].attention_tiles(block_d)
+    if mode != "dense":
+        tiles = tuple(dict.fromkeys(_sparse_tile(t, mode == "sparse2") for t in tiles))
     configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps, num_stages=t.stages)
                for t in tiles]
     return triton.autotune(configs=configs, key=["N_BUCKET", "DQK", "DV", "QK_FMT", "PV_FP8", "IS_CAUSAL",
@@ -78,10 +89,13 @@ def _ensure_allocator() -> None:
 
 def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
                      smooth_k, smooth_q, arch, tile: Tile | None = None, out: torch.Tensor | None = None,
-                     return_lse: bool = False, use_tma: bool | None = None):
+                     return_lse: bool = False, use_tma: bool | None = None, lut: torch.Tensor | None = None,
+                     counts: torch.Tensor | None = None, pv_threshold: torch.Tensor | None = None):
     """The op's CUDA body (and, under TRITON_INTERPRET, a CPU one). `tile` forces a config;
     `out` lets tests pass a poisoned buffer to prove every element gets written; `use_tma`
-    forces the tensor-descriptor path on or off (default: the arch table's choice)."""
+    forces the tensor-descriptor path on or off (default: the arch table's choice). With `lut`
+    and `counts` (ops/sparse_ref.block_mask_to_lut) only the kept kv-blocks are visited;
+    `pv_threshold` [Hq] (log2 units) turns on the second stage."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     if out is None:
@@ -137,6 +151,9 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         keep_t, *keep_s,
         out, *out.stride(),
         lse_t, *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
+        lut if lut is not None else out, *(tuple(lut.stride()[:3]) if lut is not None else (0, 0, 0)),
+        counts if counts is not None else out, *(tuple(counts.stride()[:3]) if counts is not None else (0, 0, 0)),
+        pv_threshold if pv_threshold is not None else out,
         b, hq, hkv, vbuf.shape[-1] if pv == "fp8" else nk,
         nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E,
         _bucket(nk),
@@ -144,11 +161,16 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     consts = dict(QK_FMT=QK_FORMATS[quant], PV_FP8=pv == "fp8", IS_CAUSAL=bool(is_causal),
                   HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, FINITE_FILL=finite_fill,
                   SMOOTH_Q=smooth_q, EVEN_D=(d == block_d and dv == block_dv), HAS_LSE=lse is not None,
-                  USE_TMA=use_tma,
+                  USE_TMA=use_tma, SPARSE=lut is not None, SPARSE_BQ=SPARSE_BQ,
+                  HAS_LAMBDA=pv_threshold is not None,
                   Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(v.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
                   EMULATE=casts.EMULATE)
     if tile is None and (interpreted() or q.device.type != "cuda"):
         tile = spec.attention_tiles(block_d)[0]
+        if lut is not None:
+            tile = _sparse_tile(tile, pv_threshold is not None)
+    elif tile is not None and lut is not None:
+        tile = _sparse_tile(tile, pv_threshold is not None)
     if tile is not None:
         grid = (triton.cdiv(nq, tile.block_m), hq, b)
         wrap_triton(_attn_fwd)[grid](*args, **consts, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
@@ -157,7 +179,8 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         def grid(meta):
             return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
 
-        wrap_triton(autotuned_kernel(arch, block_d))[grid](*args, **consts)
+        mode = "dense" if lut is None else ("sparse2" if pv_threshold is not None else "sparse")
+        wrap_triton(autotuned_kernel(arch, block_d, mode))[grid](*args, **consts)
     if lse is None:
         return out
     if quant != "none" and smooth_k:  # the kernel's logits were shifted by -scale * q . kmean per row

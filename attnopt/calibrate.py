@@ -1,0 +1,236 @@
+"""`attnopt.calibrate`: choose per-site, per-head parameters under an error budget -> a Plan.
+
+1. Run the model on the example batches with every site rewritten into a probe that keeps its
+   inputs (q, k, v, masks) while returning the rewritten output.
+2. For every site and head, search the configured sparse method's parameters for the most
+   sparsity whose rel-L1 (against float64 dense attention, on all the batches) stays under the
+   budget (times a safety margin, so held-out inputs of the same kind stay under it too).
+   A head that cannot meet it, or gains under 10% sparsity, stays dense.
+3. Return a Plan (versioned JSON, no pickle); `options={"plan": plan_or_path}` applies it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Iterable, Mapping
+
+import torch
+
+from .compiler import AttnoptBackend
+from .config import normalize_options
+from .ops import probe
+from .ops import sparse_ref as R
+from .ops.attention_ref import attention_exact
+from .ops.sparse import block_sparsity, predict_block_mask
+from .plan import Plan
+
+_IDS = itertools.count()
+MIN_GAIN = 0.1  # heads sparser than this are not worth a sparse kernel (SpargeAttn's rule)
+
+
+def _per_head_rel_l1(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> rel-L1 per head [H] (sums over batch, tokens and channels)."""
+    o, r = out.double(), ref.double()
+    return (o - r).abs().sum(dim=(0, 2, 3)), r.abs().sum(dim=(0, 2, 3))
+
+
+class SiteSearch:
+    """One site's captured inputs, and its error / sparsity under candidate parameters."""
+
+    def __init__(self, key: str, calls: list[dict], quant: str, pv: str, smooth_k: bool, arch: str):
+        self.key, self.calls = key, calls
+        self.quant, self.pv, self.smooth_k, self.arch = quant, pv, smooth_k, arch
+        self.heads = calls[0]["q"].shape[1]
+        self.refs = [attention_exact(c["q"], c["k"], c["v"], c["attn_bias"], c["keep_mask"], c["masked_value"],
+                                     c["is_causal"], c["causal_offset"], c["scale"]) for c in calls]
+
+    def evaluate(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rel-L1 [H], block sparsity [H]) of the rewritten site under `params`."""
+        num = den = 0
+        sparsity = torch.zeros(self.heads, dtype=torch.float64)
+        for c, ref in zip(self.calls, self.refs):
+            use_triton = c["q"].device.type == "cuda" and self.arch != "cpu"
+            keep = predict_block_mask(c["q"], c["k"], c["v"], params, c["scale"], c["is_causal"],
+                                      c["causal_offset"], use_triton)
+            lam = params.get("pv_threshold")
+            out = _run(c, keep, params, self.quant, self.pv, self.smooth_k, self.arch, lam)
+            n, d = _per_head_rel_l1(out, ref)
+            num, den = num + n, den + d
+            nq, nk = c["q"].shape[2], c["k"].shape[2]
+            for h in range(self.heads):
+                sparsity[h] += block_sparsity(keep[:, h:h + 1], nq, nk, c["is_causal"], c["causal_offset"])
+        return (num / den.clamp_min(1e-30)).float(), (sparsity / len(self.calls)).float()
+
+
+def _run(c: dict, keep, params, quant, pv, smooth_k, arch, lam):
+    lam_t = None if lam is None else R.per_head([1e30 if x is None else x for x in lam]
+                                                if isinstance(lam, list) else lam, c["q"].shape[1], c["q"].device)
+    if c["q"].device.type == "cuda" and arch != "cpu":
+        from .codegen.attention.launch import attention_triton
+
+        lut, counts = R.block_mask_to_lut(keep, c["q"].shape[2], c["k"].shape[2], c["is_causal"], c["causal_offset"])
+        return attention_triton(c["q"], c["k"], c["v"], c["attn_bias"], c["keep_mask"], c["masked_value"],
+                                c["is_causal"], c["causal_offset"], c["scale"], quant, pv, smooth_k, False, arch,
+                                lut=lut, counts=counts, pv_threshold=lam_t)
+    return R.sparse_attention_reference(c["q"], c["k"], c["v"], keep, c["attn_bias"], c["keep_mask"],
+                                        c["masked_value"], c["is_causal"], c["causal_offset"], c["scale"], quant, pv,
+                                        smooth_k, pv_threshold=lam_t)
+
+
+def _bisect(search: SiteSearch, make, lo: float, hi: float, target: float, steps: int = 7):
+    """Per head, the smallest x in [lo, hi] with error <= target (x larger = denser).
+    Returns (x [H], ok [H], error [H], sparsity [H])."""
+    h = search.heads
+    lo_t, hi_t = torch.full((h,), lo), torch.full((h,), hi)
+    err_hi, sp_hi = search.evaluate(make(hi_t))
+    ok = err_hi <= target
+    for _ in range(steps):
+        mid = (lo_t + hi_t) / 2
+        err, sp = search.evaluate(make(mid))
+        good = err <= target
+        hi_t = torch.where(good & ok, mid, hi_t)
+        lo_t = torch.where(good & ok, lo_t, mid)
+        err_hi = torch.where(good & ok, err, err_hi)
+        sp_hi = torch.where(good & ok, sp, sp_hi)
+    return hi_t, ok, err_hi, sp_hi
+
+
+def _search_site(search: SiteSearch, sp: dict, target: float) -> dict:
+    """The calibrated plan entry of one site for method sp["method"]."""
+    method = sp["method"]
+    base = {k: v for k, v in sp.items() if k != "dense_heads"}
+    h = search.heads
+    if method == "sparge":
+        knob = "topk" if sp.get("topk") is not None else "tau"
+        best = None
+        for theta in (0.1, 0.3, 0.5):
+            def make(x, theta=theta):
+                return {**base, "theta": theta, knob: x.tolist() if knob == "tau" else float(x.max()),
+                        "pv_threshold": None}
+            if knob == "topk":  # topk is one number per site: search it as a scalar
+                x, ok, err, spars = _bisect_scalar(search, make, 0.05, 1.0, target)
+            else:
+                x, ok, err, spars = _bisect(search, make, 0.05, 1.0, target)
+            cand = (x, ok, err, spars, theta)
+            if best is None:
+                best = cand
+            else:  # per head, keep the sparser passing choice
+                better = ok & (~best[1] | (spars > best[3]))
+                best = tuple(torch.where(better, a, b_) if isinstance(a, torch.Tensor) else a
+                             for a, b_ in zip(cand[:4], best[:4])) + (
+                    [theta if bt else pt for bt, pt in zip(better.tolist(), _as_list(best[4], h))],)
+        x, ok, err, spars, theta = best
+        params = {**base, knob: x.tolist() if knob == "tau" else float(x.max()), "theta": _as_list(theta, h),
+                  "pv_threshold": None}
+        if sp.get("pv_threshold") is not None:
+            params, err = _search_lambda(search, params, err, ok, target)
+    elif method == "xattention":
+        x, ok, err, spars = _bisect(search, lambda t: {**base, "tau": t.tolist(), "pv_threshold": None},
+                                    0.05, 1.0, target)
+        params = {**base, "tau": x.tolist(), "pv_threshold": None}
+        if sp.get("pv_threshold") is not None:
+            params, err = _search_lambda(search, params, err, ok, target)
+    elif method == "window":
+        n = max(c["k"].shape[2] for c in search.calls)
+        # window as a fraction of the key length: smallest that meets the budget
+        x, ok, err, spars = _bisect(search, lambda f: {**base, "window": [max(1, int(v * n)) for v in f.tolist()]},
+                                    1.0 / max(n, 1), 1.0, target)
+        params = {**base, "window": [max(1, int(v * n)) for v in x.tolist()]}
+    else:  # radial / block / svg: nothing per head to tune; measure and keep failing heads dense
+        params = dict(base)
+        err, spars = search.evaluate(params)
+        ok = err <= target
+    err, spars = search.evaluate(params)  # the final choice, all heads together
+    dense = [i for i in range(h) if not bool(ok[i]) or float(spars[i]) < MIN_GAIN or float(err[i]) > target]
+    entry = {"kind": "attention", "error": {"rel_l1": err.tolist()}, "stats": {"sparsity": spars.tolist()}}
+    if len(dense) == h:
+        entry["dense"] = True
+    else:
+        entry["sparsity"] = {**params, "dense_heads": dense}
+    return entry
+
+
+def _as_list(x, h):
+    return x if isinstance(x, list) else [x] * h
+
+
+def _bisect_scalar(search, make, lo, hi, target, steps=7):
+    """Like _bisect with one value for all heads (a site-wide knob): all heads must meet it."""
+    h = search.heads
+    err, sp = search.evaluate(make(torch.full((h,), hi)))
+    if not bool((err <= target).all()):
+        return torch.full((h,), hi), err <= target, err, sp
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        e, s = search.evaluate(make(torch.full((h,), mid)))
+        if bool((e <= target).all()):
+            hi, err, sp = mid, e, s
+        else:
+            lo = mid
+    return torch.full((h,), hi), err <= target, err, sp
+
+
+def _search_lambda(search: SiteSearch, params: dict, err, ok, target):
+    """The smallest second-stage threshold per head that keeps the error under target."""
+    h = search.heads
+    lam = [None] * h
+    for cand in (16.0, 10.0, 8.0, 6.0, 4.0):
+        trial = {**params, "pv_threshold": [cand if bool(ok[i]) else None for i in range(h)]}
+        e, _ = search.evaluate(trial)
+        for i in range(h):
+            if bool(ok[i]) and float(e[i]) <= target:
+                lam[i] = cand
+    params = {**params, "pv_threshold": lam if any(x is not None for x in lam) else None}
+    e, _ = search.evaluate(params)
+    return params, e
+
+
+def calibrate(model, example_batches: Iterable, options: Mapping | None = None, budget: Mapping | None = None,
+              *, margin: float = 0.8, progress: bool = False) -> Plan:
+    """Search per-site, per-head sparse-attention parameters that keep each site's rel-L1 (against
+    float64 dense attention, on these batches) under `budget["rel_l1"] * margin`.
+
+    `example_batches`: an iterable of input tuples (or kwargs dicts) for `model`.
+    """
+    say = (lambda m: print(f"[attnopt] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    user = dict(options or {})
+    user.pop("plan", None)  # a new plan is being made: the old one must not steer the search
+    opts = normalize_options(user)
+    budget = {"rel_l1": 0.05, **dict(budget or {})}
+    target = float(budget["rel_l1"]) * margin
+    sp = opts["attention"]["sparsity"]
+    if sp is None:
+        raise ValueError("attnopt.calibrate searches sparse-attention parameters: set attention.sparsity "
+                         "(e.g. {'method': 'sparge'}) in options")
+    sink = f"calib{next(_IDS)}"
+    be = AttnoptBackend(opts, probe_sink=sink, inductor_config={"fx_graph_cache": False})
+    captured: dict[str, list] = {}
+
+    def capture(key: str, call: dict) -> None:
+        captured.setdefault(key, []).append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                                             for k, v in call.items()})
+
+    probe.register_sink(sink, lambda key, metrics: None)
+    probe.register_capture(sink, capture)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=be)
+        with torch.no_grad(), torch._functorch.config.patch(enable_autograd_cache=False):
+            for i, batch in enumerate(example_batches):
+                say(f"capturing batch {i}")
+                if isinstance(batch, Mapping):
+                    compiled(**batch)
+                else:
+                    compiled(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+    finally:
+        probe.unregister_sink(sink)
+        torch._dynamo.reset()
+    recs = {r.key: r for r in be.recorder.sites()}
+    plan = Plan(meta={"method": sp["method"], "budget": budget, "margin": margin, "options": opts.to_dict()})
+    for key, calls in captured.items():
+        d = recs[key].details
+        search = SiteSearch(key, calls, d["quant"], d["pv"], d["smooth_k"], d["arch"])
+        say(f"searching {key} ({search.heads} heads)")
+        plan.sites[key] = _search_site(search, sp, target)
+    return plan

@@ -1,0 +1,410 @@
+"""Block-sparse attention in plain PyTorch: the predictors (algorithms.md section 2), the lookup
+table the kernel reads, and the reference arithmetic the block-sparse kernel is tested against.
+
+A block mask is [B, H, nqb, nkb] bool over tiles of BQ query rows x BK keys. Every method
+produces one; the kernel visits only the kept kv-blocks of each q-block, and still applies exact
+element masks on causal-diagonal and tail tiles. Per-head parameters are tensors of shape [H]
+(a scalar config value is broadcast to every head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention_ref import LOG2E, attention_reference
+
+BQ = 128  # query rows per sparse block (the kernel's BLOCK_M divides it)
+BK = 64  # keys per sparse block (the kernel's BLOCK_N equals it)
+
+
+def n_blocks(n: int, b: int) -> int:
+    return -(-n // b)
+
+
+def per_head(x, h: int, device, dtype=torch.float32) -> torch.Tensor:
+    """A config value (scalar or per-head list) -> tensor [H]."""
+    t = torch.as_tensor(x, dtype=dtype, device=device)
+    if t.dim() == 0:
+        return t.expand(h).clone()
+    if t.numel() != h:
+        raise ValueError(f"per-head list of {t.numel()} values for {h} heads")
+    return t
+
+
+def causal_blocks(nq: int, nk: int, offset: int, device) -> torch.Tensor:
+    """[nqb, nkb]: kv-block c holds a key visible to some row of q-block r (j <= i + offset)."""
+    nqb, nkb = n_blocks(nq, BQ), n_blocks(nk, BK)
+    last_row = torch.clamp(torch.arange(nqb, device=device) * BQ + BQ - 1, max=max(nq - 1, 0))
+    first_key = torch.arange(nkb, device=device) * BK
+    return first_key[None, :] <= last_row[:, None] + offset
+
+
+def _pool(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each block of rows and the block's self-similarity (mean pairwise cosine)."""
+    b, h, n, d = x.shape
+    nb = n_blocks(n, blk)
+    pad = nb * blk - n
+    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).reshape(b, h, nb, blk, d)
+    count = torch.full((nb,), float(blk), device=x.device)
+    count[-1] = n - (nb - 1) * blk
+    mean = xf.sum(dim=3) / count[:, None]
+    unit = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    s = unit.sum(dim=3)
+    # mean over pairs i != j of cos(x_i, x_j) = (|sum unit|^2 - n) / (n (n - 1))
+    sim = ((s * s).sum(-1) - count) / (count * (count - 1)).clamp_min(1)
+    sim = torch.where(count > 1, sim, torch.ones_like(sim))
+    return mean, sim
+
+
+def _keep_mass(scores: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor, topk: float | None) -> torch.Tensor:
+    """Per row: the smallest set of blocks reaching mass tau (or topk of the valid ones), >= 1."""
+    scores = torch.where(valid, scores, torch.zeros_like(scores))
+    order = scores.argsort(dim=-1, descending=True)
+    sorted_s = scores.gather(-1, order)
+    total = sorted_s.sum(-1, keepdim=True).clamp_min(1e-30)
+    if topk is not None:
+        nvalid = valid.sum(-1, keepdim=True)
+        k = torch.clamp((topk * nvalid).ceil(), min=1)
+        rank = torch.arange(scores.shape[-1], device=scores.device)
+        keep_sorted = rank < k
+    else:
+        before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass of the blocks ranked above
+        keep_sorted = before < tau[None, :, None, None] * total
+        keep_sorted[..., 0] = True
+    keep = torch.zeros_like(valid).scatter(-1, order, keep_sorted)
+    return keep & valid
+
+
+def predict_sparge(q, k, scale: float, tau, theta, topk=None, sink: bool = True, is_causal: bool = False,
+                   causal_offset: int = 0) -> torch.Tensor:
+    """SpargeAttn stage 1: pooled-attention prediction of each q-block's needed kv-blocks."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    dev = q.device
+    tau_h, theta_h = per_head(tau, hq, dev), per_head(theta, hq, dev)
+    kc = k.float() - k.float().mean(dim=-2, keepdim=True)
+    qhat, qsim = _pool(q, BQ)  # [B, Hq, nqb, D], [B, Hq, nqb]
+    khat, ksim = _pool(kc, BK)
+    g = hq // hkv
+    khat, ksim = khat.repeat_interleave(g, 1), ksim.repeat_interleave(g, 1)
+    nqb, nkb = qhat.shape[2], khat.shape[2]
+    valid = torch.ones(nqb, nkb, dtype=torch.bool, device=dev)
+    if is_causal:
+        valid = causal_blocks(nq, nk, causal_offset, dev)
+    valid = valid.expand(b, hq, nqb, nkb)
+    k_rough = ksim < theta_h[None, :, None]  # [B, H, nkb]: pooled mean not representative
+    q_rough = qsim < theta_h[None, :, None]
+    logits = torch.matmul(qhat, khat.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~valid | k_rough[:, :, None, :], -math.inf)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    keep = _keep_mass(probs, valid & ~k_rough[:, :, None, :], tau_h, topk)
+    keep |= k_rough[:, :, None, :] & valid
+    keep |= q_rough[:, :, :, None] & valid
+    if sink:
+        keep[..., 0] |= valid[..., 0]
+    if is_causal or nq == nk:
+        keep |= diagonal_blocks(nq, nk, causal_offset if is_causal else 0, dev) & valid
+    return keep
+
+
+def diagonal_blocks(nq: int, nk: int, offset: int, device) -> torch.Tensor:
+    """[nqb, nkb]: kv-blocks crossing a q-block's diagonal (keys i + offset for its rows i).
+    Pooled scores can miss them at a block boundary, and a row without its own key is badly off:
+    attnopt always keeps them (an addition to SpargeAttn's rule)."""
+    nqb, nkb = n_blocks(nq, BQ), n_blocks(nk, BK)
+    r0 = torch.arange(nqb, device=device) * BQ + offset
+    r1 = torch.clamp(torch.arange(nqb, device=device) * BQ + BQ - 1, max=max(nq - 1, 0)) + offset
+    c0 = torch.arange(nkb, device=device) * BK
+    return (c0[None, :] <= r1[:, None]) & (c0[None, :] + BK - 1 >= r0[:, None])
+
+
+def xattention_scores(q, k, scale: float, stride: int, is_causal: bool = False, causal_offset: int = 0):
+    """XAttention: antidiagonal-strided scores, row softmax, summed per (q-block, kv-block)."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    s = stride
+    g = hq // hkv
+    nqr, nkr = n_blocks(nq, s), n_blocks(nk, s)
+    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, nqr * s - nq)).reshape(b, hq, nqr, s, d)
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, nkr * s - nk)).reshape(b, hkv, nkr, s, d)
+    qt = qp.flip(3).reshape(b, hq, nqr, s * d)  # Qt[i] = concat_j Q[S i + S-1-j]
+    kt = kp.reshape(b, hkv, nkr, s * d).repeat_interleave(g, 1)  # Kt[m] = concat_j K[S m + j]
+    at = torch.matmul(qt, kt.transpose(-1, -2)) * (scale / s)
+    if is_causal:  # in reduced coordinates: group m visible to group i when its first key is
+        i = torch.arange(nqr, device=q.device)[:, None] * s + (s - 1)
+        m = torch.arange(nkr, device=q.device)[None, :] * s
+        at = at.masked_fill(~(m <= i + causal_offset), -math.inf)
+    probs = torch.softmax(at, dim=-1).nan_to_num(0.0)
+    rq, rk = BQ // s, BK // s
+    nqb, nkb = n_blocks(nq, BQ), n_blocks(nk, BK)
+    probs = torch.nn.functional.pad(probs, (0, nkb * rk - nkr, 0, nqb * rq - nqr))
+    return probs.reshape(b, hq, nqb, rq, nkb, rk).sum(dim=(3, 5))  # [B, H, nqb, nkb]
+
+
+def predict_xattention(q, k, scale: float, stride: int, tau, is_causal: bool = False,
+                       causal_offset: int = 0) -> torch.Tensor:
+    b, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    scores = xattention_scores(q, k, scale, stride, is_causal, causal_offset)
+    nqb, nkb = scores.shape[-2:]
+    valid = causal_blocks(nq, nk, causal_offset, q.device) if is_causal else torch.ones(
+        nqb, nkb, dtype=torch.bool, device=q.device)
+    valid = valid.expand_as(scores)
+    keep = _keep_mass(scores, valid, per_head(tau, hq, q.device), None)
+    keep[..., 0] |= valid[..., 0]  # the first block
+    diag = _diagonal_block(nqb, nkb, nq, causal_offset if is_causal else 0, q.device)
+    keep |= diag & valid
+    return keep
+
+
+def _diagonal_block(nqb, nkb, nq, offset, device) -> torch.Tensor:
+    """[nqb, nkb]: the kv-block holding each q-block's last row's diagonal key."""
+    last_row = torch.clamp(torch.arange(nqb, device=device) * BQ + BQ - 1, max=max(nq - 1, 0))
+    col = torch.clamp((last_row + offset) // BK, 0, nkb - 1)
+    out = torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
+    out[torch.arange(nqb, device=device), col] = True
+    return out
+
+
+def _element_to_blocks(keep_fn, nq: int, nk: int, device, sample: int | None = None) -> torch.Tensor:
+    """Block mask [nqb, nkb] of an element predicate keep_fn(i [R,1], j [1,C]) -> bool [R, C]:
+    a block is kept when any of its rows keeps any of its keys. Every row is checked up to 4096
+    queries; past that every `sample`-th row plus each block's first and last row."""
+    nqb, nkb = n_blocks(nq, BQ), n_blocks(nk, BK)
+    if sample is None:
+        sample = 1 if nq <= 4096 else 8
+    rows = torch.unique(torch.cat([torch.arange(0, nq, sample, device=device),
+                                   torch.arange(nqb, device=device) * BQ,
+                                   torch.clamp(torch.arange(nqb, device=device) * BQ + BQ - 1, max=nq - 1)]))
+    j = torch.arange(nk, device=device)[None, :]
+    hit = keep_fn(rows[:, None], j)  # [R, nk]
+    hit = torch.nn.functional.pad(hit, (0, nkb * BK - nk)).reshape(len(rows), nkb, BK).any(-1)
+    hits = torch.zeros(nqb, nkb, dtype=torch.int32, device=device).index_add_(0, rows // BQ, hit.to(torch.int32))
+    return hits > 0
+
+
+def window_mask(h: int, nq: int, nk: int, params: dict, is_causal: bool, causal_offset: int, device):
+    """Per-head sliding window with sink tokens: [H, nqb, nkb]. span_h = window_h, or alpha_h + beta_h * N."""
+    n = nk
+    if params.get("window") is not None:
+        span = per_head(params["window"], h, device)
+    else:
+        span = per_head(params["alpha"], h, device) + per_head(params["beta"], h, device) * n
+    sinks = int(params["sinks"])
+    out = []
+    for hh in range(h):
+        w = float(span[hh])
+
+        def keep(i, j, w=w):
+            i = i + causal_offset
+            near = (i - j < w) & (j - i < (1 if params.get("causal_only") or is_causal else w))
+            return near | (j < sinks)
+
+        out.append(_element_to_blocks(keep, nq, nk, device))
+    return torch.stack(out)
+
+
+def radial_mask(nq: int, nk: int, params: dict, device) -> torch.Tensor:
+    """Radial attention for video: dense near the diagonal frame, the band halving as the frame
+    distance doubles; below one block wide, only every f-th frame pair. [nqb, nkb]."""
+    s, pre = int(params["frame_tokens"]), int(params["prefix_tokens"])
+    dense, min_band = int(params["dense_frames"]), int(params["min_band"])
+
+    def keep(i, j):
+        text = (i < pre) | (j < pre)
+        fi, fj = (i - pre).clamp_min(0) // s, (j - pre).clamp_min(0) // s
+        pi, pj = (i - pre).clamp_min(0) % s, (j - pre).clamp_min(0) % s
+        dist = (fi - fj).abs()
+        band = torch.where(dist <= 1, torch.full_like(dist, s),
+                           s // (2 ** torch.floor(torch.log2(dist.clamp_min(1).float())).long()))
+        every = torch.clamp(-(-BK // band.clamp_min(1)), min=1)  # band under a block: sample frames
+        near = (pi - pj).abs() * 2 < torch.maximum(band, torch.full_like(band, min_band))
+        sampled = (band >= BK) | (dist % every == 0)
+        return text | (dist <= dense) | (near & sampled)
+
+    return _element_to_blocks(keep, nq, nk, device)
+
+
+def user_block_mask(mask, block_size: int, nq: int, nk: int, h: int, device) -> torch.Tensor:
+    """A user's block mask ([nq][nk] or [H][nq][nk] at block_size) on our grid: [H, nqb, nkb]."""
+    m = torch.as_tensor(mask, dtype=torch.bool, device=device)
+    if m.dim() == 2:
+        m = m.expand(h, *m.shape)
+    need = (n_blocks(nq, block_size), n_blocks(nk, block_size))
+    if tuple(m.shape[-2:]) != need or m.shape[0] != h:
+        raise ValueError(f"block mask of shape {list(m.shape)} does not cover [{h}, {need[0]}, {need[1]}] "
+                         f"blocks of {block_size} for {nq} queries x {nk} keys")
+    return torch.stack([_element_to_blocks(lambda i, j, mm=mm: mm[i // block_size, j // block_size], nq, nk,
+                                           device) for mm in m])
+
+
+def predict_svg(q, k, v, scale: float, params: dict, is_causal: bool, causal_offset: int):
+    """Sparse VideoGen: per head, the spatial (nearby frames) or temporal (same position across
+    frames) mask, whichever errs less on a few sampled query rows. -> [B, H, nqb, nkb], choice [H]."""
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    dev = q.device
+    s, pre = int(params["frame_tokens"]), int(params["prefix_tokens"])
+    sf, tt = int(params["spatial_frames"]), int(params["temporal_tokens"])
+
+    def frames(i):
+        return (i - pre).clamp_min(0) // s, (i - pre).clamp_min(0) % s
+
+    def spatial(i, j):
+        (fi, _), (fj, _) = frames(i), frames(j)
+        return (i < pre) | (j < pre) | ((fi - fj).abs() <= sf)
+
+    def temporal(i, j):
+        (_, pi), (_, pj) = frames(i), frames(j)
+        return (i < pre) | (j < pre) | ((pi - pj).abs() * 2 < tt)
+
+    rows = torch.linspace(0, nq - 1, min(int(params["sample_rows"]), nq), device=dev).round().long()
+    g = hq // k.shape[1]
+    kk, vv = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    logit = torch.matmul(q.float()[:, :, rows], kk.transpose(-1, -2)) * scale  # [B, H, R, nk]
+    j = torch.arange(nk, device=dev)[None, :]
+    allowed = torch.ones(len(rows), nk, dtype=torch.bool, device=dev)
+    if is_causal:
+        allowed = j <= rows[:, None] + causal_offset
+    dense = torch.matmul(torch.softmax(logit.masked_fill(~allowed, -math.inf), -1), vv)
+    errs = []
+    for fn in (spatial, temporal):
+        m = fn(rows[:, None], j) & allowed
+        o = torch.matmul(torch.softmax(logit.masked_fill(~m, -math.inf), -1).nan_to_num(0), vv)
+        errs.append(((o - dense).abs().sum((0, 2, 3)) / dense.abs().sum((0, 2, 3)).clamp_min(1e-12)))
+    choice = (errs[1] < errs[0]).long()  # [H]: 0 spatial, 1 temporal
+    masks = torch.stack([_element_to_blocks(spatial, nq, nk, dev), _element_to_blocks(temporal, nq, nk, dev)])
+    return masks[choice].expand(b, hq, *masks.shape[1:]), choice
+
+
+def block_mask_to_lut(keep: torch.Tensor, nq: int, nk: int, is_causal: bool, causal_offset: int):
+    """[B, H, nqb, nkb] -> (lut int32 [B, H, nqb, nkb], counts int32 [B, H, nqb, 2]).
+
+    Each row lists its kept kv-blocks: first those every row of the q-block sees in full (no
+    element masks), then the causal-diagonal / tail ones; counts = (n_full, n_total).
+    """
+    b, h, nqb, nkb = keep.shape
+    dev = keep.device
+    if is_causal:
+        keep = keep & causal_blocks(nq, nk, causal_offset, dev)
+    first_row = torch.arange(nqb, device=dev) * BQ
+    last_key = torch.arange(nkb, device=dev) * BK + BK - 1
+    full = last_key[None, :] < nk  # no tail
+    if is_causal:
+        full = full & (last_key[None, :] <= first_row[:, None] + causal_offset)
+    full = full.expand_as(keep) & keep
+    masked = keep & ~full
+    col = torch.arange(nkb, device=dev, dtype=torch.int32)
+    # sort key: full blocks first (ascending), then masked (ascending), then unkept
+    rank = torch.where(full, col, torch.where(masked, col + nkb, col + 2 * nkb))
+    lut = rank.argsort(dim=-1).to(torch.int32)
+    counts = torch.stack([full.sum(-1), keep.sum(-1)], dim=-1).to(torch.int32)
+    return lut.contiguous(), counts.contiguous()
+
+
+def expand_block_mask(keep: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    """[B, H, nqb, nkb] -> element keep mask [B, H, nq, nk]."""
+    e = keep.repeat_interleave(BQ, dim=2)[:, :, :nq].repeat_interleave(BK, dim=3)[..., :nk]
+    return e
+
+
+def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=None, masked_value=-math.inf,
+                               is_causal=False, causal_offset=0, scale=None, quant="int8", pv="fp16",
+                               smooth_k=True, pv_threshold=None):
+    """Attention over the kept blocks only, with the quantized arithmetic of attention_reference.
+
+    Skipped blocks contribute nothing (their logits are -inf, whatever the mask fill value).
+    `pv_threshold` [H] (log2 units; None = off) adds the second stage: a tile whose every row's
+    maximum trails that row's running maximum by more than it skips exp and P.V. That result
+    depends on the order tiles are visited, so that path walks them in the kernel's LUT order.
+    """
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if pv_threshold is None:
+        skipped = torch.where(expand_block_mask(block_keep, nq, nk), 0.0, -math.inf)
+        bias = skipped if attn_bias is None else attn_bias.float() + skipped
+        return attention_reference(q, k, v, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
+                                   pv, smooth_k, False)
+    return _second_stage(q, k, v, block_keep, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale,
+                         quant, pv, smooth_k, pv_threshold)
+
+
+def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
+                  smooth_k, pv_threshold):
+    """Tile by tile in LUT order, as the kernel runs, skipping P.V of tiles far below the running max."""
+    from .attention_ref import (FP8_MAX, K_GRAN, Q_GRAN, _full_mask, _log2_logit, pv_dtype_for, quantize_rows,
+                                rows_scale)
+
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    lut, counts = block_mask_to_lut(block_keep, nq, nk, is_causal, causal_offset)
+    kf = k.float()
+    if smooth_k and quant != "none":
+        kf = kf - kf.mean(dim=-2, keepdim=True)
+    if quant == "none":
+        dt = pv_dtype_for(q.dtype)
+        qd, kd = q.to(dt).float() * (scale * LOG2E), k.to(dt).float()
+    else:
+        qq, qs = quantize_rows(q.float() * (scale * LOG2E), Q_GRAN, quant)
+        kq, ks = quantize_rows(kf, K_GRAN, quant)
+        qd = qq.float() * rows_scale(qs, Q_GRAN, nq)[..., None]
+        kd = kq.float() * rows_scale(ks, K_GRAN, nk)[..., None]
+    vf = v.float()
+    vmean_all = vf.mean(dim=-2)
+    if pv == "fp8":
+        vmean = vmean_all[:, :, None]
+        amax = (vf - vmean).abs().amax(dim=-2, keepdim=True)
+        vscale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        vd = ((vf - vmean) / vscale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    else:
+        vd = v.to(pv_dtype_for(v.dtype)).float()
+    fill = _log2_logit(float(masked_value))
+    biasf = _full_mask(bias, b, hq, nq, nk)
+    keepf = _full_mask(keep_mask, b, hq, nq, nk)
+    lam = per_head(pv_threshold, hq, q.device)
+    out = torch.zeros(b, hq, nq, dv, device=q.device)
+    for bb in range(b):
+        for h in range(hq):
+            hk = h // g
+            for r in range(counts.shape[2]):
+                rows = torch.arange(r * BQ, min(nq, (r + 1) * BQ), device=q.device)
+                m = torch.full((len(rows),), -math.inf, device=q.device)
+                l = torch.zeros(len(rows), device=q.device)
+                acc = torch.zeros(len(rows), dv, device=q.device)
+                for t in range(int(counts[bb, h, r, 1])):
+                    c = int(lut[bb, h, r, t])
+                    cols = torch.arange(c * BK, min(nk, (c + 1) * BK), device=q.device)
+                    s = qd[bb, h, rows] @ kd[bb, hk, cols].T
+                    if biasf is not None:
+                        s = s + _log2_logit(biasf[bb, h][rows][:, cols])
+                    if keepf is not None:
+                        s = torch.where(keepf[bb, h][rows][:, cols], s, torch.full_like(s, fill))
+                    if is_causal:
+                        s = torch.where(cols[None, :] <= rows[:, None] + causal_offset, s, torch.full_like(s, fill))
+                    m_tile = s.amax(-1)
+                    if bool((m_tile - m < -float(lam[h])).all()):
+                        continue  # second stage: every row's max trails its running max: skip
+                    m_new = torch.maximum(m, m_tile)
+                    m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+                    p = torch.exp2(s - m_safe[:, None])
+                    alpha = torch.exp2(m - m_safe)
+                    l = l * alpha + p.sum(-1)
+                    if pv == "fp8":
+                        pp = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
+                    else:
+                        pp = p.to(pv_dtype_for(v.dtype)).float()
+                    acc = acc * alpha[:, None] + pp @ vd[bb, hk, cols]
+                    m = m_new
+                o = acc / torch.where(l > 0, l, torch.ones_like(l))[:, None]
+                if pv == "fp8":
+                    o = o * (vscale[bb, hk, 0] / FP8_MAX) + vmean[bb, hk, 0]
+                if masked_value != -math.inf:
+                    o = torch.where((m <= fill)[:, None], vmean_all[bb, hk][None, :], o)
+                else:
+                    o = torch.where(torch.isneginf(m)[:, None], torch.zeros_like(o), o)
+                out[bb, h, rows] = o
+    return out.to(q.dtype)
