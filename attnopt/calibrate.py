@@ -186,10 +186,39 @@ def _search_lambda(search: SiteSearch, params: dict, err, ok, target):
     return params, e
 
 
+# relative time of a linear per format (1 = the 16-bit GEMM): large M is compute-bound, small M
+# (decode) memory-bound. Used to pick the cheapest format that stays under the error budget.
+LINEAR_COST = {"prefill": {"none": 1.0, "fp8": 0.5, "w8a8": 0.55, "w4a16": 0.8},
+               "decode": {"none": 1.0, "fp8": 0.6, "w8a8": 0.6, "w4a16": 0.35}}
+
+
+def _linear_errors(x: torch.Tensor, w: torch.Tensor, fmts) -> dict[str, float]:
+    """rel-L1 of each format's linear on captured rows x against float64 x W^T."""
+    from .metrics import compare
+    from .ops import linear_ref as L
+
+    ref = x.double() @ w.double().T
+    out = {"none": compare(torch.nn.functional.linear(x, w.to(x.dtype)), ref)["rel_l1"]}
+    for fmt in fmts:
+        if fmt in ("w8a8", "fp8"):
+            wq, ws = L.quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
+            y = L.linear_w8a8_ref(x, wq, ws, None, "int8" if fmt == "w8a8" else "fp8", small_m=0)
+        else:
+            pk, sc, zr = L.quantize_weight_int4(w)
+            y = L.linear_w4a16_ref(x, pk, sc, zr, None)
+        out[fmt] = compare(y, ref)["rel_l1"]
+    return out
+
+
 def calibrate(model, example_batches: Iterable, options: Mapping | None = None, budget: Mapping | None = None,
-              *, margin: float = 0.8, progress: bool = False) -> Plan:
-    """Search per-site, per-head sparse-attention parameters that keep each site's rel-L1 (against
-    float64 dense attention, on these batches) under `budget["rel_l1"] * margin`.
+              *, margin: float = 0.8, mixed_precision: bool = False, progress: bool = False) -> Plan:
+    """Calibrate attnopt on example batches and return a Plan.
+
+    - attention.sparsity set: per-site, per-head sparse parameters keeping each site's rel-L1
+      (against float64 dense attention) under `budget["rel_l1"] * margin`.
+    - linear.smooth set: each linear's per-channel max |activation| (SmoothQuant's statistic).
+    - mixed_precision: each linear's format (none / fp8 / w8a8 / w4a16, those the target arch
+      runs), the cheapest whose rel-L1 stays under `budget["linear_rel_l1"] * margin`.
 
     `example_batches`: an iterable of input tuples (or kwargs dicts) for `model`.
     """
@@ -197,14 +226,20 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     user = dict(options or {})
     user.pop("plan", None)  # a new plan is being made: the old one must not steer the search
     opts = normalize_options(user)
-    budget = {"rel_l1": 0.05, **dict(budget or {})}
+    budget = {"rel_l1": 0.05, "linear_rel_l1": 0.02, **dict(budget or {})}
     target = float(budget["rel_l1"]) * margin
     sp = opts["attention"]["sparsity"]
+    want_linear = opts["linear"]["smooth"] is not None or mixed_precision
+    if sp is None and not want_linear:
+        raise ValueError("nothing to calibrate: set attention.sparsity (e.g. {'method': 'sparge'}), "
+                         "linear.smooth, or mixed_precision=True")
+    capture_opts = opts.to_dict()
+    capture_opts["linear"].update(quant="none", smooth=None)  # statistics of the original linears
     if sp is None:
-        raise ValueError("attnopt.calibrate searches sparse-attention parameters: set attention.sparsity "
-                         "(e.g. {'method': 'sparge'}) in options")
+        capture_opts["attention"]["enabled"] = False
     sink = f"calib{next(_IDS)}"
-    be = AttnoptBackend(opts, probe_sink=sink, inductor_config={"fx_graph_cache": False})
+    be = AttnoptBackend(capture_opts, probe_sink=sink, inductor_config={"fx_graph_cache": False})
+    be.ctx.capture_linears = want_linear
     captured: dict[str, list] = {}
 
     def capture(key: str, call: dict) -> None:
@@ -227,10 +262,45 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
         probe.unregister_sink(sink)
         torch._dynamo.reset()
     recs = {r.key: r for r in be.recorder.sites()}
-    plan = Plan(meta={"method": sp["method"], "budget": budget, "margin": margin, "options": opts.to_dict()})
+    plan = Plan(meta={"method": sp["method"] if sp else None, "budget": budget, "margin": margin,
+                      "mixed_precision": mixed_precision, "options": opts.to_dict()})
+    weights = _linear_weights(model) if mixed_precision else {}
     for key, calls in captured.items():
+        if calls[0].get("kind") == "linear":
+            plan.sites[key] = _linear_entry(key, calls, recs.get(key), weights.get(key), mixed_precision,
+                                            float(budget["linear_rel_l1"]) * margin, be, opts)
+            continue
         d = recs[key].details
         search = SiteSearch(key, calls, d["quant"], d["pv"], d["smooth_k"], d["arch"])
         say(f"searching {key} ({search.heads} heads)")
         plan.sites[key] = _search_site(search, sp, target)
     return plan
+
+
+def _linear_weights(model) -> dict[str, torch.Tensor]:
+    """module path -> weight [N, K] of every Linear (and HF Conv1D) in the model."""
+    out = {}
+    for name, m in model.named_modules() if isinstance(model, torch.nn.Module) else ():
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear):
+            out[name] = w.detach()
+        elif type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
+            out[name] = w.detach().t()
+    return out
+
+
+def _linear_entry(key, calls, rec, weight, mixed_precision, target, be, opts) -> dict:
+    absmax = torch.stack([c["absmax"] for c in calls]).amax(dim=0)
+    entry = {"kind": "linear", "act_absmax": absmax.tolist()}
+    if mixed_precision and weight is not None:
+        from .codegen.arch import ARCHS, detect_arch
+
+        x = torch.cat([c["x"] for c in calls])
+        arch = opts["arch"] if opts["arch"] != "auto" else detect_arch(x.device)
+        fmts = [f for f in ("fp8", "w8a8", "w4a16") if f in ARCHS[arch].linear_formats]
+        errs = _linear_errors(x, weight.to(x.device), fmts)
+        regime = "decode" if max(c["x"].shape[0] for c in calls) <= 16 else "prefill"
+        ok = [f for f in ("none", *fmts) if f == "none" or errs[f] <= target]
+        entry["quant"] = min(ok, key=lambda f: LINEAR_COST[regime][f])
+        entry["error"] = {"rel_l1": errs}
+    return entry

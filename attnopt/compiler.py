@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from .config import ConfigError, Options, normalize_options
-from .passes.manager import PassContext, config_patches
+from .passes.manager import PassContext, config_patches, run_pre_inductor
 from .report import Recorder
 
 # keys torch.compile may leave in `options` that belong to torch, not to attnopt
@@ -62,7 +62,9 @@ class AttnoptBackend:
         t0 = time.perf_counter()
         if self.progress:
             self.progress(f"compiling graph {self.graphs_compiled} ({len(gm.graph.nodes)} nodes)...")
+        self.ctx.current_graph = self.ctx.recorder.new_graph()
         try:
+            run_pre_inductor(self.ctx, gm, example_inputs)
             return compile_fx(gm, example_inputs, config_patches=patches)
         finally:
             dt = time.perf_counter() - t0

@@ -57,7 +57,8 @@ class PassContext:
     probe_sink: str | None = None  # set by attnopt.inspect: rewritten sites measure themselves
     inline: str = "cuda"  # inline attnopt ops whose tensors live on: "cuda" | "always" | "never"
     capture_graphs: bool = False  # keep before/after snapshots of each graph (the HTML view)
-
+    capture_linears: bool = False  # calibration: every selected linear becomes a probe
+    current_graph: int | None = None  # recorder index of the graph being compiled
     def arch_key(self) -> str:
         opt = self.options["arch"]
         if opt != "auto":
@@ -78,7 +79,7 @@ class PassContext:
     def uuid(self, pass_name: str) -> str:
         h = hashlib.sha256()
         for part in (pass_name, source_hash(), self.options.to_json(), torch.__version__, _triton_version(),
-                     self.arch_key(), self.probe_sink or "", self.inline):
+                     self.arch_key(), self.probe_sink or "", self.inline, str(self.capture_linears)):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()
@@ -123,7 +124,7 @@ class AttentionPass(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         t0 = time.perf_counter()
         ctx = self.ctx
-        gi = ctx.recorder.new_graph()
+        gi = ctx.current_graph if ctx.current_graph is not None else ctx.recorder.new_graph()
         spec = ctx.arch_for_graph(graph)
         training = _is_training_graph(graph)
         per_module: dict[str, int] = {}
@@ -184,6 +185,28 @@ class AttentionPass(CustomGraphPass):
 PASS_ORDER: tuple[tuple[str, type], ...] = (
     ("joint_custom_pre_pass", AttentionPass),
 )
+
+
+def needs_linear_pass(ctx: PassContext) -> bool:
+    lin = ctx.options["linear"]
+    plan = ctx.options["plan"] or {}
+    planned = any(v.get("kind") == "linear" and v.get("quant", "none") != "none" for v in plan.get("sites", {}).values())
+    return lin["quant"] != "none" or lin["smooth"] is not None or planned or ctx.capture_linears
+
+
+def run_pre_inductor(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
+    """Passes that need real parameter values: they run on Dynamo's graph before compile_fx."""
+    from .linear_pass import run_linear_pass
+
+    if not needs_linear_pass(ctx):
+        return
+    t0 = time.perf_counter()
+    dev = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    opt = ctx.options["arch"]
+    spec = ARCHS[opt] if opt != "auto" else ARCHS[detect_arch(dev)]
+    for rec in run_linear_pass(gm, example_inputs, ctx.options, spec, ctx.probe_sink, ctx.capture_linears):
+        ctx.recorder.add_site(ctx.current_graph, rec)
+    ctx.recorder.add_pass_time(ctx.current_graph, "linear", time.perf_counter() - t0)
 
 
 def config_patches(ctx: PassContext) -> dict:

@@ -1,0 +1,90 @@
+"""`torch.ops.attnopt.linear_8bit` / `linear_w4a16`: the ops quantized linear sites become, and the
+probe `attnopt.inspect` / `attnopt.calibrate` put there instead.
+
+Weights arrive already quantized (once, at compile time). On CUDA the body launches the Triton
+GEMMs (inlined by Inductor); elsewhere it is the pure-PyTorch reference arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..metrics import compare
+from . import linear_ref as L
+from .probe import _CAPTURES, _SINKS
+
+
+def _triton(x: torch.Tensor, arch: str, impl: str) -> bool:
+    if impl == "reference" or arch == "cpu":
+        return False
+    return impl == "triton" or x.device.type == "cuda"
+
+
+@torch.library.triton_op("attnopt::linear_8bit", mutates_args=())
+def linear_8bit(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: Optional[torch.Tensor], fmt: str,
+                small_m: int, arch: str, impl: str) -> torch.Tensor:
+    """x [..., K] @ W^T + b, W [N, K] 8-bit per output channel (fmt 'int8' | 'fp8')."""
+    if _triton(x, arch, impl):
+        from ..codegen.linear.w8a8 import linear_8bit_triton
+
+        return linear_8bit_triton(x, wq, ws, bias, fmt, arch, small_m)
+    return L.linear_w8a8_ref(x, wq, ws, bias, fmt, small_m)
+
+
+@linear_8bit.register_fake
+def _(x, wq, ws, bias, fmt, small_m, arch, impl):
+    return x.new_empty(*x.shape[:-1], wq.shape[0])
+
+
+@torch.library.triton_op("attnopt::linear_w4a16", mutates_args=())
+def linear_w4a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 bias: Optional[torch.Tensor], group: int, arch: str, impl: str) -> torch.Tensor:
+    """x [..., K] @ dequant(W)^T + b, W int4 in groups of `group` along K, two per byte."""
+    if _triton(x, arch, impl):
+        from ..codegen.linear.w4a16 import linear_w4a16_triton
+
+        return linear_w4a16_triton(x, packed, scale, zero, bias, group)
+    return L.linear_w4a16_ref(x, packed, scale, zero, bias, group)
+
+
+@linear_w4a16.register_fake
+def _(x, packed, scale, zero, bias, group, arch, impl):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+_CAPTURE_ROWS = 4096  # rows of activations kept per site per call for calibration
+
+
+@torch.library.custom_op("attnopt::linear_probe", mutates_args=())
+def linear_probe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], q0: torch.Tensor,
+                 q1: torch.Tensor, q2: Optional[torch.Tensor], fmt: str, small_m: int, arch: str,
+                 probe_key: str) -> torch.Tensor:
+    """The quantized linear (or, fmt 'none', the original) plus, on the side, its error against
+    float64 x W^T + b, and (calibration) per-input-channel max |x| and a sample of rows.
+    weight is the original [N, K]; (q0, q1, q2) = (wq, ws, -) or (packed, scale, zero)."""
+    if fmt in ("w8a8", "fp8"):
+        out = linear_8bit(x, q0, q1, bias, "int8" if fmt == "w8a8" else "fp8", small_m, arch, "auto")
+    elif fmt == "w4a16":
+        out = linear_w4a16(x, q0, q1, q2, bias, L.W4_GROUP, arch, "auto")
+    else:
+        out = torch.nn.functional.linear(x, weight, bias)
+    sink_id, _, key = probe_key.partition("/")
+    capture: Callable | None = _CAPTURES.get(sink_id)
+    if capture is not None:
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        idx = torch.randperm(x2.shape[0], device=x.device)[:_CAPTURE_ROWS] if x2.shape[0] > _CAPTURE_ROWS else None
+        capture(key, {"kind": "linear", "absmax": x2.abs().amax(dim=0).float(),
+                      "x": (x2 if idx is None else x2[idx]).clone()})
+    sink = _SINKS.get(sink_id)
+    if sink is not None:
+        with torch.no_grad():
+            ref = x.double() @ weight.double().T + (bias.double() if bias is not None else 0)
+            sink(key, compare(out, ref))
+    return out.clone() if out is x else out
+
+
+@linear_probe.register_fake
+def _(x, weight, bias, q0, q1, q2, fmt, small_m, arch, probe_key):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

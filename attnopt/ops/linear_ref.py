@@ -1,0 +1,112 @@
+"""Pure-PyTorch reference of attnopt's quantized linears (algorithms.md section 3).
+
+The CPU path of the linear ops and what the Triton GEMMs are tested against:
+- W8A8: weights per output channel INT8 (s_w = max|W_row| / 127), activations per token INT8
+  computed at run time, exact int32 accumulation (here in float64), then * s_x * s_w + bias.
+- FP8: the same with e4m3 (max 448) weights and activations.
+- W4A16: asymmetric int4 weights, groups of 128 along K (scale and zero per group and output
+  channel), two per byte (low nibble first); dequantized to the activation's dtype, 16-bit dot
+  with fp32 accumulation. bf16 activations stay bf16 (no fp16 overflow on large models).
+- Small M (decode, conditioning): W8A8 / FP8 weights are used without quantizing the
+  activation (a weight-only GEMV path, more accurate, and what small M can use).
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_MAX = 127.0
+FP8_MAX = 448.0
+W4_GROUP = 128
+
+
+def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (wq [N, K] int8 | e4m3, K contiguous; scales [N] fp32)."""
+    wf = w.float()
+    amax = wf.abs().amax(dim=1)
+    qmax = INT8_MAX if fmt == "int8" else FP8_MAX
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    y = wf / scale[:, None]
+    if fmt == "int8":
+        wq = torch.trunc(y + 0.5 * torch.sign(y)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    else:
+        wq = y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return wq.contiguous(), scale.contiguous()
+
+
+def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> per-token (xq, scales [M]); the same rounding as the weights."""
+    return quantize_weight(x, fmt)
+
+
+def linear_w8a8_ref(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+                    fmt: str = "int8", small_m: int = 16) -> torch.Tensor:
+    """y = x W^T + b with 8-bit weights (and, for M > small_m, 8-bit per-token activations)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    m = x2.shape[0]
+    if m <= small_m:  # weight-only path: the weight dequantized to x's 16-bit dtype, fp32 accumulate
+        dt = act_dtype(x.dtype)
+        w = (wq.float() * ws[:, None]).to(dt)
+        y = (x2.to(dt).float() @ w.float().T).double()
+    else:
+        xq, xs = quantize_rows(x2, fmt)
+        y = (xq.double() @ wq.double().T) * xs.double()[:, None] * ws.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype).reshape(*shape[:-1], wq.shape[0])
+
+
+def act_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit dtype a weight-only path computes in: x's own, bf16 for fp32 models."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def quantize_weight_int4(w: torch.Tensor, group: int = W4_GROUP):
+    """w [N, K] -> (packed uint8 [N, Kp/2], scales [N, G] fp32, zeros [N, G] fp32), Kp = G * group
+    (K padded with zeros). q = clamp(round(w / s) + z, 0, 15); w ~= (q - z) * s."""
+    n, k = w.shape
+    g = -(-k // group)
+    wf = torch.nn.functional.pad(w.float(), (0, g * group - k)).reshape(n, g, group)
+    lo, hi = wf.amin(dim=-1), wf.amax(dim=-1)
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))  # keep 0 exact
+    scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.clamp(torch.round(wf / scale[..., None]) + zero[..., None], 0, 15).to(torch.uint8).reshape(n, -1)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    return packed, scale.contiguous(), zero.contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, Kp/2] uint8 -> [N, Kp] values 0..15 (low nibble first)."""
+    lo, hi = packed & 15, packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed, scale, zero, k: int, group: int = W4_GROUP) -> torch.Tensor:
+    q = unpack_int4(packed).float().reshape(packed.shape[0], -1, group)
+    return ((q - zero[..., None]) * scale[..., None]).reshape(packed.shape[0], -1)[:, :k]
+
+
+def linear_w4a16_ref(x, packed, scale, zero, bias, group: int = W4_GROUP) -> torch.Tensor:
+    """y = x dequant(W)^T + b: weights dequantized to x's dtype, fp32 accumulation."""
+    shape = x.shape
+    k = shape[-1]
+    x2 = x.reshape(-1, k)
+    dt = act_dtype(x.dtype)
+    w = dequantize_int4(packed, scale, zero, k, group).to(dt)
+    y = x2.to(dt).float() @ w.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], packed.shape[0])
+
+
+def weight_bytes(fmt: str, n: int, k: int, orig_elem: int) -> tuple[int, int]:
+    """(bytes before, bytes after) of one linear's weight (scales and zeros included)."""
+    before = n * k * orig_elem
+    if fmt in ("w8a8", "fp8"):
+        return before, n * k + 4 * n
+    if fmt == "w4a16":
+        g = -(-k // W4_GROUP)
+        return before, n * g * W4_GROUP // 2 + 8 * n * g
+    return before, before

@@ -1,0 +1,108 @@
+"""Linear throughput: attnopt's W8A8 / FP8 / W4A16 GEMMs against torch bf16 matmul,
+torch._int_mm and torch._scaled_mm, plus prefill and decode latency of a Llama-shaped block
+(attention + MLP) compiled with and without attnopt, all in one run. Needs a CUDA GPU.
+Targets on H100: INT8 GEMM >= 1.5x bf16 at M, N, K >= 4096; W4A16 at M = 1 >= 2.5x bf16.
+
+    python benchmarks/linear.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import attnopt  # noqa: E402
+from attnopt.codegen.arch import detect_arch  # noqa: E402
+from attnopt.codegen.linear.w4a16 import linear_w4a16_triton  # noqa: E402
+from attnopt.codegen.linear.w8a8 import linear_8bit_triton  # noqa: E402
+from attnopt.ops import linear_ref as L  # noqa: E402
+
+
+def bench(fn, rep=100):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def gemm_rows(shapes, arch):
+    rows = []
+    for m, n, k in shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        flops = 2 * m * n * k
+        fns = {"torch bf16": lambda: x @ w.T}
+        wq, ws = L.quantize_weight(w, "int8")
+        fns["attnopt w8a8"] = lambda: linear_8bit_triton(x, wq, ws, None, "int8", arch)
+        if m > 16:
+            xq, xs = L.quantize_weight(x, "int8")
+            fns["torch._int_mm (no quant)"] = lambda: torch._int_mm(xq, wq.T)
+        if arch in ("sm89", "sm90", "sm100", "sm120"):
+            wf, wfs = L.quantize_weight(w, "fp8")
+            fns["attnopt fp8"] = lambda: linear_8bit_triton(x, wf, wfs, None, "fp8", arch)
+            if m > 16:
+                xf, xfs = L.quantize_weight(x, "fp8")
+                fns["torch._scaled_mm (no quant)"] = lambda: torch._scaled_mm(
+                    xf, wf.T, scale_a=xfs[:, None], scale_b=wfs[None, :], out_dtype=torch.bfloat16)
+        pk, sc, zr = L.quantize_weight_int4(w)
+        fns["attnopt w4a16"] = lambda: linear_w4a16_triton(x, pk, sc, zr, None)
+        for name, fn in fns.items():
+            row = {"kind": "gemm", "M": m, "N": n, "K": k, "variant": name}
+            try:
+                t = bench(fn)
+                row.update(ms=t, tflops=flops / t / 1e9)
+            except Exception as e:
+                row["error"] = repr(e)[:200]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def block_rows(seq_lens):
+    import transformers
+
+    rows = []
+    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
+    model = transformers.LlamaModel(cfg).eval().to("cuda", torch.bfloat16)
+    for n in seq_lens:
+        ids = torch.randint(0, 32000, (1, n), device="cuda")
+        for name, backend in (("eager", None), ("inductor", "inductor"),
+                              ("attnopt int8 attn", attnopt.backend({})),
+                              ("attnopt int8 attn + w8a8", attnopt.backend({"linear": {"quant": "w8a8"}})),
+                              ("attnopt w4a16", attnopt.backend({"linear": {"quant": "w4a16"}}))):
+            torch._dynamo.reset()
+            f = model if backend is None else torch.compile(model, backend=backend)
+            with torch.no_grad():
+                f(ids)
+                t = bench(lambda: f(ids))
+            row = {"kind": "llama-block", "seq": n, "variant": name, "ms": t}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out-dir", default=common.RESULTS)
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    arch = detect_arch("cuda")
+    shapes = [(1, 4096, 4096), (16, 4096, 4096), (4096, 4096, 4096), (8192, 8192, 8192), (1, 11008, 4096)]
+    if args.quick:
+        shapes = [(1, 4096, 4096), (4096, 4096, 4096)]
+    rows = gemm_rows(shapes, arch)
+    rows += block_rows([1, 2048] if args.quick else [1, 512, 4096])
+    common.RESULTS = args.out_dir
+    print("wrote", common.write(f"linear_{arch}.json", rows, {"what": __doc__.splitlines()[0]}))
+
+
+if __name__ == "__main__":
+    main()
