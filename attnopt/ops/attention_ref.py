@@ -135,6 +135,37 @@ def _masked_logits(s, rows, nq, nk, bias, keep, masked_value, is_causal, causal_
     return s
 
 
+# ------------------------------------------------------------------------ non-finite inputs
+
+
+def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """Non-finite entries -> 0, so one NaN cannot spoil a whole block's quantization scale."""
+    return torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def poisoned_rows(q, k, v, is_causal: bool, causal_offset) -> torch.Tensor:
+    """[B, Hq, Nq] rows whose output depends on a non-finite input: the query row itself, or a
+    key / value visible to it (the causal rule; other masks are not consulted, as torch's
+    kernels poison masked-out keys' rows too)."""
+    bad_q = ~torch.isfinite(q).all(dim=-1)
+    bad_kv = ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))  # [B, Hkv, Nk]
+    g = q.shape[1] // k.shape[1]
+    nk = k.shape[2]
+    if is_causal:
+        idx = torch.arange(nk, device=k.device)
+        first = torch.where(bad_kv, idx, torch.full_like(idx, nk)).amin(dim=-1)  # [B, Hkv]
+        rows = torch.arange(q.shape[2], device=q.device)
+        by_kv = first.repeat_interleave(g, dim=1)[..., None] <= rows + causal_offset
+    else:
+        by_kv = bad_kv.any(dim=-1).repeat_interleave(g, dim=1)[..., None].expand(bad_q.shape)
+    return bad_q | by_kv
+
+
+def poison(out: torch.Tensor, q, k, v, is_causal: bool, causal_offset) -> torch.Tensor:
+    """NaN, in place, in every output row that depends on a non-finite input (no host sync)."""
+    return out.masked_fill_(poisoned_rows(q, k, v, is_causal, causal_offset)[..., None], float("nan"))
+
+
 # ---------------------------------------------------------------------------- the reference
 
 
@@ -168,6 +199,8 @@ def attention_reference(
         z = q.new_zeros(b, hq, nq, dv)
         return (z, z.new_zeros(b, hq, nq, dtype=torch.float32)) if return_lse else z
 
+    q_in, k_in, v_in = q, k, v
+    q, k, v = (finite_or_zero(t).to(t.dtype) for t in (q, k, v))
     qf = q.float() * (scale * LOG2E)
     kf = k.float()
     kmean = kf.mean(dim=-2, keepdim=True)
@@ -247,7 +280,7 @@ def attention_reference(
             lse2 = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log2(torch.where(l > 0, l, 1.0)))
             lses.append(lse2[..., 0] * math.log(2.0))
     o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    o = o.reshape(b, hq, nq, dv).to(out_dtype)
+    o = poison(o.reshape(b, hq, nq, dv), q_in, k_in, v_in, is_causal, causal_offset).to(out_dtype)
     if not return_lse:
         return o
     lse = (torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]).reshape(b, hq, nq)

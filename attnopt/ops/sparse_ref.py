@@ -335,9 +335,11 @@ def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=No
 def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
                   smooth_k, pv_threshold):
     """Tile by tile in LUT order, as the kernel runs, skipping P.V of tiles far below the running max."""
-    from .attention_ref import (FP8_MAX, K_GRAN, Q_GRAN, _full_mask, _log2_logit, pv_dtype_for, quantize_rows,
-                                rows_scale)
+    from .attention_ref import (FP8_MAX, K_GRAN, Q_GRAN, _full_mask, _log2_logit, finite_or_zero, poison,
+                                pv_dtype_for, quantize_rows, rows_scale)
 
+    q_in, k_in, v_in = q, k, v
+    q, k, v = (finite_or_zero(t).to(t.dtype) for t in (q, k, v))
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
@@ -407,4 +409,4 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
                 else:
                     o = torch.where(torch.isneginf(m)[:, None], torch.zeros_like(o), o)
                 out[bb, h, rows] = o
-    return out.to(q.dtype)
+    return poison(out, q_in, k_in, v_in, is_causal, causal_offset).to(q.dtype)

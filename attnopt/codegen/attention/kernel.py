@@ -51,16 +51,21 @@ def _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid,
     if USE_TMA:
         if PV_FP8:
             return tl.reshape(V_src.load([b, hk, 0, start_n]), [BLOCK_DV, BLOCK_N]).T
-        return tl.reshape(V_src.load([b, hk, start_n, 0]), [BLOCK_N, BLOCK_DV])
+        v = tl.reshape(V_src.load([b, hk, start_n, 0]), [BLOCK_N, BLOCK_DV])
+        return tl.where((v == v) & (tl.abs(v.to(tl.float32)) != float("inf")), v, 0.0)
     if PV_FP8:
         if MASKED:
             return tl.load(V_src + start_n, mask=kvalid[:, None], other=0.0)
         return tl.load(V_src + start_n)
     if not EVEN_D:
-        return tl.load(V_src + start_n * stride_vn, mask=kvalid[:, None] & dvvalid[None, :], other=0.0)
-    if MASKED:
-        return tl.load(V_src + start_n * stride_vn, mask=kvalid[:, None], other=0.0)
-    return tl.load(V_src + start_n * stride_vn)
+        v = tl.load(V_src + start_n * stride_vn, mask=kvalid[:, None] & dvvalid[None, :], other=0.0)
+    elif MASKED:
+        v = tl.load(V_src + start_n * stride_vn, mask=kvalid[:, None], other=0.0)
+    else:
+        v = tl.load(V_src + start_n * stride_vn)
+    # a non-finite value would turn 0 * v into NaN for rows that never see it: zero it here,
+    # the op marks the rows that do depend on it afterwards
+    return tl.where((v == v) & (tl.abs(v.to(tl.float32)) != float("inf")), v, 0.0)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit
+from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit, finite_or_zero, poison
 from ...ops.sparse_ref import BK as SPARSE_BK
 from ...ops.sparse_ref import BQ as SPARSE_BQ
 from .. import casts
@@ -120,7 +120,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         vbuf, vsc, vmean = v, kmean, kmean
         v_strides = tuple(v.stride())
     finite_fill = masked_value != -math.inf
-    vall = v.float().mean(dim=-2).contiguous() if finite_fill else (vsc if pv == "fp8" else kmean)
+    vall = finite_or_zero(v).mean(dim=-2).contiguous() if finite_fill else (vsc if pv == "fp8" else kmean)
     vc = vsc if pv == "fp8" else vall
     bias = _mask4d(attn_bias, b, hq, nq, nk)
     keep = _mask4d(keep_mask, b, hq, nq, nk)
@@ -181,6 +181,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
 
         mode = "dense" if lut is None else ("sparse2" if pv_threshold is not None else "sparse")
         wrap_triton(autotuned_kernel(arch, block_d, mode))[grid](*args, **consts)
+    out = poison(out, q, k, v, is_causal, causal_offset)
     if lse is None:
         return out
     if quant != "none" and smooth_k:  # the kernel's logits were shifted by -scale * q . kmean per row

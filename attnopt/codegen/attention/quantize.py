@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops.attention_ref import FP8_MAX, K_GRAN, LOG2E, Q_GRAN
+from ...ops.attention_ref import FP8_MAX, K_GRAN, LOG2E, Q_GRAN, finite_or_zero
 from .. import casts
 from ..casts import to_e4m3
 
@@ -44,6 +44,7 @@ def _quant_rows_kernel(
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
                 mask=mask, other=0.0).to(tl.float32)
+    x = tl.where((x == x) & (tl.abs(x) != float("inf")), x, 0.0)  # non-finite -> 0: scales stay sane
     if SUB_MEAN:  # K smoothing: the token mean of this (batch, head), per channel
         mean = tl.load(MEAN + b * stride_mb + h * stride_mh + cols * stride_md, mask=cmask, other=0.0)
         x = tl.where(mask, x - mean[None, :], 0.0)
@@ -91,6 +92,7 @@ def _quant_v_fp8_kernel(
     mask = (rows < N)[:, None] & cmask[None, :]
     v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + cols[None, :] * stride_vd,
                 mask=mask, other=0.0).to(tl.float32)
+    v = tl.where((v == v) & (tl.abs(v) != float("inf")), v, 0.0)
     mean = tl.load(VMEAN + b * stride_cb + h * stride_ch + cols, mask=cmask, other=0.0)
     scale = tl.load(VSCALE + b * stride_cb + h * stride_ch + cols, mask=cmask, other=1.0)
     y = tl.where(mask, (v - mean[None, :]) / scale[None, :], 0.0)
@@ -131,7 +133,7 @@ def quantize_rows_triton(x: torch.Tensor, gran: int, fmt: str, mult: float = 1.0
 
 def quantize_qk(q, k, scale: float, fmt: str, smooth_k: bool, smooth_q: bool):
     """Q with scale*log2(e) folded (and optionally block-smoothed), K mean-smoothed; per block."""
-    kmean = k.float().mean(dim=-2) if smooth_k else None  # [B, Hkv, D]
+    kmean = finite_or_zero(k).mean(dim=-2) if smooth_k else None  # [B, Hkv, D]
     qq, qs, qbar = quantize_rows_triton(q, Q_GRAN, fmt, mult=scale * LOG2E, block_mean=smooth_q)
     kq, ks, _ = quantize_rows_triton(k, K_GRAN, fmt, mean=kmean)
     return qq, qs, qbar, kq, ks, kmean
@@ -140,7 +142,7 @@ def quantize_qk(q, k, scale: float, fmt: str, smooth_k: bool, smooth_q: bool):
 def quantize_v_fp8(v: torch.Tensor):
     """V [B, H, N, Dv] -> (vq [B, H, BLOCK_DV, Npad] e4m3, scale [B, H, Dv], mean [B, H, Dv])."""
     b, h, n, d = v.shape
-    vf = v.float()
+    vf = finite_or_zero(v)
     vmean = vf.mean(dim=-2)
     amax = (vf - vmean[:, :, None, :]).abs().amax(dim=-2)
     vscale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).contiguous()
