@@ -199,7 +199,7 @@ def attention_reference(
         z = q.new_zeros(b, hq, nq, dv)
         return (z, z.new_zeros(b, hq, nq, dtype=torch.float32)) if return_lse else z
 
-    q_in, k_in, v_in = q, k, v
+    raw = (q, k, v)  # the caller's tensors: their non-finite entries mark output rows at the end
     q, k, v = (finite_or_zero(t).to(t.dtype) for t in (q, k, v))
     qf = q.float() * (scale * LOG2E)
     kf = k.float()
@@ -280,7 +280,7 @@ def attention_reference(
             lse2 = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log2(torch.where(l > 0, l, 1.0)))
             lses.append(lse2[..., 0] * math.log(2.0))
     o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    o = poison(o.reshape(b, hq, nq, dv), q_in, k_in, v_in, is_causal, causal_offset).to(out_dtype)
+    o = poison(o.reshape(b, hq, nq, dv), *raw, is_causal, causal_offset).to(out_dtype)
     if not return_lse:
         return o
     lse = (torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]).reshape(b, hq, nq)
