@@ -84,6 +84,8 @@ def module_path(node: fx.Node) -> str:
     path = _ROOT.sub("", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)  # layers[0] -> layers.0
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)  # ['key'] -> .key
+    # Dynamo sometimes spells attribute access through the module's dicts
+    path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.|$)", "", path)
     return path.lstrip(".")
 
 

@@ -1,0 +1,1 @@
+"""Use attnopt's attention without torch.compile, through libraries' own extension points."""
