@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-WORKER = pathlib.Path(__file__).parent / "dist" / "worker.py"
+WORKER = pathlib.Path(__file__).parent / "dist_worker.py"
 
 
 def _free_port() -> int:
