@@ -303,3 +303,27 @@ def test_dense_reference_agrees_when_mask_keeps_all():
     a = R.sparse_attention_reference(q, k, v, keep, is_causal=True)
     b = attention_reference(q, k, v, is_causal=True)
     assert rel_l1(a, b) < 1e-6
+
+
+def test_structured_mask_kernels_match_reference():
+    from attnopt.codegen.sparse import masks as M
+
+    p = {"window": [64, 300], "alpha": 0.0, "beta": 0.0, "sinks": 16, "causal_only": True}
+    for causal, off in ((True, 0), (False, 0), (True, 100)):
+        assert torch.equal(M.window_mask_triton(2, 700, 800, p, causal, off, "cpu"),
+                           R.window_mask(2, 700, 800, p, causal, off, "cpu"))
+    p = {"window": None, "alpha": 32.0, "beta": [0.1, 0.3], "sinks": 0, "causal_only": False}
+    assert torch.equal(M.window_mask_triton(2, 500, 500, p, False, 0, "cpu"), R.window_mask(2, 500, 500, p, False, 0, "cpu"))
+    rp = {"frame_tokens": 256, "dense_frames": 1, "min_band": 16, "prefix_tokens": 40}
+    for n in (1100, 5000):  # every row, and the sampled rows past 4096
+        assert torch.equal(M.radial_mask_triton(n, n, rp, "cpu"), R.radial_mask(n, n, rp, "cpu"))
+    mask = (torch.rand(3, 4, 7) > 0.5).tolist()
+    assert torch.equal(M.user_block_mask_triton(mask, 128, 500, 800, 3, "cpu"),
+                       R.user_block_mask(mask, 128, 500, 800, 3, "cpu"))
+    sp = {"frame_tokens": 128, "spatial_frames": 1, "temporal_tokens": 32, "sample_rows": 8, "prefix_tokens": 10}
+    got = M.svg_masks_triton(700, 700, sp, "cpu")
+    q, k, v = qkv(1, 2, 2, 700, 700, 32)
+    _, choice = R.predict_svg(q, k, v, 0.2, sp, False, 0)
+    keep, choice2 = R.predict_svg(q, k, v, 0.2, sp, False, 0, masks=got)
+    ref, _ = R.predict_svg(q, k, v, 0.2, sp, False, 0)
+    assert torch.equal(choice, choice2) and torch.equal(keep, ref)

@@ -32,14 +32,23 @@ def predict_block_mask(q, k, v, params: dict, scale: float, is_causal: bool, cau
         if use_triton:
             from ..codegen.sparse.predict import predict_xattention_triton as fn
         keep = fn(q, k, scale, int(params["stride"]), params["tau"], is_causal, causal_offset)
-    elif method == "window":
-        keep = R.window_mask(hq, nq, nk, params, is_causal, causal_offset, q.device).expand(b, -1, -1, -1)
-    elif method == "radial":
-        keep = R.radial_mask(nq, nk, params, q.device).expand(b, hq, -1, -1)
-    elif method == "block":
-        keep = R.user_block_mask(params["mask"], int(params["block_size"]), nq, nk, hq, q.device).expand(b, -1, -1, -1)
-    elif method == "svg":
-        keep, _ = R.predict_svg(q, k, v, scale, params, is_causal, causal_offset)
+    elif method in ("window", "radial", "block", "svg"):
+        if use_triton:
+            from ..codegen.sparse import masks as M
+
+            window, radial, user, svg = (M.window_mask_triton, M.radial_mask_triton, M.user_block_mask_triton,
+                                         M.svg_masks_triton)
+        else:
+            window, radial, user, svg = R.window_mask, R.radial_mask, R.user_block_mask, None
+        if method == "window":
+            keep = window(hq, nq, nk, params, is_causal, causal_offset, q.device).expand(b, -1, -1, -1)
+        elif method == "radial":
+            keep = radial(nq, nk, params, q.device).expand(b, hq, -1, -1)
+        elif method == "block":
+            keep = user(params["mask"], int(params["block_size"]), nq, nk, hq, q.device).expand(b, -1, -1, -1)
+        else:
+            pre = svg(nq, nk, params, q.device) if svg is not None else None
+            keep, _ = R.predict_svg(q, k, v, scale, params, is_causal, causal_offset, masks=pre)
     else:
         raise ValueError(f"unknown sparsity method {method!r}")
     keep = keep.clone()

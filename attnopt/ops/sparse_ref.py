@@ -240,7 +240,7 @@ def user_block_mask(mask, block_size: int, nq: int, nk: int, h: int, device) -> 
                                            device) for mm in m])
 
 
-def predict_svg(q, k, v, scale: float, params: dict, is_causal: bool, causal_offset: int):
+def predict_svg(q, k, v, scale: float, params: dict, is_causal: bool, causal_offset: int, masks=None):
     """Sparse VideoGen: per head, the spatial (nearby frames) or temporal (same position across
     frames) mask, whichever errs less on a few sampled query rows. -> [B, H, nqb, nkb], choice [H]."""
     b, hq, nq, d = q.shape
@@ -275,7 +275,8 @@ def predict_svg(q, k, v, scale: float, params: dict, is_causal: bool, causal_off
         o = torch.matmul(torch.softmax(logit.masked_fill(~m, -math.inf), -1).nan_to_num(0), vv)
         errs.append(((o - dense).abs().sum((0, 2, 3)) / dense.abs().sum((0, 2, 3)).clamp_min(1e-12)))
     choice = (errs[1] < errs[0]).long()  # [H]: 0 spatial, 1 temporal
-    masks = torch.stack([_element_to_blocks(spatial, nq, nk, dev), _element_to_blocks(temporal, nq, nk, dev)])
+    if masks is None:  # (the GPU path passes them in, from codegen/sparse/masks.py)
+        masks = torch.stack([_element_to_blocks(spatial, nq, nk, dev), _element_to_blocks(temporal, nq, nk, dev)])
     return masks[choice].expand(b, hq, *masks.shape[1:]), choice
 
 

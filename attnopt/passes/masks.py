@@ -155,7 +155,7 @@ def affine_of(node, depth: int = 0) -> Affine | None:
         if e is None:
             return None
         args = list(node.args) + [None] * (5 - len(node.args))
-        dim, start, end, step = args[1] or 0, args[2] or 0, args[3], args[4] or 1
+        dim, start, step = args[1] or 0, args[2] or 0, args[4] or 1  # the end bound does not move values
         if step != 1 or not isinstance(start, int):
             return None
         r = _rank(src)
