@@ -15,7 +15,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?")
+# the traced callable's local: L['self'], or L['args'][0] when a decorator passes the module on
+_ROOT = re.compile(r"^L(?:\[[^\]]+\])+\.?")
 
 
 def val(node: Any):
@@ -75,7 +76,8 @@ def prod(xs: Iterable):
 def module_path(node: fx.Node) -> str:
     """Dotted path of the innermost user module that produced `node` ('' for top level).
 
-    Dynamo records `L['self'].model.layers.0.self_attn`; the user's own path drops the root.
+    Dynamo records `L['self'].model.layers.0.self_attn` (or `L['args'][0].model...` under
+    transformers' forward decorators); the user's own path drops the root.
     """
     stack = node.meta.get("nn_module_stack")
     if not stack:
