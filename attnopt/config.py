@@ -235,10 +235,11 @@ ARCHS = ("auto", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "cpu")
 SCHEMA: dict[str, dict[str, Field] | Field] = {
     "attention": {
         "enabled": Field(True, _bool, "true | false", "rewrite attention sites at all"),
-        "quant": Field("int8", _choice("int8", "fp8", "none"), "'int8' | 'fp8' | 'none'",
-                       "QK^T format; 'none' keeps 16-bit QK^T (useful with sparsity only)"),
-        "pv": Field("auto", _choice("fp16", "fp8", "auto"), "'fp16' | 'fp8' | 'auto'",
-                    "P.V format: 16-bit (the model's fp16/bf16), FP8 e4m3, or the arch default"),
+        "quant": Field("int8", _choice("int8", "fp8", "fp4", "none"), "'int8' | 'fp8' | 'fp4' | 'none'",
+                       "QK^T format ('fp4': NVFP4, sm100+); 'none' keeps 16-bit QK^T (useful with sparsity only)"),
+        "pv": Field("auto", _choice("fp16", "fp8", "fp4", "auto"), "'fp16' | 'fp8' | 'fp4' | 'auto'",
+                    "P.V format: 16-bit (the model's fp16/bf16), FP8 e4m3, NVFP4, or the arch default "
+                    "('fp4' with quant 'fp4')"),
         "smooth_k": Field(True, _bool, "true | false", "subtract K's token mean before quantizing (exact)"),
         "smooth_q": Field(False, _bool, "true | false",
                           "subtract each Q block's mean and add its QK^T term back before softmax"),

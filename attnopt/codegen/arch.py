@@ -46,7 +46,7 @@ class ArchSpec:
     qk_formats: tuple[str, ...]  # QK^T formats the hardware runs ("none" = 16-bit, always)
     pv_formats: tuple[str, ...]  # P.V formats
     pv_auto: str  # P.V format chosen by pv="auto" with a quantized QK^T
-    fp4: bool  # microscaled FP4 (tl.dot_scaled native)
+    fp4: bool  # NVFP4 (tl.dot_scaled with e4m3 group scales) runs natively
     tma: bool  # tensor descriptors lowered to TMA
     smem_kb: int  # shared memory per block, for stage counts
     # attention tiles per head-dim bucket (padded head dim <= key); first entry is the default
@@ -69,8 +69,13 @@ class ArchSpec:
         return None
 
 
+def fp4_tiles(tiles: tuple[Tile, ...]) -> tuple[Tile, ...]:
+    """NVFP4 P.V reduces over BLOCK_N keys: at least one 64-deep scaled-MMA step."""
+    return tuple(dict.fromkeys(Tile(t.block_m, max(64, t.block_n), t.warps, t.stages) for t in tiles))
+
+
 def _needs(fmt: str) -> str:
-    return {"fp8": "sm89+", "int8": "sm80+", "fp16": "sm80+"}.get(fmt, "another arch")
+    return {"fp4": "sm100+", "fp8": "sm89+", "int8": "sm80+", "fp16": "sm80+"}.get(fmt, "another arch")
 
 
 _AMPERE_TILES = {
@@ -104,12 +109,12 @@ ARCHS: dict[str, ArchSpec] = {
                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
     "sm90": ArchSpec("sm90", (9, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", False, True, 227,
                      _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
-    "sm100": ArchSpec("sm100", (10, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", True, True, 227,
+    "sm100": ArchSpec("sm100", (10, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp8", True, True, 227,
                       _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
-    "sm120": ArchSpec("sm120", (12, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", True, True, 99,
+    "sm120": ArchSpec("sm120", (12, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp8", True, True, 99,
                       _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
     # The reference path emulates every format; pv "auto" follows the Ampere default.
-    "cpu": ArchSpec("cpu", None, ("int8", "fp8"), ("fp16", "fp8"), "fp16", True, False, 0,
+    "cpu": ArchSpec("cpu", None, ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp16", True, False, 0,
                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
 }
 
@@ -148,7 +153,10 @@ def resolve_arch(option: str, device: torch.device | str | None = None) -> ArchS
 
 
 def resolve_pv(pv: str, quant: str, spec: ArchSpec) -> str:
-    """'auto' P.V format: FP8 where the arch runs it and QK^T is quantized, else 16-bit."""
+    """'auto' P.V format: NVFP4 with an NVFP4 QK^T; FP8 where the arch runs it and QK^T is
+    quantized; else 16-bit."""
     if pv != "auto":
         return pv
+    if quant == "fp4":
+        return "fp4"
     return spec.pv_auto if quant != "none" else "fp16"

@@ -47,7 +47,7 @@ def attention_op(
 ) -> torch.Tensor:
     """q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> out [B, Hq, Nq, Dv] (q's dtype).
 
-    `pv` must already be resolved ('fp16' | 'fp8'); `arch` is a name from codegen.arch.
+    `pv` must already be resolved ('fp16' | 'fp8' | 'fp4'); `arch` is a name from codegen.arch.
     """
     if _use_triton(q, arch, impl):
         from ..codegen.attention.launch import attention_triton
@@ -100,10 +100,10 @@ def attention(
 
     if dropout_p != 0.0:
         raise ValueError("attnopt.attention does not implement dropout (dropout_p must be 0)")
-    if quant not in ("int8", "fp8", "none"):
-        raise ConfigError("quant", quant, "'int8' | 'fp8' | 'none'")
-    if pv not in ("fp16", "fp8", "auto"):
-        raise ConfigError("pv", pv, "'fp16' | 'fp8' | 'auto'")
+    if quant not in ("int8", "fp8", "fp4", "none"):
+        raise ConfigError("quant", quant, "'int8' | 'fp8' | 'fp4' | 'none'")
+    if pv not in ("fp16", "fp8", "fp4", "auto"):
+        raise ConfigError("pv", pv, "'fp16' | 'fp8' | 'fp4' | 'auto'")
     if layout not in ("bhnd", "bnhd"):
         raise ConfigError("layout", layout, "'bhnd' | 'bnhd'")
     if impl not in IMPLS:

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from . import nvfp4
+
 LOG2E = 1.4426950408889634
 FP32_MAX = 3.4028234663852886e38
 INT8_MAX = 127.0
@@ -219,11 +221,15 @@ def attention_reference(
             qmean = block_mean(qf, Q_GRAN)  # [B, Hq, nbq, D]
             q_in = qf - qmean.repeat_interleave(Q_GRAN, dim=-2)[..., :nq, :]
             corr_rows = qmean.repeat_interleave(Q_GRAN, dim=-2)[..., :nq, :]  # per-row qbar
-        q_q, q_s = quantize_rows(q_in, Q_GRAN, quant)
-        k_q, k_s = quantize_rows(kf, K_GRAN, quant)
-        # Exact in fp32: int8 products summed over D <= 1040 stay below 2**24.
-        q_deq = q_q.float() * rows_scale(q_s, Q_GRAN, nq)[..., None]
-        k_deq = k_q.float() * rows_scale(k_s, K_GRAN, nk)[..., None]
+        if quant == "fp4":  # NVFP4: groups of 16 along D, outer scale per block of rows
+            q_deq = nvfp4.fake_quantize_rows(q_in, Q_GRAN)
+            k_deq = nvfp4.fake_quantize_rows(kf, K_GRAN)
+        else:
+            q_q, q_s = quantize_rows(q_in, Q_GRAN, quant)
+            k_q, k_s = quantize_rows(kf, K_GRAN, quant)
+            # Exact in fp32: int8 products summed over D <= 1040 stay below 2**24.
+            q_deq = q_q.float() * rows_scale(q_s, Q_GRAN, nq)[..., None]
+            k_deq = k_q.float() * rows_scale(k_s, K_GRAN, nk)[..., None]
         qk_scale = 1.0
 
     g = hq // hkv
@@ -232,13 +238,16 @@ def attention_reference(
     bias = _fold_gqa(_full_mask(attn_bias, b, hq, nq, nk), hkv)
     keep = _fold_gqa(_full_mask(keep_mask, b, hq, nq, nk), hkv)
 
-    if pv == "fp8":
+    if pv in ("fp8", "fp4"):
         vf = v.float()
         v_mean = vf.mean(dim=-2, keepdim=True)  # V smoothing: O = P (V - vbar) + vbar, exact
         vs = vf - v_mean
-        amax = vs.abs().amax(dim=-2, keepdim=True)
-        v_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        v_op = (vs / v_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        if pv == "fp4":  # per-channel outer scale, e4m3 scales per 16 keys: the P.V reduction dim
+            v_op, v_scale = nvfp4.quantize_v(vs)
+        else:
+            amax = vs.abs().amax(dim=-2, keepdim=True)
+            v_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+            v_op = (vs / v_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     elif pv == "fp16":
         v_op = v.to(pv_dtype_for(v.dtype)).float()
     else:
@@ -265,6 +274,9 @@ def attention_reference(
         if pv == "fp8":
             p_op = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
             o = torch.matmul(p_op, v_op) * (v_scale / FP8_MAX)
+            o = o / torch.where(l > 0, l, torch.ones_like(l)) + v_mean
+        elif pv == "fp4":  # P scaled by 448 * 6 per row, then e4m3 scales per 16 keys
+            o = torch.matmul(nvfp4.quantize_p(p), v_op) * (v_scale / nvfp4.P_SCALE)
             o = o / torch.where(l > 0, l, torch.ones_like(l)) + v_mean
         else:
             p_op = p.to(pv_dtype_for(v.dtype)).float()

@@ -336,6 +336,7 @@ def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=No
 def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
                   smooth_k, pv_threshold):
     """Tile by tile in LUT order, as the kernel runs, skipping P.V of tiles far below the running max."""
+    from . import nvfp4
     from .attention_ref import (FP8_MAX, K_GRAN, Q_GRAN, _full_mask, _log2_logit, finite_or_zero, poison,
                                 pv_dtype_for, quantize_rows, rows_scale)
 
@@ -351,6 +352,9 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     if quant == "none":
         dt = pv_dtype_for(q.dtype)
         qd, kd = q.to(dt).float() * (scale * LOG2E), k.to(dt).float()
+    elif quant == "fp4":
+        qd = nvfp4.fake_quantize_rows(q.float() * (scale * LOG2E), Q_GRAN)
+        kd = nvfp4.fake_quantize_rows(kf, K_GRAN)
     else:
         qq, qs = quantize_rows(q.float() * (scale * LOG2E), Q_GRAN, quant)
         kq, ks = quantize_rows(kf, K_GRAN, quant)
@@ -363,6 +367,9 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
         amax = (vf - vmean).abs().amax(dim=-2, keepdim=True)
         vscale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         vd = ((vf - vmean) / vscale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    elif pv == "fp4":
+        vmean = vmean_all[:, :, None]
+        vd, vscale = nvfp4.quantize_v(vf - vmean)
     else:
         vd = v.to(pv_dtype_for(v.dtype)).float()
     fill = _log2_logit(float(masked_value))
@@ -398,13 +405,15 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
                     l = l * alpha + p.sum(-1)
                     if pv == "fp8":
                         pp = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
+                    elif pv == "fp4":
+                        pp = nvfp4.quantize_p(p)
                     else:
                         pp = p.to(pv_dtype_for(v.dtype)).float()
                     acc = acc * alpha[:, None] + pp @ vd[bb, hk, cols]
                     m = m_new
                 o = acc / torch.where(l > 0, l, torch.ones_like(l))[:, None]
-                if pv == "fp8":
-                    o = o * (vscale[bb, hk, 0] / FP8_MAX) + vmean[bb, hk, 0]
+                if pv in ("fp8", "fp4"):
+                    o = o * (vscale[bb, hk, 0] / (FP8_MAX if pv == "fp8" else nvfp4.P_SCALE)) + vmean[bb, hk, 0]
                 if masked_value != -math.inf:
                     o = torch.where((m <= fill)[:, None], vmean_all[bb, hk][None, :], o)
                 else:

@@ -117,8 +117,8 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         raise Reject(f"key length {nk} < attention.min_seq_len ({a['min_seq_len']})")
     quant = a["quant"]
     pv = resolve_pv(a["pv"], quant, spec)
-    if quant == "none" and pv == "fp8":
-        raise Reject("pv 'fp8' needs a quantized QK^T (attention.quant)")
+    if quant == "none" and pv in ("fp8", "fp4"):
+        raise Reject(f"pv {pv!r} needs a quantized QK^T (attention.quant)")
     why = spec.supports(quant, pv)
     if why:
         raise Reject(why)

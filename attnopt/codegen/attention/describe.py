@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..arch import ArchSpec
+from ..arch import ArchSpec, fp4_tiles
 
 
 def variant_name(quant: str, pv: str) -> str:
-    qk = {"int8": "int8qk", "fp8": "fp8qk", "none": "f16qk"}[quant]
-    return f"{qk}-{'fp8pv' if pv == 'fp8' else 'f16pv'}"
+    qk = {"int8": "int8qk", "fp8": "fp8qk", "fp4": "fp4qk", "none": "f16qk"}[quant]
+    return f"{qk}-{ {'fp8': 'fp8pv', 'fp4': 'fp4pv'}.get(pv, 'f16pv') }"
 
 
 def describe_attention_kernel(spec: ArchSpec, quant: str, pv: str, head_dim: int, device_type: str) -> str:
@@ -15,5 +15,8 @@ def describe_attention_kernel(spec: ArchSpec, quant: str, pv: str, head_dim: int
     v = variant_name(quant, pv)
     if spec.name == "cpu" or device_type != "cuda":
         return f"reference/{v}" + ("" if spec.name == "cpu" else f"@{spec.name}")
-    tile = spec.attention_tiles(head_dim)[0]
-    return f"triton/{spec.name}/{v}/{tile}" + ("+tma" if spec.tma else "") + " (autotuned)"
+    fp4 = "fp4" in (quant, pv)
+    tiles = spec.attention_tiles(head_dim)
+    tile = (fp4_tiles(tiles) if fp4 else tiles)[0]
+    tma = spec.tma and not fp4  # NVFP4 operands load without tensor descriptors
+    return f"triton/{spec.name}/{v}/{tile}" + ("+tma" if tma else "") + " (autotuned)"

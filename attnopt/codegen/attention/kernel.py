@@ -7,11 +7,14 @@ visible without element masks, then the causal-diagonal / tail tiles with them),
 Variants are constexpr switches, chosen per architecture in codegen/arch.py:
 
   QK_FMT   0: INT8 QK^T (int32 accumulate)   1: FP8 e4m3 QK^T   2: 16-bit QK^T (quant "none")
-  PV_FP8   False: P and V in 16 bits, fp32 accumulate
-           True:  P scaled to [0, 448] and V per-channel scaled, both e4m3; each tile's product
+           3: NVFP4 QK^T (e2m1 packed along D, e4m3 scales per 16 channels; tl.dot_scaled)
+  PV_FP8   True:  P scaled to [0, 448] and V per-channel scaled, both e4m3; each tile's product
                   lands in a fresh fp32 tile added to the fp32 output (two-level accumulation)
+  PV_FP4   True:  P scaled by 448 * 6 per row, then NVFP4 with e4m3 scales per 16 keys; V per-
+                  channel scaled, NVFP4 along keys; two-level accumulation as for FP8
+           (neither: P and V in 16 bits, fp32 accumulate)
   USE_TMA  Q/K/V tiles through tensor descriptors (TMA on sm90+; 4-D, so a tile past the end of
-           one head reads zeros, and an unpadded head dim is zero-filled too)
+           one head reads zeros, and an unpadded head dim is zero-filled too; not with NVFP4)
   SPARSE   visit only the kv-blocks a predictor kept (a LUT per q-block: full tiles, then those
            needing element masks); HAS_LAMBDA adds the second stage (skip exp and P.V of tiles
            whose row maxima trail the running maxima by more than lambda)
@@ -27,54 +30,64 @@ import triton
 import triton.language as tl
 
 from ..casts import store_cast, to_16bit, to_e4m3
+from ..microscaling import fp4_dot, quantize_groups
 
 
 @triton.jit
 def _load_k(K_src, b, hk, start_n, stride_kn, kvalid, dvalid,
             QK_FMT: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """K^T tile [BLOCK_D, BLOCK_N]."""
+    """K^T tile [BLOCK_D, BLOCK_N] ([BLOCK_D / 2, BLOCK_N] packed for NVFP4). One exit (see _load_v)."""
     if USE_TMA:
-        return tl.reshape(K_src.load([b, hk, start_n, 0]), [BLOCK_N, BLOCK_D]).T
-    if QK_FMT == 2 and not EVEN_D:  # the caller's K, head dim not padded
-        return tl.load(K_src + start_n * stride_kn, mask=dvalid[:, None] & kvalid[None, :], other=0)
-    if MASKED:
-        return tl.load(K_src + start_n * stride_kn, mask=kvalid[None, :], other=0.0 if QK_FMT == 1 else 0)
-    return tl.load(K_src + start_n * stride_kn)
+        k = tl.reshape(K_src.load([b, hk, start_n, 0]), [BLOCK_N, BLOCK_D]).T
+    elif QK_FMT == 2 and not EVEN_D:  # the caller's K, head dim not padded
+        k = tl.load(K_src + start_n * stride_kn, mask=dvalid[:, None] & kvalid[None, :], other=0)
+    elif MASKED:
+        k = tl.load(K_src + start_n * stride_kn, mask=kvalid[None, :], other=0.0 if QK_FMT == 1 else 0)
+    else:
+        k = tl.load(K_src + start_n * stride_kn)
+    return k
 
 
 @triton.jit
 def _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid,
-            PV_FP8: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+            PV_FP8: tl.constexpr, PV_FP4: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """V tile [BLOCK_N, BLOCK_DV] (e4m3 V is stored transposed, keys contiguous)."""
+    """V tile [BLOCK_N, BLOCK_DV] (e4m3 and NVFP4 V are stored transposed, keys contiguous; NVFP4
+    codes come packed, [BLOCK_N / 2, BLOCK_DV]). One exit: compiled Triton wants every return of a
+    function to have one type, constexpr branches included."""
     if USE_TMA:
         if PV_FP8:
-            return tl.reshape(V_src.load([b, hk, 0, start_n]), [BLOCK_DV, BLOCK_N]).T
-        v = tl.reshape(V_src.load([b, hk, start_n, 0]), [BLOCK_N, BLOCK_DV])
-        return tl.where((v == v) & (tl.abs(v.to(tl.float32)) != float("inf")), v, 0.0)
-    if PV_FP8:
+            v = tl.reshape(V_src.load([b, hk, 0, start_n]), [BLOCK_DV, BLOCK_N]).T
+        else:
+            v = tl.reshape(V_src.load([b, hk, start_n, 0]), [BLOCK_N, BLOCK_DV])
+    elif PV_FP4:  # storage is zero-padded past Nk
+        v = tl.load(V_src + start_n // 2)
+    elif PV_FP8:
         if MASKED:
-            return tl.load(V_src + start_n, mask=kvalid[:, None], other=0.0)
-        return tl.load(V_src + start_n)
-    if not EVEN_D:
+            v = tl.load(V_src + start_n, mask=kvalid[:, None], other=0.0)
+        else:
+            v = tl.load(V_src + start_n)
+    elif not EVEN_D:
         v = tl.load(V_src + start_n * stride_vn, mask=kvalid[:, None] & dvvalid[None, :], other=0.0)
     elif MASKED:
         v = tl.load(V_src + start_n * stride_vn, mask=kvalid[:, None], other=0.0)
     else:
         v = tl.load(V_src + start_n * stride_vn)
-    # a non-finite value would turn 0 * v into NaN for rows that never see it: zero it here,
-    # the op marks the rows that do depend on it afterwards
-    return tl.where((v == v) & (tl.abs(v.to(tl.float32)) != float("inf")), v, 0.0)
+    if not (PV_FP8 or PV_FP4):
+        # a non-finite value would turn 0 * v into NaN for rows that never see it: zero it here,
+        # the op marks the rows that do depend on it afterwards
+        v = tl.where((v == v) & (tl.abs(v.to(tl.float32)) != float("inf")), v, 0.0)
+    return v
 
 
 @triton.jit
 def _attn_step(
-    acc, l_i, m_i, q, qs, qbar,
-    K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+    acc, l_i, m_i, q, qs, qbar, qg,
+    K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs, BIAS_ptrs, KEEP_ptrs,
     b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
-    stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
-    QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
+    QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, PV_FP4: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_LAMBDA: tl.constexpr, K_GRAN: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
@@ -85,6 +98,9 @@ def _attn_step(
                 BLOCK_N, BLOCK_D)
     if QK_FMT == 0:
         s = tl.dot(q, k).to(tl.float32)
+    elif QK_FMT == 3:  # K's group scales [BLOCK_N, BLOCK_D / 16]; masked keys get scale 0
+        kg = tl.load(KG_ptrs + start_n * stride_kgn, mask=kvalid[:, None], other=0.0)
+        s = fp4_dot(q, qg, k, kg, BLOCK_M, BLOCK_D, BLOCK_N, EMULATE)
     else:
         s = tl.dot(q, k)
     if QK_FMT != 2:
@@ -122,9 +138,13 @@ def _attn_step(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid, PV_FP8, MASKED, EVEN_D, USE_TMA,
+        v = _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid, PV_FP8, PV_FP4, MASKED, EVEN_D, USE_TMA,
                     BLOCK_N, BLOCK_DV)
-        if PV_FP8:
+        if PV_FP4:  # P~ = P * 448 * 6: a group holding the row max gets e4m3 scale 448
+            pq, pg = quantize_groups(p * 2688.0, BLOCK_M, BLOCK_N, EMULATE)
+            vg = tl.load(VG_ptrs + start_n // 16)
+            acc += fp4_dot(pq, pg, v, vg, BLOCK_M, BLOCK_N, BLOCK_DV, EMULATE)  # fresh fp32 tile, then added
+        elif PV_FP8:
             acc += tl.dot(to_e4m3(p * 448.0, EMULATE), v)  # fresh fp32 tile, then added
         else:
             acc = tl.dot(to_16bit(p, PV_DTYPE, EMULATE), to_16bit(v, PV_DTYPE, EMULATE), acc)
@@ -142,6 +162,9 @@ def _attn_fwd(
     K16, stride_k16b, stride_k16h, stride_k16n, stride_k16d,
     KMEAN, stride_kmb, stride_kmh,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
+    QG, stride_qgb, stride_qgh, stride_qgn,
+    KG, stride_kgb, stride_kgh, stride_kgn,
+    VG, stride_vgb, stride_vgh, stride_vgd,
     VSC, VMEAN, VALL, stride_vcb, stride_vch,
     BIAS, stride_biasb, stride_biash, stride_biasm, stride_biasn,
     KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
@@ -152,7 +175,8 @@ def _attn_fwd(
     LAM,
     NB, HQ, HKV, NPAD,
     Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, N_BUCKET,
-    QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, PV_FP4: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     HAS_KEEP: tl.constexpr, FINITE_FILL: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr, SPARSE: tl.constexpr, SPARSE_BQ: tl.constexpr,
     HAS_LAMBDA: tl.constexpr,
@@ -174,11 +198,19 @@ def _attn_fwd(
     dvvalid = offs_dv < DV
 
     # Q tile and its per-row scales, loaded once
+    qg = 0.0  # NVFP4 group scales of Q
     if USE_TMA:
         q_desc = tl.make_tensor_descriptor(Q, shape=[NB, HQ, Nq, DQK if QK_FMT == 2 else BLOCK_D],
                                            strides=[stride_qb, stride_qh, stride_qm, 1],
                                            block_shape=[1, 1, BLOCK_M, BLOCK_D])
         q = tl.reshape(q_desc.load([b, h, m0, 0]), [BLOCK_M, BLOCK_D])
+    elif QK_FMT == 3:  # packed codes [BLOCK_M, BLOCK_D / 2] and group scales [BLOCK_M, BLOCK_D / 16]
+        offs_dp = tl.arange(0, BLOCK_D // 2)
+        offs_g = tl.arange(0, BLOCK_D // 16)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_dp[None, :],
+                    mask=mvalid[:, None], other=0)
+        qg = tl.load(QG + b * stride_qgb + h * stride_qgh + offs_m[:, None] * stride_qgn + offs_g[None, :],
+                     mask=mvalid[:, None], other=0.0)
     else:
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
         if QK_FMT == 2:  # the caller's Q
@@ -208,12 +240,19 @@ def _attn_fwd(
             V_src = tl.make_tensor_descriptor(V, shape=[NB, HKV, Nk, DV], strides=[stride_vb, stride_vh, stride_vn, 1],
                                               block_shape=[1, 1, BLOCK_N, BLOCK_DV])
     else:  # K^T tile pointers [BLOCK_D, BLOCK_N]: head dim contiguous (K-major for the 8-bit dot)
-        K_src = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-        if PV_FP8:  # transposed e4m3 V [BLOCK_DV, Npad]: keys contiguous
+        if QK_FMT == 3:  # packed along the head dim: [BLOCK_D / 2, BLOCK_N] bytes
+            K_src = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + tl.arange(0, BLOCK_D // 2)[:, None]
+        else:
+            K_src = K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        if PV_FP4:  # transposed NVFP4 V: codes [BLOCK_DV, Npad / 2], keys packed and contiguous
+            V_src = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd + tl.arange(0, BLOCK_N // 2)[:, None]
+        elif PV_FP8:  # transposed e4m3 V [BLOCK_DV, Npad]: keys contiguous
             V_src = V + b * stride_vb + hk * stride_vh + offs_dv[None, :] * stride_vd + offs_n[:, None]
         else:
             V_src = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     KS_ptrs = KS + b * stride_ksb + hk * stride_ksh
+    KG_ptrs = KG + b * stride_kgb + hk * stride_kgh + offs_n[:, None] * stride_kgn + tl.arange(0, BLOCK_D // 16)[None, :]
+    VG_ptrs = VG + b * stride_vgb + hk * stride_vgh + offs_dv[:, None] * stride_vgd + tl.arange(0, BLOCK_N // 16)[None, :]
     K16_ptrs = K16 + b * stride_k16b + hk * stride_k16h + offs_n[None, :] * stride_k16n + offs_d[:, None] * stride_k16d
     BIAS_ptrs = BIAS + b * stride_biasb + h * stride_biash + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn
     KEEP_ptrs = KEEP + b * stride_keepb + h * stride_keeph + offs_m[:, None] * stride_keepm + offs_n[None, :] * stride_keepn
@@ -233,18 +272,20 @@ def _attn_fwd(
         for t in range(0, n_full):
             start_n = tl.load(lut + t) * BLOCK_N
             acc, l_i, m_i = _attn_step(
-                acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+                acc, l_i, m_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
+                BIAS_ptrs, KEEP_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
-                stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
-                QK_FMT, PV_FP8, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+                stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
+                QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
                 K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
         for t in range(n_full, n_all):
             start_n = tl.load(lut + t) * BLOCK_N
             acc, l_i, m_i = _attn_step(
-                acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+                acc, l_i, m_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
+                BIAS_ptrs, KEEP_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
-                stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
-                QK_FMT, PV_FP8, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+                stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
+                QK_FMT, PV_FP8, PV_FP4, BLOCK_M, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
                 K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
     else:
         # Key range: all keys, or (causal) up to the last row's diagonal. Tiles below `full_end`
@@ -259,26 +300,28 @@ def _attn_fwd(
             full_end = nk_full
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _attn_step(
-                acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+                acc, l_i, m_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
+                BIAS_ptrs, KEEP_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
-                stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
-                QK_FMT, PV_FP8, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+                stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
+                QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
                 K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
         for start_n in range(full_end, hi, BLOCK_N):
             acc, l_i, m_i = _attn_step(
-                acc, l_i, m_i, q, qs, qbar, K_src, KS_ptrs, K16_ptrs, kmean, V_src, BIAS_ptrs, KEEP_ptrs,
+                acc, l_i, m_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
+                BIAS_ptrs, KEEP_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
-                stride_kn, stride_k16n, stride_vn, stride_biasn, stride_keepn,
-                QK_FMT, PV_FP8, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+                stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
+                QK_FMT, PV_FP8, PV_FP4, BLOCK_M, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
                 K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
 
     # epilogue
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    if PV_FP8:
+    if PV_FP8 or PV_FP4:
         vsc = tl.load(VSC + b * stride_vcb + hk * stride_vch + offs_dv, mask=dvvalid, other=0.0)
         vmean = tl.load(VMEAN + b * stride_vcb + hk * stride_vch + offs_dv, mask=dvvalid, other=0.0)
-        o = o * (vsc / 448.0)[None, :] + vmean[None, :]
+        o = o * (vsc / (2688.0 if PV_FP4 else 448.0))[None, :] + vmean[None, :]
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # natural log, before K-smoothing's shift
     if FINITE_FILL:  # no kept key: eager softmax over equal (finite) logits is uniform over all keys
         vall = tl.load(VALL + b * stride_vcb + hk * stride_vch + offs_dv, mask=dvvalid, other=0.0)

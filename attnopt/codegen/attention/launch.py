@@ -21,11 +21,11 @@ from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit, finite_or_z
 from ...ops.sparse_ref import BK as SPARSE_BK
 from ...ops.sparse_ref import BQ as SPARSE_BQ
 from .. import casts
-from ..arch import ARCHS, Tile
+from ..arch import ARCHS, Tile, fp4_tiles
 from .kernel import _attn_fwd
-from .quantize import padded_head_dim, quantize_qk, quantize_v_fp8
+from .quantize import fp4_head_dim, padded_head_dim, quantize_qk, quantize_v_fp4, quantize_v_fp8
 
-QK_FORMATS = {"int8": 0, "fp8": 1, "none": 2}
+QK_FORMATS = {"int8": 0, "fp8": 1, "none": 2, "fp4": 3}
 
 
 def interpreted() -> bool:
@@ -45,9 +45,11 @@ def autotuned_kernel(arch: str, block_d: int, mode: str = "dense"):
     tiles = ARCHS[arch].attention_tiles(block_d)
     if mode != "dense":
         tiles = tuple(dict.fromkeys(_sparse_tile(t, mode == "sparse2") for t in tiles))
+    if mode == "fp4":
+        tiles = fp4_tiles(tiles)
     configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps, num_stages=t.stages)
                for t in tiles]
-    return triton.autotune(configs=configs, key=["N_BUCKET", "DQK", "DV", "QK_FMT", "PV_FP8", "IS_CAUSAL",
+    return triton.autotune(configs=configs, key=["N_BUCKET", "DQK", "DV", "QK_FMT", "PV_FP8", "PV_FP4", "IS_CAUSAL",
                                                  "HAS_BIAS", "HAS_KEEP", "SMOOTH_Q"])(_attn_fwd)
 
 
@@ -104,24 +106,32 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     if out.numel() == 0:
         return (out, lse) if return_lse else out
     spec = ARCHS[arch]
-    block_d, block_dv = padded_head_dim(d), padded_head_dim(dv)
+    fp4 = quant == "fp4" or pv == "fp4"
+    block_d = fp4_head_dim(d) if quant == "fp4" else padded_head_dim(d)
+    block_dv = fp4_head_dim(dv) if pv == "fp4" else padded_head_dim(dv)
     smooth_q = smooth_q and quant != "none"
+    qg = kg = vg = out  # NVFP4 group scales (unused placeholders otherwise)
     if quant == "none":
         qbuf, kbuf, qs, ks, qbar, kmean = q, k, out, out, out, None
     else:
         qbuf, qs, qbar, kbuf, ks, kmean = quantize_qk(q, k, scale, quant, smooth_k, smooth_q)
         qbar = qbar if qbar is not None else out
+        if quant == "fp4":
+            (qbuf, qg), (kbuf, kg) = qbuf, kbuf
     if kmean is None:
         kmean = torch.zeros(b, hkv, d, dtype=torch.float32, device=q.device)
-    if pv == "fp8":
+    if pv == "fp4":
+        vbuf, vg, vsc, vmean = quantize_v_fp4(v, block_dv)
+        v_strides = (vbuf.stride(0), vbuf.stride(1), 1, vbuf.stride(2))
+    elif pv == "fp8":
         vbuf, vsc, vmean = quantize_v_fp8(v)
         v_strides = (vbuf.stride(0), vbuf.stride(1), 1, vbuf.stride(2))
     else:
         vbuf, vsc, vmean = v, kmean, kmean
         v_strides = tuple(v.stride())
     finite_fill = masked_value != -math.inf
-    vall = finite_or_zero(v).mean(dim=-2).contiguous() if finite_fill else (vsc if pv == "fp8" else kmean)
-    vc = vsc if pv == "fp8" else vall
+    vall = finite_or_zero(v).mean(dim=-2).contiguous() if finite_fill else (vsc if pv in ("fp8", "fp4") else kmean)
+    vc = vsc if pv in ("fp8", "fp4") else vall
     bias = _mask4d(attn_bias, b, hq, nq, nk)
     keep = _mask4d(keep_mask, b, hq, nq, nk)
     bias_t = bias if bias is not None else out
@@ -132,7 +142,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     k_s = tuple(kbuf.stride())
     if use_tma is None:
         use_tma = spec.tma and q.device.type == "cuda"
-    use_tma = bool(use_tma) and _tma_ok(qbuf, kbuf, vbuf)
+    use_tma = bool(use_tma) and not fp4 and _tma_ok(qbuf, kbuf, vbuf)
     if use_tma:
         _ensure_allocator()
     lse_t = lse if lse is not None else out
@@ -146,6 +156,9 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         k, *k.stride(),
         kmean, kmean.stride(0), kmean.stride(1),
         vbuf, *v_strides,
+        qg, *((qg.stride(0), qg.stride(1), qg.stride(2)) if quant == "fp4" else (0, 0, 0)),
+        kg, *((kg.stride(0), kg.stride(1), kg.stride(2)) if quant == "fp4" else (0, 0, 0)),
+        vg, *((vg.stride(0), vg.stride(1), vg.stride(2)) if pv == "fp4" else (0, 0, 0)),
         vsc, vmean, vall, vc.stride(0), vc.stride(1),
         bias_t, *bias_s,
         keep_t, *keep_s,
@@ -158,7 +171,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E,
         _bucket(nk),
     )
-    consts = dict(QK_FMT=QK_FORMATS[quant], PV_FP8=pv == "fp8", IS_CAUSAL=bool(is_causal),
+    consts = dict(QK_FMT=QK_FORMATS[quant], PV_FP8=pv == "fp8", PV_FP4=pv == "fp4", IS_CAUSAL=bool(is_causal),
                   HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, FINITE_FILL=finite_fill,
                   SMOOTH_Q=smooth_q, EVEN_D=(d == block_d and dv == block_dv), HAS_LSE=lse is not None,
                   USE_TMA=use_tma, SPARSE=lut is not None, SPARSE_BQ=SPARSE_BQ,
@@ -171,6 +184,8 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
             tile = _sparse_tile(tile, pv_threshold is not None)
     elif tile is not None and lut is not None:
         tile = _sparse_tile(tile, pv_threshold is not None)
+    if tile is not None and fp4:
+        tile = fp4_tiles((tile,))[0]
     if tile is not None:
         grid = (triton.cdiv(nq, tile.block_m), hq, b)
         wrap_triton(_attn_fwd)[grid](*args, **consts, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
@@ -180,6 +195,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
             return (triton.cdiv(nq, meta["BLOCK_M"]), hq, b)
 
         mode = "dense" if lut is None else ("sparse2" if pv_threshold is not None else "sparse")
+        mode = "fp4" if fp4 and mode == "dense" else mode
         wrap_triton(autotuned_kernel(arch, block_d, mode))[grid](*args, **consts)
     out = poison(out, q, k, v, is_causal, causal_offset)
     if lse is None:

@@ -1,10 +1,13 @@
-"""Fused quantize kernels for attention: Q and K to per-block INT8 / FP8, V to per-channel FP8.
+"""Fused quantize kernels for attention: Q and K to per-block INT8 / FP8 / NVFP4, V to
+per-channel FP8 or NVFP4.
 
 Q: `scale * log2(e)` folded in (the attention kernel works in the exp2 domain), optionally each
 block's mean subtracted (Q smoothing; the means are written out for the kernel's correction
 term). K: its token mean subtracted first (K smoothing, exact under softmax). Outputs are padded
 to BLOCK_D columns with zeros, head dim contiguous (K-major for the QK^T dot), and never alias
-the caller's tensors. The arithmetic is exactly attention_ref.quantize_rows.
+the caller's tensors. The arithmetic is exactly attention_ref.quantize_rows (INT8 / FP8) and
+nvfp4.quantize_rows (NVFP4: packed e2m1 codes [.., N, BLOCK_D / 2] and e4m3 group scales
+[.., N, BLOCK_D / 16] beside the per-block fp32 scale).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ...ops.attention_ref import FP8_MAX, K_GRAN, LOG2E, Q_GRAN, finite_or_zero
+from ...ops.nvfp4 import P_SCALE
 from .. import casts
 from ..casts import to_e4m3
+from ..microscaling import quantize_groups
 
-FMT_INT8, FMT_FP8 = 0, 1
+FMT_INT8, FMT_FP8, FMT_FP4 = 0, 1, 2
+FORMATS = {"int8": FMT_INT8, "fp8": FMT_FP8, "fp4": FMT_FP4}
 V_PAD = 128  # token padding of the transposed FP8 V (covers every BLOCK_N; 16-byte aligned rows)
 
 
@@ -29,11 +35,13 @@ def _quant_rows_kernel(
     XQ, stride_qb, stride_qh, stride_qn,
     XS, stride_sb, stride_sh,
     XBAR, stride_bb, stride_bh, stride_bn,
+    XG, stride_gb, stride_gh, stride_gn,
     N, D, mult,
     GRAN: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr,
     SUB_MEAN: tl.constexpr, BLOCK_MEAN: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """One program quantizes GRAN rows of one (batch, head): [GRAN, D] -> int8/fp8 + one scale."""
+    """One program quantizes GRAN rows of one (batch, head): [GRAN, D] -> int8/fp8 + one scale,
+    or (NVFP4) packed e2m1 + e4m3 group scales + one fp32 scale."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -57,19 +65,30 @@ def _quant_rows_kernel(
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     if FMT == 0:
         scale = amax / 127.0
-    else:
+    elif FMT == 1:
         scale = amax / 448.0
+    else:
+        scale = amax / 2688.0  # the block's largest group scale lands on e4m3's 448
     scale = tl.where(scale > 0, scale, 1.0)
     y = x / scale
-    if FMT == 0:  # round half away from zero, as the reference
+    if FMT == 2:
+        packed, gs = quantize_groups(y, GRAN, BLOCK_D, EMULATE)
+        pcols = tl.arange(0, BLOCK_D // 2)
+        gcols = tl.arange(0, BLOCK_D // 16)
+        tl.store(XQ + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + pcols[None, :], packed,
+                 mask=rmask[:, None])
+        tl.store(XG + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + gcols[None, :], gs,
+                 mask=rmask[:, None])
+    elif FMT == 0:  # round half away from zero, as the reference
         y = tl.where(y >= 0, y + 0.5, y - 0.5)
         y = tl.minimum(tl.maximum(y, -127.0), 127.0)
         yq = y.to(tl.int8)
     else:
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         yq = to_e4m3(y, EMULATE)
-    tl.store(XQ + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + cols[None, :], yq,
-             mask=rmask[:, None])
+    if FMT != 2:
+        tl.store(XQ + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + cols[None, :], yq,
+                 mask=rmask[:, None])
     tl.store(XS + b * stride_sb + h * stride_sh + pid_n, scale)
 
 
@@ -100,19 +119,61 @@ def _quant_v_fp8_kernel(
     tl.store(VQ + b * stride_qb + h * stride_qh + cols[None, :] * stride_qd + rows[:, None], to_e4m3(y, EMULATE))
 
 
+@triton.jit
+def _quant_v_fp4_kernel(
+    V, stride_vb, stride_vh, stride_vn, stride_vd,
+    VMEAN, VSCALE, stride_cb, stride_ch,
+    VQ, stride_qb, stride_qh, stride_qd,
+    VG, stride_gb, stride_gh, stride_gd,
+    N, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """(V - mean) / per-channel scale -> NVFP4 with groups of 16 keys (P.V's reduction dim),
+    transposed: codes [D, Npad / 2] (keys packed, contiguous), e4m3 scales [D, Npad / 16]."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < N)[:, None] & cmask[None, :]
+    v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + cols[None, :] * stride_vd,
+                mask=mask, other=0.0).to(tl.float32)
+    v = tl.where((v == v) & (tl.abs(v) != float("inf")), v, 0.0)
+    mean = tl.load(VMEAN + b * stride_cb + h * stride_ch + cols, mask=cmask, other=0.0)
+    scale = tl.load(VSCALE + b * stride_cb + h * stride_ch + cols, mask=cmask, other=1.0)
+    y = tl.where(mask, (v - mean[None, :]) / scale[None, :], 0.0)
+    packed, gs = quantize_groups(tl.trans(y), BLOCK_D, BLOCK_N, EMULATE)
+    pk = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    gk = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
+    tl.store(VQ + b * stride_qb + h * stride_qh + cols[:, None] * stride_qd + pk[None, :], packed)
+    tl.store(VG + b * stride_gb + h * stride_gh + cols[:, None] * stride_gd + gk[None, :], gs)
+
+
 def padded_head_dim(d: int) -> int:
     """Head dims are padded (with zeros) to a power of two >= 32: 8-bit dots need K >= 32."""
     return max(32, triton.next_power_of_2(d))
 
 
+def fp4_head_dim(d: int) -> int:
+    """NVFP4 operands: head dims padded to a power of two >= 64 (one scaled-MMA K step)."""
+    return max(64, padded_head_dim(d))
+
+
 def quantize_rows_triton(x: torch.Tensor, gran: int, fmt: str, mult: float = 1.0,
                          mean: torch.Tensor | None = None, block_mean: bool = False):
-    """x [B, H, N, D] -> (xq [B, H, N, BLOCK_D], scales [B, H, nb] fp32, block means or None)."""
+    """x [B, H, N, D] -> (xq [B, H, N, BLOCK_D], scales [B, H, nb] fp32, block means or None);
+    for "fp4", xq is (packed codes [B, H, N, BLOCK_D / 2], e4m3 group scales [B, H, N, BLOCK_D / 16])."""
     b, h, n, d = x.shape
-    bd = padded_head_dim(d)
+    bd = fp4_head_dim(d) if fmt == "fp4" else padded_head_dim(d)
     nb = triton.cdiv(n, gran)
-    dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
-    xq = torch.empty(b, h, n, bd, dtype=dtype, device=x.device)
+    if fmt == "fp4":
+        xq = torch.empty(b, h, n, bd // 2, dtype=torch.uint8, device=x.device)
+        xg = torch.empty(b, h, n, bd // 16, dtype=torch.float8_e4m3fn, device=x.device)
+    else:
+        dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
+        xq = torch.empty(b, h, n, bd, dtype=dtype, device=x.device)
+        xg = xq
     xs = torch.empty(b, h, nb, dtype=torch.float32, device=x.device)
     xbar = torch.empty(b, h, nb, bd, dtype=torch.float32, device=x.device) if block_mean else xs
     m = mean if mean is not None else xs
@@ -124,11 +185,12 @@ def quantize_rows_triton(x: torch.Tensor, gran: int, fmt: str, mult: float = 1.0
         xq, xq.stride(0), xq.stride(1), xq.stride(2),
         xs, xs.stride(0), xs.stride(1),
         xbar, *bar_strides,
+        xg, xg.stride(0), xg.stride(1), xg.stride(2),
         n, d, float(mult),
-        GRAN=gran, BLOCK_D=bd, FMT=FMT_INT8 if fmt == "int8" else FMT_FP8,
+        GRAN=gran, BLOCK_D=bd, FMT=FORMATS[fmt],
         SUB_MEAN=mean is not None, BLOCK_MEAN=block_mean, EMULATE=casts.EMULATE,
     )
-    return xq, xs, (xbar if block_mean else None)
+    return (xq, xg) if fmt == "fp4" else xq, xs, (xbar if block_mean else None)
 
 
 def quantize_qk(q, k, scale: float, fmt: str, smooth_k: bool, smooth_q: bool):
@@ -139,14 +201,19 @@ def quantize_qk(q, k, scale: float, fmt: str, smooth_k: bool, smooth_q: bool):
     return qq, qs, qbar, kq, ks, kmean
 
 
-def quantize_v_fp8(v: torch.Tensor):
-    """V [B, H, N, Dv] -> (vq [B, H, BLOCK_DV, Npad] e4m3, scale [B, H, Dv], mean [B, H, Dv])."""
-    b, h, n, d = v.shape
+def _v_mean_scale(v: torch.Tensor, qmax: float):
+    """V's per-channel token mean and the scale of (V - mean) that maps its max to qmax."""
     vf = finite_or_zero(v)
     vmean = vf.mean(dim=-2)
     amax = (vf - vmean[:, :, None, :]).abs().amax(dim=-2)
-    vscale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).contiguous()
-    vmean = vmean.contiguous()
+    vscale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).contiguous()
+    return vmean.contiguous(), vscale
+
+
+def quantize_v_fp8(v: torch.Tensor):
+    """V [B, H, N, Dv] -> (vq [B, H, BLOCK_DV, Npad] e4m3, scale [B, H, Dv], mean [B, H, Dv])."""
+    b, h, n, d = v.shape
+    vmean, vscale = _v_mean_scale(v, FP8_MAX)
     bd = padded_head_dim(d)
     npad = triton.cdiv(max(n, 1), V_PAD) * V_PAD
     vq = torch.empty(b, h, bd, npad, dtype=torch.float8_e4m3fn, device=v.device)
@@ -159,3 +226,22 @@ def quantize_v_fp8(v: torch.Tensor):
     )
     return vq, vscale, vmean
 
+
+
+def quantize_v_fp4(v: torch.Tensor, block_dv: int):
+    """V [B, H, N, Dv] -> (codes [B, H, block_dv, Npad / 2] uint8, e4m3 group scales
+    [B, H, block_dv, Npad / 16], per-channel scale [B, H, Dv], mean [B, H, Dv])."""
+    b, h, n, d = v.shape
+    vmean, vscale = _v_mean_scale(v, P_SCALE)
+    npad = triton.cdiv(max(n, 1), V_PAD) * V_PAD
+    vq = torch.empty(b, h, block_dv, npad // 2, dtype=torch.uint8, device=v.device)
+    vg = torch.empty(b, h, block_dv, npad // 16, dtype=torch.float8_e4m3fn, device=v.device)
+    block_n = 64
+    wrap_triton(_quant_v_fp4_kernel)[(triton.cdiv(npad, block_n), h, b)](
+        v, *v.stride(),
+        vmean, vscale, vmean.stride(0), vmean.stride(1),
+        vq, vq.stride(0), vq.stride(1), vq.stride(2),
+        vg, vg.stride(0), vg.stride(1), vg.stride(2),
+        n, d, BLOCK_N=block_n, BLOCK_D=block_dv, EMULATE=casts.EMULATE,
+    )
+    return vq, vg, vscale, vmean
