@@ -200,12 +200,15 @@ def _block_mask(path, v):
                       "a nested list of booleans [nq][nk] or [H][nq][nk] of one shape")
 
 
+_SMOOTH_TABLE = {"alpha": Field(0.5, _number(0, 1), "number in [0, 1]", "migration strength")}
+
+
 def _smooth(path, v):
     if v is None:
         return None
     if not isinstance(v, Mapping):
         raise ConfigError(path, v, "null or {'alpha': number in [0, 1]}")
-    return _validate_table({"alpha": Field(0.5, _number(0, 1), "number in [0, 1]", "migration strength")}, v, path)
+    return _validate_table(_SMOOTH_TABLE, v, path)
 
 
 def _plan(path, v):
@@ -271,9 +274,37 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
 }
 
 
-def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
-    return f"did you mean {close[0]!r}?" if close else ""
+def _leaf_paths() -> list[str]:
+    """Every key path a user can set, nested tables included: a key given at the wrong level
+    (top-level 'quant') is found under its real parent ('attention.quant')."""
+    out = []
+
+    def walk(table, prefix):
+        for key, spec in table.items():
+            path = f"{prefix}.{key}" if prefix else key
+            out.append(path)
+            if isinstance(spec, Mapping):
+                walk(spec, path)
+
+    walk(SCHEMA, "")
+    walk(_SMOOTH_TABLE, "linear.smooth")
+    for table in SPARSITY_METHODS.values():
+        walk(table, "attention.sparsity")
+    return list(dict.fromkeys(out))
+
+
+def _suggest(key: str, known, path: str = "") -> str:
+    """Closest sibling key, and any full path elsewhere whose last part is (or is close to) `key`."""
+    siblings = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    elsewhere = [p for p in _leaf_paths() if p != path and p not in known]
+    exact = [p for p in elsewhere if p.rsplit(".", 1)[-1] == key]
+    close = [] if siblings or exact else [
+        p for p in elsewhere if difflib.get_close_matches(key, [p.rsplit(".", 1)[-1]], cutoff=0.8)]
+    names = list(dict.fromkeys(exact + siblings + close))[:3]
+    if not names:
+        return ""
+    return "did you mean " + " or ".join(repr(n) if "." in n or n in known else f"top-level {n!r}"
+                                         for n in names) + "?"
 
 
 def _validate_table(table: Mapping[str, Any], given: Mapping[str, Any], prefix: str) -> dict:
@@ -283,7 +314,7 @@ def _validate_table(table: Mapping[str, Any], given: Mapping[str, Any], prefix: 
     for key in given:
         if key not in table:
             path = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(path, given[key], "one of " + ", ".join(sorted(table)), _suggest(str(key), table))
+            raise ConfigError(path, given[key], "one of " + ", ".join(sorted(table)), _suggest(str(key), table, path))
     out = {}
     for key, spec in table.items():
         path = f"{prefix}.{key}" if prefix else key

@@ -44,6 +44,27 @@ def test_unknown_keys_suggest_the_closest(opts, path, hint):
     assert hint in str(e.value)
 
 
+@pytest.mark.parametrize("opts, path, hint", [
+    ({"quant": "int8"}, "quant", "did you mean 'attention.quant' or 'linear.quant'?"),
+    ({"min_seq_len": 64}, "min_seq_len", "did you mean 'attention.min_seq_len'?"),
+    ({"attention": {"arch": "cpu"}}, "attention.arch", "did you mean top-level 'arch'?"),
+    ({"attention": {"tau": 0.9}}, "attention.tau", "'attention.sparsity.tau'"),
+    ({"linear": {"alpha": 0.5}}, "linear.alpha", "'linear.smooth.alpha'"),
+])
+def test_keys_at_the_wrong_level_suggest_their_full_path(opts, path, hint):
+    """A key valid elsewhere in the schema is pointed to its real place, not just its siblings."""
+    with pytest.raises(ConfigError) as e:
+        normalize_options(opts)
+    assert e.value.path == path
+    assert hint in str(e.value), str(e.value)
+
+
+def test_no_suggestion_for_keys_nothing_resembles():
+    with pytest.raises(ConfigError) as e:
+        normalize_options({"xyz": 1})
+    assert "did you mean" not in str(e.value)
+
+
 @pytest.mark.parametrize("opts, path", [
     ({"attention": {"enabled": "yes"}}, "attention.enabled"),
     ({"attention": {"min_seq_len": -1}}, "attention.min_seq_len"),
