@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnopt
-from attnopt.codegen.arch import Tile
+from attnopt.codegen.arch import ARCHS, Tile
 from attnopt.codegen.attention.launch import attention_triton
 from attnopt.codegen.attention.quantize import quantize_rows_triton, quantize_v_fp8
 from attnopt.ops.attention_ref import (FP8_MAX, K_GRAN, Q_GRAN, attention_exact, attention_reference,
@@ -19,8 +19,9 @@ from helpers import rel_l1
 
 BOUND_EXACT = {("int8", "fp16"): 0.02, ("int8", "fp8"): 0.05, ("fp8", "fp16"): 0.05, ("fp8", "fp8"): 0.07,
                ("none", "fp16"): 0.005}
-# kernel vs reference op: same grid; fp8 P is rounded against the running (not final) row max
-BOUND_REF = {"fp16": 2e-3, "fp8": 0.02}
+# kernel vs reference op run with the kernel's key tile (the same online softmax): they differ in
+# fp32 summation order, and in the rare value on a rounding boundary that falls the other way
+BOUND_REF = {"fp16": 1e-4, "fp8": 1e-3}
 
 
 def qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float16):
@@ -36,7 +37,9 @@ def run(q, k, v, bias=None, keep=None, fill=-math.inf, causal=False, offset=0, q
     got = attention_triton(q, k, v, bias, keep, fill, causal, offset, scale, quant, pv, smooth_k, smooth_q, "cpu",
                            tile=tile, out=out)
     assert got is out and not torch.isnan(got).any(), "kernel left elements unwritten"
-    ref = attention_reference(q, k, v, bias, keep, fill, causal, offset, scale, quant, pv, smooth_k, smooth_q)
+    block_n = (tile or ARCHS["cpu"].default_tile(q.shape[-1], quant, pv)).block_n
+    ref = attention_reference(q, k, v, bias, keep, fill, causal, offset, scale, quant, pv, smooth_k, smooth_q,
+                              block_n=block_n)
     exact = attention_exact(q, k, v, bias, keep, fill, causal, offset, scale)
     return got, ref, exact
 
@@ -143,7 +146,7 @@ def test_public_function_runs_the_kernel_on_cpu_through_the_interpreter():
     q, k, v = qkv(1, 4, 2, 77, 77, 64)
     tri = attnopt.attention(q, k, v, is_causal=True, enable_gqa=True, impl="triton")
     ref = attnopt.attention(q, k, v, is_causal=True, enable_gqa=True, impl="reference")
-    assert rel_l1(tri, ref) <= 2e-3
+    assert rel_l1(tri, ref) <= BOUND_REF["fp16"]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -155,7 +158,8 @@ def test_lse_output(causal):
     keep[..., 7, :] = False
     out, lse = attention_triton(q, k, v, None, keep, -math.inf, causal, 0, scale, "int8", "fp16", True, False,
                                 "cpu", return_lse=True)
-    ref_out, ref_lse = attention_reference(q, k, v, None, keep, -math.inf, causal, 0, scale, return_lse=True)
+    ref_out, ref_lse = attention_reference(q, k, v, None, keep, -math.inf, causal, 0, scale, return_lse=True,
+                                           block_n=ARCHS["cpu"].default_tile(64).block_n)
     _, exact_lse = attention_exact(q, k, v, None, keep, -math.inf, causal, 0, scale, return_lse=True)
     assert torch.isneginf(lse[..., 7]).all() and torch.isneginf(exact_lse[..., 7]).all()
     fin = torch.isfinite(exact_lse)

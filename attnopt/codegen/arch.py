@@ -60,6 +60,11 @@ class ArchSpec:
                 return self.attn_tiles[bucket]
         raise ValueError(f"head dim {head_dim} above the largest supported (256)")
 
+    def default_tile(self, head_dim: int, quant: str = "int8", pv: str = "fp16") -> Tile:
+        """The tile a launch without autotuning runs (the interpreter, the reference's key tile)."""
+        tiles = self.attention_tiles(head_dim)
+        return (fp4_tiles(tiles) if "fp4" in (quant, pv) else tiles)[0]
+
     def supports(self, quant: str, pv: str) -> str | None:
         """None when (quant, pv) runs here; otherwise the reason it does not."""
         if quant not in self.qk_formats and quant != "none":

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..codegen.arch import resolve_pv
+from ..codegen.arch import ARCHS, resolve_pv
 from .attention_ref import attention_reference
 
 IMPLS = ("auto", "triton", "reference")
@@ -54,8 +54,9 @@ def attention_op(
 
         return attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
                                 scale, quant, pv, smooth_k, smooth_q, arch)
+    tile = ARCHS[arch].default_tile(q.shape[-1], quant, pv)  # the key tile the kernel's online softmax uses
     return attention_reference(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                               scale, quant, pv, smooth_k, smooth_q)
+                               scale, quant, pv, smooth_k, smooth_q, block_n=tile.block_n)
 
 
 @attention_op.register_fake

@@ -2,9 +2,11 @@
 
 This is the CPU path of `torch.ops.attnopt.attention` and the ground truth the Triton kernels
 are tested against: the same quantization grid (per-block scales, K smoothing, scale*log2(e)
-folded into Q), the same P precision, fp32 accumulation. It uses the row's global maximum where
-the kernels use a running maximum: P is rounded relative to a power-of-two-free rescaling either
-way, so both land on the same quantization grid and differ only in fp32 summation order.
+folded into Q), the same P precision, fp32 accumulation, and with `block_n` the kernels' online
+softmax: keys are visited in tiles of `block_n`, P is rounded against the running row maximum
+and earlier tiles rescaled, so the kernels differ from it only in fp32 summation order (and in
+values that sit exactly on a rounding boundary). Without `block_n` the softmax uses the row's
+final maximum (one tile), which rounds P slightly differently but not less accurately.
 
 Tensors: q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], Hq % Hkv == 0 (GQA: query head
 h reads kv head h // (Hq // Hkv)). Masks broadcast to [B, Hq, Nq, Nk].
@@ -186,10 +188,12 @@ def attention_reference(
     smooth_k: bool = True,
     smooth_q: bool = False,
     return_lse: bool = False,
+    block_n: int | None = None,
 ):
     """Quantized attention, computed in plain PyTorch with the kernels' arithmetic.
 
     With `return_lse`, also the natural-log logsumexp of each row's logits [B, Hq, Nq] (fp32).
+    `block_n`: the kernel's key tile (None: all keys in one tile).
     """
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -267,20 +271,13 @@ def attention_reference(
                            None if bias is None else bias[:, :, r0:r1],
                            None if keep is None else keep[:, :, r0:r1],
                            masked_value, is_causal, causal_offset)
-        m = s.amax(dim=-1, keepdim=True)
+        m, l, acc = _online_softmax_pv(s, v_op, pv, pv_dtype_for(v.dtype), block_n or max(nk, 1))
         empty = torch.isneginf(m)  # row with no kept key and -inf fill
-        p = torch.exp2(s - torch.where(empty, torch.zeros_like(m), m))
-        l = p.sum(dim=-1, keepdim=True)
+        o = acc / torch.where(l > 0, l, torch.ones_like(l))
         if pv == "fp8":
-            p_op = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
-            o = torch.matmul(p_op, v_op) * (v_scale / FP8_MAX)
-            o = o / torch.where(l > 0, l, torch.ones_like(l)) + v_mean
-        elif pv == "fp4":  # P scaled by 448 * 6 per row, then e4m3 scales per 16 keys
-            o = torch.matmul(nvfp4.quantize_p(p), v_op) * (v_scale / nvfp4.P_SCALE)
-            o = o / torch.where(l > 0, l, torch.ones_like(l)) + v_mean
-        else:
-            p_op = p.to(pv_dtype_for(v.dtype)).float()
-            o = torch.matmul(p_op, v_op) / torch.where(l > 0, l, torch.ones_like(l))
+            o = o * (v_scale / FP8_MAX) + v_mean
+        elif pv == "fp4":
+            o = o * (v_scale / nvfp4.P_SCALE) + v_mean
         o = torch.where(empty, torch.zeros_like(o), o)
         if masked_value != -math.inf:
             # A row whose every key is masked with a finite value: eager softmax is uniform.
@@ -299,6 +296,35 @@ def attention_reference(
     if smooth_k and quant != "none":  # undo K smoothing's per-row shift of the logits
         lse = lse + scale * torch.matmul(q.float(), kmean.repeat_interleave(g, dim=1).transpose(-1, -2))[..., 0]
     return o, lse
+
+
+def _online_softmax_pv(s, v_op, pv: str, p16: torch.dtype, block_n: int):
+    """Softmax(s) . V over key tiles of `block_n`, as the kernels run it (exp2 domain): returns
+    the final row max m, the row sum l and the unnormalized fp32 accumulator.
+
+    Each tile's P is rounded to the P.V format against the running maximum, and the running
+    sum and accumulator are rescaled when the maximum grows. FP8 P is scaled to [0, 448] and
+    FP4 P by 448 * 6 (their V scales are applied by the caller)."""
+    shape = s.shape[:-1]
+    m = torch.full((*shape, 1), -math.inf, device=s.device)
+    l = torch.zeros((*shape, 1), device=s.device)
+    acc = torch.zeros((*shape, v_op.shape[-1]), device=s.device)
+    for c0 in range(0, s.shape[-1], block_n):
+        sb = s[..., c0:c0 + block_n]
+        m_new = torch.maximum(m, sb.amax(dim=-1, keepdim=True))
+        m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp2(sb - m_safe)
+        alpha = torch.exp2(m - m_safe)
+        l = l * alpha + p.sum(dim=-1, keepdim=True)
+        if pv == "fp8":
+            p_op = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
+        elif pv == "fp4":
+            p_op = nvfp4.quantize_p(p)
+        else:
+            p_op = p.to(p16).float()
+        acc = acc * alpha + torch.matmul(p_op, v_op[..., c0:c0 + block_n, :])
+        m = m_new
+    return m, l, acc
 
 
 def attention_exact(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..arch import ArchSpec, fp4_tiles
+from ..arch import ArchSpec
 
 
 def variant_name(quant: str, pv: str) -> str:
@@ -15,8 +15,6 @@ def describe_attention_kernel(spec: ArchSpec, quant: str, pv: str, head_dim: int
     v = variant_name(quant, pv)
     if spec.name == "cpu" or device_type != "cuda":
         return f"reference/{v}" + ("" if spec.name == "cpu" else f"@{spec.name}")
-    fp4 = "fp4" in (quant, pv)
-    tiles = spec.attention_tiles(head_dim)
-    tile = (fp4_tiles(tiles) if fp4 else tiles)[0]
-    tma = spec.tma and not fp4  # NVFP4 operands load without tensor descriptors
+    tile = spec.default_tile(head_dim, quant, pv)
+    tma = spec.tma and "fp4" not in (quant, pv)  # NVFP4 operands load without tensor descriptors
     return f"triton/{spec.name}/{v}/{tile}" + ("+tma" if tma else "") + " (autotuned)"

@@ -179,10 +179,8 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
                   Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(v.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
                   EMULATE=casts.EMULATE)
     if tile is None and (interpreted() or q.device.type != "cuda"):
-        tile = spec.attention_tiles(block_d)[0]
-        if lut is not None:
-            tile = _sparse_tile(tile, pv_threshold is not None)
-    elif tile is not None and lut is not None:
+        tile = spec.default_tile(block_d, quant, pv)
+    if tile is not None and lut is not None:
         tile = _sparse_tile(tile, pv_threshold is not None)
     if tile is not None and fp4:
         tile = fp4_tiles((tile,))[0]
