@@ -22,13 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import attnopt  # noqa: E402
-from attnopt.codegen.arch import detect_arch  # noqa: E402
+from attnopt.codegen.arch import ARCHS, detect_arch  # noqa: E402
 from attnopt.metrics import compare  # noqa: E402
 
 VARIANTS = {  # name: (quant, pv)
     "attnopt int8+f16pv": ("int8", "fp16"),
     "attnopt int8+fp8pv": ("int8", "fp8"),
     "attnopt fp8+fp8pv": ("fp8", "fp8"),
+    "attnopt nvfp4": ("fp4", "fp4"),  # sm100 / sm120 only
 }
 
 
@@ -100,7 +101,7 @@ def main() -> None:
     for d in args.dims:
         for causal in causals:
             fns = {name: (lambda q, k, v, qu=qu, pv=pv: attnopt.attention(q, k, v, is_causal=causal, quant=qu, pv=pv))
-                   for name, (qu, pv) in VARIANTS.items()}
+                   for name, (qu, pv) in VARIANTS.items() if ARCHS[arch].supports(qu, pv) is None}
             fns.update(peers(causal))
             for n in args.seqs:
                 b = max(1, args.tokens // n)
