@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import attnopt
 from attnopt.codegen.attention.launch import attention_triton
 from attnopt.ops.attention_ref import attention_exact, attention_reference
+from attnopt.passes.attention_rewrite import REQUIRES_GRAD
 
 from helpers import ALL_SITES, rel_l1
 
@@ -77,9 +78,16 @@ def test_training_loop_tracks_uncompiled():
     assert losses_a[-1] < losses_a[0]
     for a, b in zip(losses_a, losses_b):
         assert abs(a - b) <= 1e-3 * abs(a)
-    for s in be.recorder.sites():  # left to autograd, each with its reason
+    sites = be.recorder.sites()
+    att = [s for s in sites if s.kind == "attention"]
+    assert {s.module for s in att} == {f"model.layers.{i}.self_attn" for i in range(2)}, sites
+    assert {s.kind for s in sites} >= {"attention", "linear"}
+    for s in sites:  # left to autograd, each with its reason
         assert s.status == "skipped", s.key
-        assert "training" in s.reason or "require grad" in s.reason or s.module == "lm_head", s.reason
+        if s.kind == "attention":
+            assert s.reason == REQUIRES_GRAD, s.reason
+        else:
+            assert "require grad" in s.reason or s.module == "lm_head", s.reason
 
 
 # ----------------------------------------------------------------------------- caches

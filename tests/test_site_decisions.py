@@ -83,3 +83,39 @@ def test_dynamic_shapes_compile_once():
         assert rel_l1(f(x, x, x), Attn()(x, x, x)) < 0.03
     assert be.graphs_compiled == 1
     assert all(s.status == "rewritten" for s in be.recorder.sites())
+
+
+class Projected(nn.Module):
+    """Eval-mode attention block whose weights require grad, as any freshly loaded model's do."""
+
+    def __init__(self, manual: bool, d=32, h=2):
+        super().__init__()
+        self.qkv, self.h, self.manual = nn.Linear(d * h, 3 * d * h).bfloat16(), h, manual
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        if self.manual:
+            return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_inference_with_grad_enabled_names_no_grad(manual):
+    """Without torch.no_grad() Inductor builds a joint graph: the reason must say so, not guess."""
+    model = Projected(manual).eval()
+    x = randn(2, 77, 64)
+    be = attnopt.backend({"attention": {"min_seq_len": 0}}, inductor_config={"fx_graph_cache": False})
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        out = torch.compile(model, backend=be)(x)
+    assert rel_l1(out.detach(), model(x).detach()) < 0.02
+    (s,) = be.recorder.sites()
+    assert s.status == "skipped" and "requires grad" in s.reason and "torch.no_grad()" in s.reason, s.reason
+    assert "logsumexp" not in s.reason and "used elsewhere" not in s.reason
+    be = attnopt.backend({"attention": {"min_seq_len": 0}}, inductor_config={"fx_graph_cache": False})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert rel_l1(torch.compile(model, backend=be)(x), model(x)) < 0.03
+    (s,) = be.recorder.sites()
+    assert s.status == "rewritten", s.reason

@@ -157,7 +157,7 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
             return site
         used = [u for u in outs if u.users]
         if any(u.args[1] != 0 for u in used):
-            site.reject = "SDPA's logsumexp / extra outputs are used (training graph?)"
+            site.reject = "SDPA's logsumexp / extra outputs are used by other ops: rewriting would drop them"
             return site
         firsts = [u for u in outs if u.args[1] == 0]
         if len(firsts) != 1:

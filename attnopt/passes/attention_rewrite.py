@@ -76,10 +76,12 @@ def sparsity_for(opts, key: str, heads: int) -> dict | None:
     return sp
 
 
+REQUIRES_GRAD = ("the graph requires grad (a training graph, or inference outside torch.no_grad() / "
+                 "torch.inference_mode()): quantized attention has no backward yet, left for autograd")
+
+
 def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str = "") -> SiteParams:
     """Raise Reject(reason) unless the site can be rewritten; return what it will run."""
-    if site.reject:
-        raise Reject(site.reject)
     a = opts["attention"]
     if not a["enabled"]:
         raise Reject("attention.enabled is false")
@@ -88,8 +90,10 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         raise Reject(why)
     if a["quant"] == "none" and a["sparsity"] is None:
         raise Reject("attention.quant is 'none' and no sparsity is configured: nothing to change")
-    if training:
-        raise Reject("training graph: quantized attention has no backward yet (left for autograd)")
+    if training:  # checked before the matcher's reasons: a joint graph's saved tensors trip those
+        raise Reject(REQUIRES_GRAD)
+    if site.reject:
+        raise Reject(site.reject)
     for n in site.internal:
         if n is not site.anchor and any(u not in site.internal for u in n.users):
             raise Reject(f"intermediate {n.target} of the attention is used elsewhere "
@@ -98,7 +102,8 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         raise Reject(f"attention dropout p={site.dropout_p} (training-mode dropout is not implemented)")
     q, k, v = (_tensor_meta(x) for x in (site.q, site.k, site.v))
     if any(t.requires_grad for t in (q, k, v)):
-        raise Reject("q/k/v require grad: quantized attention has no backward yet")
+        raise Reject("q/k/v require grad: quantized attention has no backward yet "
+                     "(run under torch.no_grad() / torch.inference_mode() to rewrite)")
     if q.dtype not in _DTYPES_16 and not (q.dtype == torch.float32 and a["allow_fp32"]):
         raise Reject(f"dtype {q.dtype} (fp16/bf16 only; fp32 needs attention.allow_fp32)")
     if len({q.dtype, k.dtype, v.dtype}) != 1:
