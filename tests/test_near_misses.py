@@ -141,3 +141,45 @@ def test_rewrite_equals_uncompiled_numerically():
     r = _run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v)
     assert r.summary["e2e"]["rel_l1"] < 0.02
     assert rel_l1(q, q) == 0
+
+
+def _head_mask():
+    """A per-head additive mask [H, 1, N, N]: 30% masked, no fully masked row."""
+    m = torch.where(torch.rand(H, 1, N, N) > 0.3, 0.0, float("-inf"))
+    m[..., 0] = 0.0
+    return m
+
+
+def _flat_head_major(q, k, v, m):
+    """Logits flattened batch-major ([B*H], b*H + h) plus a mask flattened head-major (h*B + b):
+    row b*H + h gets mask[(b*H + h) // B], not mask[h] as a broadcast over heads would give."""
+    qf, kf, vf = (t.reshape(B * H, N, D) for t in (q, k, v))
+    mf = m.expand(H, B, N, N).reshape(H * B, N, N)
+    return torch.bmm((torch.bmm(qf, kf.transpose(1, 2)) * D ** -0.5 + mf).softmax(-1), vf).view(B, H, N, D)
+
+
+def test_mask_not_broadcast_over_heads_as_assumed_stays_correct():
+    q, k, v = (randn(B, H, N, D, dtype=torch.float32) for _ in range(3))
+    m = _head_mask()
+    exact = _flat_head_major(q.double(), k.double(), v.double(), m.double())
+    per_head = ((q.double() @ k.double().transpose(-1, -2)) * D ** -0.5 + m.double().transpose(0, 1)).softmax(-1) \
+        @ v.double()
+    assert rel_l1(per_head, exact) > 0.2  # reading the mask as broadcast over heads would be far off
+    r = _run(_flat_head_major, *(t.bfloat16() for t in (q, k, v, m)))
+    assert r.rewritten("attention"), r
+    torch._dynamo.reset()
+    out = torch.compile(_flat_head_major, backend=attnopt.backend(ALL_SITES))(*r.inputs)
+    assert rel_l1(out.double(), exact) < 0.025
+
+
+def test_sdpa_3d_with_flattened_head_mask_stays_correct():
+    """SDPA on [B*H, N, D] with a [B*H, N, N] mask: the rewrite must keep each row's own mask."""
+    qf, kf, vf = (randn(B * H, N, D, dtype=torch.float32) for _ in range(3))
+    mf = _head_mask().expand(H, B, N, N).reshape(H * B, N, N)
+    sdpa = (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+    exact = sdpa(qf.double(), kf.double(), vf.double(), mf.double())
+    r = _run(sdpa, *(t.bfloat16() for t in (qf, kf, vf, mf)))
+    assert r.rewritten("attention"), r
+    torch._dynamo.reset()
+    out = torch.compile(sdpa, backend=attnopt.backend(ALL_SITES))(*r.inputs)
+    assert rel_l1(out.double(), exact) < 0.025
