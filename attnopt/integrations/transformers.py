@@ -10,8 +10,6 @@ attention weights fall back to transformers' own SDPA path, so nothing is silent
 
 from __future__ import annotations
 
-
-
 NAME = "attnopt"
 
 
@@ -42,6 +40,3 @@ def register(quant: str = "int8", pv: str = "auto", smooth_k: bool = True, min_s
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, sdpa_mask)  # boolean masks, as SDPA takes them
     return name
-
-
-
