@@ -52,6 +52,58 @@ def test_dynamic_lengths_do_not_recompile_attention_and_linears():
     assert ("attention", "rewritten") in kinds and ("linear", "rewritten") in kinds
 
 
+class TwoAttentions(torch.nn.Module):
+    """An SDPA causal attention, then a hand-written one with an in-graph tril mask."""
+
+    def __init__(self, c=64, h=2):
+        super().__init__()
+        self.qkv, self.h = torch.nn.Linear(c, 3 * c), h
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        s = (o @ k.transpose(-1, -2)) / math.sqrt(c // self.h)
+        s = s.masked_fill(torch.tril(torch.ones(n, n, dtype=torch.bool)) == 0, float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+
+
+def _check_shapes(model, f, be, shapes):
+    """Run f over (batch, length) pairs against float64; return graphs compiled after each call."""
+    exact = TwoAttentions().double()
+    exact.load_state_dict(model.state_dict())
+    counts = []
+    with torch.no_grad():
+        for b, n in shapes:
+            x = torch.randn(b, n, 64)
+            assert rel_l1(f(x.bfloat16()).double(), exact(x.double())) < 0.03, (b, n)
+            counts.append(be.graphs_compiled)
+    be.recorder.settle()
+    for g in be.recorder.graphs:  # every graph compiled, old shapes and new, rewrote both sites
+        att = [s for s in g["sites"] if s.kind == "attention"]
+        assert len(att) == 2 and all(s.status == "rewritten" for s in att), att
+    return counts
+
+
+def test_dynamic_batch_and_length_change_together_in_one_graph():
+    model = TwoAttentions().bfloat16().eval()
+    be = attnopt.backend(ALL_SITES, inductor_config={"fx_graph_cache": False})
+    torch._dynamo.reset()
+    counts = _check_shapes(model, torch.compile(model, backend=be, dynamic=True),
+                           be, [(2, 40), (3, 77), (5, 100), (4, 33)])
+    assert counts[-1] == counts[0] == 1, counts
+
+
+def test_automatic_dynamic_recompiles_once_per_dimension_then_stays():
+    model = TwoAttentions().bfloat16().eval()
+    be = attnopt.backend(ALL_SITES, inductor_config={"fx_graph_cache": False})
+    torch._dynamo.reset()
+    f = torch.compile(model, backend=be)  # dynamic=None: static first, then dims that change
+    counts = _check_shapes(model, f, be, [(2, 40), (2, 77), (2, 100), (3, 100), (5, 33), (4, 129)])
+    assert counts[0] == 1 and counts[1] <= 2 and counts[2] == counts[1], counts  # length went dynamic
+    assert counts[3] <= counts[2] + 1 and counts[-1] == counts[3], counts  # then batch; then stable
+
+
 # ----------------------------------------------------------------------------- training
 
 def test_training_loop_tracks_uncompiled():
