@@ -34,42 +34,63 @@ def local_qkv(b, h, n, d, noise=0.3, amp=4.0, dtype=torch.bfloat16):
 
 # ------------------------------------------------------------------ brute-force definitions
 
-def brute_sparge(q, k, scale, tau, theta, causal, sink=True):
+def _mean_pair_cos(x):
+    """Self-similarity by definition: the mean cosine over ordered pairs of distinct tokens."""
+    if len(x) < 2:
+        return 1.0
+    u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    g = u @ u.T
+    return ((g.sum() - g.diagonal().sum()) / (len(x) * (len(x) - 1))).item()
+
+
+def _block_sims(q, k):
+    """(q-block sims [B, H][nqb], k-block sims [B, Hkv][nkb]) as Python floats, K centered."""
+    qs = [[[_mean_pair_cos(q[bb, hh, r:r + R.BQ].double()) for r in range(0, q.shape[2], R.BQ)]
+           for hh in range(q.shape[1])] for bb in range(q.shape[0])]
+    kc = k.double() - k.double().mean(2, keepdim=True)
+    ks = [[[_mean_pair_cos(kc[bb, hh, c:c + R.BK]) for c in range(0, k.shape[2], R.BK)]
+           for hh in range(k.shape[1])] for bb in range(k.shape[0])]
+    return qs, ks
+
+
+def _at(x, hh):
+    """A scalar or per-head list parameter's value for head hh."""
+    return x[hh] if isinstance(x, list) else x
+
+
+def brute_sparge(q, k, scale, tau, theta, causal, sink=True, topk=None):
     b, h, nq, d = q.shape
     nk = k.shape[2]
     g = h // k.shape[1]
     nqb, nkb = R.n_blocks(nq, R.BQ), R.n_blocks(nk, R.BK)
+    qsims, ksims = _block_sims(q, k)
     keep = torch.zeros(b, h, nqb, nkb, dtype=torch.bool)
     for bb in range(b):
         for hh in range(h):
+            th, ta, tk = _at(theta, hh), _at(tau, hh), _at(topk, hh)
             kc = k[bb, hh // g].double() - k[bb, hh // g].double().mean(0)
-            qb = [q[bb, hh, r * R.BQ:(r + 1) * R.BQ].double() for r in range(nqb)]
-            kb = [kc[c * R.BK:(c + 1) * R.BK] for c in range(nkb)]
-
-            def sim(x):
-                if len(x) < 2:
-                    return 1.0
-                u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                pairs = [(u[i] @ u[j]).item() for i in range(len(x)) for j in range(len(x)) if i != j]
-                return sum(pairs) / len(pairs)
-
-            qsim, ksim = [sim(x) for x in qb], [sim(x) for x in kb]
+            qsim, ksim = qsims[bb][hh], ksims[bb][hh // g]
             for r in range(nqb):
                 last = min(nq - 1, r * R.BQ + R.BQ - 1)
                 valid = [not causal or c * R.BK <= last for c in range(nkb)]
-                cand = [c for c in range(nkb) if valid[c] and ksim[c] >= theta]
-                logits = {c: (qb[r].mean(0) @ kb[c].mean(0)).item() * scale for c in cand}
+                cand = [c for c in range(nkb) if valid[c] and ksim[c] >= th]
+                qhat = q[bb, hh, r * R.BQ:(r + 1) * R.BQ].double().mean(0)
+                logits = {c: (qhat @ kc[c * R.BK:(c + 1) * R.BK].mean(0)).item() * scale for c in cand}
                 if logits:
                     mx = max(logits.values())
-                    z = sum(math.exp(v - mx) for v in logits.values())
-                    probs = sorted(((math.exp(v - mx) / z, c) for c, v in logits.items()), reverse=True)
-                    acc = 0.0
-                    for p, c in probs:
-                        if acc < tau * 1.0 or not keep[bb, hh, r].any():
-                            keep[bb, hh, r, c] = True
-                        acc += p
+                    z = sum(math.exp(x - mx) for x in logits.values())
+                    ranked = sorted(((math.exp(x - mx) / z, c) for c, x in logits.items()), key=lambda t: (-t[0], t[1]))
+                    if tk is not None:  # the best ceil(topk * candidates), at least one
+                        chosen = [c for _, c in ranked[:max(1, math.ceil(tk * len(cand)))]]
+                    else:  # the shortest prefix whose mass reaches tau
+                        chosen, acc = [], 0.0
+                        for p, c in ranked:
+                            if acc < ta:
+                                chosen.append(c)
+                            acc += p
+                    keep[bb, hh, r, chosen] = True
                 for c in range(nkb):
-                    if valid[c] and (ksim[c] < theta or qsim[r] < theta or (sink and c == 0)):
+                    if valid[c] and (ksim[c] < th or qsim[r] < th or (sink and c == 0)):
                         keep[bb, hh, r, c] = True
                     first, lastk = c * R.BK, c * R.BK + R.BK - 1
                     if valid[c] and (causal or nq == nk) and first <= last and lastk >= r * R.BQ:
@@ -103,14 +124,24 @@ def brute_xattention_scores(q, k, scale, s, causal):
     return out
 
 
+@pytest.mark.parametrize("n_rough,tau,topk", [
+    (0, 0.7, None),  # theta below every block: the tau rule alone
+    (2, 0.7, None),  # theta above the two least self-similar blocks: the always-keep rule fires
+    (3, [0.5, 0.9], None),  # per-head tau
+    (0, 0.7, 0.3),  # topk
+    (2, 0.7, [0.2, 0.6]),  # per-head topk with non-similar blocks
+])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sparge_matches_its_definition(causal):
+def test_sparge_matches_its_definition(causal, n_rough, tau, topk):
     q, k, _ = local_qkv(1, 2, 300, 32, noise=0.5, amp=1.0, dtype=torch.float16)
     k = k[:, :1]  # GQA: one kv head for two query heads
-    want = brute_sparge(q, k, 0.2, 0.7, 0.05, causal)
-    got = R.predict_sparge(q, k, 0.2, 0.7, 0.05, is_causal=causal)
+    qsims, ksims = _block_sims(q, k)
+    sims = sorted(qsims[0][0] + qsims[0][1] + ksims[0][0])
+    theta = (sims[n_rough - 1] + sims[n_rough]) / 2 if n_rough else sims[0] - 0.01
+    want = brute_sparge(q, k, 0.2, tau, theta, causal, topk=topk)
+    got = R.predict_sparge(q, k, 0.2, tau, theta, topk=topk, is_causal=causal)
     assert torch.equal(got, want)
-    assert torch.equal(predict_sparge_triton(q, k, 0.2, 0.7, 0.05, is_causal=causal), want)
+    assert torch.equal(predict_sparge_triton(q, k, 0.2, tau, theta, topk=topk, is_causal=causal), want)
     assert 0 < got.float().mean() < 1
 
 
@@ -124,14 +155,47 @@ def test_xattention_scores_match_their_definition(stride, causal):
                                atol=1e-4)
 
 
-def test_xattention_selection_keeps_first_and_diagonal():
-    q, k, _ = qkv(1, 2, 2, 512, 512, 32)
-    keep = R.predict_xattention(q, k, 0.2, 8, 0.3, is_causal=True)
-    assert keep[..., 0].all()
-    for r in range(keep.shape[2]):
-        assert keep[..., r, (r * R.BQ + R.BQ - 1) // R.BK].all()
-    assert torch.equal(keep, predict_xattention_triton(q, k, 0.2, 8, 0.3, is_causal=True))
-    assert not (keep & ~R.causal_blocks(512, 512, 0, "cpu")).any(), "no future blocks"
+def brute_xattention_select(scores, tau, nq, nk, causal, offset=0):
+    """algorithms.md 2.2 step 3 by definition: block 0 and the diagonal blocks, then the others
+    by descending score until the kept mass (forced blocks included) reaches tau * row sum."""
+    b, h, nqb, nkb = scores.shape
+    keep = torch.zeros(b, h, nqb, nkb, dtype=torch.bool)
+    for bb in range(b):
+        for hh in range(h):
+            for r in range(nqb):
+                first, last = r * R.BQ + offset, min(nq - 1, r * R.BQ + R.BQ - 1) + offset
+                valid = [c for c in range(nkb) if not causal or c * R.BK <= last]
+                diag = [c for c in valid if (causal or nq == nk) and c * R.BK <= last and c * R.BK + R.BK > first]
+                row = {c: scores[bb, hh, r, c].item() for c in valid}
+                kept = {0, *diag}
+                mass = sum(row[c] for c in kept)
+                for c in sorted(set(valid) - kept, key=lambda c: (-row[c], c)):
+                    if mass >= _at(tau, hh) * sum(row.values()):
+                        break
+                    kept.add(c)
+                    mass += row[c]
+                keep[bb, hh, r, sorted(kept)] = True
+    return keep
+
+
+@pytest.mark.parametrize("tau", [0.5, [0.8, 0.95]])
+@pytest.mark.parametrize("nq,causal,offset", [(512, True, 0), (512, False, 0), (320, True, 192)])
+def test_xattention_selection_matches_its_definition(nq, causal, offset, tau):
+    q, k, _ = local_qkv(1, 2, 512, 32, noise=0.5, amp=1.0)
+    q = q[:, :, 512 - nq:]  # the last nq queries: causal offset 512 - nq
+    scores = R.xattention_scores(q, k, 0.2, 8, causal, offset)
+    want = brute_xattention_select(scores, tau, nq, 512, causal, offset)
+    got = R.predict_xattention(q, k, 0.2, 8, tau, causal, offset)
+    assert torch.equal(got, want)
+    tri_scores = xattention_scores_triton(q, k, 0.2, 8, causal, offset)
+    assert torch.equal(predict_xattention_triton(q, k, 0.2, 8, tau, causal, offset),
+                       brute_xattention_select(tri_scores, tau, nq, 512, causal, offset))
+    assert 0 < got.float().mean() < 1
+    if causal:
+        assert not (got & ~R.causal_blocks(nq, 512, offset, "cpu")).any(), "no future blocks"
+    for r in range(got.shape[2]):  # the first block, and the diagonal's kv-blocks (two for a full q-block)
+        first, last = r * R.BQ + offset, min(nq - 1, r * R.BQ + R.BQ - 1) + offset
+        assert got[..., r, 0].all() and got[..., r, first // R.BK:last // R.BK + 1].all()
 
 
 def _brute_blocks(pred, nq, nk):
@@ -156,8 +220,45 @@ def test_window_mask_matches_definition():
     assert torch.equal(span, _brute_blocks(lambda i, j: ((i - j) < 32 + 70) & (j - i < 1), 700, 700))
 
 
+def brute_radial(n, s, pre, dense, min_band):
+    """algorithms.md 2.3's radial mask, frame pair by frame pair: text rows/columns dense; frame
+    distance d <= dense: dense; else a band of width W = s / 2^floor(log2 d) (at least min_band)
+    around the same in-frame position, and when W is under one kv-block only every
+    ceil(block / W)-th frame distance. -> block mask [nqb, nkb] (a block with any kept pair)."""
+    m = torch.zeros(n, n, dtype=torch.bool)
+    m[:pre], m[:, :pre] = True, True
+    pos = torch.arange(s)
+    frames = -(-(n - pre) // s)
+    for fi in range(frames):
+        for fj in range(frames):
+            d = abs(fi - fj)
+            width = s >> (max(d, 1).bit_length() - 1)
+            if d <= dense:
+                tile = torch.ones(s, s, dtype=torch.bool)
+            elif width < R.BK and d % -(-R.BK // width):
+                continue  # a frame pair the sampling skips
+            else:
+                tile = (pos[:, None] - pos[None, :]).abs() * 2 < max(width, min_band)
+            r0, c0 = pre + fi * s, pre + fj * s
+            rows, cols = min(s, n - r0), min(s, n - c0)
+            m[r0:r0 + rows, c0:c0 + cols] = tile[:rows, :cols]
+    return _brute_blocks(lambda i, j: m[i, j], n, n)
+
+
+@pytest.mark.parametrize("s,pre,dense,min_band", [(128, 40, 1, 16), (256, 0, 2, 128)])
+def test_radial_mask_matches_its_definition(s, pre, dense, min_band):
+    from attnopt.codegen.sparse.masks import radial_mask_triton
+
+    n = pre + 11 * s + 50  # 11 frames and a partial one: distances up to 11 (W down to s / 8)
+    p = {"frame_tokens": s, "dense_frames": dense, "min_band": min_band, "prefix_tokens": pre}
+    want = brute_radial(n, s, pre, dense, min_band)
+    assert torch.equal(R.radial_mask(n, n, p, "cpu"), want)
+    assert torch.equal(radial_mask_triton(n, n, p, "cpu"), want)
+    assert 0.2 < want.float().mean() < 1
+
+
 def test_radial_mask_dense_near_and_log_sparse_far():
-    frame, frames = 2048, 8  # frames much wider than a block: the band shows at block level
+    frame, frames = 1024, 8  # frames much wider than a block: the band shows at block level
     p = {"frame_tokens": frame, "dense_frames": 1, "min_band": 16, "prefix_tokens": 0}
     m = R.radial_mask(frame * frames, frame * frames, p, "cpu")
     qpf, kpf = frame // R.BQ, frame // R.BK  # blocks per frame
@@ -184,24 +285,27 @@ def test_user_block_mask_maps_to_the_kernel_grid():
         R.user_block_mask(mask, 128, 512, 512, 1, "cpu")
 
 
-def test_svg_chooses_per_head_pattern():
-    s, f = 64, 8  # 8 frames of 64 tokens
-    n = s * f
-    pos = torch.arange(n)
-    frame, inframe = pos // s, pos % s
-    q = torch.randn(1, 2, n, 32)
-    k = torch.randn(1, 2, n, 32)
-    # head 0: attends its own frame (spatial); head 1: the same position in other frames (temporal)
-    bias = torch.stack([(frame[:, None] == frame[None, :]).float(), (inframe[:, None] == inframe[None, :]).float()])
-    q[0, 0, :, :8] = torch.nn.functional.one_hot(frame % 8, 8).float() * 6
-    k[0, 0, :, :8] = torch.nn.functional.one_hot(frame % 8, 8).float() * 6
-    q[0, 1, :, 8:24] = torch.nn.functional.one_hot(inframe % 16, 16).float() * 6
-    k[0, 1, :, 8:24] = torch.nn.functional.one_hot(inframe % 16, 16).float() * 6
+def test_svg_chooses_per_head_pattern_and_masks_match_definitions():
+    s, f, pre = 256, 4, 24  # 4 frames of 256 tokens after 24 text tokens: wider than a block
+    n = pre + s * f
+    t = (torch.arange(n) - pre).clamp_min(0)
+    frame, inframe = t // s, t % s
+    q, k = torch.randn(1, 2, n, 32) * 0.3, torch.randn(1, 2, n, 32) * 0.3
+    # head 0 attends its own frame (spatial); head 1 the same in-frame position in every frame (temporal)
+    q[0, 0, :, :4] = F.one_hot(frame, 4).float() * 6
+    k[0, 0, :, :4] = F.one_hot(frame, 4).float() * 6
+    w = 2 * math.pi * torch.arange(1, 9).float() / s  # a peak at equal in-frame positions
+    enc = torch.cat([(inframe[:, None] * w).cos(), (inframe[:, None] * w).sin()], -1) * 2.5
+    q[0, 1, :, 4:20], k[0, 1, :, 4:20] = enc, enc
     v = torch.randn(1, 2, n, 32)
-    params = {"frame_tokens": s, "spatial_frames": 0, "temporal_tokens": 2, "sample_rows": 32, "prefix_tokens": 0}
+    params = {"frame_tokens": s, "spatial_frames": 0, "temporal_tokens": 64, "sample_rows": 32, "prefix_tokens": pre}
     keep, choice = R.predict_svg(q, k, v, 32 ** -0.5, params, False, 0)
     assert choice.tolist() == [0, 1]
-    del bias, keep
+    text = (torch.arange(n) < pre)
+    spatial = _brute_blocks(lambda i, j: text[i] | text[j] | (frame[i] == frame[j]), n, n)
+    temporal = _brute_blocks(lambda i, j: text[i] | text[j] | ((inframe[i] - inframe[j]).abs() * 2 < 64), n, n)
+    assert torch.equal(keep[0, 0], spatial) and torch.equal(keep[0, 1], temporal)
+    assert spatial.float().mean() < 0.6 and temporal.float().mean() < 1
 
 
 # ------------------------------------------------------------------ block-sparse kernel
@@ -237,17 +341,49 @@ def test_all_blocks_kept_equals_dense():
     assert rel_l1(out, dense) < 1e-4
 
 
-@pytest.mark.parametrize("lam", [0.5, 3.0])
-def test_second_stage_kernel_matches_reference(lam):
-    q, k, v = local_qkv(1, 2, 300, 64, dtype=torch.float16)
-    keep = torch.ones(1, 2, 3, 5, dtype=torch.bool)
-    lut, counts = R.block_mask_to_lut(keep, 300, 300, True, 0)
+def sink_qkv(b, hq, hkv, n, d, amp=8.0, dtype=torch.float16):
+    """Every query aligns with the first 64 keys (an attention sink): visited first, that tile sets
+    a running maximum the later tiles trail by several log2 units, so the second stage skips them."""
+    u = F.normalize(torch.randn(d), dim=0) * amp
+    q = torch.randn(b, hq, n, d) + u
+    k = torch.randn(b, hkv, n, d)
+    k[:, :, :64] += u
+    return q.to(dtype), k.to(dtype), torch.randn(b, hkv, n, d).to(dtype)
+
+
+def _second_stage_case(n, causal, lam, pv="fp16"):
+    q, k, v = sink_qkv(1, 2, 1, n, 64)  # GQA: two query heads on one kv head
+    keep = torch.ones(1, 2, R.n_blocks(n, R.BQ), R.n_blocks(n, R.BK), dtype=torch.bool)
+    lut, counts = R.block_mask_to_lut(keep, n, n, causal, 0)
     lam_t = torch.full((2,), lam)
-    out = attention_triton(q, k, v, None, None, -math.inf, True, 0, 0.125, "int8", "fp16", True, False, "cpu",
+    stats = {}
+    ref = R.sparse_attention_reference(q, k, v, keep, None, None, -math.inf, causal, 0, 0.125, pv=pv,
+                                       pv_threshold=lam_t, stats=stats)
+    never = R.sparse_attention_reference(q, k, v, keep, None, None, -math.inf, causal, 0, 0.125, pv=pv,
+                                         pv_threshold=torch.full((2,), math.inf))
+    out = attention_triton(q, k, v, None, None, -math.inf, causal, 0, 0.125, "int8", pv, True, False, "cpu",
                            lut=lut, counts=counts, pv_threshold=lam_t)
-    ref = R.sparse_attention_reference(q, k, v, keep, None, None, -math.inf, True, 0, 0.125, pv_threshold=lam_t)
-    assert rel_l1(out, ref) < 2e-3
-    assert rel_l1(ref, attention_exact(q, k, v, is_causal=True, scale=0.125)) < 0.05
+    exact = attention_exact(q, k, v, is_causal=causal, scale=0.125)
+    return out, ref, never, exact, stats
+
+
+@pytest.mark.parametrize("causal,lam,pv", [(True, 2.0, "fp16"), (False, 6.0, "fp16"), (True, 6.0, "fp8")])
+def test_second_stage_skips_tiles_and_kernel_matches_reference(causal, lam, pv):
+    out, ref, never, exact, stats = _second_stage_case(256, causal, lam, pv)
+    assert all(s > 0 for s in stats["skipped"]) and all(s < v for s, v in zip(stats["skipped"], stats["visited"]))
+    skip_effect = rel_l1(ref, never)
+    assert skip_effect > 1e-4  # the skipped tiles carried some mass
+    assert rel_l1(out, ref) < 0.05 * skip_effect  # the kernel skips the same tiles
+    assert rel_l1(ref, exact) < rel_l1(never, exact) + 0.005  # skipping costs little against float64
+
+
+@pytest.mark.xfail(strict=True, reason="kernel bug (codegen/attention/kernel.py _attn_step): the skip test "
+                   "`tl.max(m_tile - m_i, 0) >= -lam` also counts the padded rows past Nq of a tail q-block, "
+                   "whose maxima never trail, so that block never skips; masking them with mvalid fixes it")
+def test_second_stage_skips_in_a_tail_q_block():
+    out, ref, never, _, stats = _second_stage_case(300, True, 2.0)
+    assert sum(stats["skipped"]) > 0
+    assert rel_l1(out, ref) < 0.05 * rel_l1(ref, never)
 
 
 # ------------------------------------------------------------------ op, calibration, plans

@@ -58,23 +58,64 @@ def _pool(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, sim
 
 
-def _keep_mass(scores: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor, topk: float | None) -> torch.Tensor:
-    """Per row: the smallest set of blocks reaching mass tau (or topk of the valid ones), >= 1."""
-    scores = torch.where(valid, scores, torch.zeros_like(scores))
-    order = scores.argsort(dim=-1, descending=True)
-    sorted_s = scores.gather(-1, order)
-    total = sorted_s.sum(-1, keepdim=True).clamp_min(1e-30)
+def _keep_mass(scores: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor, topk: torch.Tensor | None,
+               forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row: the blocks kept by the mass rule, taken in descending score order.
+
+    tau rule: add blocks until the kept mass reaches tau [H] * the row's total; `forced` blocks
+    (kept anyway) count toward that mass first. topk rule: ceil(topk [H] * the row's candidate
+    count) blocks, at least one. tau and topk are float64 tensors. Sums run in float64 so that a choice at the tau boundary does
+    not hinge on float32 rounding (the brute-force tests sum in Python floats).
+    """
+    s = torch.where(valid, scores.double(), torch.zeros((), dtype=torch.float64, device=scores.device))
+    forced = torch.zeros_like(valid) if forced is None else forced & valid
+    cand = valid & ~forced
+    # candidates by descending score (ties: lower block first); the others sort last
+    order = torch.where(cand, s, torch.full_like(s, -1.0)).argsort(dim=-1, descending=True, stable=True)
+    sorted_s = torch.where(cand, s, torch.zeros_like(s)).gather(-1, order)
     if topk is not None:
-        nvalid = valid.sum(-1, keepdim=True)
-        k = torch.clamp((topk * nvalid).ceil(), min=1)
-        rank = torch.arange(scores.shape[-1], device=scores.device)
-        keep_sorted = rank < k
+        rank = torch.arange(s.shape[-1], device=s.device)
+        keep_sorted = rank < torch.clamp((topk[None, :, None, None] * cand.sum(-1, keepdim=True)).ceil(), min=1)
     else:
-        before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass of the blocks ranked above
-        keep_sorted = before < tau[None, :, None, None] * total
-        keep_sorted[..., 0] = True
+        total = s.sum(-1, keepdim=True).clamp_min(1e-30)
+        before = (s * forced).sum(-1, keepdim=True) + torch.cumsum(sorted_s, dim=-1) - sorted_s
+        keep_sorted = before < tau[None, :, None, None] * total  # the first one always passes
     keep = torch.zeros_like(valid).scatter(-1, order, keep_sorted)
-    return keep & valid
+    return (keep & cand) | forced
+
+
+def select_sparge(qhat, qsim, khat, ksim, scale: float, tau, theta, topk, sink: bool, valid,
+                  diagonal) -> torch.Tensor:
+    """SpargeAttn steps 3-5 on pooled blocks: qhat [B, H, nqb, D], khat [B, H, nkb, D] (K heads
+    already repeated to the query heads), self-similarities qsim / ksim, valid [nqb, nkb]
+    (causal), diagonal [nqb, nkb] or None. Shared by the reference and the Triton predictor."""
+    b, hq, nqb, _ = qhat.shape
+    nkb = khat.shape[2]
+    dev = qhat.device
+    f64 = torch.float64  # the user's decimal tau / topk, not their float32 roundings (0.2 * 5 > 1)
+    tau_h, theta_h = per_head(tau, hq, dev, f64), per_head(theta, hq, dev)
+    topk_h = None if topk is None else per_head(topk, hq, dev, f64)
+    valid = valid.expand(b, hq, nqb, nkb)
+    k_rough = (ksim < theta_h[None, :, None])[:, :, None, :] & valid  # pooled mean not representative
+    q_rough = (qsim < theta_h[None, :, None])[:, :, :, None] & valid
+    logits = torch.matmul(qhat, khat.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~valid | k_rough, -math.inf)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    keep = _keep_mass(probs, valid & ~k_rough, tau_h, topk_h) | k_rough | q_rough
+    if sink:
+        keep[..., 0] |= valid[..., 0]
+    if diagonal is not None:
+        keep |= diagonal & valid
+    return keep
+
+
+def sparge_grid(nq: int, nk: int, is_causal: bool, causal_offset: int, device):
+    """(valid [nqb, nkb], diagonal blocks or None): the causally visible blocks, and the diagonal
+    of causal or square (self-attention) sites."""
+    valid = causal_blocks(nq, nk, causal_offset, device) if is_causal else torch.ones(
+        n_blocks(nq, BQ), n_blocks(nk, BK), dtype=torch.bool, device=device)
+    diag = diagonal_blocks(nq, nk, causal_offset if is_causal else 0, device) if is_causal or nq == nk else None
+    return valid, diag
 
 
 def predict_sparge(q, k, scale: float, tau, theta, topk=None, sink: bool = True, is_causal: bool = False,
@@ -82,31 +123,13 @@ def predict_sparge(q, k, scale: float, tau, theta, topk=None, sink: bool = True,
     """SpargeAttn stage 1: pooled-attention prediction of each q-block's needed kv-blocks."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    dev = q.device
-    tau_h, theta_h = per_head(tau, hq, dev), per_head(theta, hq, dev)
     kc = k.float() - k.float().mean(dim=-2, keepdim=True)
     qhat, qsim = _pool(q, BQ)  # [B, Hq, nqb, D], [B, Hq, nqb]
     khat, ksim = _pool(kc, BK)
     g = hq // hkv
     khat, ksim = khat.repeat_interleave(g, 1), ksim.repeat_interleave(g, 1)
-    nqb, nkb = qhat.shape[2], khat.shape[2]
-    valid = torch.ones(nqb, nkb, dtype=torch.bool, device=dev)
-    if is_causal:
-        valid = causal_blocks(nq, nk, causal_offset, dev)
-    valid = valid.expand(b, hq, nqb, nkb)
-    k_rough = ksim < theta_h[None, :, None]  # [B, H, nkb]: pooled mean not representative
-    q_rough = qsim < theta_h[None, :, None]
-    logits = torch.matmul(qhat, khat.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~valid | k_rough[:, :, None, :], -math.inf)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    keep = _keep_mass(probs, valid & ~k_rough[:, :, None, :], tau_h, topk)
-    keep |= k_rough[:, :, None, :] & valid
-    keep |= q_rough[:, :, :, None] & valid
-    if sink:
-        keep[..., 0] |= valid[..., 0]
-    if is_causal or nq == nk:
-        keep |= diagonal_blocks(nq, nk, causal_offset if is_causal else 0, dev) & valid
-    return keep
+    valid, diag = sparge_grid(nq, nk, is_causal, causal_offset, q.device)
+    return select_sparge(qhat, qsim, khat, ksim, scale, tau, theta, topk, sink, valid, diag)
 
 
 def diagonal_blocks(nq: int, nk: int, offset: int, device) -> torch.Tensor:
@@ -143,29 +166,25 @@ def xattention_scores(q, k, scale: float, stride: int, is_causal: bool = False, 
     return probs.reshape(b, hq, nqb, rq, nkb, rk).sum(dim=(3, 5))  # [B, H, nqb, nkb]
 
 
+def select_xattention(scores: torch.Tensor, tau, valid: torch.Tensor, diagonal) -> torch.Tensor:
+    """XAttention step 3 on block scores [B, H, nqb, nkb]: keep block 0 and the diagonal blocks,
+    then the highest-scoring others until the kept mass (those included) reaches tau * row sum."""
+    valid = valid.expand_as(scores)
+    forced = torch.zeros_like(valid)
+    forced[..., 0] = True
+    if diagonal is not None:
+        forced |= diagonal
+    tau_h = per_head(tau, scores.shape[1], scores.device, torch.float64)
+    return _keep_mass(scores, valid, tau_h, None, forced & valid)
+
+
 def predict_xattention(q, k, scale: float, stride: int, tau, is_causal: bool = False,
                        causal_offset: int = 0) -> torch.Tensor:
-    b, hq, nq, _ = q.shape
-    nk = k.shape[2]
+    """XAttention: antidiagonal block scores, then the tau selection."""
+    nq, nk = q.shape[2], k.shape[2]
     scores = xattention_scores(q, k, scale, stride, is_causal, causal_offset)
-    nqb, nkb = scores.shape[-2:]
-    valid = causal_blocks(nq, nk, causal_offset, q.device) if is_causal else torch.ones(
-        nqb, nkb, dtype=torch.bool, device=q.device)
-    valid = valid.expand_as(scores)
-    keep = _keep_mass(scores, valid, per_head(tau, hq, q.device), None)
-    keep[..., 0] |= valid[..., 0]  # the first block
-    diag = _diagonal_block(nqb, nkb, nq, causal_offset if is_causal else 0, q.device)
-    keep |= diag & valid
-    return keep
-
-
-def _diagonal_block(nqb, nkb, nq, offset, device) -> torch.Tensor:
-    """[nqb, nkb]: the kv-block holding each q-block's last row's diagonal key."""
-    last_row = torch.clamp(torch.arange(nqb, device=device) * BQ + BQ - 1, max=max(nq - 1, 0))
-    col = torch.clamp((last_row + offset) // BK, 0, nkb - 1)
-    out = torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
-    out[torch.arange(nqb, device=device), col] = True
-    return out
+    valid, diag = sparge_grid(nq, nk, is_causal, causal_offset, q.device)
+    return select_xattention(scores, tau, valid, diag)
 
 
 def _element_to_blocks(keep_fn, nq: int, nk: int, device, sample: int | None = None) -> torch.Tensor:
@@ -313,13 +332,15 @@ def expand_block_mask(keep: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
 
 def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=None, masked_value=-math.inf,
                                is_causal=False, causal_offset=0, scale=None, quant="int8", pv="fp16",
-                               smooth_k=True, pv_threshold=None):
+                               smooth_k=True, pv_threshold=None, stats: dict | None = None):
     """Attention over the kept blocks only, with the quantized arithmetic of attention_reference.
 
     Skipped blocks contribute nothing (their logits are -inf, whatever the mask fill value).
     `pv_threshold` [H] (log2 units; None = off) adds the second stage: a tile whose every row's
     maximum trails that row's running maximum by more than it skips exp and P.V. That result
     depends on the order tiles are visited, so that path walks them in the kernel's LUT order.
+    `stats` (a dict, second stage only) receives "visited" and "skipped" tile counts per head
+    (lists), which tests and calibration read to see that the stage really skips.
     """
     b, hq, nq, d = q.shape
     nk = k.shape[2]
@@ -330,11 +351,11 @@ def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=No
         return attention_reference(q, k, v, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
                                    pv, smooth_k, False)
     return _second_stage(q, k, v, block_keep, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale,
-                         quant, pv, smooth_k, pv_threshold)
+                         quant, pv, smooth_k, pv_threshold, stats)
 
 
 def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
-                  smooth_k, pv_threshold):
+                  smooth_k, pv_threshold, stats=None):
     """Tile by tile in LUT order, as the kernel runs, skipping P.V of tiles far below the running max."""
     from . import nvfp4
     from .attention_ref import (FP8_MAX, K_GRAN, Q_GRAN, _full_mask, _log2_logit, finite_or_zero, poison,
@@ -377,6 +398,7 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     keepf = _full_mask(keep_mask, b, hq, nq, nk)
     lam = per_head(pv_threshold, hq, q.device)
     out = torch.zeros(b, hq, nq, dv, device=q.device)
+    visited, skipped = [0] * hq, [0] * hq
     for bb in range(b):
         for h in range(hq):
             hk = h // g
@@ -396,7 +418,9 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
                     if is_causal:
                         s = torch.where(cols[None, :] <= rows[:, None] + causal_offset, s, torch.full_like(s, fill))
                     m_tile = s.amax(-1)
+                    visited[h] += 1
                     if bool((m_tile - m < -float(lam[h])).all()):
+                        skipped[h] += 1
                         continue  # second stage: every row's max trails its running max: skip
                     m_new = torch.maximum(m, m_tile)
                     m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
@@ -419,4 +443,6 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
                 else:
                     o = torch.where(torch.isneginf(m)[:, None], torch.zeros_like(o), o)
                 out[bb, h, rows] = o
+    if stats is not None:
+        stats.update(visited=visited, skipped=skipped)
     return poison(out, q_in, k_in, v_in, is_causal, causal_offset).to(q.dtype)

@@ -6,21 +6,19 @@
   QK^T), row softmax, summed over each (q-block, kv-block) tile. Two passes over the reduced
   columns: row max and sum first, then the normalized block sums.
 
-Selection (sort, cumulative mass) stays in torch: it works on [nqb, nkb] per head, tiny next to
-attention. The arithmetic is ops/sparse_ref's, which the tests compare against.
+Selection (sort, cumulative mass) stays in torch and is shared with ops/sparse_ref (select_sparge,
+select_xattention): it works on [nqb, nkb] per head, tiny next to attention. The arithmetic is
+ops/sparse_ref's, which the tests compare against.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops.sparse_ref import (BK, BQ, _diagonal_block, _keep_mass, causal_blocks, diagonal_blocks, n_blocks,
-                                per_head)
+from ...ops.sparse_ref import BK, BQ, n_blocks, select_sparge, select_xattention, sparge_grid
 
 
 @triton.jit
@@ -69,28 +67,12 @@ def predict_sparge_triton(q, k, scale: float, tau, theta, topk=None, sink: bool 
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     dev = q.device
-    tau_h, theta_h = per_head(tau, hq, dev), per_head(theta, hq, dev)
     qhat, qsim = pool_blocks(q, BQ)
     khat, ksim = pool_blocks(k, BK, mean=k.float().mean(dim=-2).contiguous())
     g = hq // hkv
     khat, ksim = khat.repeat_interleave(g, 1), ksim.repeat_interleave(g, 1)
-    nqb, nkb = qhat.shape[2], khat.shape[2]
-    valid = causal_blocks(nq, nk, causal_offset, dev) if is_causal else torch.ones(nqb, nkb, dtype=torch.bool,
-                                                                                    device=dev)
-    valid = valid.expand(b, hq, nqb, nkb)
-    k_rough = ksim < theta_h[None, :, None]
-    q_rough = qsim < theta_h[None, :, None]
-    logits = torch.matmul(qhat, khat.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~valid | k_rough[:, :, None, :], -math.inf)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    keep = _keep_mass(probs, valid & ~k_rough[:, :, None, :], tau_h, topk)
-    keep |= k_rough[:, :, None, :] & valid
-    keep |= q_rough[:, :, :, None] & valid
-    if sink:
-        keep[..., 0] |= valid[..., 0]
-    if is_causal or nq == nk:
-        keep |= diagonal_blocks(nq, nk, causal_offset if is_causal else 0, dev) & valid
-    return keep
+    valid, diag = sparge_grid(nq, nk, is_causal, causal_offset, dev)
+    return select_sparge(qhat, qsim, khat, ksim, scale, tau, theta, topk, sink, valid, diag)
 
 
 @triton.jit
@@ -173,14 +155,7 @@ def xattention_scores_triton(q, k, scale: float, stride: int, is_causal: bool = 
 
 def predict_xattention_triton(q, k, scale: float, stride: int, tau, is_causal: bool = False,
                               causal_offset: int = 0) -> torch.Tensor:
-    b, hq, nq, _ = q.shape
-    nk = k.shape[2]
+    """predict_xattention with the block scores computed on the device."""
     scores = xattention_scores_triton(q, k, scale, stride, is_causal, causal_offset)
-    nqb, nkb = scores.shape[-2:]
-    valid = causal_blocks(nq, nk, causal_offset, q.device) if is_causal else torch.ones(
-        nqb, nkb, dtype=torch.bool, device=q.device)
-    valid = valid.expand_as(scores)
-    keep = _keep_mass(scores, valid, per_head(tau, hq, q.device), None)
-    keep[..., 0] |= valid[..., 0]
-    keep |= _diagonal_block(nqb, nkb, nq, causal_offset if is_causal else 0, q.device) & valid
-    return keep
+    valid, diag = sparge_grid(q.shape[2], k.shape[2], is_causal, causal_offset, q.device)
+    return select_xattention(scores, tau, valid, diag)
