@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import inspect, randn
+import attnopt
+from helpers import ALL_SITES, inspect, randn, rel_l1
 
 B, H, N, D = 2, 4, 77, 64
 E2E_BOUND = 0.03
@@ -207,3 +208,58 @@ class SdpaMath(nn.Module):
 
 def test_sdpa_math_decomposition():
     check(SdpaMath(), randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D), causal=True)
+
+
+# ------------------------------------------------------------------------------- GPT-2's forms
+
+class LegacyGpt2Attention(nn.Module):
+    """GPT-2's attention as transformers wrote it before 5.x: a bool tril buffer over all positions,
+    sliced to the query rows [kl - ql : kl, :kl], scale and fill as 0-d torch.full tensors, where()."""
+
+    def __init__(self, max_positions=256):
+        super().__init__()
+        tril = torch.tril(torch.ones(max_positions, max_positions, dtype=torch.bool))
+        self.register_buffer("bias", tril.view(1, 1, max_positions, max_positions), persistent=False)
+
+    def forward(self, q, k, v):
+        w = torch.matmul(q, k.transpose(-1, -2))
+        w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype, device=w.device)
+        ql, kl = q.size(-2), k.size(-2)
+        keep = self.bias[:, :, kl - ql:kl, :kl]
+        fill = torch.full([], torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device)
+        p = F.softmax(torch.where(keep, w.to(w.dtype), fill), dim=-1).type(v.dtype)
+        return torch.matmul(p, v)
+
+
+def _exact(module, *inputs):
+    """The module's own computation in float64, on the same (rounded) inputs."""
+    return module.double()(*(t.double() for t in inputs)).float()
+
+
+@pytest.mark.parametrize("ql, kl", [(N, N), (40, 150)])
+def test_gpt2_legacy_sliced_bias_buffer(ql, kl):
+    """ql < kl: the slice starts at kl - ql, so query i may see keys up to kl - ql + i."""
+    q, k, v = randn(B, H, ql, D), randn(B, H, kl, D), randn(B, H, kl, D)
+    check(LegacyGpt2Attention(), q, k, v)
+    torch._dynamo.reset()
+    out = torch.compile(LegacyGpt2Attention(), backend=attnopt.backend(ALL_SITES))(q, k, v)
+    assert rel_l1(out, _exact(LegacyGpt2Attention(), q, k, v)) <= 0.025
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_transformers_gpt2_attention_is_rewritten_end_to_end(impl):
+    """transformers' GPT-2 at a length above the default min_seq_len, default options."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=128, n_head=4, n_layer=2, vocab_size=128, n_positions=256,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation=impl)
+    model = transformers.GPT2LMHeadModel(cfg).eval().bfloat16()
+    ids = torch.randint(0, 128, (2, 150))
+    be = attnopt.backend({})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model, backend=be)(ids).logits
+        exact = model.double()(ids).logits
+    att = [s for s in be.recorder.sites() if s.kind == "attention"]
+    assert [s.module for s in att] == ["transformer.h.0.attn", "transformer.h.1.attn"], att
+    assert all(s.status == "rewritten" and s.details["causal_offset"] == 0 for s in att), att
+    assert rel_l1(logits.double(), exact) <= 0.03
