@@ -13,11 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .config import ConfigError, SPARSITY_METHODS, _validate_table
+from .config import ConfigError, SPARSITY_METHODS, _number, _per_head, _validate_table
 
 PLAN_SCHEMA_VERSION = 1
 PLAN_KIND = "attnopt-plan"
 LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16")
+# calibration tunes topk per head; the config takes one value (a list would be per head there too)
+_PLAN_TOPK = _per_head(_number(0, 1, lo_open=True), "a number in (0, 1]")
 
 
 def _finite_list(path: str, v: Any) -> list[float]:
@@ -41,7 +43,12 @@ def _validate_attention_site(path: str, entry: Mapping) -> dict:
                 raise ConfigError(f"{p}.method", val.get("method") if isinstance(val, Mapping) else val,
                                   " | ".join(repr(m) for m in SPARSITY_METHODS))
             params = {k: x for k, x in val.items() if k not in ("method", "dense_heads")}
+            topk = params.pop("topk") if isinstance(params.get("topk"), list) else None
             checked = _validate_table(SPARSITY_METHODS[val["method"]], params, p)
+            if topk is not None and "topk" in checked:
+                checked["topk"] = _PLAN_TOPK(f"{p}.topk", topk)
+            elif topk is not None:
+                raise ConfigError(f"{p}.topk", topk, "no topk for method " + repr(val["method"]))
             checked["method"] = val["method"]
             dense = val.get("dense_heads", [])
             if not isinstance(dense, list) or not all(isinstance(h, int) and h >= 0 for h in dense):

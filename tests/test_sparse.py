@@ -433,6 +433,36 @@ def test_sites_missing_from_plan_use_defaults_and_short_sites_stay_dense():
     assert report.sites[0].status == "skipped" and "min_seq_len" in report.sites[0].reason
 
 
+@pytest.mark.parametrize("bad", [{"tau": [0.5, 0.5, 0.5]}, {"dense_heads": [0, 7]}])
+def test_plan_entry_that_does_not_fit_falls_back_to_the_defaults(bad, caplog):
+    site = {"kind": "attention", "sparsity": {"method": "sparge", "tau": 0.5, **bad}}
+    plan = {"schema_version": 1, "sites": {"#0": site}}
+    q = local_qkv(1, 2, 512, 64)
+    opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window", "window": 128}}, "plan": plan}
+    with caplog.at_level("WARNING", logger="attnopt"):
+        (rec,) = attnopt.inspect(Attn(), *q, options=opts).sites
+    assert rec.key == "#0"  # the plan entry names this site
+    assert rec.status == "rewritten" and rec.details["sparse_method"] == "window"  # the configured defaults
+    assert "plan entry ignored" in rec.kernel and "plan entry ignored" in caplog.text
+    assert rec.error["rel_l1"] < 0.05
+    # no configured sparsity: the site still gets dense quantized attention, not the original SDPA
+    opts["attention"]["sparsity"] = None
+    (rec,) = attnopt.inspect(Attn(), *q, options=opts).sites
+    assert rec.status == "rewritten" and rec.op == "attnopt::attention" and "plan entry ignored" in rec.kernel
+
+
+def test_plan_entry_that_fits_is_used():
+    plan = {"schema_version": 1, "sites": {"#0": {"kind": "attention", "sparsity": {
+        "method": "sparge", "tau": [0.5, 0.6], "topk": [0.3, 0.4], "dense_heads": [1]}}}}
+    q = local_qkv(1, 2, 512, 64)
+    opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window", "window": 128}}, "plan": plan}
+    (rec,) = attnopt.inspect(Attn(), *q, options=opts).sites
+    assert rec.status == "rewritten" and rec.details["sparse_method"] == "sparge" and "ignored" not in rec.kernel
+    plan["sites"]["#0"]["sparsity"]["topk"] = [0.3, 1.5]  # per-head values are each checked
+    with pytest.raises(attnopt.ConfigError, match=r"topk\[1\]"):
+        attnopt.Plan.from_dict(plan)
+
+
 def test_dense_reference_agrees_when_mask_keeps_all():
     q, k, v = qkv(1, 2, 2, 200, 200, 64)
     keep = torch.ones(1, 2, 2, 4, dtype=torch.bool)

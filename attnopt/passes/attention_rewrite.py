@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from ..codegen.arch import ArchSpec, resolve_pv
 from ..codegen.attention.describe import describe_attention_kernel
+from ..logs import log
 from .attention_match import AttentionSite, Operand
 from .graph_utils import GraphBuilder, aten, hint_int, known_eq, known_one, shape, static_int
 
@@ -38,6 +39,7 @@ class SiteParams:
     arch: str
     kernel: str
     sparsity: dict | None = None  # method + (per-head) parameters, for the block-sparse op
+    note: str | None = None  # why planned / configured sparse parameters were set aside here
 
 
 def glob_selected(path: str, include: list[str], exclude: list[str]) -> str | None:
@@ -55,29 +57,41 @@ def _tensor_meta(op: Operand):
     return op.traced.src.meta["val"]
 
 
-def sparsity_for(opts, key: str, heads: int) -> dict | None:
-    """The site's sparse method and parameters: its calibrated plan entry, else the config's."""
-    sp = opts["attention"]["sparsity"]
-    plan = opts["plan"]
-    entry = plan["sites"].get(key) if plan else None
-    if entry is not None and entry.get("kind") == "attention":
-        if entry.get("dense"):
-            return None
-        if entry.get("sparsity") is not None:
-            sp = entry["sparsity"]
-    if sp is None:
-        return None
-    sp = dict(sp)
+def _misfit(sp: dict, heads: int) -> str | None:
+    """Why sparse parameters cannot run at a site of `heads` query heads (None: they can)."""
     for name, val in sp.items():
         if isinstance(val, list) and name not in ("mask", "dense_heads") and len(val) != heads:
-            raise Reject(f"sparsity.{name} has {len(val)} per-head values; the site has {heads} heads")
-    if any(h >= heads for h in sp.get("dense_heads", [])):
-        raise Reject(f"plan's dense_heads {sp['dense_heads']} name heads beyond the site's {heads}")
-    return sp
+            return f"sparsity.{name} has {len(val)} per-head values for {heads} heads"
+    beyond = [h for h in sp.get("dense_heads", []) if h >= heads]
+    if beyond:
+        return f"dense_heads {beyond} name heads beyond the site's {heads}"
+    return None
 
 
-REQUIRES_GRAD = ("the graph requires grad (a training graph, or inference outside torch.no_grad() / "
-                 "torch.inference_mode()): quantized attention has no backward yet, left for autograd")
+def sparsity_for(opts, key: str, heads: int) -> tuple[dict | None, str | None]:
+    """(the site's sparse method and parameters, a note or None): its calibrated plan entry, else
+    the config's. Parameters that do not fit the site (a plan made for another model, a per-head
+    list of another length) fall back, with a note for the report, instead of losing the site:
+    a plan entry to the config's defaults, the config's to dense (quantized) attention."""
+    default = opts["attention"]["sparsity"]
+    plan = opts["plan"]
+    entry = plan["sites"].get(key) if plan else None
+    note = None
+    if entry is not None and entry.get("kind") == "attention":
+        if entry.get("dense"):
+            return None, None
+        planned = entry.get("sparsity")
+        why = _misfit(planned, heads) if planned is not None else None
+        if planned is not None and why is None:
+            return dict(planned), None
+        if why is not None:
+            note = f"plan entry ignored ({why}); using the configured sparsity"
+    if default is None:
+        return None, note
+    why = _misfit(default, heads)
+    if why is not None:
+        return None, (note + "; " if note else "") + f"configured sparsity ignored ({why}): dense"
+    return dict(default), note
 
 
 def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str = "") -> SiteParams:
@@ -128,9 +142,12 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     if why:
         raise Reject(why)
     heads = static_int(site.heads) if site.heads is not None else static_int(_size(site.q.batch[-1:]))
-    sparsity = sparsity_for(opts, key, heads)
+    sparsity, note = sparsity_for(opts, key, heads)
+    if note:
+        log.warning("attnopt: attention site %s: %s", key, note)
     if sparsity is None and quant == "none":
-        raise Reject("plan keeps this site dense and attention.quant is 'none': nothing to change")
+        raise Reject((note + "; " if note else "plan keeps this site dense and ") + "attention.quant is 'none': "
+                     "nothing to change")
     if sparsity is not None and sparsity["method"] == "block":
         nq_, nk_ = _size(site.q.rows), _size(site.k.rows)
         if not (isinstance(nq_, int) and isinstance(nk_, int)):
@@ -144,7 +161,10 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     kernel = describe_attention_kernel(spec, quant, pv, d, q.device.type)
     if sparsity is not None:
         kernel += f" +{sparsity['method']}" + ("+pv-skip" if sparsity.get("pv_threshold") is not None else "")
-    return SiteParams(quant, pv, a["smooth_k"], a["smooth_q"] and sparsity is None, spec.name, kernel, sparsity)
+    if note:
+        kernel += f" [{note}]"  # the record's kernel is what the report shows of a rewritten site
+    return SiteParams(quant, pv, a["smooth_k"], a["smooth_q"] and sparsity is None, spec.name, kernel, sparsity,
+                      note)
 
 
 def _size(atoms):
