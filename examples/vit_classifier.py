@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import attnopt
+from attnopt.metrics import compare
 
 SIZES = {
     "tiny": dict(hidden_size=192, intermediate_size=384, num_hidden_layers=2, num_attention_heads=3,
@@ -17,6 +18,7 @@ SIZES = {
     "large": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=448, patch_size=14, num_labels=1000, batch=32),
 }
+INSPECT_BATCH = 4  # inspect measures each site against float64 attention: a few images suffice
 
 
 def main():
@@ -31,12 +33,15 @@ def main():
     model = model.to(args.device, torch.bfloat16)
     images = torch.randn(batch, 3, cfg["image_size"], cfg["image_size"], device=args.device, dtype=torch.bfloat16)
     options = {"attention": {"min_seq_len": 0}}
-    print(attnopt.inspect(model, images, options=options))
+    report = attnopt.inspect(model, images[:INSPECT_BATCH], options=options)
+    print(report)
     compiled = torch.compile(model, backend=attnopt.backend(options))
     with torch.no_grad():
-        logits = compiled(images).logits
-        same = (logits.argmax(-1) == model(images).logits.argmax(-1)).float().mean().item()
+        logits, ref = compiled(images).logits, model(images).logits
+    same = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"predicted classes {logits.argmax(-1).tolist()}; {same:.0%} agree with the uncompiled model")
+    print(f"summary: sites rewritten {report.summary['sites_rewritten']}/{report.summary['sites_total']}; "
+          f"logits rel-L1 {compare(logits, ref)['rel_l1']:.4f}")
 
 
 if __name__ == "__main__":
