@@ -356,7 +356,9 @@ def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=No
 
 def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
                   smooth_k, pv_threshold, stats=None):
-    """Tile by tile in LUT order, as the kernel runs, skipping P.V of tiles far below the running max."""
+    """Tile by tile in LUT order, as the kernel runs, skipping P.V of tiles far below the running max.
+    Step t takes every (batch, head, q-block)'s t-th listed kv-block at once: one batched matmul
+    per step instead of one per tile, so calibration can afford it on a CPU."""
     from . import nvfp4
     from .attention_ref import (FP8_MAX, K_GRAN, Q_GRAN, _full_mask, _log2_logit, finite_or_zero, poison,
                                 pv_dtype_for, quantize_rows, rows_scale)
@@ -394,55 +396,96 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     else:
         vd = v.to(pv_dtype_for(v.dtype)).float()
     fill = _log2_logit(float(masked_value))
-    biasf = _full_mask(bias, b, hq, nq, nk)
-    keepf = _full_mask(keep_mask, b, hq, nq, nk)
     lam = per_head(pv_threshold, hq, q.device)
-    out = torch.zeros(b, hq, nq, dv, device=q.device)
-    visited, skipped = [0] * hq, [0] * hq
-    for bb in range(b):
-        for h in range(hq):
-            hk = h // g
-            for r in range(counts.shape[2]):
-                rows = torch.arange(r * BQ, min(nq, (r + 1) * BQ), device=q.device)
-                m = torch.full((len(rows),), -math.inf, device=q.device)
-                l = torch.zeros(len(rows), device=q.device)
-                acc = torch.zeros(len(rows), dv, device=q.device)
-                for t in range(int(counts[bb, h, r, 1])):
-                    c = int(lut[bb, h, r, t])
-                    cols = torch.arange(c * BK, min(nk, (c + 1) * BK), device=q.device)
-                    s = qd[bb, h, rows] @ kd[bb, hk, cols].T
-                    if biasf is not None:
-                        s = s + _log2_logit(biasf[bb, h][rows][:, cols])
-                    if keepf is not None:
-                        s = torch.where(keepf[bb, h][rows][:, cols], s, torch.full_like(s, fill))
-                    if is_causal:
-                        s = torch.where(cols[None, :] <= rows[:, None] + causal_offset, s, torch.full_like(s, fill))
-                    m_tile = s.amax(-1)
-                    visited[h] += 1
-                    if bool((m_tile - m < -float(lam[h])).all()):
-                        skipped[h] += 1
-                        continue  # second stage: every row's max trails its running max: skip
-                    m_new = torch.maximum(m, m_tile)
-                    m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-                    p = torch.exp2(s - m_safe[:, None])
-                    alpha = torch.exp2(m - m_safe)
-                    l = l * alpha + p.sum(-1)
-                    if pv == "fp8":
-                        pp = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
-                    elif pv == "fp4":
-                        pp = nvfp4.quantize_p(p)
-                    else:
-                        pp = p.to(pv_dtype_for(v.dtype)).float()
-                    acc = acc * alpha[:, None] + pp @ vd[bb, hk, cols]
-                    m = m_new
-                o = acc / torch.where(l > 0, l, torch.ones_like(l))[:, None]
-                if pv in ("fp8", "fp4"):
-                    o = o * (vscale[bb, hk, 0] / (FP8_MAX if pv == "fp8" else nvfp4.P_SCALE)) + vmean[bb, hk, 0]
-                if masked_value != -math.inf:
-                    o = torch.where((m <= fill)[:, None], vmean_all[bb, hk][None, :], o)
-                else:
-                    o = torch.where(torch.isneginf(m)[:, None], torch.zeros_like(o), o)
-                out[bb, h, rows] = o
+    nqb, nkb = n_blocks(nq, BQ), n_blocks(nk, BK)
+    tiles = _Tiles(qd, kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1), nqb, nkb)
+    bias_t = None if bias is None else tiles.grid(_log2_logit(_full_mask(bias, b, hq, nq, nk)), 0.0)
+    keep_t = None if keep_mask is None else tiles.grid(_full_mask(keep_mask, b, hq, nq, nk), True)
+    rows = (torch.arange(nqb, device=q.device)[:, None] * BQ + torch.arange(BQ, device=q.device))  # [nqb, BQ]
+    row_ok = rows < nq  # padded rows never hold a tile back from skipping
+    m = torch.full((b, hq, nqb, BQ), -math.inf, device=q.device)
+    l = torch.zeros(b, hq, nqb, BQ, device=q.device)
+    acc = torch.zeros(b, hq, nqb, BQ, dv, device=q.device)
+    visited = torch.zeros(hq, dtype=torch.long, device=q.device)
+    skipped = torch.zeros_like(visited)
+    for t in range(nkb):  # step t: every (batch, head, q-block)'s t-th listed kv-block at once
+        active = counts[..., 1] > t  # [B, H, nqb]
+        col = lut[..., t].long()
+        cols = col[..., None] * BK + torch.arange(BK, device=q.device)  # [B, H, nqb, BK]
+        s = tiles.qk(col)  # [B, H, nqb, BQ, BK], log2 units
+        if bias_t is not None:
+            s = s + tiles.pick(bias_t, col)
+        if keep_t is not None:
+            s = torch.where(tiles.pick(keep_t, col), s, torch.full_like(s, fill))
+        if is_causal:
+            s = torch.where(cols[..., None, :] <= rows[:, :, None] + causal_offset, s, torch.full_like(s, fill))
+        s = torch.where(cols[..., None, :] < nk, s, torch.full_like(s, -math.inf))
+        m_tile = s.amax(-1)
+        trails = ((m_tile - m < -lam[None, :, None, None]) | ~row_ok).all(-1)  # second stage
+        go = active & ~trails
+        visited += active.sum((0, 2))
+        skipped += (active & trails).sum((0, 2))
+        m_new = torch.maximum(m, m_tile)
+        m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp2(s - m_safe[..., None])
+        alpha = torch.exp2(m - m_safe)
+        if pv == "fp8":
+            pp = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
+        elif pv == "fp4":
+            pp = nvfp4.quantize_p(p)
+        else:
+            pp = p.to(pv_dtype_for(v.dtype)).float()
+        g4 = go[..., None]
+        l = torch.where(g4, l * alpha + p.sum(-1), l)
+        acc = torch.where(g4[..., None], acc * alpha[..., None] + pp @ tiles.v(col), acc)
+        m = torch.where(g4, m_new, m)
+    o = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
+    hk = torch.arange(hq, device=q.device) // g
+    if pv in ("fp8", "fp4"):
+        vsc = vscale[:, hk][:, :, None]  # [B, H, 1, 1, Dv]
+        o = o * (vsc / (FP8_MAX if pv == "fp8" else nvfp4.P_SCALE)) + vmean[:, hk][:, :, None]
+    if masked_value != -math.inf:
+        o = torch.where((m <= fill)[..., None], vmean_all[:, hk][:, :, None, None], o)
+    else:
+        o = torch.where(torch.isneginf(m)[..., None], torch.zeros_like(o), o)
     if stats is not None:
-        stats.update(visited=visited, skipped=skipped)
-    return poison(out, q_in, k_in, v_in, is_causal, causal_offset).to(q.dtype)
+        stats.update(visited=visited.tolist(), skipped=skipped.tolist())
+    out = o.reshape(b, hq, nqb * BQ, dv)[:, :, :nq]
+    return poison(out.contiguous(), q_in, k_in, v_in, is_causal, causal_offset).to(q.dtype)
+
+
+class _Tiles:
+    """Operands cut into the kernel's tiles: q [B, H, nqb, BQ, D]; k, v [B, H, nkb, BK, D]
+    (query heads); per-step gathers of each q-block's current kv-block."""
+
+    def __init__(self, qd, kd, vd, nqb, nkb):
+        self.q = _pad_rows(qd, nqb * BQ).reshape(*qd.shape[:2], nqb, BQ, qd.shape[-1])
+        self.k = _pad_rows(kd, nkb * BK).reshape(*kd.shape[:2], nkb, BK, kd.shape[-1])
+        self.vt = _pad_rows(vd, nkb * BK).reshape(*vd.shape[:2], nkb, BK, vd.shape[-1])
+        self.nqb, self.nkb = nqb, nkb
+
+    def _gather(self, x, col):  # x [B, H, nkb, BK, C], col [B, H, nqb] -> [B, H, nqb, BK, C]
+        idx = col[..., None, None].expand(*col.shape, *x.shape[-2:])
+        return torch.gather(x, 2, idx)
+
+    def qk(self, col):
+        return self.q @ self._gather(self.k, col).transpose(-1, -2)
+
+    def v(self, col):
+        return self._gather(self.vt, col)
+
+    def grid(self, m, pad):
+        """A [B, H, nq, nk] mask -> [B, H, nqb, nkb, BQ, BK], padded with `pad`."""
+        b, h, nq, nk = m.shape
+        m = torch.nn.functional.pad(m.to(torch.float32) if m.dtype != torch.bool else m,
+                                    (0, self.nkb * BK - nk, 0, self.nqb * BQ - nq), value=pad)
+        return m.reshape(b, h, self.nqb, BQ, self.nkb, BK).transpose(3, 4)
+
+    @staticmethod
+    def pick(grid, col):  # grid [B, H, nqb, nkb, BQ, BK] -> each q-block's tile at col: [B, H, nqb, BQ, BK]
+        idx = col[..., None, None, None].expand(*col.shape, 1, *grid.shape[-2:])
+        return torch.gather(grid, 3, idx)[:, :, :, 0]
+
+
+def _pad_rows(x, n):
+    return torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[-2]))
