@@ -17,6 +17,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from . import mixed_precision as MP
 from .compiler import AttnoptBackend
 from .config import normalize_options
 from .ops import probe
@@ -186,12 +187,6 @@ def _search_lambda(search: SiteSearch, params: dict, err, ok, target):
     return params, e
 
 
-# relative time of a linear per format (1 = the 16-bit GEMM): large M is compute-bound, small M
-# (decode) memory-bound. Used to pick the cheapest format that stays under the error budget.
-LINEAR_COST = {"prefill": {"none": 1.0, "fp8": 0.5, "w8a8": 0.55, "w4a16": 0.8},
-               "decode": {"none": 1.0, "fp8": 0.6, "w8a8": 0.6, "w4a16": 0.35}}
-
-
 def _linear_errors(x: torch.Tensor, w: torch.Tensor, fmts) -> dict[str, float]:
     """rel-L1 of each format's linear on captured rows x against float64 x W^T."""
     from .metrics import compare
@@ -218,7 +213,10 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
       (against float64 dense attention) under `budget["rel_l1"] * margin`.
     - linear.smooth set: each linear's per-channel max |activation| (SmoothQuant's statistic).
     - mixed_precision: each linear's format (none / fp8 / w8a8 / w4a16, those the target arch
-      runs), the cheapest whose rel-L1 stays under `budget["linear_rel_l1"] * margin`.
+      runs), chosen from each (linear, format)'s measured effect on the model's output to save
+      the most estimated time while the model's output rel-L1 (all chosen linears quantized at
+      once, measured) stays under `budget["model_rel_l1"] * margin` (default 0.05);
+      `budget["linear_rel_l1"]`, if given, also caps each linear's own output error.
 
     `example_batches`: an iterable of input tuples (or kwargs dicts) for `model`.
     """
@@ -226,7 +224,8 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     user = dict(options or {})
     user.pop("plan", None)  # a new plan is being made: the old one must not steer the search
     opts = normalize_options(user)
-    budget = {"rel_l1": 0.05, "linear_rel_l1": 0.02, **dict(budget or {})}
+    budget = {"rel_l1": 0.05, "model_rel_l1": 0.05, "linear_rel_l1": None, **dict(budget or {})}
+    example_batches = [b if isinstance(b, (Mapping, tuple, list)) else (b,) for b in example_batches]
     target = float(budget["rel_l1"]) * margin
     sp = opts["attention"]["sparsity"]
     want_linear = opts["linear"]["smooth"] is not None or mixed_precision
@@ -264,43 +263,58 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     recs = {r.key: r for r in be.recorder.sites()}
     plan = Plan(meta={"method": sp["method"] if sp else None, "budget": budget, "margin": margin,
                       "mixed_precision": mixed_precision, "options": opts.to_dict()})
-    weights = _linear_weights(model) if mixed_precision else {}
     for key, calls in captured.items():
         if calls[0].get("kind") == "linear":
-            plan.sites[key] = _linear_entry(key, calls, recs.get(key), weights.get(key), mixed_precision,
-                                            float(budget["linear_rel_l1"]) * margin, be, opts)
+            absmax = torch.stack([c["absmax"] for c in calls]).amax(dim=0)
+            plan.sites[key] = {"kind": "linear", "act_absmax": absmax.tolist()}
             continue
         d = recs[key].details
         search = SiteSearch(key, calls, d["quant"], d["pv"], d["smooth_k"], d["arch"])
         say(f"searching {key} ({search.heads} heads)")
         plan.sites[key] = _search_site(search, sp, target)
+    if mixed_precision:
+        _mixed_precision(model, example_batches, plan, captured, budget, margin, opts, say)
     return plan
 
 
-def _linear_weights(model) -> dict[str, torch.Tensor]:
-    """module path -> weight [N, K] of every Linear (and HF Conv1D) in the model."""
+def _linear_modules(model) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    """module path -> (module, weight [N, K]) of every Linear (and HF Conv1D) in the model."""
     out = {}
     for name, m in model.named_modules() if isinstance(model, torch.nn.Module) else ():
         w = getattr(m, "weight", None)
         if isinstance(m, torch.nn.Linear):
-            out[name] = w.detach()
+            out[name] = (m, w.detach())
         elif type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
-            out[name] = w.detach().t()
+            out[name] = (m, w.detach().t())
     return out
 
 
-def _linear_entry(key, calls, rec, weight, mixed_precision, target, be, opts) -> dict:
-    absmax = torch.stack([c["absmax"] for c in calls]).amax(dim=0)
-    entry = {"kind": "linear", "act_absmax": absmax.tolist()}
-    if mixed_precision and weight is not None:
-        from .codegen.arch import ARCHS, detect_arch
+def _mixed_precision(model, batches, plan: Plan, captured: dict, budget: Mapping, margin: float, opts, say) -> None:
+    """Each captured linear's format, chosen by its measured effect on the model's output
+    (attnopt/mixed_precision.py); written into the plan's linear entries."""
+    from .codegen.arch import ARCHS, detect_arch
 
-        x = torch.cat([c["x"] for c in calls])
+    modules = _linear_modules(model)
+    linears = {}
+    for key, calls in captured.items():
+        if calls[0].get("kind") != "linear" or key not in modules:
+            continue
+        module, w = modules[key]
+        x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
         arch = opts["arch"] if opts["arch"] != "auto" else detect_arch(x.device)
         fmts = [f for f in ("fp8", "w8a8", "w4a16") if f in ARCHS[arch].linear_formats]
-        errs = _linear_errors(x, weight.to(x.device), fmts)
-        regime = "decode" if max(c["x"].shape[0] for c in calls) <= 16 else "prefill"
-        ok = [f for f in ("none", *fmts) if f == "none" or errs[f] <= target]
-        entry["quant"] = min(ok, key=lambda f: LINEAR_COST[regime][f])
-        entry["error"] = {"rel_l1": errs}
-    return entry
+        rows = max(c["x"].reshape(-1, c["x"].shape[-1]).shape[0] for c in calls)
+        lin = MP.Linear(key, module, w.to(x.device), rows, float(x.shape[0] * w.shape[0] * w.shape[1]))
+        lin.own_error = _linear_errors(x, lin.weight, fmts)
+        linears[key] = lin
+    if not linears:
+        return
+    cap = budget.get("linear_rel_l1")
+    cap = float(cap) * margin if cap is not None else float("inf")
+    choice, meta = MP.choose_formats(model, batches, linears, fmts, float(budget["model_rel_l1"]) * margin, cap,
+                                     small_m=int(opts["linear"]["min_m"]) - 1, say=say)
+    for key, fmt in choice.items():
+        lin = linears[key]
+        plan.sites[key].update(quant=fmt, error={"rel_l1": lin.own_error},
+                               sensitivity={"model_rel_l1": lin.sensitivity})
+    plan.meta["mixed_precision"] = meta

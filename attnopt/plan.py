@@ -78,10 +78,10 @@ def _validate_linear_site(path: str, entry: Mapping) -> dict:
             out["quant"] = val
         elif key == "act_absmax":  # per input channel max|x| seen in calibration (for smoothing)
             out["act_absmax"] = _finite_list(p, val)
-        elif key in ("error", "stats", "group"):
+        elif key in ("error", "stats", "group", "sensitivity"):  # calibration's measurements, kept for reading
             out[key] = val
         else:
-            raise ConfigError(p, val, "one of kind, quant, act_absmax, group, error, stats")
+            raise ConfigError(p, val, "one of kind, quant, act_absmax, group, error, stats, sensitivity")
     return out
 
 
