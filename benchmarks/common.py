@@ -12,21 +12,29 @@ import torch
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def env() -> dict:
+def _version(module: str) -> str | None:
     try:
-        import triton
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - missing, or failing to import beside this torch (timm's torchvision)
+        return None
 
-        tv = triton.__version__
-    except ImportError:
-        tv = None
+
+def env(short: bool = False) -> dict:
+    """The device and library versions a result was measured with (short: what a table row names)."""
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
-    return {"device": dev, "cuda": torch.cuda.is_available(), "torch": torch.__version__, "triton": tv,
-            "cpu_count": os.cpu_count(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    facts = {"device": dev, "torch": torch.__version__, "triton": _version("triton")}
+    if short:
+        return facts
+    return {**facts, "cuda": torch.cuda.is_available(), "transformers": _version("transformers"),
+            "diffusers": _version("diffusers"), "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def write(name: str, rows: list, extra: dict | None = None) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
+def write(name: str, rows: list, extra: dict | None = None, out_dir: str | None = None) -> str:
+    """Write rows (with the environment) as JSON under out_dir (default RESULTS); returns the path."""
+    out_dir = out_dir or RESULTS
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
     with open(path, "w") as f:
         json.dump({"env": env(), **(extra or {}), "rows": rows}, f, indent=1)
     return path
