@@ -7,13 +7,16 @@ returns a configured backend for code that also wants an Inductor mode.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Mapping
 
 import torch
 
 from .config import ConfigError, Options, normalize_options
-from .passes.manager import PassContext, config_patches, run_pre_inductor
+from .logs import log
+from .passes.linear_pass import BAKED_META_KEY, copy_graph
+from .passes.manager import PassContext, config_patches, needs_linear_pass, run_pre_inductor
 from .report import Recorder
 
 # keys torch.compile may leave in `options` that belong to torch, not to attnopt
@@ -63,9 +66,14 @@ class AttnoptBackend:
         if self.progress:
             self.progress(f"compiling graph {self.graphs_compiled} ({len(gm.graph.nodes)} nodes)...")
         self.ctx.current_graph = self.ctx.recorder.new_graph()
+        pristine = _copy_graph_module(gm) if needs_linear_pass(self.ctx) else None
         try:
             run_pre_inductor(self.ctx, gm, example_inputs)
-            return compile_fx(gm, example_inputs, config_patches=patches)
+            baked = gm.meta.pop(BAKED_META_KEY, None)
+            fn = compile_fx(gm, example_inputs, config_patches=patches)
+            if not baked:
+                return fn
+            return FreshWeights(self, fn, baked, pristine)
         finally:
             dt = time.perf_counter() - t0
             self.compile_time_s += dt
@@ -75,6 +83,82 @@ class AttnoptBackend:
 
     def __repr__(self) -> str:
         return f"AttnoptBackend({self.options.to_json()}, mode={self.mode!r})"
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph as Dynamo gave it, before attnopt's passes edit it in place: what a recompile
+    starts from. Shares the module's tensors; copies nodes and Dynamo's side tables."""
+    out = torch.fx.GraphModule(gm, copy_graph(gm.graph))
+    out.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        out._param_name_to_source = dict(gm._param_name_to_source)
+    return out
+
+
+def _is_static(gm: torch.fx.GraphModule) -> bool:
+    """No symbolic sizes among the graph's inputs: a recompile from real inputs is equivalent."""
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = n.meta.get("example_value")
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return False
+        if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+            return False
+    return True
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter: identity is all we can check
+        return None
+
+
+class FreshWeights:
+    """The compiled graph, checked on every call against the parameters the linear pass copied
+    into it (quantized / smoothed / folded). Why: an in-place change (weight.mul_, load_state_dict)
+    or a replaced parameter would otherwise go on using the old values silently. On a change the
+    graph is compiled again from Dynamo's graph with the current values; graphs with symbolic
+    sizes raise instead, since recompiling from one call's inputs would fix those sizes."""
+
+    def __init__(self, backend: "AttnoptBackend", fn, baked, pristine: torch.fx.GraphModule | None):
+        self.backend, self.fn, self.pristine = backend, fn, pristine
+        self.recompiles = 0
+        self._lock = threading.Lock()
+        self._arm(baked)
+
+    def _arm(self, baked) -> None:
+        # (position among the graph's inputs or None for get_attr, the tensor, its version, label)
+        self.checks = [(i, t, _version(t), label) for i, t, label in baked]
+
+    def _changed(self, args) -> str | None:
+        for i, t, v, label in self.checks:
+            a = t if i is None else args[i]
+            if a is not t or (v is not None and a._version != v):
+                return label
+        return None
+
+    def __call__(self, *args):
+        if self._changed(args) is not None:  # identity and version counters only: cheap
+            self._refresh(args)
+        return self.fn(*args)
+
+    def _refresh(self, args):
+        with self._lock:
+            label = self._changed(args)
+            if label is not None:
+                if self.pristine is None or not _is_static(self.pristine):
+                    raise RuntimeError(
+                        f"attnopt: the {label} parameter changed after torch.compile quantized a copy of it "
+                        "(in-place update, load_state_dict or a new tensor); this graph has symbolic sizes, so "
+                        "attnopt cannot recompile it from this call. Call torch._dynamo.reset() and compile "
+                        "again after changing weights.")
+                log.warning("attnopt: %s changed after compiling; quantizing again (recompiling this graph)", label)
+                gm = _copy_graph_module(self.pristine)
+                fresh = self.backend(gm, list(args))
+                self.recompiles += 1
+                self.fn, self.checks = (fresh.fn, fresh.checks) if isinstance(fresh, FreshWeights) else (fresh, [])
 
 
 def backend(options: Mapping | Options | None = None, *, mode: str | None = None,

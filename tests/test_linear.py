@@ -1,6 +1,9 @@
 """Quantized linears: reference numerics, Triton kernels (interpreter), smoothing folded exactly,
 real model code, mixed precision."""
 
+import copy
+import fnmatch
+
 import pytest
 import torch
 import torch.nn as nn
@@ -114,6 +117,31 @@ def test_smoothing_folds_exactly_in_fp64():
     assert report.summary["e2e"]["rel_l1"] <= 1e-9
 
 
+def test_relu_chain_and_addmm_forms_fold_exactly_in_fp64():
+    """LayerNorm -> a (nn.Linear) -> ReLU -> b and b's input reaching an addmm through view(-1, C):
+    relu(x / s) = relu(x) / s, so both groups fold exactly."""
+    model = ReluChain().double().eval()
+    x = torch.randn(2, 19, 64, dtype=torch.float64)
+    plan = _stats_plan(model)
+    plan["sites"][""] = plan["sites"].pop("b")  # the addmm is called from the top module
+    opts = {"linear": {"quant": "none", "smooth": {"alpha": 0.5}}, "plan": plan}
+    out, sites = _compiled(model, opts, x)
+    norms = {s.module: s for s in sites if s.kind == "norm"}
+    assert norms["ln"].status == "rewritten" and norms["a"].status == "rewritten", norms
+    with torch.no_grad():
+        assert rel_l1(out, model(x)) <= 1e-9
+
+
+class ReluChain(nn.Module):
+    def __init__(self, d=64, f=80):
+        super().__init__()
+        self.ln, self.a, self.b = nn.LayerNorm(d), nn.Linear(d, f), nn.Linear(f, d)
+
+    def forward(self, x):
+        h = torch.relu(self.a(self.ln(x)))
+        return torch.addmm(self.b.bias, h.view(-1, h.shape[-1]), self.b.weight.t()).view(x.shape)
+
+
 def test_smoothing_needs_every_consumer_smoothed():
     model = Norms().double().eval()
     opts = {"linear": {"quant": "none", "smooth": {"alpha": 0.5}, "exclude": ["k"]}, "plan": _stats_plan(model)}
@@ -214,3 +242,210 @@ def test_training_leaves_linears_alone():
     lin = [s for s in be.recorder.sites() if s.kind == "linear"]
     assert lin and all(s.status == "skipped" for s in lin)
     assert any("require grad" in (s.reason or "") for s in lin)
+
+
+def exact_model(model, *xs):
+    """The model in float64 (a copy): what quantized outputs are measured against."""
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(*(x.double() for x in xs))
+
+
+def _compiled(model, opts, *args):
+    torch._dynamo.reset()
+    be = attnopt.backend(opts)
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(*args)
+    return out, be.recorder.sites()
+
+
+def _tiny_llama(impl="sdpa", use_cache=False):
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, attn_implementation=impl, use_cache=use_cache)
+    return transformers.LlamaModel(cfg).eval().double()
+
+
+@pytest.mark.parametrize("impl,use_cache", [("eager", False), ("sdpa", False), ("sdpa", True)])
+def test_llama_smoothing_groups_fold_exactly(impl, use_cache):
+    """Every smoothing group of a real Llama folds exactly in fp64: norm -> q/k/v, norm -> gate/up,
+    up -> down and, through the GQA attention, v_proj -> o_proj. With a KV cache V also leaves the
+    graph (the cache would hold V / s): that group is skipped, and the cache is unchanged.
+    Compared with a compile without smoothing (the fp32 rotary differs from eager by ~5e-8)."""
+    model = _tiny_llama(impl, use_cache)
+    plan = _stats_plan(model)
+    ids = torch.randint(0, 100, (2, 20))
+    out, sites = _compiled(model, {"linear": {"quant": "none", "smooth": {"alpha": 0.5}}, "plan": plan}, ids)
+    base, _ = _compiled(model, {"linear": {"quant": "none", "smooth": None}, "plan": plan}, ids)
+    groups = {s.module: s for s in sites if s.kind == "norm"}
+    done = {k for k, s in groups.items() if s.status == "rewritten"}
+    assert {"layers.0.input_layernorm", "layers.0.post_attention_layernorm", "layers.0.mlp.up_proj"} <= done, groups
+    v = groups["layers.0.self_attn.v_proj"]
+    if use_cache:
+        assert v.status == "skipped" and "cache" in v.reason, v
+        assert rel_l1(out.past_key_values.layers[0].values, base.past_key_values.layers[0].values) <= 1e-9
+    else:
+        assert v.status == "rewritten" and v.pattern.startswith("attention-v"), v
+    assert rel_l1(out.last_hidden_state, base.last_hidden_state) <= 1e-9
+    with torch.no_grad():
+        assert rel_l1(out.last_hidden_state, model(ids).last_hidden_state) <= 1e-6
+
+
+@pytest.mark.parametrize("producer", ["*.up_proj", "*.v_proj"])
+def test_smoothing_skipped_when_producer_linear_is_not_rewritten(producer):
+    """A linear -> linear group needs the producer's rows divided by s: with the producer excluded
+    the group is skipped (its consumer keeps its weights), never half folded."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 100, (2, 16))
+    opts = {"linear": {"quant": "none", "smooth": {"alpha": 0.5}, "exclude": [producer]}, "plan": _stats_plan(model)}
+    out, sites = _compiled(model, opts, ids)
+    with torch.no_grad():
+        assert rel_l1(out.last_hidden_state, model(ids).last_hidden_state) <= 1e-6
+    group = next(s for s in sites if s.kind == "norm" and fnmatch.fnmatch(s.module, producer))
+    assert group.status == "skipped" and "producer" in group.reason, group
+
+
+def test_failed_member_undoes_its_group(monkeypatch):
+    """All or nothing: when quantizing a group's consumer fails, the scales are not folded into
+    its producer either, and every other group still folds."""
+    model = Norms().eval()
+    x = torch.randn(2, 24, 64)
+    real = L.quantize_weight
+
+    def failing(w, fmt):
+        if w.shape == (64, 96):  # down
+            raise RuntimeError("planted failure")
+        return real(w, fmt)
+
+    monkeypatch.setattr(L, "quantize_weight", failing)
+    opts = {"linear": {"quant": "w8a8", "smooth": {"alpha": 0.5}}, "plan": _stats_plan(model)}
+    out, sites = _compiled(model, opts, x)
+    assert rel_l1(out, exact_model(model, x)) <= 0.03
+    by = {s.key: s for s in sites}
+    assert by["down"].status == "skipped" and "planted" in by["down"].reason
+    assert by["up:smooth"].status == "skipped" and "fold was undone" in by["up:smooth"].reason
+    assert by["ln:smooth"].status == "rewritten" and by[":smooth"].status == "rewritten"
+
+
+class MatmulForms(nn.Module):
+    """Linears written as mm / addmm / matmul on raw parameters, both weight orientations."""
+
+    def __init__(self, k=40, n=24):
+        super().__init__()
+        self.w_nk = nn.Parameter(torch.randn(n, k) / k ** 0.5)  # [out, in]
+        self.w_kn = nn.Parameter(torch.randn(k, n) / k ** 0.5)  # [in, out]
+        self.b = nn.Parameter(torch.randn(n))
+
+    def forward(self, x2, x3):
+        a = torch.mm(x2, self.w_nk.t())
+        b = torch.mm(x2, self.w_kn)
+        c = torch.addmm(self.b, x2, self.w_nk.T)
+        d = x3 @ self.w_nk.transpose(0, 1)
+        e = torch.matmul(x3, self.w_kn)
+        return torch.cat([a, b, c], 1), d + e
+
+
+def test_mm_addmm_matmul_forms_are_captured():
+    model = MatmulForms().eval()
+    x2, x3 = torch.randn(37, 40), torch.randn(3, 29, 40)
+    report = attnopt.inspect(model, x2, x3, options={"linear": {"quant": "w8a8"}})
+    lin = [s for s in report.sites if s.kind == "linear"]
+    assert sorted(s.pattern for s in lin) == ["addmm (x, W^T)", "matmul (x, W)", "matmul (x, W^T)",
+                                              "mm (x, W)", "mm (x, W^T)"]
+    assert all(s.status == "rewritten" and s.error["rel_l1"] < 0.02 for s in lin), lin
+    out, _ = _compiled(model, {"linear": {"quant": "w8a8"}}, x2, x3)
+    ref = exact_model(model, x2, x3)
+    assert rel_l1(out[0], ref[0]) <= 0.02 and rel_l1(out[1], ref[1]) <= 0.02
+    assert out[0].shape == (37, 72) and out[1].shape == (3, 29, 24)
+
+
+def _conv1d_stats_plan(model):
+    g = torch.Generator().manual_seed(2)
+    sites = {name: {"kind": "linear", "act_absmax": (torch.rand(m.weight.shape[0], generator=g) * 5 + 0.1).tolist()}
+             for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    return {"schema_version": 1, "sites": sites}
+
+
+def test_gpt2_layernorm_groups_fold_through_the_conv1d_view():
+    """GPT-2's Conv1D reads LayerNorm's output through view(-1, C): ln_1 -> c_attn and ln_2 -> c_fc
+    fold exactly in fp64 (and c_attn's fused q/k/v split does not break the v -> o search)."""
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=100, n_positions=64, use_cache=False)
+    model = transformers.GPT2Model(cfg).eval().double()
+    ids = torch.randint(0, 100, (2, 24))
+    opts = {"linear": {"quant": "none", "smooth": {"alpha": 0.5}}, "plan": _conv1d_stats_plan(model)}
+    out, sites = _compiled(model, opts, ids)
+    done = {s.module for s in sites if s.kind == "norm" and s.status == "rewritten"}
+    assert {"h.0.ln_1", "h.0.ln_2"} <= done, [(s.key, s.status, s.reason) for s in sites]
+    with torch.no_grad():
+        assert rel_l1(out.last_hidden_state, model(ids).last_hidden_state) <= 1e-9
+
+
+# ------------------------------------------------------------------------------ compile-time weights
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(64)
+        self.a, self.b = nn.Linear(64, 96), nn.Linear(96, 64)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(self.ln(x))))
+
+
+def test_weights_are_quantized_once(monkeypatch):
+    calls = []
+    real = L.quantize_weight
+    monkeypatch.setattr(L, "quantize_weight", lambda w, fmt: calls.append(w.shape) or real(w, fmt))
+    model = TwoLinears().eval()
+    torch._dynamo.reset()
+    f = torch.compile(model, backend=attnopt.backend({"linear": {"quant": "w8a8"}}))
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 20, 64)
+            assert rel_l1(f(x), exact_model(model, x)) <= 0.03
+    assert sorted(calls) == [(64, 96), (96, 64)]
+
+
+@pytest.mark.parametrize("change", ["mul_", "load_state_dict", "new_parameter"])
+def test_changed_weights_after_compile_are_never_stale(change):
+    """The compiled graph holds quantized copies of the weights: after an in-place change,
+    load_state_dict or a replaced parameter it must use the new values (it recompiles)."""
+    model = TwoLinears().eval()
+    torch._dynamo.reset()
+    f = torch.compile(model, backend=attnopt.backend({"linear": {"quant": "w8a8", "smooth": None}}))
+    x = torch.randn(2, 20, 64)
+    with torch.no_grad():
+        before = f(x)
+        if change == "mul_":
+            model.a.weight.mul_(-3)
+        elif change == "load_state_dict":
+            model.load_state_dict(TwoLinears().state_dict())
+        else:
+            model.b.weight = nn.Parameter(torch.randn(64, 96) * 0.1)
+        after = f(x)
+    ref = exact_model(model, x)
+    assert rel_l1(after, ref) <= 0.03 and rel_l1(before, ref) > 0.3
+
+
+def test_changed_weights_with_symbolic_shapes_raise():
+    model = TwoLinears().eval()
+    torch._dynamo.reset()
+    f = torch.compile(model, backend=attnopt.backend({"linear": {"quant": "w8a8"}}), dynamic=True)
+    with torch.no_grad():
+        f(torch.randn(2, 20, 64))
+        model.a.weight.mul_(2)
+        with pytest.raises(RuntimeError, match=r"weight of a .*torch._dynamo.reset"):
+            f(torch.randn(2, 21, 64))
+
+
+def test_small_m_path_is_reported_per_site():
+    model = TwoLinears().eval().bfloat16()
+    notes = {}
+    for fmt in ("w8a8", "w4a16"):
+        for m in (1, 128):
+            report = attnopt.inspect(model, torch.randn(1, m, 64).bfloat16(), options={"linear": {"quant": fmt}})
+            site = next(s for s in report.sites if s.key == "a")
+            notes[fmt, m] = (site.details["path"], site.kernel)
+            assert site.details["m"] == m and site.error["rel_l1"] < 0.1
+    assert notes["w8a8", 1][0] == "small-m" and "weight-only" in notes["w8a8", 1][1]
+    assert notes["w8a8", 128][0] == "gemm" and "per-token INT8" in notes["w8a8", 128][1]
+    assert notes["w4a16", 1][0] == "small-m" and "split-K" in notes["w4a16", 1][1]
+    assert notes["w4a16", 128][0] == "gemm" and "M=128" in notes["w4a16", 128][1]

@@ -21,7 +21,13 @@ W4_GROUP = 128
 
 
 def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (wq [N, K] int8 | e4m3, K contiguous; scales [N] fp32)."""
+    """w [N, K] -> (wq [N, K] int8 | e4m3, K contiguous; scales [N] fp32). Called only at compile
+    time (tests count the calls); activations go through quantize_rows."""
+    return _quantize_per_row(w, fmt)
+
+
+def _quantize_per_row(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row 8-bit quantization shared by weights and activations."""
     wf = w.float()
     amax = wf.abs().amax(dim=1)
     qmax = INT8_MAX if fmt == "int8" else FP8_MAX
@@ -36,7 +42,7 @@ def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tens
 
 def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [M, K] -> per-token (xq, scales [M]); the same rounding as the weights."""
-    return quantize_weight(x, fmt)
+    return _quantize_per_row(x, fmt)
 
 
 def linear_w8a8_ref(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
