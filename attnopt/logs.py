@@ -11,10 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 log = logging.getLogger("attnopt")
 
 _REGISTERED = False
+
+
+def _inside_torch_log_setup(internal) -> bool:
+    """True while torch is itself parsing TORCH_LOGS: naming `attnopt` there imports attnopt, and
+    torch adds the handlers once it returns, so initializing again here would add a second one."""
+    code = internal._init_logs.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def register() -> None:
@@ -27,7 +40,7 @@ def register() -> None:
         from torch._logging import _internal
 
         _internal.register_log("attnopt", "attnopt")
-        if "attnopt" in os.environ.get("TORCH_LOGS", ""):
+        if "attnopt" in os.environ.get("TORCH_LOGS", "") and not _inside_torch_log_setup(_internal):
             _internal._init_logs()  # TORCH_LOGS was parsed before our channel existed
     except (ImportError, AttributeError, ValueError):  # an older torch: plain logging still works
         pass

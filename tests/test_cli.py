@@ -1,7 +1,12 @@
 """The command line: demo, inspect TARGET, exit codes, JSON report."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
+
+import pytest
 
 from attnopt.cli import main
 
@@ -40,3 +45,74 @@ def test_bad_target_and_options_exit_2(capsys):
     assert main(["inspect", target, "--quiet", "--options", '{"attention": {"quant": "int4"}}']) == 2
     assert "attention.quant" in capsys.readouterr().err
     assert main(["inspect", target, "--quiet", "--options", "{not json"]) == 2
+
+
+@pytest.fixture(autouse=True)
+def _forget_target_modules():
+    """Targets imported by one test must not be found in sys.modules by the next."""
+    yield
+    for name in [m for m in sys.modules if m.split(".")[0] in ("mymodels", "badimport")]:
+        del sys.modules[name]
+
+
+def _write_pkg(root, body):
+    pkg = root / "mymodels"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "zoo.py").write_text(body)
+
+
+ZOO = '''
+import torch
+import torch.nn.functional as F
+
+
+class Attn(torch.nn.Module):
+    def forward(self, q):
+        return F.scaled_dot_product_attention(q, q, q)
+
+
+def build():
+    return Attn(), (torch.randn(1, 2, 64, 32, dtype=torch.bfloat16),)
+
+
+def broken():
+    raise RuntimeError("weights not found at /nowhere")
+'''
+
+
+def test_module_target_from_current_directory(tmp_path, monkeypatch, capsys):
+    """The `attnopt` console script's sys.path starts at its bin folder, not the current one."""
+    _write_pkg(tmp_path, ZOO)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path), os.getcwd())])
+    opts = json.dumps({"attention": {"min_seq_len": 0}})
+    assert main(["inspect", "mymodels.zoo:build", "--quiet", "--options", opts]) == 0
+    assert "sites rewritten: 1/1" in capsys.readouterr().out
+
+
+def test_factory_or_import_errors_exit_2_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    _write_pkg(tmp_path, ZOO)
+    (tmp_path / "badimport.py").write_text("raise RuntimeError('needs a GPU to import')\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "mymodels.zoo:broken", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mymodels.zoo:broken" in err and "RuntimeError: weights not found at /nowhere" in err
+    assert "Traceback" not in err
+    assert main(["inspect", "badimport:build", "--quiet"]) == 2  # not an ImportError, still a clear exit 2
+    assert "RuntimeError: needs a GPU to import" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "mymodels" / "zoo.py") + ":broken", "--quiet"]) == 2
+
+
+def test_python_m_inspect_writes_html_and_json(tmp_path):
+    _write_pkg(tmp_path, ZOO)
+    html, js = tmp_path / "r.html", tmp_path / "r.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "attnopt", "inspect", "mymodels.zoo:build", "--quiet", "--options",
+                        '{"attention": {"min_seq_len": 0}}', "--html", str(html), "--json", str(js)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sites rewritten: 1/1" in r.stdout and f"wrote {html}" in r.stdout
+    page = html.read_text()
+    assert page.startswith("<!doctype html>") and 'id="g0-after-ops"' in page and "site-anchor" in page
+    assert json.loads(js.read_text())["sites"][0]["key"] == "#0"

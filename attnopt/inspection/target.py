@@ -1,7 +1,13 @@
-"""Load `path/to/file.py:factory` or `pkg.module:factory` -> (model, args, kwargs)."""
+"""Load `path/to/file.py:factory` or `pkg.module:factory` -> (model, args, kwargs).
+
+Every way a TARGET can be wrong (bad form, missing file, import failure, factory raising or
+returning the wrong thing) becomes a TargetError naming the target and the cause, so the CLI
+prints one clear line and exits 2 instead of a traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -13,36 +19,83 @@ class TargetError(Exception):
     """A TARGET that cannot be loaded; the message says why (the CLI exits with 2)."""
 
 
+def _why(e: BaseException) -> str:
+    """'ValueError: message', the exception's type and text in one line."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _on_path(folder: str | None):
+    """`folder` first on sys.path while importing and calling the factory (which may import
+    lazily), as `python path/to/file.py` or `python -m` would have it."""
+    if folder is None or folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+
+
+def _load_file(where: str):
+    if not os.path.isfile(where):
+        raise TargetError(f"TARGET file {where!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"attnopt_target_{abs(hash(where))}", where)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit from a script's argparse too
+        raise TargetError(f"importing {where!r} failed: {_why(e)}") from e
+    return module
+
+
+def _load_module(where: str):
+    """Import `pkg.module` (the caller has put the current directory on sys.path)."""
+    try:
+        return importlib.import_module(where)
+    except KeyboardInterrupt:
+        raise
+    except ModuleNotFoundError as e:
+        raise TargetError(f"cannot import module {where!r}: {e} (searched the current directory "
+                          f"{os.getcwd()!r} and the installed packages)") from e
+    except BaseException as e:
+        raise TargetError(f"importing module {where!r} failed: {_why(e)}") from e
+
+
+def _call_factory(target: str, factory) -> tuple:
+    try:
+        result = factory()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        raise TargetError(f"TARGET {target!r}: the factory raised {_why(e)}") from e
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TargetError(f"TARGET {target!r}: the factory must return (model, example_inputs); "
+                          f"got {type(result).__name__}")
+    return result
+
+
 def load_target(target: str) -> tuple[Any, tuple, dict]:
     if ":" not in target:
         raise TargetError(f"TARGET {target!r} must look like path/to/file.py:factory or pkg.module:factory")
     where, _, name = target.rpartition(":")
     if not where or not name.isidentifier():
         raise TargetError(f"TARGET {target!r}: expected '<file or module>:<factory function>'")
-    if where.endswith(".py") or os.sep in where:
-        if not os.path.isfile(where):
-            raise TargetError(f"TARGET file {where!r} does not exist")
-        spec = importlib.util.spec_from_file_location(f"attnopt_target_{abs(hash(where))}", where)
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(where)))
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            raise TargetError(f"importing {where!r} failed: {e!r}") from e
-        finally:
-            sys.path.pop(0)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise TargetError(f"cannot import module {where!r}: {e}") from e
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise TargetError(f"{where!r} has no callable {name!r}")
-    result = factory()
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise TargetError(f"{name}() must return (model, example_inputs); got {type(result).__name__}")
-    model, inputs = result
+    is_file = where.endswith(".py") or os.sep in where or bool(os.altsep and os.altsep in where)
+    # a file's own folder, or for pkg.module the current directory (the `attnopt` console
+    # script's sys.path starts at its bin folder, unlike `python -m`)
+    folder = os.path.dirname(os.path.abspath(where)) if is_file else ("" if "" in sys.path else os.getcwd())
+    with _on_path(folder or None):
+        module = _load_file(where) if is_file else _load_module(where)
+        factory = getattr(module, name, None)
+        if not callable(factory):
+            raise TargetError(f"{where!r} has no callable {name!r}")
+        model, inputs = _call_factory(target, factory)
     if isinstance(inputs, dict):
         return model, (), dict(inputs)
     if not isinstance(inputs, (tuple, list)):
