@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 REPORT_SCHEMA_VERSION = 1
@@ -32,7 +32,7 @@ def _jsonable(x: Any) -> Any:
 class SiteRecord:
     kind: str  # "attention" | "linear" | "norm"
     module: str  # dotted module path in the user's model
-    key: str  # module path + '#' + index inside that module: stable across recompiles
+    key: str  # module path + '#' + index inside that module (+ '@g<n>' if another graph has it)
     status: str  # "rewritten" | "skipped"
     reason: str | None = None  # why skipped
     op: str | None = None  # the op that runs there now
@@ -50,19 +50,69 @@ class SiteRecord:
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SiteRecord":
+        """Inverse of to_dict (records saved beside Inductor's cache); unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _dynamo_frame():
+    """The Dynamo frame being compiled (recompiles of one frame share it), or None outside Dynamo."""
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+    except ImportError:
+        return None
+    return None if cid is None else cid.frame_id
+
 
 class Recorder:
-    """Collects site records from the passes (compile time) and errors from probes (run time)."""
+    """Collects site records from the passes (compile time) and errors from probes (run time).
+
+    Site keys are unique per recorder: a key already recorded by another Dynamo frame (two
+    top-level attention calls split by a graph break are both `#0`) gets the frame's ordinal,
+    `#0@g1`. Recompiles of one frame keep their keys, so the common single-graph case, and plans
+    keyed by it, never see a suffix.
+    """
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.graphs: list[dict] = []  # per compiled graph: {"index", "sites", "pass_time_s", ...}
         self._by_key: dict[str, SiteRecord] = {}
+        self._owner: dict[str, Any] = {}  # site key -> Dynamo frame that recorded it
+        self._frames: list = []  # distinct Dynamo frames, in order of first compile
 
     def new_graph(self) -> int:
+        self.settle(final=True)  # earlier graphs are done: resolve their cache state first
+        frame = _dynamo_frame()
         with self._lock:
-            self.graphs.append({"index": len(self.graphs), "sites": [], "pass_time_s": {}})
+            if frame is not None and frame not in self._frames:
+                self._frames.append(frame)
+            ordinal = self._frames.index(frame) if frame is not None else 0
+            self.graphs.append({"index": len(self.graphs), "sites": [], "pass_time_s": {}, "frame": frame,
+                                "ordinal": ordinal})
             return len(self.graphs) - 1
+
+    def claim(self, graph: int, key: str) -> str:
+        """`key`, or `key@g<ordinal>` when another frame of this recorder already recorded `key`."""
+        with self._lock:
+            frame = self.graphs[graph]["frame"]
+            owner = self._owner.setdefault(key, frame)
+            if owner == frame or owner is None or frame is None:
+                return key
+            unique = f"{key}@g{self.graphs[graph]['ordinal']}"
+            self._owner.setdefault(unique, frame)
+            return unique
+
+    def keys_of_other_frames(self, graph: int) -> list[str]:
+        """Keys recorded by other frames: they decide this graph's keys, so its cache key hashes them."""
+        with self._lock:
+            if not self.graphs or graph is None:
+                return []
+            frame = self.graphs[graph]["frame"]
+            return sorted(k for k, f in self._owner.items() if f != frame and f is not None and frame is not None)
 
     def add_site(self, graph: int, rec: SiteRecord) -> None:
         with self._lock:
@@ -85,6 +135,64 @@ class Recorder:
             return [{"index": g["index"], "before": g.get("before"), "after": g.get("after")}
                     for g in self.graphs if "before" in g]
 
+    # -- graphs served from Inductor's caches (see inspection/site_cache.py) --
+
+    def expect_cached(self, graph: int, path: str, records: list | None, hits: int) -> None:
+        """Before compile_fx: the records this graph had when last compiled (None: not known).
+        Their keys are claimed now, so the next graph's keys (and cache key) match the first run."""
+        with self._lock:
+            self.graphs[graph]["cache"] = {"path": path, "records": records, "hits": hits}
+            frame = self.graphs[graph]["frame"]
+            for r in records or []:
+                self._owner.setdefault(r.key, frame)
+
+    def cache_path(self, graph: int | None) -> str | None:
+        with self._lock:
+            if graph is None or graph >= len(self.graphs):
+                return None
+            return (self.graphs[graph].get("cache") or {}).get("path")
+
+    def settle(self, final: bool = False) -> None:
+        """Graphs whose compile ended without attnopt's pass running but with a cache hit were
+        served from Inductor's cache: reload their saved records (or say they are unavailable).
+        `final`: their compiles are over, so a graph with neither was compiled (nothing to do)."""
+        from . import logs
+        from .inspection import site_cache
+
+        with self._lock:
+            waiting = [g for g in self.graphs if "cache" in g and "served" not in g]
+            for g in waiting:
+                if "attention" in g["pass_time_s"]:
+                    g["served"] = "compiled"
+                elif site_cache.hits() > g["cache"]["hits"]:
+                    self._reload(g, logs)
+                elif final:
+                    g["served"] = "compiled"
+            if all("served" in g for g in self.graphs if "cache" in g):
+                site_cache.unwatch(self)
+
+    def _reload(self, g: dict, logs) -> None:
+        records = g["cache"]["records"]
+        if records is None:
+            g["served"] = "cache, records unavailable"
+            logs.log.warning("graph %d served from Inductor's FX cache: site records unavailable "
+                             "(compiled before attnopt kept them; clear the cache to see them)", g["index"])
+            return
+        g["served"] = "cache, records reloaded"
+        for r in records:
+            self.add_site(g["index"], r)
+            logs.log.info("attention site %s: %s (%s) [from Inductor's FX cache]", r.key, r.status,
+                          r.reason or r.kernel)
+        logs.log.info("graph %d served from Inductor's FX cache: %d site record(s) reloaded",
+                      g["index"], len(records))
+        logs.trace_sites(g["index"], records)
+
+    def cache_report(self) -> list[dict]:
+        """How each compiled graph got its code: compiled here or served from Inductor's cache."""
+        self.settle()
+        with self._lock:
+            return [{"graph": g["index"], "served": g.get("served", "compiled")} for g in self.graphs]
+
     def set_error(self, key: str, metrics: dict) -> None:
         with self._lock:
             rec = self._by_key.get(key)
@@ -96,6 +204,7 @@ class Recorder:
 
     def sites(self) -> list[SiteRecord]:
         """Latest record per site key (a recompile for new shapes re-records the same sites)."""
+        self.settle()
         with self._lock:
             seen: dict[str, SiteRecord] = {}
             for g in self.graphs:

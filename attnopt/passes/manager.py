@@ -22,6 +22,7 @@ from ..config import Options
 from ..logs import log
 from ..report import Recorder, SiteRecord
 from .attention_match import find_attention_sites
+from ..inspection import site_cache
 from ..inspection.graph_snapshot import snapshot
 from ..logs import trace_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
@@ -59,6 +60,7 @@ class PassContext:
     capture_graphs: bool = False  # keep before/after snapshots of each graph (the HTML view)
     capture_linears: bool = False  # calibration: every selected linear becomes a probe
     current_graph: int | None = None  # recorder index of the graph being compiled
+
     def arch_key(self) -> str:
         opt = self.options["arch"]
         if opt != "auto":
@@ -90,6 +92,17 @@ def _shape_list(node: fx.Node) -> list:
     return [int(s) if isinstance(s, int) else str(s) for s in v.shape] if isinstance(v, torch.Tensor) else []
 
 
+def _size(x):
+    return int(x) if isinstance(x, int) else str(x)
+
+
+def _logical_shape(op) -> list:
+    """An operand as the kernel reads it, whatever the graph's layout: its batch dims, then tokens,
+    then features (size-1 dims have no atoms; broadcast ones, such as GQA's repeat, are left out)."""
+    batch = [_size(a.size) for a in op.batch if not a.broadcast]
+    return batch + [_size(a.size) for a in op.rows] + [_size(a.size) for a in op.cols]
+
+
 def _describe(rec: SiteRecord, site) -> None:
     """Shapes, dtype, FLOPs and mask structure of a candidate, whatever its fate."""
     rec.details = {"scale": site.scale, "causal_offset": site.keep.causal_offset,
@@ -97,8 +110,9 @@ def _describe(rec: SiteRecord, site) -> None:
     if site.q is None:
         return
     rec.flops = site_flops(site)
-    rec.shapes = {"q": _shape_list(site.q.traced.src), "k": _shape_list(site.k.traced.src),
-                  "v": _shape_list(site.v.traced.src), "out": _shape_list(site.anchor)}
+    rec.shapes = {"q": _logical_shape(site.q), "k": _logical_shape(site.k), "v": _logical_shape(site.v),
+                  "out": _shape_list(site.anchor)}
+    rec.details["layout"] = "q/k/v: [batch..., heads, tokens, features]; size-1 dims and GQA's repeat left out"
     rec.dtype = str(site.q.traced.src.meta["val"].dtype).replace("torch.", "")
 
 
@@ -119,7 +133,12 @@ class AttentionPass(CustomGraphPass):
         self.ctx = ctx
 
     def uuid(self) -> str:
-        return self.ctx.uuid(self.name)
+        """The context's uuid, plus the keys other frames took: they decide this graph's keys."""
+        base = self.ctx.uuid(self.name)
+        taken = self.ctx.recorder.keys_of_other_frames(self.ctx.current_graph)
+        if not taken:
+            return base
+        return hashlib.sha256("\0".join([base, *taken]).encode()).hexdigest()
 
     def __call__(self, graph: fx.Graph) -> None:
         t0 = time.perf_counter()
@@ -135,7 +154,7 @@ class AttentionPass(CustomGraphPass):
         keys = []
         for site in sites:
             idx = per_module[site.module] = per_module.get(site.module, -1) + 1
-            keys.append(f"{site.module}#{idx}")
+            keys.append(ctx.recorder.claim(gi, f"{site.module}#{idx}"))
         if ctx.capture_graphs:
             owner = {n: key for site, key in zip(sites, keys) for n in site.internal}
             ctx.recorder.set_snapshot(gi, "before", snapshot(graph, owner))
@@ -179,6 +198,24 @@ class AttentionPass(CustomGraphPass):
         if ctx.capture_graphs:
             ctx.recorder.set_snapshot(gi, "after", snapshot(graph))
         trace_sites(gi, records)
+        _keep_for_cache_hits(ctx, gi, records)
+
+
+def _keep_for_cache_hits(ctx: PassContext, gi: int, records: list) -> None:
+    """Save the records where a later compile served from Inductor's cache will find them."""
+    path = ctx.recorder.cache_path(gi)
+    if path is not None and site_cache.caching_enabled():
+        site_cache.save(path, records)
+
+
+def _expect_cache_hit(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
+    """Before compile_fx: find the records this graph had last time, in case the pass won't run."""
+    gi = ctx.current_graph
+    if gi is None:
+        return
+    path = site_cache.path_for(site_cache.graph_hash(AttentionPass(ctx).uuid(), gm, example_inputs))
+    ctx.recorder.expect_cached(gi, path, site_cache.load(path), site_cache.hits())
+    site_cache.watch(ctx.recorder)
 
 
 # The order passes run in: (Inductor config slot, pass class). One table, one place.
@@ -199,6 +236,7 @@ def run_pre_inductor(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> No
     from .linear_pass import run_linear_pass
 
     if not needs_linear_pass(ctx):
+        _expect_cache_hit(ctx, gm, example_inputs)
         return
     t0 = time.perf_counter()
     dev = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
@@ -207,6 +245,7 @@ def run_pre_inductor(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> No
     for rec in run_linear_pass(gm, example_inputs, ctx.options, spec, ctx.probe_sink, ctx.capture_linears):
         ctx.recorder.add_site(ctx.current_graph, rec)
     ctx.recorder.add_pass_time(ctx.current_graph, "linear", time.perf_counter() - t0)
+    _expect_cache_hit(ctx, gm, example_inputs)
 
 
 def config_patches(ctx: PassContext) -> dict:
