@@ -38,11 +38,12 @@ def test_html_is_self_contained(report):
     assert after.count("site-anchor") == len(report.rewritten()) == 2
 
 
-def _chromium(*args, page):
+def _chromium(*args, page, profile, fragment=""):
+    """Headless chromium on `page`; its own profile dir, so tests in parallel workers don't share one."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-           f"--user-data-dir={ARTIFACTS / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
-           *args, page.as_uri()]
+           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+           *args, page.as_uri() + (f"#{fragment}" if fragment else "")]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -51,14 +52,14 @@ def test_html_in_headless_chromium(report, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     page = ARTIFACTS / "inspect_report.html"
     attnopt.inspection.html.save_html(report, str(page))
-    dom = _chromium("--dump-dom", page=page)
+    dom = _chromium("--dump-dom", page=page, profile=tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert not console, console  # the page's script ran without errors (it logs nothing otherwise)
     svg = dom.stdout.split('id="g0-after-ops"', 1)[1].split("</svg>", 1)[0]
     assert len(re.findall(r'class="[^"]*site-anchor', svg)) == len(report.rewritten())
     shot = ARTIFACTS / "inspect_screenshot.png"
-    r = _chromium("--window-size=1400,900", f"--screenshot={shot}", page=page)
+    r = _chromium("--window-size=1400,900", f"--screenshot={shot}", page=page, profile=tmp_path)
     assert r.returncode == 0 and shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
 
@@ -75,7 +76,7 @@ def test_torch_logs_channel_and_structured_trace(tmp_path):
     env = dict(os.environ, TORCH_LOGS="attnopt", TORCH_TRACE=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "attention site #0: rewritten" in r.stderr
+    assert r.stderr.count("attention site #0: rewritten") == 1, r.stderr[-3000:]  # one handler, not two
     traces = "".join(p.read_text() for p in tmp_path.glob("**/*") if p.is_file())
     assert "attnopt_sites" in traces
 
@@ -98,3 +99,198 @@ def test_table_lists_every_site_and_summary(report):
     for s in report.sites:
         assert s.key in text
     assert "sites rewritten: 2/2" in text and "end-to-end" in text and "graph breaks: 0" in text
+
+
+# ----------------------------------------------------------------- a multi-layer model (HTML views)
+
+def _positions(page: str) -> dict:
+    """svg id -> [(x, y) of every node box] in the rendered page."""
+    out = {}
+    for m in re.finditer(r'<svg id="([^"]+)"(.*?)</svg>', page, re.S):
+        out[m.group(1)] = re.findall(r'<g class="[^"]*node[^"]*"[^>]*transform="translate\(([-\d.]+),([-\d.]+)\)"',
+                                     m.group(2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_report():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
+    return attnopt.inspect(model, torch.randint(0, 128, (1, 16)), options={"attention": {"min_seq_len": 0}})
+
+
+def test_llama_site_paths_read_model_layers(llama_report):
+    """Regression: Dynamo's L['self'] / L['args'][0] roots are stripped from module paths."""
+    keys = sorted(s.key for s in llama_report.sites if s.kind == "attention")
+    assert keys == [f"model.layers.{i}.self_attn#0" for i in range(3)]
+    q = llama_report.sites[0].shapes["q"]
+    assert q[-3:] == [4, 16, 16] and llama_report.sites[0].shapes["k"][-3:] == [2, 16, 16]  # one layout, GQA
+
+
+def test_no_two_nodes_share_a_position_in_any_view(llama_report):
+    page = render_html(llama_report)
+    views = _positions(page)
+    assert {v.rsplit("-", 1)[1] for v in views} == {"ops", "modules", "layers"}
+    for svg_id, pos in views.items():
+        assert len(pos) > 3, svg_id
+        assert len(set(pos)) == len(pos), f"{svg_id}: {len(pos) - len(set(pos))} boxes on top of another"
+    layers = page.split('id="g0-after-layers"', 1)[1].split("</svg>", 1)[0]
+    box = re.search(r'<g [^>]*data-module="model\.layers\.\*\.self_attn" data-members="([^"]*)"', layers)
+    assert box, "repeated layers collapse into model.layers.*.self_attn"
+    assert box.group(1).split() == [f"model.layers.{i}.self_attn" for i in range(3)]
+
+
+def test_layout_breaks_module_cycles():
+    """A layer and its attention feed each other: every box still gets its own place."""
+    import networkx as nx
+
+    from attnopt.inspection.html import _layered
+
+    g = nx.DiGraph()
+    for i, n in enumerate(["top", "l0", "l0.attn", "l1", "l1.attn", "head"]):
+        g.add_node(n, order=i)
+    g.add_edges_from([("top", "l0"), ("l0", "l0.attn"), ("l0.attn", "l0"), ("l0", "l1"), ("l1", "l1.attn"),
+                      ("l1.attn", "l1"), ("l1", "head")])
+    pos = _layered(g)
+    assert set(pos) == set(g.nodes) and len(set(pos.values())) == len(pos)
+    xs = [pos[n][0] for n in ["top", "l0", "l0.attn", "l1", "l1.attn", "head"]]
+    assert xs == sorted(xs) and xs[0] < xs[-1]  # first appearance reads left to right
+
+
+def test_only_repeated_layers_collapse():
+    from attnopt.inspection.html import repeat_groups
+
+    paths = {}
+    for b in range(3):
+        paths.update({f"blocks.{b}": "Block", f"blocks.{b}.attn": "Attention", f"blocks.{b}.ff.net.0": "GELU",
+                      f"blocks.{b}.ff.net.0.proj": "Linear", f"blocks.{b}.ff.net.2": "Linear"})
+    paths.update({"extra.0": "Linear", "extra.1": "Dropout"})
+    names = repeat_groups(paths)
+    assert names["blocks.1.attn"] == "blocks.*.attn"
+    assert names["blocks.2.ff.net.0.proj"] == "blocks.*.ff.net.0.proj"  # net.0 and net.2 differ: kept
+    assert names["blocks.0.ff.net.2"] == "blocks.*.ff.net.2"
+    assert names["extra.0"] == "extra.0" and names["extra.1"] == "extra.1"
+    mixed = repeat_groups({"h.0": "Dense", "h.1": "Dense", "h.2": "MoE", "h.3": "MoE", "h.4": "MoE"})
+    assert mixed["h.1"] == "h.{0-1}" and mixed["h.4"] == "h.{2-4}"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's)")
+def test_layers_view_search_finds_a_collapsed_layer(llama_report, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = ARTIFACTS / "inspect_llama.html"
+    attnopt.inspection.html.save_html(llama_report, str(page))
+    # the URL's fragment picks the view and fills the search box
+    dom = _chromium("--dump-dom", page=page, profile=tmp_path, fragment="level=layers&q=layers.2")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert not [ln for ln in dom.stderr.splitlines() if ":CONSOLE" in ln]
+    assert "hidden" not in re.search(r'<svg id="g0-after-layers"[^>]*>', dom.stdout).group(0)
+    svg = dom.stdout.split('id="g0-after-layers"', 1)[1].split("</svg>", 1)[0]
+    matched = re.findall(r'<g class="node[^"]*\bmatch\b[^"]*" data-id="([^"]*)"', svg)
+    assert "model.layers.*.self_attn" in matched
+    r = _chromium("--window-size=1400,900", f"--screenshot={ARTIFACTS / 'inspect_llama_layers.png'}", page=page,
+                  profile=tmp_path, fragment="level=layers")
+    assert r.returncode == 0
+
+
+# ----------------------------------------------------------------- graph breaks
+
+class _TwoTopLevel(torch.nn.Module):
+    """Two top-level attention calls with a graph break between them: two graphs, two sites."""
+
+    def forward(self, q):
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        torch._dynamo.graph_break()
+        return torch.nn.functional.scaled_dot_product_attention(a, a, a)
+
+
+class _BreakInLoop(torch.nn.Module):
+    """A break inside a loop: Dynamo cannot split there and skips the whole frame."""
+
+    def forward(self, q):
+        for _ in range(2):
+            q = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            print("", end="")
+        return q
+
+
+def test_graph_break_is_reported_with_its_reason():
+    rep = attnopt.inspect(_TwoTopLevel(), torch.randn(1, 2, 64, 32, dtype=torch.bfloat16),
+                          options={"attention": {"min_seq_len": 0}})
+    assert rep.summary["graphs"] == 2
+    (gb,) = rep.summary["graph_breaks"]
+    assert gb["kind"] == "graph break" and "graph_break()" in gb["reason"]
+    assert any("User-inserted graph break" in e for e in gb["explanation"])
+    # the two sites are both top-level '#0' in their own graph: the keys stay apart
+    assert sorted(s.key for s in rep.sites) == ["#0", "#0@g1"]
+    assert all(s.status == "rewritten" and s.error for s in rep.sites)
+    text = str(rep)
+    assert "graph breaks: 1" in text and "User-inserted graph break" in text and "sites rewritten: 2/2" in text
+
+
+def test_frame_skipping_break_in_a_loop_is_reported():
+    rep = attnopt.inspect(_BreakInLoop(), torch.randn(1, 2, 64, 32, dtype=torch.bfloat16),
+                          options={"attention": {"min_seq_len": 0}})
+    assert rep.summary["graphs"] == 0 and rep.sites == []
+    breaks = rep.summary["graph_breaks"]
+    assert len(breaks) == 1 and breaks[0]["kind"].startswith("frame skipped")
+    assert any("for/while loop" in e for e in breaks[0]["explanation"])
+    assert any("print" in e for e in breaks[0]["explanation"])  # the break that caused it, too
+    assert "compiled no graph" in rep.summary["warnings"][0]
+    text = str(rep)
+    assert "WARNING: Dynamo compiled no graph" in text and "graph breaks: 1" in text
+
+
+# ----------------------------------------------------------------- terminal table
+
+def _rec(key, kind="attention", status="rewritten", **kw):
+    return attnopt.SiteRecord(kind=kind, module=key.split("#")[0], key=key, status=status, **kw)
+
+
+def _table_report(sites):
+    return attnopt.Report(sites=sites, summary={"graphs": 1, "graph_breaks": []}, options={}, env={})
+
+
+def test_table_sorts_naturally_and_cuts_paths_in_the_middle():
+    long = "encoder.transformer.blocks.{}.attention.self_attention_layer#0"
+    sites = [_rec(long.format(i), kernel="reference/int8qk-f16pv") for i in (10, 2, 1)]
+    lines = str(_table_report(sites)).splitlines()
+    rows = [ln for ln in lines[2:] if ln.strip()][:3]
+    from attnopt.inspection.table import render_table
+
+    narrow = render_table(_table_report(sites), width=100).splitlines()[2:5]
+    firsts = [r.split()[0] for r in narrow]
+    assert all(len(f) < len(long) for f in firsts), firsts  # cut to fit 100 columns...
+    assert [re.search(r"\.(\d+)\.", f).group(1) for f in firsts] == ["1", "2", "10"]  # ...indices kept
+    assert all(f.endswith("#0") for f in firsts)
+    assert [r.split()[0] for r in rows] == [long.format(i) for i in (1, 2, 10)]
+
+
+def test_table_columns_kernel_arch_note_shapes_flops():
+    att = _rec("model.layers.0.self_attn#0", kernel="triton/int8qk-f16pv", dtype="bfloat16", flops=10**9,
+               shapes={"q": [8, 77, 64], "k": [2, 77, 64], "v": [2, 77, 64], "out": [1, 8, 77, 64]},
+               details={"arch": "sm90"}, reason="two dense heads kept")
+    lin = _rec("model.layers.0.mlp.up_proj", kind="linear", kernel="reference/w8a8: per-token int8",
+               dtype="bfloat16", shapes={"x": [2, 77, 128], "w": [256, 128]})
+    skip = _rec("lm_head", kind="linear", status="skipped", reason="module 'lm_head' is excluded",
+                shapes={"x": [2, 77, 128], "w": [1000, 128]})
+    from attnopt.inspection.table import HEADER, render_table
+
+    lines = render_table(_table_report([att, lin, skip]), width=240).splitlines()
+    head = lines[0]
+    for col in ("kernel", "arch", "reason / note", "shapes", "FLOPs"):
+        assert col in head
+    row = {ln.split()[0]: ln for ln in lines[2:5]}
+    cells = lambda ln: re.split(r"\s{2,}", ln.strip())  # noqa: E731
+    a = dict(zip(HEADER, cells(row["model.layers.0.self_attn#0"])))
+    assert a["kernel"] == "triton/int8qk-f16pv" and a["arch"] == "sm90"
+    assert a["reason / note"] == "two dense heads kept"  # a rewritten site's note has its own column
+    assert a["shapes"] == "q 8x77x64, kv 2x77x64 bfloat16"
+    li = dict(zip(HEADER, cells(row["model.layers.0.mlp.up_proj"])))
+    assert li["kernel"] == "reference/w8a8" and li["arch"] == "cpu" and li["reason / note"] == "per-token int8"
+    assert li["shapes"] == "x 2x77x128, w 256x128 bfloat16"
+    assert li["FLOPs"] == "10.1M"  # 2 * 154 * 256 * 128
+    sk = dict(zip(HEADER, cells(row["lm_head"])))
+    assert sk["kernel"] == "-" and sk["reason / note"] == "module 'lm_head' is excluded"

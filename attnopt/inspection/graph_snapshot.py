@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..passes.graph_utils import module_path, source_line
+from ..passes.graph_utils import module_class, module_path, source_line
 
 SITE_META = "attnopt_site"  # node.meta key: the site key a node belongs to
 
@@ -23,7 +23,8 @@ def _target(n: fx.Node) -> str:
 
 
 def snapshot(graph: fx.Graph, sites_of: dict | None = None) -> list[dict]:
-    """One dict per node: name, op, target, module, inputs, shape, dtype, site, source."""
+    """One dict per node: name, op, target, module (and its class: the HTML view collapses only
+    indices whose layers match), inputs, shape, dtype, site, source."""
     sites_of = sites_of or {}
     out = []
     for n in graph.nodes:
@@ -32,6 +33,7 @@ def snapshot(graph: fx.Graph, sites_of: dict | None = None) -> list[dict]:
         site = sites_of.get(n) or n.meta.get(SITE_META)
         out.append({
             "name": n.name, "op": n.op, "target": _target(n), "module": module_path(n),
+            "module_type": module_class(n),
             "inputs": [a.name for a in n.all_input_nodes], "shape": shape,
             "dtype": str(v.dtype).replace("torch.", "") if isinstance(v, torch.Tensor) else None,
             "site": site, "source": source_line(n) if n.op == "call_function" else "",

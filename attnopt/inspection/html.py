@@ -3,7 +3,10 @@ and after attnopt's passes as SVG (laid out with networkx), rewritten subgraphs 
 
 No network, no CDN: styles, script and data are inline. Large graphs stay usable: three levels
 (every op; one box per module; repeated layers collapsed into one box with a count), pan and
-zoom, and a search over module paths.
+zoom, and a search over module paths (a collapsed box answers for its members: `layers.3` finds
+`layers.*`). Module graphs have cycles (a layer feeds its attention and back); boxes are laid out
+in order of first appearance with the back edges left out of the layering, one box per place.
+The URL fragment picks a view: `report.html#level=layers&phase=before&graph=1&q=layers.3`.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import re
 import networkx as nx
 
 from ..report import Report
+from .table import _fmt_flops, kernel_parts, natural_key, shapes_text, site_flops
 
 NODE_W, NODE_H, GAP_X, GAP_Y = 130, 22, 40, 10
-_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
+MODULE_W = 210  # module boxes carry paths, wider than op names
+_INDEX = re.compile(r"^\d+$")
 
 
 def _esc(s) -> str:
@@ -28,30 +33,55 @@ def _short(t: str, n: int = 18) -> str:
     return t if len(t) <= n else t[: n - 1] + "…"
 
 
-def _layered(g: nx.DiGraph) -> dict:
-    """Node -> (x, y): columns by as-late-as-possible layering, so weights and other inputs sit
-    just before their first use instead of piling up in the first column."""
-    if not nx.is_directed_acyclic_graph(g):
-        c = nx.condensation(g)
-        pos_c = _layered(c)
-        return {n: pos_c[m] for n, m in c.graph["mapping"].items()}
+def _tail_label(path: str, n: int) -> str:
+    """Leading components dropped until it fits: the leaf and its index tell modules apart."""
+    if len(path) <= n:
+        return path
+    parts = path.split(".")
+    while len(parts) > 1 and len(".".join(parts)) + 1 > n:
+        parts.pop(0)
+    tail = ".".join(parts)
+    return "…" + tail if len(tail) + 1 <= n else _short(tail, n)
+
+
+def _acyclic(g: nx.DiGraph) -> nx.DiGraph:
+    """`g` without its back edges, reading nodes in their "order" (first appearance in the FX
+    graph): module graphs have cycles (a layer feeds its attention, which feeds the layer back)."""
+    rank = {n: (g.nodes[n].get("order", 0), i) for i, n in enumerate(g.nodes)}
+    dag = nx.DiGraph()
+    dag.add_nodes_from(g.nodes(data=True))
+    dag.add_edges_from((a, b) for a, b in g.edges if rank[a] < rank[b])
+    return dag
+
+
+def _columns(g: nx.DiGraph) -> dict:
+    """Node -> column of a DAG: longest path from a source, then every node pulled as late as its
+    consumers allow, so weights and other inputs sit just before their first use."""
     order = list(nx.topological_sort(g))
     depth = {}
-    for n in order:  # longest path from a source (ASAP)
+    for n in order:
         depth[n] = max((depth[p] + 1 for p in g.predecessors(n)), default=0)
     last = max(depth.values(), default=0)
     layer = {}
-    for n in reversed(order):  # then pull every node as late as its consumers allow (ALAP)
+    for n in reversed(order):
         succ = [layer[s] for s in g.successors(n)]
         layer[n] = min(succ) - 1 if succ else (depth[n] if g.in_degree(n) else last)
+    return layer
+
+
+def _layered(g: nx.DiGraph, node_w: int = NODE_W) -> dict:
+    """Node -> (x, y), one node per (column, row): back edges are left out of the layering (they
+    are still drawn), rows follow the order of first appearance."""
+    dag = g if nx.is_directed_acyclic_graph(g) else _acyclic(g)
+    layer = _columns(dag)
     columns: dict[int, list] = {}
-    for n in order:
+    for n in dag.nodes:
         columns.setdefault(layer[n], []).append(n)
     lo = min(columns, default=0)
     pos = {}
     for x, col in columns.items():
-        for y, n in enumerate(sorted(col, key=lambda n: g.nodes[n].get("order", 0))):
-            pos[n] = ((x - lo) * (NODE_W + GAP_X), y * (NODE_H + GAP_Y))
+        for y, n in enumerate(sorted(col, key=lambda n: dag.nodes[n].get("order", 0))):
+            pos[n] = ((x - lo) * (node_w + GAP_X), y * (NODE_H + GAP_Y))
     return pos
 
 
@@ -60,24 +90,30 @@ def _status_of(key, sites: dict) -> str:
     return "" if s is None else ("site-rewritten" if s["status"] == "rewritten" else "site-skipped")
 
 
-def _svg(svg_id: str, nodes: dict, edges: set, pos: dict, hidden: bool) -> str:
+def _svg(svg_id: str, nodes: dict, edges: set, pos: dict, hidden: bool, node_w: int = NODE_W) -> str:
     xs = [p[0] for p in pos.values()] or [0]
     ys = [p[1] for p in pos.values()] or [0]
-    w, h = max(xs) + NODE_W + 20, max(ys) + NODE_H + 20
+    w, h = max(xs) + node_w + 20, max(ys) + NODE_H + 20
+    chars = max(8, int(node_w / 6.8))
     out = [f'<svg id="{_esc(svg_id)}" class="graph{" hidden" if hidden else ""}" viewBox="-10 -10 {w} {h}" '
            f'data-w="{w}" data-h="{h}" xmlns="http://www.w3.org/2000/svg">']
-    for a, b in edges:
+    for a, b in sorted(edges):
         if a in pos and b in pos:
             (x1, y1), (x2, y2) = pos[a], pos[b]
-            out.append(f'<line x1="{x1 + NODE_W}" y1="{y1 + NODE_H / 2}" x2="{x2}" y2="{y2 + NODE_H / 2}"/>')
+            back = ' class="back"' if x2 <= x1 else ""
+            out.append(f'<line{back} x1="{x1 + node_w}" y1="{y1 + NODE_H / 2}" x2="{x2}" y2="{y2 + NODE_H / 2}"/>')
     for nid, attrs in nodes.items():
         x, y = pos[nid]
         cls = " ".join(c for c in ("node", attrs.get("cls", "")) if c)
-        out.append(f'<g class="{cls}" data-id="{_esc(nid)}" data-module="{_esc(attrs.get("module", ""))}" '
+        members = attrs.get("members")
+        extra = f' data-members="{_esc(" ".join(members))}"' if members else ""
+        label = attrs.get("label", nid)
+        text = _tail_label(label, chars) if attrs.get("path_label") else _short(label, chars)
+        out.append(f'<g class="{cls}" data-id="{_esc(nid)}" data-module="{_esc(attrs.get("module", ""))}"{extra} '
                    f'data-site="{_esc(attrs.get("site") or "")}" transform="translate({x},{y})">'
                    f'<title>{_esc(attrs.get("title", nid))}</title>'
-                   f'<rect width="{NODE_W}" height="{NODE_H}" rx="4"/>'
-                   f'<text x="5" y="15">{_esc(_short(attrs.get("label", nid)))}</text></g>')
+                   f'<rect width="{node_w}" height="{NODE_H}" rx="4"/>'
+                   f'<text x="5" y="15">{_esc(text)}</text></g>')
     out.append("</svg>")
     return "".join(out)
 
@@ -106,21 +142,83 @@ def _op_level(snap: list, sites: dict, svg_id: str, hidden: bool) -> str:
     return _svg(svg_id, nodes, edges, _layered(g), hidden)
 
 
-def _module_level(snap: list, sites: dict, svg_id: str, hidden: bool, collapse: bool) -> str:
-    def group(m: str) -> str:
-        m = m or "<top>"
-        return _NUM.sub("*", m) if collapse else m
+# ---------------------------------------------------------------- repeated layers
 
-    owner = {n["name"]: group(n["module"]) for n in snap if n["op"] not in ("output",)}
+def _signatures(paths: dict) -> dict:
+    """(prefix, index) -> what lives under prefix.index: {(sub-path, module type)}. Two indices
+    with equal signatures are repeats of one layer; `ff.net.0` (GELU) and `ff.net.2` (Linear)
+    are not."""
+    sig: dict[tuple, set] = {}
+    for path, mtype in paths.items():
+        parts = path.split(".")
+        for i, p in enumerate(parts):
+            if _INDEX.match(p):
+                sig.setdefault((tuple(parts[:i]), p), set()).add((tuple(parts[i + 1:]), mtype))
+    return sig
+
+
+def _index_label(indices: list[str], alone: bool) -> str:
+    """'*' for the one repeated group under a prefix; explicit '{0-2}' ranges when there are several."""
+    if alone:
+        return "*"
+    nums = sorted(int(i) for i in indices)
+    runs, start = [], nums[0]
+    for a, b in zip(nums, nums[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}-{a}" if a != start else f"{a}")
+            start = b
+    return "{" + ",".join(runs) + "}"
+
+
+def repeat_groups(paths: dict) -> dict:
+    """Module path -> its collapsed name: each index under a prefix whose layer repeats (two or
+    more indices with the same signature) becomes `*`; other indices stay as they are."""
+    by_prefix: dict[tuple, dict] = {}
+    for (prefix, idx), sig in _signatures(paths).items():
+        by_prefix.setdefault(prefix, {}).setdefault(frozenset(sig), []).append(idx)
+    label: dict[tuple, str] = {}
+    for prefix, groups in by_prefix.items():
+        repeated = [idxs for idxs in groups.values() if len(idxs) > 1]
+        for idxs in repeated:
+            for i in idxs:
+                label[(prefix, i)] = _index_label(idxs, len(repeated) == 1)
+    out = {}
+    for path in paths:
+        parts = path.split(".")
+        out[path] = ".".join(label.get((tuple(parts[:i]), p), p) for i, p in enumerate(parts))
+    return out
+
+
+def _owners(snap: list, collapse: bool) -> dict:
+    """Node name -> its box: its module (collapsed when asked); inputs and weights without a
+    module go to the box of their first user, so `<top>` does not tie every layer together."""
+    paths = {n["module"]: n.get("module_type", "") for n in snap if n["module"]}
+    name = repeat_groups(paths) if collapse else {p: p for p in paths}
+    owner = {n["name"]: name[n["module"]] if n["module"] else "<top>" for n in snap if n["op"] != "output"}
+    first_user: dict[str, str] = {}
+    for n in snap:
+        for a in n["inputs"]:
+            if n["name"] in owner:
+                first_user.setdefault(a, owner[n["name"]])
+    for n in snap:
+        if n["op"] in ("placeholder", "get_attr") and not n["module"] and n["name"] in first_user:
+            owner[n["name"]] = first_user[n["name"]]
+    return owner
+
+
+def _module_level(snap: list, sites: dict, svg_id: str, hidden: bool, collapse: bool) -> str:
+    owner = _owners(snap, collapse)
     members: dict[str, set] = {}
     site_keys: dict[str, set] = {}
-    first: dict[str, int] = {}
+    first: dict[str, int] = {}  # a box's place in compute order: its first op (weights come first)
     for i, n in enumerate(snap):
         if n["name"] not in owner:
             continue
         gname = owner[n["name"]]
         members.setdefault(gname, set()).add(n["module"] or "<top>")
-        first.setdefault(gname, i)
+        first.setdefault(gname, i + (len(snap) if n["op"] in ("placeholder", "get_attr") else 0))
+        if n["op"] not in ("placeholder", "get_attr"):
+            first[gname] = min(first[gname], i)
         if n.get("site"):
             site_keys.setdefault(gname, set()).add(n["site"])
     g = nx.DiGraph()
@@ -137,12 +235,16 @@ def _module_level(snap: list, sites: dict, svg_id: str, hidden: bool, collapse: 
         keys = site_keys.get(gname, set())
         stats = {_status_of(k, sites) for k in keys}
         cls = "site-rewritten" if "site-rewritten" in stats else ("site-skipped" if stats else "")
-        count = len(members[gname])
+        mods = sorted(members[gname] - {"<top>"}, key=natural_key)
+        count = len(mods)
         label = gname + (f" ×{count}" if collapse and count > 1 else "")
-        nodes[gname] = {"label": label.rsplit(".", 2)[-1] if len(label) > 18 else label, "module": gname,
-                        "site": sorted(keys)[0] if keys else "", "cls": cls,
-                        "title": label + ("\nsites: " + ", ".join(sorted(keys)) if keys else "")}
-    return _svg(svg_id, nodes, edges, _layered(g), hidden)
+        nodes[gname] = {"label": label, "path_label": True, "module": gname,
+                        "members": mods if collapse and (count > 1 or mods != [gname]) else None,
+                        "site": sorted(keys, key=natural_key)[0] if keys else "", "cls": cls,
+                        "title": label + ("\nmodules: " + ", ".join(mods[:12]) + (" …" if count > 12 else "")
+                                          if count > 1 else "")
+                        + ("\nsites: " + ", ".join(sorted(keys, key=natural_key)) if keys else "")}
+    return _svg(svg_id, nodes, edges, _layered(g, MODULE_W), hidden, MODULE_W)
 
 
 _CSS = """
@@ -157,6 +259,7 @@ nav button.on{background:#1f2937;color:#fff}
 svg.graph{width:100%;height:100%;cursor:grab}
 svg.hidden,.hidden{display:none}
 svg line{stroke:#bbb;stroke-width:1}
+svg line.back{stroke:#c4b5fd;stroke-dasharray:4 3}
 g.node rect{fill:#fff;stroke:#888}
 g.node text{font:11px monospace;fill:#222;pointer-events:none}
 g.site-rewritten rect{fill:#bbf7d0;stroke:#15803d;stroke-width:2}
@@ -170,6 +273,8 @@ td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}
 tr.site:hover{background:#eef;cursor:pointer}
 .ok{color:#15803d}.skip{color:#b45309}
 #tables{max-height:130px;overflow:auto;padding:4px 16px}
+.warning{color:#fca5a5;font-weight:bold;margin-top:4px}
+.expl{color:#555;margin-left:12px}
 """
 
 _JS = """
@@ -192,22 +297,36 @@ _JS = """
     if (site && data.sites[site]) t += 'site ' + JSON.stringify(data.sites[site], null, 1);
     details.textContent = t || id;
   }
+  function matches(g, q){
+    if ((g.dataset.module || '').toLowerCase().includes(q)) return true;
+    // a collapsed box (layers.*.self_attn) stands for its members: layers.3 finds it
+    return (g.dataset.members || '').toLowerCase().split(' ').some(m => m.includes(q));
+  }
   function search(){
     const q = document.getElementById('search').value.trim().toLowerCase();
     const s = current(); if (!s) return;
-    let first = null;
+    let first = null, n = 0;
     s.querySelectorAll('g.node').forEach(g => {
-      const hit = q !== '' && (g.dataset.module || '').toLowerCase().includes(q);
+      const hit = q !== '' && matches(g, q);
       g.classList.toggle('match', hit);
-      if (hit && !first) first = g;
+      if (hit) { n += 1; if (!first) first = g; }
     });
+    document.getElementById('hits').textContent = q === '' ? '' : `${n} match${n === 1 ? '' : 'es'}`;
     if (first) center(s, first);
+  }
+  function fromHash(){
+    // #level=layers&phase=after&graph=0&q=layers.3: a view to link to (and to screenshot)
+    const h = new URLSearchParams(location.hash.slice(1));
+    if (h.has('graph')) state.graph = +h.get('graph');
+    ['phase', 'level'].forEach(k => { if (h.has(k)) state[k] = h.get(k); });
+    if (h.has('q')) document.getElementById('search').value = h.get('q');
   }
   function center(s, g){
     const m = /translate\\(([-\\d.]+),([-\\d.]+)\\)/.exec(g.getAttribute('transform'));
     if (!m) return;
     const vb = s.viewBox.baseVal;
-    vb.x = +m[1] - vb.width / 2; vb.y = +m[2] - vb.height / 2;
+    // centred, but never scrolled past the graph's top-left corner into empty space
+    vb.x = Math.max(-10, +m[1] - vb.width / 2); vb.y = Math.max(-10, +m[2] - vb.height / 2);
   }
   document.querySelectorAll('nav button[data-k]').forEach(b => b.addEventListener('click', () => {
     state[b.dataset.k] = b.dataset.k === 'graph' ? +b.dataset.v : b.dataset.v; show(); }));
@@ -241,14 +360,42 @@ _JS = """
              g.classList.add('selected'); }
     describe(r.dataset.key, r.dataset.key);
   }));
+  fromHash();
   show();
-  focusFirstSite();
+  if (!document.getElementById('search').value) focusFirstSite();
 })();
 """
 
 
 def _fmt(x, digits=4) -> str:
     return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
+
+
+def _site_table(report: Report) -> str:
+    """The terminal table's columns, one row per site (click: the site in the op graph)."""
+    head = "".join(f"<th>{h}</th>" for h in ("site", "kind", "status", "kernel", "arch", "reason / note", "shapes",
+                                               "rel-L1", "cos", "FLOPs"))
+    rows = [f"<table id='site-table'><tr>{head}</tr>"]
+    for s in sorted(report.sites, key=lambda r: (r.graph, natural_key(r.key))):
+        err = s.error or {}
+        kernel, arch, note = kernel_parts(s)
+        cells = (s.key, s.kind, s.status, kernel, arch, note, shapes_text(s), _fmt(err.get("rel_l1")),
+                 _fmt(err.get("cos"), 6), _fmt_flops(site_flops(s)))
+        status_cls = "ok" if s.status == "rewritten" else "skip"
+        tds = "".join(f"<td class='{status_cls}'>{_esc(c)}</td>" if i == 2 else f"<td>{_esc(c)}</td>"
+                      for i, c in enumerate(cells))
+        rows.append(f"<tr class='site' data-key='{_esc(s.key)}' data-graph='{s.graph}'>{tds}</tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _breaks_list(sm: dict) -> str:
+    """Each graph break with its kind, count, reason and Dynamo's explanation."""
+    items = []
+    for b in sm.get("graph_breaks", []):
+        expl = "".join(f"<div class='expl'>{_esc(e)}</div>" for e in b.get("explanation", []))
+        items.append(f"<li><b>{_esc(b.get('kind', 'graph break'))}</b> x{b['count']}: {_esc(b['reason'])}{expl}</li>")
+    return f"<h3>Graph breaks</h3><ul id='graph-breaks'>{''.join(items) or '<li>none</li>'}</ul>"
 
 
 def render_html(report: Report) -> str:
@@ -265,22 +412,9 @@ def render_html(report: Report) -> str:
         f" &middot; {sm.get('graphs', 0)} graph(s), {len(sm.get('graph_breaks', []))} graph break(s)"
         f" &middot; compile {_fmt(sm.get('compile_time_s'), 3)}s (passes {_fmt(sm.get('pass_time_s'), 3)}s)"
         f" &middot; torch {_esc(env.get('torch'))}, triton {_esc(env.get('triton'))}, {_esc(env.get('device_name'))}"
-        f"</header>")
-    rows = ["<table id='site-table'><tr><th>site</th><th>kind</th><th>status</th><th>kernel / reason</th>"
-            "<th>shape</th><th>rel-L1</th><th>cos</th></tr>"]
-    for s in d["sites"]:
-        err = s.get("error") or {}
-        ok = s["status"] == "rewritten"
-        shape = (s.get("shapes") or {}).get("q") or (s.get("shapes") or {}).get("x") or ""
-        rows.append(f"<tr class='site' data-key='{_esc(s['key'])}' data-graph='{s.get('graph', 0)}'>"
-                    f"<td>{_esc(s['key'])}</td><td>{_esc(s['kind'])}</td>"
-                    f"<td class='{'ok' if ok else 'skip'}'>{_esc(s['status'])}</td>"
-                    f"<td>{_esc(s.get('kernel') if ok else s.get('reason'))}</td><td>{_esc(shape)}</td>"
-                    f"<td>{_esc(_fmt(err.get('rel_l1')))}</td><td>{_esc(_fmt(err.get('cos'), 6))}</td></tr>")
-    rows.append("</table>")
-    breaks = "".join(f"<li>x{b['count']}: {_esc(b['reason'])}</li>" for b in sm.get("graph_breaks", []))
-    parts.append(f"<div id='tables'>{''.join(rows)}"
-                 f"<h3>Graph breaks</h3><ul id='graph-breaks'>{breaks or '<li>none</li>'}</ul></div>")
+        + "".join(f"<div class='warning'>warning: {_esc(w)}</div>" for w in sm.get("warnings", []))
+        + "</header>")
+    parts.append(f"<div id='tables'>{_site_table(report)}{_breaks_list(sm)}</div>")
     graphs = report.graphs or []
     total_nodes = sum(len(g.get("after") or []) for g in graphs)
     default_level = "ops" if total_nodes <= 1500 else "layers"
@@ -289,7 +423,7 @@ def render_html(report: Report) -> str:
         nav.append(f"<button data-k='graph' data-v='{g['index']}'>graph {g['index']}</button>")
     for k, vals in (("phase", ("before", "after")), ("level", ("ops", "modules", "layers"))):
         nav.extend(f"<button data-k='{k}' data-v='{v}'>{v}</button>" for v in vals)
-    nav.append("<input id='search' placeholder='search module path…' size='30'>"
+    nav.append("<input id='search' placeholder='search module path…' size='30'><span id='hits'></span>"
                "<span>green: rewritten · amber: skipped · drag to pan, wheel to zoom</span></nav>")
     parts.append("".join(nav))
     svgs = []

@@ -15,21 +15,61 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..compiler import AttnoptBackend
+from ..logs import log
 from ..metrics import compare_outputs
 from ..ops import probe
 from ..report import Report
+from .table import site_flops
 
 _SINK_IDS = itertools.count()
 
 
-def _graph_breaks_since(before: dict) -> list[dict]:
+_BREAK_COUNTERS = ("graph_break", "unimplemented")  # the second: breaks that skipped a whole frame
+
+
+def _break_counts() -> dict:
+    """(counter, message) -> count now, for the counters Dynamo files graph breaks under."""
     from torch._dynamo.utils import counters
 
+    return {(c, msg): n for c in _BREAK_COUNTERS for msg, n in counters[c].items()}
+
+
+def _describe_break(counter: str, msg: str, count: int) -> dict:
+    """First line as the reason, every 'Explanation:' line kept (they say what Dynamo did)."""
+    lines = [ln.strip() for ln in msg.splitlines()]
+    explanation = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Explanation:")]
+    skipped = counter == "unimplemented" or "frame skipped" in msg or "Skipping the frame" in msg
+    return {"reason": lines[0] if lines else msg, "explanation": explanation, "detail": msg, "count": count,
+            "kind": "frame skipped (ran eagerly)" if skipped else "graph break"}
+
+
+def _graph_breaks_since(before: dict) -> list[dict]:
+    """Graph breaks Dynamo recorded since `before` (a _break_counts() snapshot).
+
+    A break Dynamo can split the graph at lands in counters["graph_break"]; one it cannot (in a
+    loop, or with no partial graph possible) skips the frame and stays in counters["unimplemented"],
+    often as a message that quotes the break that caused it: the quoted one is left out.
+    """
+    new = [(c, m, n - before.get((c, m), 0)) for (c, m), n in _break_counts().items()]
+    new = [x for x in new if x[2] > 0]
     out = []
-    for reason, n in counters["graph_break"].items():
-        new = n - before.get(reason, 0)
-        if new > 0:
-            out.append({"reason": reason.split("\n")[0].strip(), "detail": reason, "count": new})
+    for c, m, n in new:
+        if any(m != other and m in other for _, other, _ in new):
+            continue
+        out.append(_describe_break(c, m, n))
+    return out
+
+
+def _warnings(graphs: int, breaks: list[dict]) -> list[str]:
+    """What a user must not miss: nothing compiled, or some code ran eagerly."""
+    out = []
+    if graphs == 0:
+        why = ("see the graph breaks below" if breaks else
+               "no graph break was recorded: is the model wrapped in torch.compiler.disable, or already compiled?")
+        out.append(f"Dynamo compiled no graph: the model ran eagerly and attnopt changed nothing ({why})")
+    elif any(b["kind"] != "graph break" for b in breaks):
+        out.append("Dynamo skipped some frames (graph breaks it could not split at): "
+                   "the code in them ran eagerly, without attnopt")
     return out
 
 
@@ -70,11 +110,9 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
         say(f"measured {key}: rel-L1 {metrics.get('rel_l1', float('nan')):.4g}")
 
     probe.register_sink(sink_id, measured)
-    from torch._dynamo.utils import counters
-
     try:
         torch._dynamo.reset()
-        before = dict(counters["graph_break"])
+        before = _break_counts()
         compiled = torch.compile(model, backend=be, dynamic=dynamic)
         say("compiling and measuring (first call)...")
         t0 = time.perf_counter()
@@ -89,9 +127,15 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     finally:
         probe.unregister_sink(sink_id)
     sites = be.recorder.sites()
+    for s in sites:  # linear sites: the estimate from their shapes, so the JSON has it too
+        s.flops = site_flops(s)
+    warnings = _warnings(be.graphs_compiled, breaks)
+    for w in warnings:
+        log.warning("attnopt: %s", w)
     summary = {
         "graphs": be.graphs_compiled,
         "graph_breaks": breaks,
+        "warnings": warnings,
         "sites_total": len(sites),
         "sites_rewritten": sum(s.status == "rewritten" for s in sites),
         "by_kind": {k: {"total": sum(s.kind == k for s in sites),

@@ -1,9 +1,19 @@
-"""Plain-text rendering of a Report: one row per site, then a summary."""
+"""Plain-text rendering of a Report: one row per site, then a summary.
+
+The column helpers (kernel, arch, note, shapes, FLOPs) are shared with the HTML view, so both
+say the same thing about a site.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 import shutil
+import sys
+
+HEADER = ("site", "kind", "status", "kernel", "arch", "reason / note", "shapes", "rel-L1", "cos", "sparsity",
+          "FLOPs", "saved")
+FLEX = (0, 5, 6)  # columns that give way (cut) when the terminal is narrow: site, note, shapes
 
 
 def _fmt_err(x) -> str:
@@ -18,48 +28,153 @@ def _fmt_flops(f) -> str:
     for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if f >= div:
             return f"{f / div:.1f}{unit}"
-    return str(f)
+    return str(int(f))
 
 
-def _shape(s: dict) -> str:
-    q = s.get("q") or s.get("x") or s.get("out")
-    return "x".join(str(d) for d in q) if q else "-"
+def natural_key(text: str) -> list:
+    """'layers.2' before 'layers.10': digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
 
 
-def _cut(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
+def cut_middle(s: str, n: int) -> str:
+    """Keep both ends of `s`, at most n characters."""
+    if len(s) <= n:
+        return s
+    if n < 5:
+        return s[:n]
+    head = (n - 1) // 3
+    return s[:head] + "…" + s[len(s) - (n - 1 - head):]
+
+
+def cut_path(path: str, n: int) -> str:
+    """A module path in n characters, keeping what tells sites apart: the layer indices and the
+    leaf. Names before the leaf shrink to their first letter first; then the leaf loses its middle."""
+    if len(path) <= n:
+        return path
+    parts = path.split(".")
+    for i in range(len(parts) - 1):
+        if not parts[i].isdigit():
+            parts[i] = parts[i][:1]
+        if len(".".join(parts)) <= n:
+            return ".".join(parts)
+    prefix = ".".join(parts[:-1])
+    room = n - len(prefix) - 1
+    if prefix and room >= 6:
+        return prefix + "." + cut_middle(parts[-1], room)
+    return cut_middle(".".join(parts), n)
+
+
+def _cut_end(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: max(0, n - 1)] + "…"
+
+
+def _dims(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def shapes_text(s) -> str:
+    """Every operand in one layout, then the dtype: 'q 1x8x77x64, kv 1x2x77x64 bf16'."""
+    sh = dict(s.shapes or {})
+    if "k" in sh and sh.get("k") == sh.get("v"):
+        sh["kv"] = sh.pop("k")
+        sh.pop("v")
+    parts = [f"{name} {_dims(dims)}" for name, dims in sh.items() if dims and name != "out"]
+    text = ", ".join(parts) or "-"
+    return f"{text} {s.dtype}" if s.dtype and parts else text
+
+
+def linear_flops(shapes: dict) -> int | None:
+    """2·M·N·K of x [.., K] @ w[N, K]^T; None for symbolic sizes."""
+    x, w = shapes.get("x") or [], shapes.get("w") or []
+    if len(w) != 2 or not x or not all(isinstance(d, int) for d in [*x, *w]):
+        return None
+    return 2 * math.prod(x[:-1]) * w[0] * w[1]
+
+
+def site_flops(s) -> int | None:
+    """The FLOPs the pass recorded, else an estimate from the shapes (linear sites)."""
+    if s.flops:
+        return s.flops
+    return linear_flops(s.shapes or {}) if s.kind == "linear" else None
+
+
+def kernel_parts(s) -> tuple[str, str, str]:
+    """(kernel, arch, note): linear kernels read 'where/format: note', attention's arch is in details."""
+    kernel = s.kernel or ""
+    note = s.reason or ""
+    if s.kind == "linear" and ": " in kernel:
+        kernel, extra = kernel.split(": ", 1)
+        note = f"{note}; {extra}" if note else extra
+    arch = (s.details or {}).get("arch") or ""
+    if not arch and kernel:
+        where = kernel.split("/")
+        arch = "cpu" if where[0] == "reference" else (where[1] if len(where) > 1 and where[0] == "triton" else "")
+    return kernel or "-", arch or "-", note or "-"
+
+
+def _row(s) -> tuple:
+    err = s.error or {}
+    kernel, arch, note = kernel_parts(s)
+    sp = s.details.get("sparsity") if s.status == "rewritten" else None
+    flops = site_flops(s)
+    saved = flops * sp if (flops and sp) else None
+    return (s.key, s.kind, s.status, kernel, arch, note, shapes_text(s), _fmt_err(err.get("rel_l1")),
+            _fmt_err(err.get("cos")), f"{sp:.2f}" if sp else "-", _fmt_flops(flops), _fmt_flops(saved))
+
+
+def _widths(rows: list, width: int) -> list[int]:
+    """Natural widths; the flexible columns shrink (note first, then shapes, then site) to fit."""
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    floor = {0: 32, 5: 12, 6: 14}
+    for col in (5, 6, 0):
+        over = sum(w) + 2 * (len(w) - 1) - width
+        if over <= 0:
+            break
+        w[col] = max(min(w[col], floor[col]), w[col] - over)
+    return w
+
+
+def _table(sites, width: int) -> list[str]:
+    rows = [HEADER] + [_row(s) for s in sorted(sites, key=lambda r: (r.graph, natural_key(r.key)))]
+    w = _widths(rows, width)
+    lines = []
+    for i, r in enumerate(rows):
+        cells = [(cut_path(c, w[j]) if j == 0 else _cut_end(c, w[j])).ljust(w[j]) for j, c in enumerate(r)]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * x for x in w))
+    return lines
+
+
+def _breaks(sm: dict, width: int) -> list[str]:
+    lines = []
+    for gb in sm.get("graph_breaks", []):
+        lines.append(f"  {gb.get('kind', 'graph break')} x{gb['count']}: {_cut_end(gb['reason'], width - 30)}")
+        for ex in gb.get("explanation", []):
+            lines.append(f"      {_cut_end(ex, width - 6)}")
+    return lines
+
+
+def _default_width() -> int:
+    """The terminal's width; piped to a file or a CI log nothing needs cutting."""
+    if sys.stdout.isatty():
+        return max(100, shutil.get_terminal_size((160, 20)).columns)
+    return 240
 
 
 def render_table(report, width: int | None = None) -> str:
-    width = width or max(100, min(160, shutil.get_terminal_size((140, 20)).columns))
-    rows = [("site", "kind", "status", "kernel / reason", "shape", "rel-L1", "cos", "sparsity", "FLOPs",
-             "saved")]
-    for s in sorted(report.sites, key=lambda r: (r.graph, r.key)):
-        err = s.error or {}
-        what = s.kernel if s.status == "rewritten" else (s.reason or "")
-        sp = s.details.get("sparsity") if s.status == "rewritten" else None
-        saved = s.flops * sp if (s.flops and sp) else None
-        rows.append((s.key, s.kind, s.status, what, _shape(s.shapes), _fmt_err(err.get("rel_l1")),
-                     _fmt_err(err.get("cos")), f"{sp:.2f}" if sp else "-", _fmt_flops(s.flops), _fmt_flops(saved)))
-    fixed = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fixed[0] = min(fixed[0], 40)
-    budget = width - sum(fixed) + fixed[3] - 2 * (len(fixed) - 1)
-    fixed[3] = max(24, min(fixed[3], budget))
-    lines = []
-    for i, r in enumerate(rows):
-        cells = [_cut(c, fixed[j]).ljust(fixed[j]) for j, c in enumerate(r)]
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in fixed))
+    width = width or _default_width()
+    lines = _table(report.sites, width)
     sm = report.summary
     e2e = sm.get("e2e", {})
     lines.append("")
+    for w in sm.get("warnings", []):
+        lines.append(f"WARNING: {w}")
     by_kind = ", ".join(f"{k} {v['rewritten']}/{v['total']}" for k, v in sm.get("by_kind", {}).items())
     lines.append(f"sites rewritten: {sm.get('sites_rewritten', 0)}/{sm.get('sites_total', 0)} ({by_kind})")
     lines.append(f"graphs: {sm.get('graphs', 0)}, graph breaks: {len(sm.get('graph_breaks', []))}"
                  f"; compile {sm.get('compile_time_s', 0):.2f}s (attnopt passes {sm.get('pass_time_s', 0):.3f}s)")
-    for gb in sm.get("graph_breaks", []):
-        lines.append(f"  graph break x{gb['count']}: {_cut(gb['reason'], width - 20)}")
+    lines += _breaks(sm, width)
     if e2e:
         lines.append(f"end-to-end vs uncompiled model: rel-L1 {_fmt_err(e2e.get('rel_l1'))}, "
                      f"cos {_fmt_err(e2e.get('cos'))}, max abs {_fmt_err(e2e.get('max_abs'))}")
