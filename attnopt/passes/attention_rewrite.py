@@ -94,6 +94,10 @@ def sparsity_for(opts, key: str, heads: int) -> tuple[dict | None, str | None]:
     return dict(default), note
 
 
+REQUIRES_GRAD = ("the graph requires grad (a training graph, or inference outside torch.no_grad() / "
+                 "torch.inference_mode()): quantized attention has no backward yet, left for autograd")
+
+
 def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str = "") -> SiteParams:
     """Raise Reject(reason) unless the site can be rewritten; return what it will run."""
     a = opts["attention"]
