@@ -117,8 +117,9 @@ def _version(t: torch.Tensor) -> int | None:
 
 class FreshWeights:
     """The compiled graph, checked on every call against the parameters the linear pass copied
-    into it (quantized / smoothed / folded). Why: an in-place change (weight.mul_, load_state_dict)
-    or a replaced parameter would otherwise go on using the old values silently. On a change the
+    into it (quantized / smoothed / folded). Why: an in-place change (weight.mul_, load_state_dict),
+    a swapped `.data` or a replaced parameter would otherwise go on using the old values silently
+    (writes through `.data`, which bypass the version counter, are the one thing it cannot see). On a change the
     graph is compiled again from Dynamo's graph with the current values; graphs with symbolic
     sizes raise instead, since recompiling from one call's inputs would fix those sizes."""
 
@@ -129,13 +130,14 @@ class FreshWeights:
         self._arm(baked)
 
     def _arm(self, baked) -> None:
-        # (position among the graph's inputs or None for get_attr, the tensor, its version, label)
-        self.checks = [(i, t, _version(t), label) for i, t, label in baked]
+        # (position among the graph's inputs or None for get_attr, tensor, version, data_ptr, label):
+        # the version counter sees in-place writes, data_ptr a swapped `.data`, identity a new tensor
+        self.checks = [(i, t, _version(t), t.data_ptr(), label) for i, t, label in baked]
 
     def _changed(self, args) -> str | None:
-        for i, t, v, label in self.checks:
+        for i, t, v, ptr, label in self.checks:
             a = t if i is None else args[i]
-            if a is not t or (v is not None and a._version != v):
+            if a is not t or a.data_ptr() != ptr or (v is not None and a._version != v):
                 return label
         return None
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
 
 import attnopt
 from attnopt.codegen.linear.w4a16 import linear_w4a16_triton
@@ -21,6 +22,20 @@ transformers = pytest.importorskip("transformers")
 
 def exact(x, w, b=None):
     return x.double() @ w.double().T + (b.double() if b is not None else 0)
+
+
+def exact_model(model, *xs):
+    """The model in float64 (a copy): what quantized outputs are measured against."""
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(*(x.double() for x in xs))
+
+
+def _compiled(model, opts, *args):
+    torch._dynamo.reset()
+    be = attnopt.backend(opts)
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(*args)
+    return out, be.recorder.sites()
 
 
 # ------------------------------------------------------------------------------ numerics
@@ -244,20 +259,6 @@ def test_training_leaves_linears_alone():
     assert any("require grad" in (s.reason or "") for s in lin)
 
 
-def exact_model(model, *xs):
-    """The model in float64 (a copy): what quantized outputs are measured against."""
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(*(x.double() for x in xs))
-
-
-def _compiled(model, opts, *args):
-    torch._dynamo.reset()
-    be = attnopt.backend(opts)
-    with torch.no_grad():
-        out = torch.compile(model, backend=be)(*args)
-    return out, be.recorder.sites()
-
-
 def _tiny_llama(impl="sdpa", use_cache=False):
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=100, attn_implementation=impl, use_cache=use_cache)
@@ -404,7 +405,7 @@ def test_weights_are_quantized_once(monkeypatch):
     assert sorted(calls) == [(64, 96), (96, 64)]
 
 
-@pytest.mark.parametrize("change", ["mul_", "load_state_dict", "new_parameter"])
+@pytest.mark.parametrize("change", ["mul_", "load_state_dict", "new_parameter", "swapped_data"])
 def test_changed_weights_after_compile_are_never_stale(change):
     """The compiled graph holds quantized copies of the weights: after an in-place change,
     load_state_dict or a replaced parameter it must use the new values (it recompiles)."""
@@ -418,11 +419,34 @@ def test_changed_weights_after_compile_are_never_stale(change):
             model.a.weight.mul_(-3)
         elif change == "load_state_dict":
             model.load_state_dict(TwoLinears().state_dict())
-        else:
+        elif change == "new_parameter":
             model.b.weight = nn.Parameter(torch.randn(64, 96) * 0.1)
+        else:
+            model.a.weight.data = torch.randn(96, 64) * 0.1
         after = f(x)
     ref = exact_model(model, x)
     assert rel_l1(after, ref) <= 0.03 and rel_l1(before, ref) > 0.3
+
+
+def test_get_attr_weights_are_captured_and_checked():
+    """Weights as get_attr nodes (an FX graph handed to the backend directly): captured in every
+    mm / matmul form, and an in-place change still reaches the output."""
+    model = MatmulForms().eval()
+    x2, x3 = torch.randn(37, 40), torch.randn(3, 29, 40)
+    gm = torch.fx.symbolic_trace(model)
+    ShapeProp(gm).propagate(x2, x3)
+    for n in gm.graph.nodes:  # the example values Dynamo would record
+        tm = n.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            n.meta["example_value"] = torch.empty(tm.shape, dtype=tm.dtype, device="meta")
+    be = attnopt.backend({"linear": {"quant": "w8a8"}})
+    with torch.no_grad():
+        f = be(gm, [x2, x3])
+        model.w_kn.mul_(-3)
+        out = f(x2, x3)
+    assert sum(s.status == "rewritten" for s in be.recorder.sites()) == 5
+    ref = exact_model(model, x2, x3)
+    assert rel_l1(out[0], ref[0]) <= 0.02 and rel_l1(out[1], ref[1]) <= 0.02
 
 
 def test_changed_weights_with_symbolic_shapes_raise():
