@@ -354,42 +354,59 @@ def run_variant(model, kwargs: dict, make: Callable, ref, dev) -> tuple[dict, ob
     return cell, first
 
 
-def variants(model, kwargs: dict, calib: dict, calib_tokens: int, dev) -> dict:
-    """Every latency variant on the same model and inputs; eager's output is the reference."""
+def variants(model, kwargs: dict, calib: dict, calib_tokens: int, dev, names=None) -> dict:
+    """The latency variants (all, or those named) on the same model and inputs; eager's output is
+    the reference the others' rel-L1 is measured against."""
     cells, ref = {}, None
     for name, make in make_variants(model, calib, calib_tokens).items():
+        if names is not None and name not in names:
+            continue
         cells[name], out = run_variant(model, kwargs, make, ref, dev)
         if name == "eager":
             ref = out
     return cells
 
 
-def run(name: str, build: Callable, size: str, dev, latency: bool) -> dict:
-    """One table row. Never raises: a failing stage (build, inspect, latency) is recorded in 'error'."""
-    row = {"model": name, "size": size, "env": common.env(short=True)}
-    stage, case = "build", None
+def stage(row: dict, name: str, fn: Callable[[], dict], dev) -> bool:
+    """Run one stage of a row into it; a failure, OOM included, is recorded and the row goes on."""
     try:
-        case = build(size, dev)
-        kwargs, row["tokens"] = case.inputs(None)
-        short, row["measured_tokens"] = case.inputs(probe_cap(case))
-        if case.note:
-            row["note"] = case.note
-        stage = "inspect"
-        row.update(coverage(case.model, short))
-        if latency:
-            stage = "latency"
-            row["variants"] = variants(case.model, kwargs, short, row["measured_tokens"], dev)
+        row.update(fn())
+        return True
     except Exception as e:  # noqa: BLE001 - a library missing here (timm without torchvision), OOM, ...
-        row["error"] = f"{stage}: {describe(e)}"
+        row["error"] = "; ".join(filter(None, [row.get("error"), f"{name}: {describe(e)}"]))
+        return False
     finally:
-        del case
         free(dev)
+
+
+def run(name: str, build: Callable, size: str, dev, latency: bool | tuple = False) -> dict:
+    """One table row; `latency`: time every variant (True), those named (a tuple), or none.
+    Never raises: a failing stage is recorded in 'error'; a failed inspect still leaves the
+    latencies to measure."""
+    names = None if latency is True else latency
+    row = {"model": name, "size": size, "env": common.env(short=True)}
+    got = {}
+
+    def built():
+        got["case"] = case = build(size, dev)
+        got["kwargs"], tokens = case.inputs(None)
+        got["short"], measured = case.inputs(probe_cap(case))
+        return {"tokens": tokens, "measured_tokens": measured, **({"note": case.note} if case.note else {})}
+
+    if stage(row, "build", built, dev):
+        stage(row, "inspect", lambda: coverage(got["case"].model, got["short"]), dev)
+        if latency:
+            stage(row, "latency", lambda: {"variants": variants(got["case"].model, got["kwargs"], got["short"],
+                                                                row["measured_tokens"], dev, names)}, dev)
+    got.clear()  # the model and its inputs: freed before the next row is built
+    free(dev)
     return row
 
 
 # ----------------------------------------------------------------------------------------- output
 
 VARIANT_NAMES = ("eager", "torch.compile", "attnopt int8", "attnopt sparse (calibrated)", "attnopt int8 + w8a8")
+SHORT = dict(zip(("eager", "compile", "int8", "sparse", "w8a8"), VARIANT_NAMES))  # --variants names
 
 
 def _num(x, fmt=".4f") -> str:
@@ -412,14 +429,15 @@ def _header(rows: list[dict]) -> str:
 
 
 def _coverage_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | tokens | attention | linear | e2e rel-L1 | worst site rel-L1 | compile s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | tokens | attention | linear | e2e rel-L1 | worst site rel-L1 | compile s | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        notes = (r.get("error") or r.get("note") or "").replace("|", "\\|")  # a pipe would split the cell
         if "attention" not in r:
-            lines.append(f"| {r['model']} | {_tokens(r)} | - | - | - | - | {r.get('error', '-')} |")
+            lines.append(f"| {r['model']} | {_tokens(r)} | - | - | - | - | - | {notes} |")
             continue
         lines.append(f"| {r['model']} | {_tokens(r)} | {r['attention']} | {r['linear']} | {_num(r.get('e2e_rel_l1'))} "
-                     f"| {_num(r.get('max_site_rel_l1'))} | {r['compile_s']} |")
+                     f"| {_num(r.get('max_site_rel_l1'))} | {r['compile_s']} | {notes} |")
     return lines
 
 
@@ -446,7 +464,8 @@ def _latency_tables(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['model']} | {r['tokens']} | " + " | ".join(_ms(v.get(n)) for n in VARIANT_NAMES)
                      + f" | {_speedup(v, 'attnopt int8')} | {_speedup(v, 'attnopt sparse (calibrated)')} |")
     lines += ["", "Accuracy of each timed variant (rel-L1 of the output against eager, same inputs):", "",
-              "| model | " + " | ".join(VARIANT_NAMES[1:]) + " | sparse plan |", "| --- |" + " --- |" * len(VARIANT_NAMES)]
+              "| model | " + " | ".join(VARIANT_NAMES[1:]) + " | sparse plan |",
+              "| --- |" + " --- |" * len(VARIANT_NAMES)]
     for r in timed:
         v = r["variants"]
         sp = v.get("attnopt sparse (calibrated)", {})
@@ -460,9 +479,6 @@ def _latency_tables(rows: list[dict]) -> list[str]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [_header(rows), "", *_coverage_table(rows)]
-    notes = [f"- {r['model']}: {r['note']}" for r in rows if r.get("note")]
-    if notes:
-        lines += ["", "Lengths:", "", *notes]
     left = [f"- {r['model']}: {why}" for r in rows for why in r.get("left_alone", [])]
     lines += ["", "Sites left alone, and why:", ""] + (left or ["- none"])
     return "\n".join(lines + _latency_tables(rows))
@@ -499,12 +515,15 @@ def main(argv=None, zoo=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", nargs="*", help="model names containing any of these words")
     ap.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
-                    help="time every variant (default: on a GPU only)")
+                    help="time the variants (default: on a GPU only)")
+    ap.add_argument("--variants", nargs="+", choices=list(SHORT), default=list(SHORT),
+                    help="which to time (rel-L1 needs eager, the reference)")
     ap.add_argument("--fresh", action="store_true", help="discard rows earlier runs left in the result file")
     ap.add_argument("--resume", action="store_true", help="skip models whose row is already there without error")
     ap.add_argument("--out-dir", default=common.RESULTS)
     args = ap.parse_args(argv)
-    latency = args.device.startswith("cuda") if args.latency is None else args.latency
+    timed = args.device.startswith("cuda") if args.latency is None else args.latency
+    latency = tuple(SHORT[v] for v in args.variants) if timed else False
     path = os.path.join(args.out_dir, f"models_{args.device.split(':')[0]}_{args.size}.json")
     rows = [] if args.fresh else load_rows(path)
     md = ""

@@ -160,10 +160,11 @@ def _oom_above(x, limit):
         raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[1]} GiB (simulated)")
 
 
-def _tiny_case(limit: int, seen: list):
+def _tiny_case(limit: int, seen: list, fail_inspect: bool = False):
     def build(size, dev):
         seen.append(size)
         model = _Tiny(limit).eval().to(torch.bfloat16)
+        model.fail_inspect = fail_inspect
         x = torch.randn(1, 256, 64, dtype=torch.bfloat16)
         return zoo.Case(model, lambda cap=None: ({"x": x[:, :zoo._cut(256, cap)]}, zoo._cut(256, cap)), 1, 4)
     return build
@@ -178,9 +179,18 @@ def _read(path):
 
 @pytest.mark.slow
 def test_zoo_run_survives_failures_and_writes_each_row(tmp_path, monkeypatch):
-    """A row whose variants run out of memory, and one whose build does, are recorded; every row
-    is on disk (JSON and markdown) as soon as it finishes; a later run merges by model name."""
+    """A row whose variants run out of memory, one whose build does and one whose inspect does are
+    recorded (the latter still timed); every row is on disk (JSON and markdown) as soon as it
+    finishes; a later run merges by model name."""
     monkeypatch.setattr(zoo, "PROBE_BYTES", 128 * 4 * 8 * zoo.PROBE_COPIES * 128)  # probe inputs: 128 tokens
+    coverage = zoo.coverage
+
+    def failing_coverage(model, kwargs):
+        if model.fail_inspect:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, in float64 reference attention)")
+        return coverage(model, kwargs)
+
+    monkeypatch.setattr(zoo, "coverage", failing_coverage)
     seen = []
     path = tmp_path / "models_cpu_tiny.json"
 
@@ -204,9 +214,13 @@ def test_zoo_run_survives_failures_and_writes_each_row(tmp_path, monkeypatch):
     assert big["attention"] == "1/1" and big["measured_tokens"] == 128  # inspected at the short length
     assert all(c["error"].startswith("OutOfMemoryError") for c in big["variants"].values())
     md = (tmp_path / "models_cpu_tiny.md").read_text()
-    assert "build: OutOfMemoryError" in md and "| fits | 256 |" in md and "full length OOM, eager: OutOfMemoryError" in md
+    assert "| build OOM | - | - | - | - | - | - | build: OutOfMemoryError" in md
+    assert "| fits | 256 (inspected at 128) | 1/1 |" in md and "full length OOM, eager: OutOfMemoryError" in md
 
-    zoo.main(["--out-dir", str(tmp_path), "--only", "build"], zoo={"build OOM": _tiny_case(10_000, seen)})
+    again = {"build OOM": _tiny_case(10_000, seen), "inspect OOM": _tiny_case(10_000, seen, fail_inspect=True)}
+    zoo.main(["--out-dir", str(tmp_path), "--latency", "--variants", "eager"], zoo=again)
     rows = {r["model"]: r for r in _read(path)}
-    assert set(rows) == set(fake) and "error" not in rows["build OOM"]  # replaced; the others kept
-    assert "variants" in rows["fits"]
+    assert set(rows) == set(fake) | set(again) and "error" not in rows["build OOM"]  # replaced; the others kept
+    assert "attnopt int8" in rows["fits"]["variants"]
+    assert rows["inspect OOM"]["error"].startswith("inspect: OutOfMemoryError")
+    assert list(rows["inspect OOM"]["variants"]) == ["eager"] and "ms" in rows["inspect OOM"]["variants"]["eager"]
