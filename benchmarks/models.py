@@ -309,8 +309,10 @@ def plan_stats(plan) -> dict:
 def make_variants(model, calib: dict, calib_tokens: int) -> dict[str, Callable]:
     """name -> () -> (backend or None for eager, facts about the variant)."""
     def sparse():
+        t0 = time.perf_counter()
         plan = attnopt.calibrate(model, [calib], options=SPARSE, budget=BUDGET)
-        return attnopt.backend({**DENSE, "plan": plan}), {"calib_tokens": calib_tokens, **plan_stats(plan)}
+        facts = {"calib_tokens": calib_tokens, "calibrate_s": round(time.perf_counter() - t0, 1), **plan_stats(plan)}
+        return attnopt.backend({**DENSE, "plan": plan}), facts
 
     return {
         "eager": lambda: (None, {}),
@@ -388,6 +390,7 @@ def run(name: str, build: Callable, size: str, dev, latency: bool | tuple = Fals
     got = {}
 
     def built():
+        torch.manual_seed(0)  # the same random weights and inputs in every run
         got["case"] = case = build(size, dev)
         got["kwargs"], tokens = case.inputs(None)
         got["short"], measured = case.inputs(probe_cap(case))
