@@ -30,11 +30,18 @@ def env(short: bool = False) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def write_text(path: str, text: str) -> None:
+    """Replace a file whole (temporary file + rename): a run killed mid-write leaves the old one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write(name: str, rows: list, extra: dict | None = None, out_dir: str | None = None) -> str:
     """Write rows (with the environment) as JSON under out_dir (default RESULTS); returns the path."""
     out_dir = out_dir or RESULTS
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
-    with open(path, "w") as f:
-        json.dump({"env": env(), **(extra or {}), "rows": rows}, f, indent=1)
+    write_text(path, json.dumps({"env": env(), **(extra or {}), "rows": rows}, indent=1))
     return path

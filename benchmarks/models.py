@@ -507,8 +507,7 @@ def save(path: str, rows: list[dict]) -> str:
     """Write the JSON and the markdown beside it; returns the markdown."""
     common.write(os.path.basename(path), rows, {"what": __doc__.splitlines()[0]}, out_dir=os.path.dirname(path))
     md = markdown(rows)
-    with open(path[: -len(".json")] + ".md", "w") as f:
-        f.write(md + "\n")
+    common.write_text(path[: -len(".json")] + ".md", md + "\n")
     return md
 
 
