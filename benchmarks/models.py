@@ -1,17 +1,20 @@
-"""Model zoo: real architectures built offline from configs with random weights (transformers,
-diffusers, timm when it imports), compiled with attnopt. For each: attention and linear sites
-captured / total (every site left alone listed with its reason), end-to-end rel-L1 against the
-uncompiled model, compile time; with latencies (default on a GPU) also eager, torch.compile
+"""Model zoo: real architectures from configs with random weights, compiled with attnopt.
+
+Built offline (transformers, diffusers, timm when it imports). For each: attention and linear
+sites captured / total (every site left alone listed with its reason), end-to-end rel-L1 against
+the uncompiled model, compile time; with latencies (default on a GPU) also eager, torch.compile
 default and attnopt (dense INT8, sparse with a plan from attnopt.calibrate on the model's own
 inputs, INT8 + W8A8 linears), all measured in the same run, each with its rel-L1 against eager.
 
     python benchmarks/models.py                          # CPU: tiny configs, coverage and accuracy
     python benchmarks/models.py --size large             # GPU: LLM prefill 32K, DiT / video 16K+ tokens
-    python benchmarks/models.py --size large --only pixart cogvideox
+    python benchmarks/models.py --size large --only pixart cogvideox --variants eager compile int8
 
 Each row is written (JSON and markdown) as soon as it finishes and merged by model name with the
-rows an earlier run left in the same file (--fresh starts over, --resume skips rows already done).
-A row or a variant that fails, out of memory included, records its error and the run goes on.
+rows an earlier run left in the same file (--fresh starts over, --resume skips rows already done),
+so a run cut short by a time limit keeps what it finished. A row or a variant that fails, out of
+memory included, records its error and the run goes on. Per-site errors and the sparse plan's
+calibration use inputs cut to fit float64 reference attention (the table gives that length).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _make(ctor: Callable[[], torch.nn.Module], dev) -> torch.nn.Module:
     """Build straight on the device (meta included), so a large model never lands on the host first."""
     with torch.device(dev):
         model = ctor()
-    return model.eval().to(DT)
+    return model.eval().to(device=dev, dtype=DT)  # and any buffer a library made on the host
 
 
 def _cut(n: int, cap: int | None) -> int:

@@ -139,6 +139,19 @@ def test_zoo_large_lengths():
         assert case.batch * case.heads * short**2 * 8 * zoo.PROBE_COPIES <= zoo.PROBE_BYTES, (name, short)
 
 
+@pytest.mark.parametrize("name", [n for n in zoo.MODELS if "diffusers" in n])
+def test_zoo_large_dit_inputs_run(name):
+    """The large DiT and video inputs, full and cut to the inspect length, go through the model
+    (on the meta device: shapes only), so a GPU run does not meet a shape error after hours."""
+    pytest.importorskip("diffusers")
+    case = zoo.MODELS[name]("large", "meta")
+    for cap in (None, zoo.probe_cap(case)):
+        kwargs, tokens = case.inputs(cap)
+        with torch.no_grad():
+            out = case.model(**kwargs).sample
+        assert out.shape[-2:] == kwargs["hidden_states"].shape[-2:], (tokens, out.shape)
+
+
 class _Tiny(torch.nn.Module):
     """A one-attention model that 'runs out of memory' above `limit` tokens."""
 
