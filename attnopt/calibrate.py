@@ -5,7 +5,8 @@
 2. For every site and head, search the configured sparse method's parameters for the most
    sparsity whose rel-L1 (against float64 dense attention, on all the batches) stays under the
    budget (times a safety margin, so held-out inputs of the same kind stay under it too).
-   A head that cannot meet it, or gains under 10% sparsity, stays dense.
+   A head that cannot meet it, or gains under 10% (blocks skipped, and tiles the second stage
+   skips), stays dense.
 3. Return a Plan (versioned JSON, no pickle); `options={"plan": plan_or_path}` applies it.
 """
 
@@ -23,11 +24,15 @@ from .config import normalize_options
 from .ops import probe
 from .ops import sparse_ref as R
 from .ops.attention_ref import attention_exact
-from .ops.sparse import block_sparsity, predict_block_mask
+from .ops.sparse import block_sparsity, predict_block_mask, pv_thresholds
 from .plan import Plan
 
 _IDS = itertools.count()
 MIN_GAIN = 0.1  # heads sparser than this are not worth a sparse kernel (SpargeAttn's rule)
+THETAS = (0.1, 0.3, 0.5)  # Sparge's self-similarity thresholds, searched per head
+# second-stage lambda range (log2 units): at 2 a skipped tile's entries are all under 1/4 of the
+# running max; at 24 under 2^-24 (nothing skipped matters)
+LAMBDA_RANGE = (2.0, 24.0)
 
 
 def _per_head_rel_l1(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -54,8 +59,8 @@ class SiteSearch:
             use_triton = c["q"].device.type == "cuda" and self.arch != "cpu"
             keep = predict_block_mask(c["q"], c["k"], c["v"], params, c["scale"], c["is_causal"],
                                       c["causal_offset"], use_triton)
-            lam = params.get("pv_threshold")
-            out = _run(c, keep, params, self.quant, self.pv, self.smooth_k, self.arch, lam)
+            out = _run(c, keep, self.quant, self.pv, self.smooth_k, self.arch,
+                       pv_thresholds(params, self.heads, c["q"].device))
             n, d = _per_head_rel_l1(out, ref)
             num, den = num + n, den + d
             nq, nk = c["q"].shape[2], c["k"].shape[2]
@@ -63,10 +68,25 @@ class SiteSearch:
                 sparsity[h] += block_sparsity(keep[:, h:h + 1], nq, nk, c["is_causal"], c["causal_offset"])
         return (num / den.clamp_min(1e-30)).float(), (sparsity / len(self.calls)).float()
 
+    def skipped_share(self, params: dict) -> list[float]:
+        """Per head, the share of visited tiles the second stage skips under `params` (measured
+        with the reference, which counts them; the kernel does not)."""
+        visited, skipped = [0] * self.heads, [0] * self.heads
+        for c in self.calls:
+            keep = predict_block_mask(c["q"], c["k"], c["v"], params, c["scale"], c["is_causal"], c["causal_offset"],
+                                      False)
+            stats = {}
+            R.sparse_attention_reference(c["q"], c["k"], c["v"], keep, c["attn_bias"], c["keep_mask"],
+                                         c["masked_value"], c["is_causal"], c["causal_offset"], c["scale"], self.quant,
+                                         self.pv, self.smooth_k, pv_threshold=pv_thresholds(params, self.heads,
+                                                                                            c["q"].device),
+                                         stats=stats)
+            visited = [a + b for a, b in zip(visited, stats["visited"])]
+            skipped = [a + b for a, b in zip(skipped, stats["skipped"])]
+        return [s / max(v, 1) for s, v in zip(skipped, visited)]
 
-def _run(c: dict, keep, params, quant, pv, smooth_k, arch, lam):
-    lam_t = None if lam is None else R.per_head([1e30 if x is None else x for x in lam]
-                                                if isinstance(lam, list) else lam, c["q"].shape[1], c["q"].device)
+
+def _run(c: dict, keep, quant, pv, smooth_k, arch, lam_t):
     if c["q"].device.type == "cuda" and arch != "cpu":
         from .codegen.attention.launch import attention_triton
 
@@ -97,41 +117,22 @@ def _bisect(search: SiteSearch, make, lo: float, hi: float, target: float, steps
     return hi_t, ok, err_hi, sp_hi
 
 
-def _search_site(search: SiteSearch, sp: dict, target: float) -> dict:
-    """The calibrated plan entry of one site for method sp["method"]."""
+def search_site(search: SiteSearch, sp: dict, target: float, second_stage: bool = True) -> dict:
+    """The calibrated plan entry of one site for method sp["method"]: per head, the sparsest
+    parameters under the budget (algorithms.md 2.1: a grid over theta, the sparsest tau or topk,
+    then the smallest second-stage lambda keeping the error there)."""
     method = sp["method"]
     base = {k: v for k, v in sp.items() if k != "dense_heads"}
     h = search.heads
+    staged = method in ("sparge", "xattention")
+    if staged and second_stage:
+        base["pv_threshold"] = None  # blocks first, on their own; lambda spends what budget is left
+    stats = {}
     if method == "sparge":
-        knob = "topk" if sp.get("topk") is not None else "tau"
-        best = None
-        for theta in (0.1, 0.3, 0.5):
-            def make(x, theta=theta):
-                return {**base, "theta": theta, knob: x.tolist() if knob == "tau" else float(x.max()),
-                        "pv_threshold": None}
-            if knob == "topk":  # topk is one number per site: search it as a scalar
-                x, ok, err, spars = _bisect_scalar(search, make, 0.05, 1.0, target)
-            else:
-                x, ok, err, spars = _bisect(search, make, 0.05, 1.0, target)
-            cand = (x, ok, err, spars, theta)
-            if best is None:
-                best = cand
-            else:  # per head, keep the sparser passing choice
-                better = ok & (~best[1] | (spars > best[3]))
-                best = tuple(torch.where(better, a, b_) if isinstance(a, torch.Tensor) else a
-                             for a, b_ in zip(cand[:4], best[:4])) + (
-                    [theta if bt else pt for bt, pt in zip(better.tolist(), _as_list(best[4], h))],)
-        x, ok, err, spars, theta = best
-        params = {**base, knob: x.tolist() if knob == "tau" else float(x.max()), "theta": _as_list(theta, h),
-                  "pv_threshold": None}
-        if sp.get("pv_threshold") is not None:
-            params, err = _search_lambda(search, params, err, ok, target)
+        params, ok = _search_sparge(search, base, target)
     elif method == "xattention":
-        x, ok, err, spars = _bisect(search, lambda t: {**base, "tau": t.tolist(), "pv_threshold": None},
-                                    0.05, 1.0, target)
-        params = {**base, "tau": x.tolist(), "pv_threshold": None}
-        if sp.get("pv_threshold") is not None:
-            params, err = _search_lambda(search, params, err, ok, target)
+        x, ok, _, _ = _bisect(search, lambda t: {**base, "tau": t.tolist()}, 0.05, 1.0, target)
+        params = {**base, "tau": x.tolist()}
     elif method == "window":
         n = max(c["k"].shape[2] for c in search.calls)
         # window as a fraction of the key length: smallest that meets the budget
@@ -142,49 +143,78 @@ def _search_site(search: SiteSearch, sp: dict, target: float) -> dict:
         params = dict(base)
         err, spars = search.evaluate(params)
         ok = err <= target
+    if staged and second_stage:
+        params, stats = _search_lambda(search, params, ok, target)
     err, spars = search.evaluate(params)  # the final choice, all heads together
-    dense = [i for i in range(h) if not bool(ok[i]) or float(spars[i]) < MIN_GAIN or float(err[i]) > target]
-    entry = {"kind": "attention", "error": {"rel_l1": err.tolist()}, "stats": {"sparsity": spars.tolist()}}
+    # the gain counts both stages: tiles the second stage skips save their exp and P.V too
+    gain = 1 - (1 - spars) * (1 - torch.tensor(stats.get("pv_skipped", [0.0] * h)))
+    dense = [i for i in range(h) if not bool(ok[i]) or float(gain[i]) < MIN_GAIN or float(err[i]) > target]
+    entry = {"kind": "attention", "error": {"rel_l1": err.tolist()}, "stats": {"sparsity": spars.tolist(), **stats}}
     if len(dense) == h:
         entry["dense"] = True
     else:
         entry["sparsity"] = {**params, "dense_heads": dense}
+        if isinstance(params.get("pv_threshold"), list):  # a dense head skips nothing
+            entry["sparsity"]["pv_threshold"] = [None if i in dense else x
+                                                 for i, x in enumerate(params["pv_threshold"])]
     return entry
 
 
-def _as_list(x, h):
-    return x if isinstance(x, list) else [x] * h
+def _search_sparge(search: SiteSearch, base: dict, target: float) -> tuple[dict, torch.Tensor]:
+    """Per head and for each theta of THETAS, the sparsest tau (or topk, when the config uses
+    topk) under target; each head keeps its sparsest passing theta. -> (params, ok [H])."""
+    knob = "topk" if base.get("topk") is not None else "tau"
+    best = None
+    thetas = _thetas_to_try(search)
+    for i, theta in enumerate(thetas):
+        x, ok, _, spars = _bisect(search, lambda v, theta=theta: {**base, "theta": theta, knob: v.tolist()},
+                                  0.05, 1.0, target)
+        pick = torch.full_like(x, i)
+        if best is None:
+            best = [x, ok, spars, pick]
+        else:  # per head, the sparser passing choice
+            better = ok & (~best[1] | (spars > best[2]))
+            best = [torch.where(better, new, old) for new, old in zip((x, ok, spars, pick), best)]
+    x, ok, _, pick = best
+    return {**base, knob: x.tolist(), "theta": [thetas[int(i)] for i in pick.tolist()]}, ok
 
 
-def _bisect_scalar(search, make, lo, hi, target, steps=7):
-    """Like _bisect with one value for all heads (a site-wide knob): all heads must meet it."""
+def _thetas_to_try(search: SiteSearch) -> list[float]:
+    """THETAS that can change the outcome: one per distinct set of non-self-similar blocks (the
+    others predict the same masks), and none past the first that marks a whole side of the site
+    non-similar (every block kept: no sparsity to find)."""
+    sims = [R.sparge_similarities(c["q"], c["k"]) for c in search.calls]
+    out, seen = [], set()
+    for theta in THETAS:
+        rough = tuple(tuple((x < theta).flatten().tolist()) for pair in sims for x in pair)
+        everything = all(bool((qs < theta).all() or (ks < theta).all()) for qs, ks in sims)
+        if rough not in seen and not (out and everything):
+            out.append(theta)
+        seen.add(rough)
+    return out
+
+
+def _search_lambda(search: SiteSearch, params: dict, ok: torch.Tensor, target: float) -> tuple[dict, dict]:
+    """Per head, the smallest second-stage lambda in LAMBDA_RANGE keeping the error under target.
+    A head whose lambda skips no tile of the calibration inputs gets none: nothing shows it safe
+    on other inputs, and the test costs the kernel a reduction per tile. Heads that skip nothing
+    even at the smallest lambda are left out of the search (one pass instead of a bisection).
+    -> (params with pv_threshold, {"pv_skipped": share of visited tiles skipped [H]})."""
     h = search.heads
-    err, sp = search.evaluate(make(torch.full((h,), hi)))
-    if not bool((err <= target).all()):
-        return torch.full((h,), hi), err <= target, err, sp
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        e, s = search.evaluate(make(torch.full((h,), mid)))
-        if bool((e <= target).all()):
-            hi, err, sp = mid, e, s
-        else:
-            lo = mid
-    return torch.full((h,), hi), err <= target, err, sp
 
+    def make(x, heads):
+        return {**params, "pv_threshold": [float(v) if o else None for v, o in zip(x.tolist(), heads)]}
 
-def _search_lambda(search: SiteSearch, params: dict, err, ok, target):
-    """The smallest second-stage threshold per head that keeps the error under target."""
-    h = search.heads
-    lam = [None] * h
-    for cand in (16.0, 10.0, 8.0, 6.0, 4.0):
-        trial = {**params, "pv_threshold": [cand if bool(ok[i]) else None for i in range(h)]}
-        e, _ = search.evaluate(trial)
-        for i in range(h):
-            if bool(ok[i]) and float(e[i]) <= target:
-                lam[i] = cand
-    params = {**params, "pv_threshold": lam if any(x is not None for x in lam) else None}
-    e, _ = search.evaluate(params)
-    return params, e
+    lowest = search.skipped_share(make(torch.full((h,), LAMBDA_RANGE[0]), ok.tolist()))
+    heads = [bool(o) and s > 0 for o, s in zip(ok.tolist(), lowest)]
+    if not any(heads):
+        return {**params, "pv_threshold": None}, {"pv_skipped": [0.0] * h}
+    lam, lam_ok, _, _ = _bisect(search, lambda x: make(x, heads), *LAMBDA_RANGE, target, steps=5)
+    trial = make(lam, [a and bool(b) for a, b in zip(heads, lam_ok.tolist())])
+    skipped = search.skipped_share(trial)
+    chosen = [v if v is not None and s > 0 else None for v, s in zip(trial["pv_threshold"], skipped)]
+    shares = [s if v is not None else 0.0 for v, s in zip(chosen, skipped)]
+    return {**params, "pv_threshold": chosen if any(v is not None for v in chosen) else None}, {"pv_skipped": shares}
 
 
 def _linear_errors(x: torch.Tensor, w: torch.Tensor, fmts) -> dict[str, float]:
@@ -206,11 +236,14 @@ def _linear_errors(x: torch.Tensor, w: torch.Tensor, fmts) -> dict[str, float]:
 
 
 def calibrate(model, example_batches: Iterable, options: Mapping | None = None, budget: Mapping | None = None,
-              *, margin: float = 0.8, mixed_precision: bool = False, progress: bool = False) -> Plan:
+              *, margin: float = 0.8, mixed_precision: bool = False, second_stage: bool = True,
+              progress: bool = False) -> Plan:
     """Calibrate attnopt on example batches and return a Plan.
 
     - attention.sparsity set: per-site, per-head sparse parameters keeping each site's rel-L1
-      (against float64 dense attention) under `budget["rel_l1"] * margin`.
+      (against float64 dense attention) under `budget["rel_l1"] * margin`. With second_stage
+      (sparge, xattention) a per-head lambda too, where it skips tiles within the budget;
+      second_stage=False keeps the configured pv_threshold instead.
     - linear.smooth set: each linear's per-channel max |activation| (SmoothQuant's statistic).
     - mixed_precision: each linear's format (none / fp8 / w8a8 / w4a16, those the target arch
       runs), chosen from each (linear, format)'s measured effect on the model's output to save
@@ -271,7 +304,7 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
         d = recs[key].details
         search = SiteSearch(key, calls, d["quant"], d["pv"], d["smooth_k"], d["arch"])
         say(f"searching {key} ({search.heads} heads)")
-        plan.sites[key] = _search_site(search, sp, target)
+        plan.sites[key] = search_site(search, sp, target, second_stage)
     if mixed_precision:
         _mixed_precision(model, example_batches, plan, captured, budget, margin, opts, say)
     return plan

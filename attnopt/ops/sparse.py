@@ -65,13 +65,17 @@ def block_sparsity(keep: torch.Tensor, nq: int, nk: int, is_causal: bool, causal
     return 1.0 - (keep & valid).sum().item() / max(total, 1)
 
 
-def _lambda(params: dict, hq: int, device) -> torch.Tensor | None:
+def pv_thresholds(params: dict, hq: int, device) -> torch.Tensor | None:
+    """The second stage's lambda per head [Hq] (None: off). A head without one, or a dense head,
+    never skips (1e30)."""
     lam = params.get("pv_threshold")
-    if lam is None or (isinstance(lam, list) and all(x is None for x in lam)):
+    if not isinstance(lam, list):
+        lam = [lam] * hq
+    dense = set(params.get("dense_heads") or [])
+    lam = [None if h in dense else x for h, x in enumerate(lam)]
+    if all(x is None for x in lam):
         return None
-    if isinstance(lam, list):
-        lam = [1e30 if x is None else x for x in lam]  # a head without a threshold never skips
-    return R.per_head(lam, hq, device)
+    return R.per_head([1e30 if x is None else x for x in lam], hq, device)
 
 
 def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
@@ -80,7 +84,7 @@ def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal
 
     use_triton = _use_triton(q, arch, impl)
     block_keep = predict_block_mask(q, k, v, params, scale, is_causal, causal_offset, use_triton)
-    lam = _lambda(params, q.shape[1], q.device)
+    lam = pv_thresholds(params, q.shape[1], q.device)
     if use_triton:
         from ..codegen.attention.launch import attention_triton
 

@@ -58,6 +58,12 @@ def _pool(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, sim
 
 
+def sparge_similarities(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-similarity of every Q block [B, Hq, nqb] and (centered) K block [B, Hkv, nkb]: what
+    theta is compared with."""
+    return _pool(q, BQ)[1], _pool(k.float() - k.float().mean(dim=-2, keepdim=True), BK)[1]
+
+
 def _keep_mass(scores: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor, topk: torch.Tensor | None,
                forced: torch.Tensor | None = None) -> torch.Tensor:
     """Per row: the blocks kept by the mass rule, taken in descending score order.
