@@ -495,6 +495,13 @@ def test_plan_entry_that_does_not_fit_falls_back_to_the_defaults(bad, caplog):
     assert rec.status == "rewritten" and rec.op == "attnopt::attention" and "plan entry ignored" in rec.kernel
 
 
+def test_configured_per_head_list_that_does_not_fit_keeps_quantized_attention():
+    opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window", "window": [64, 128, 256]}}}
+    (rec,) = attnopt.inspect(Attn(), *local_qkv(1, 2, 512, 64), options=opts).sites
+    assert rec.status == "rewritten" and rec.op == "attnopt::attention"
+    assert "configured sparsity ignored (sparsity.window has 3 per-head values for 2 heads)" in rec.kernel
+
+
 def test_plan_entry_that_fits_is_used():
     plan = {"schema_version": 1, "sites": {"#0": {"kind": "attention", "sparsity": {
         "method": "sparge", "tau": [0.5, 0.6], "topk": [0.3, 0.4], "dense_heads": [1]}}}}
