@@ -173,6 +173,8 @@ class AttentionPass(CustomGraphPass):
                 rec.status = "rewritten"
                 rec.op = "attnopt::sparse_attention" if params.sparsity else "attnopt::attention"
                 rec.kernel = params.kernel
+                if params.note:  # planned / configured sparse parameters set aside here, and why
+                    rec.reason = params.note
                 q4, k4 = op.args[0].meta["val"], op.args[1].meta["val"]
                 if params.sparsity:
                     rec.details["sparse_method"] = params.sparsity["method"]

@@ -128,7 +128,7 @@ def _attn_step(
         s = tl.where(kvalid[None, :], s, float("-inf"))
     m_tile = tl.max(s, 1)
     if HAS_LAMBDA:  # second stage: skip exp and P.V when every row's max trails its running max
-        go = tl.max(m_tile - m_i, 0) >= -lam
+        go = tl.max(tl.where(mvalid, m_tile - m_i, float("-inf")), 0) >= -lam  # rows past Nq never vote
     else:
         go = True
     if go:
