@@ -93,43 +93,18 @@ def _quant_rows_kernel(
 
 
 @triton.jit
-def _quant_v_fp8_kernel(
-    V, stride_vb, stride_vh, stride_vn, stride_vd,
-    VMEAN, VSCALE, stride_cb, stride_ch,
-    VQ, stride_qb, stride_qh, stride_qd,
-    N, D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
-):
-    """(V - mean) / per-channel scale -> e4m3, stored transposed [D, Npad] (keys contiguous:
-    the K-major layout an 8-bit P.V dot wants for its second operand). Tail keys are zeros."""
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    mask = (rows < N)[:, None] & cmask[None, :]
-    v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + cols[None, :] * stride_vd,
-                mask=mask, other=0.0).to(tl.float32)
-    v = tl.where((v == v) & (tl.abs(v) != float("inf")), v, 0.0)
-    mean = tl.load(VMEAN + b * stride_cb + h * stride_ch + cols, mask=cmask, other=0.0)
-    scale = tl.load(VSCALE + b * stride_cb + h * stride_ch + cols, mask=cmask, other=1.0)
-    y = tl.where(mask, (v - mean[None, :]) / scale[None, :], 0.0)
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    tl.store(VQ + b * stride_qb + h * stride_qh + cols[None, :] * stride_qd + rows[:, None], to_e4m3(y, EMULATE))
-
-
-@triton.jit
-def _quant_v_fp4_kernel(
+def _quant_v_kernel(
     V, stride_vb, stride_vh, stride_vn, stride_vd,
     VMEAN, VSCALE, stride_cb, stride_ch,
     VQ, stride_qb, stride_qh, stride_qd,
     VG, stride_gb, stride_gh, stride_gd,
     N, D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
+    FP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """(V - mean) / per-channel scale -> NVFP4 with groups of 16 keys (P.V's reduction dim),
-    transposed: codes [D, Npad / 2] (keys packed, contiguous), e4m3 scales [D, Npad / 16]."""
+    """(V - mean) / per-channel scale, stored transposed (keys contiguous: the K-major layout an
+    8-bit or 4-bit P.V dot wants for its second operand); tail keys are zeros. FP8: e4m3
+    [D, Npad]. FP4 (NVFP4, groups of 16 keys, P.V's reduction dim): codes [D, Npad / 2], keys
+    packed, and e4m3 group scales [D, Npad / 16] in VG."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -143,11 +118,16 @@ def _quant_v_fp4_kernel(
     mean = tl.load(VMEAN + b * stride_cb + h * stride_ch + cols, mask=cmask, other=0.0)
     scale = tl.load(VSCALE + b * stride_cb + h * stride_ch + cols, mask=cmask, other=1.0)
     y = tl.where(mask, (v - mean[None, :]) / scale[None, :], 0.0)
-    packed, gs = quantize_groups(tl.trans(y), BLOCK_D, BLOCK_N, EMULATE)
-    pk = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    gk = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
-    tl.store(VQ + b * stride_qb + h * stride_qh + cols[:, None] * stride_qd + pk[None, :], packed)
-    tl.store(VG + b * stride_gb + h * stride_gh + cols[:, None] * stride_gd + gk[None, :], gs)
+    if FP4:
+        packed, gs = quantize_groups(tl.trans(y), BLOCK_D, BLOCK_N, EMULATE)
+        pk = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        gk = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
+        tl.store(VQ + b * stride_qb + h * stride_qh + cols[:, None] * stride_qd + pk[None, :], packed)
+        tl.store(VG + b * stride_gb + h * stride_gh + cols[:, None] * stride_gd + gk[None, :], gs)
+    else:
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        tl.store(VQ + b * stride_qb + h * stride_qh + cols[None, :] * stride_qd + rows[:, None],
+                 to_e4m3(y, EMULATE))
 
 
 def padded_head_dim(d: int) -> int:
@@ -218,11 +198,12 @@ def quantize_v_fp8(v: torch.Tensor):
     npad = triton.cdiv(max(n, 1), V_PAD) * V_PAD
     vq = torch.empty(b, h, bd, npad, dtype=torch.float8_e4m3fn, device=v.device)
     block_n = 64
-    wrap_triton(_quant_v_fp8_kernel)[(triton.cdiv(npad, block_n), h, b)](
+    wrap_triton(_quant_v_kernel)[(triton.cdiv(npad, block_n), h, b)](
         v, *v.stride(),
         vmean, vscale, vmean.stride(0), vmean.stride(1),
         vq, vq.stride(0), vq.stride(1), vq.stride(2),
-        n, d, BLOCK_N=block_n, BLOCK_D=bd, EMULATE=casts.EMULATE,
+        vq, 0, 0, 0,
+        n, d, FP4=False, BLOCK_N=block_n, BLOCK_D=bd, EMULATE=casts.EMULATE,
     )
     return vq, vscale, vmean
 
@@ -237,11 +218,11 @@ def quantize_v_fp4(v: torch.Tensor, block_dv: int):
     vq = torch.empty(b, h, block_dv, npad // 2, dtype=torch.uint8, device=v.device)
     vg = torch.empty(b, h, block_dv, npad // 16, dtype=torch.float8_e4m3fn, device=v.device)
     block_n = 64
-    wrap_triton(_quant_v_fp4_kernel)[(triton.cdiv(npad, block_n), h, b)](
+    wrap_triton(_quant_v_kernel)[(triton.cdiv(npad, block_n), h, b)](
         v, *v.stride(),
         vmean, vscale, vmean.stride(0), vmean.stride(1),
         vq, vq.stride(0), vq.stride(1), vq.stride(2),
         vg, vg.stride(0), vg.stride(1), vg.stride(2),
-        n, d, BLOCK_N=block_n, BLOCK_D=block_dv, EMULATE=casts.EMULATE,
+        n, d, FP4=True, BLOCK_N=block_n, BLOCK_D=block_dv, EMULATE=casts.EMULATE,
     )
     return vq, vg, vscale, vmean
