@@ -22,3 +22,14 @@ def inspect(model, *inputs, options=None, **kw):
 
 def randn(*shape, dtype=torch.bfloat16, scale=1.0):
     return (torch.randn(*shape) * scale).to(dtype)
+
+
+def cuda_peak_bytes(fn) -> int:
+    """Peak CUDA memory `fn` allocates above what was allocated before it (run it once first,
+    so compilation and caches are not counted)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base

@@ -682,7 +682,8 @@ def _choose_formats(sites, records, params, weights, opts, spec, plan_sites, cap
         fmt = entry.get("quant", lin["quant"]) if entry.get("kind") == "linear" else lin["quant"]
         reason = _selected(s.module, opts)
         if reason is None and grad and params[s.weight].requires_grad:
-            reason = "weights require grad (training): quantized weights would not get gradients"
+            reason = ("weights require grad (a training graph, or inference outside torch.no_grad() / "
+                      "torch.inference_mode()): quantized weights would not get gradients")
         if reason is None and fmt != "none" and fmt not in spec.linear_formats:
             reason = f"linear format {fmt!r} needs sm89+ (target is {spec.name})"
         if reason is None and fmt != "none" and w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
