@@ -155,3 +155,12 @@ def test_noncontiguous_inputs():
     assert not q.is_contiguous()
     out = attention_reference(q, k, v)
     assert rel_l1(out, attention_exact(q, k, v)) <= 0.02
+
+
+def test_head_dims_beyond_the_kernels_still_run_on_the_reference_path():
+    """The op's CPU path takes the kernels' key tile where a kernel exists; above 256 (no kernel,
+    the rewrite leaves such sites alone) a direct call still computes, in one tile."""
+    q, k, v = (torch.randn(1, 2, 70, 320).bfloat16() for _ in range(3))
+    out = attnopt.attention(q, k, v, is_causal=True, arch="cpu")
+    assert torch.equal(out, attention_reference(q, k, v, is_causal=True))
+    assert rel_l1(out, attention_exact(q, k, v, is_causal=True)) < 0.02

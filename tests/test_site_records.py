@@ -109,3 +109,34 @@ def test_fx_cache_hit_without_records_says_so(tmp_path, monkeypatch, attnopt_log
     assert [c["served"] for c in second.cache_report()] == ["cache, records unavailable"]
     warned = [r.getMessage() for r in attnopt_log if r.levelno == logging.WARNING]
     assert any("site records unavailable" in m for m in warned), warned
+
+
+def test_cache_hit_reports_the_grad_mode_it_was_compiled_under(tmp_path, monkeypatch):
+    """Dynamo's graph reads the same with and without no_grad, but the passes decide differently
+    (a graph that requires grad keeps its attention): records must not cross grad modes."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model, x = Projected(), _x()
+
+    def compile_once(grad: bool):
+        be = attnopt.backend(OPTS)
+        torch._dynamo.reset()
+        f = torch.compile(model, backend=be)
+        with torch.set_grad_enabled(grad):
+            f(x)
+        return [s.status for s in be.recorder.sites()]
+
+    assert compile_once(False) == ["rewritten"]
+    assert compile_once(True) == ["skipped"]
+    assert compile_once(False) == ["rewritten"]  # served from the cache, with its own records
+
+
+class Projected(torch.nn.Module):
+    """Attention after a projection whose weight requires grad, as a freshly loaded model's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 32).to(torch.bfloat16)
+
+    def forward(self, q):
+        q = self.proj(q)
+        return F.scaled_dot_product_attention(q, q, q)

@@ -42,7 +42,10 @@ def _input_meta(x) -> str:
 def graph_hash(pass_uuid: str, gm: torch.fx.GraphModule, example_inputs) -> str:
     """Same for the same graph, inputs and pass configuration, in any process."""
     h = hashlib.sha256()
-    for part in (str(FORMAT_VERSION), pass_uuid, gm.code, *(_input_meta(x) for x in example_inputs)):
+    # grad mode too: Dynamo's graph reads the same with and without no_grad, but the passes decide
+    # differently (a graph that requires grad keeps its attention)
+    grad = f"grad={torch.is_grad_enabled()} inference={torch.is_inference_mode_enabled()}"
+    for part in (str(FORMAT_VERSION), pass_uuid, grad, gm.code, *(_input_meta(x) for x in example_inputs)):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()

@@ -54,9 +54,11 @@ def attention_op(
 
         return attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
                                 scale, quant, pv, smooth_k, smooth_q, arch)
-    tile = ARCHS[arch].default_tile(q.shape[-1], quant, pv)  # the key tile the kernel's online softmax uses
+    # the key tile the kernel's online softmax uses; head dims no kernel runs take one tile
+    block_n = ARCHS[arch].default_tile(q.shape[-1], quant, pv).block_n \
+        if q.shape[-1] <= max(ARCHS[arch].attn_tiles) else None
     return attention_reference(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                               scale, quant, pv, smooth_k, smooth_q, block_n=tile.block_n)
+                               scale, quant, pv, smooth_k, smooth_q, block_n=block_n)
 
 
 @attention_op.register_fake
