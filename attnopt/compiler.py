@@ -123,6 +123,10 @@ class FreshWeights:
     graph is compiled again from Dynamo's graph with the current values; graphs with symbolic
     sizes raise instead, since recompiling from one call's inputs would fix those sizes."""
 
+    # A graph whose weights change on every call (offloading hooks swapping tensors in, EMA
+    # updates) would recompile forever: past this many refreshes it raises instead.
+    MAX_RECOMPILES = 16
+
     def __init__(self, backend: "AttnoptBackend", fn, baked, pristine: torch.fx.GraphModule | None):
         self.backend, self.fn, self.pristine = backend, fn, pristine
         self.recompiles = 0
@@ -156,6 +160,12 @@ class FreshWeights:
                         "(in-place update, load_state_dict or a new tensor); this graph has symbolic sizes, so "
                         "attnopt cannot recompile it from this call. Call torch._dynamo.reset() and compile "
                         "again after changing weights.")
+                if self.recompiles >= self.MAX_RECOMPILES:
+                    raise RuntimeError(
+                        f"attnopt: the {label} parameter changed again after {self.recompiles} recompiles of this "
+                        "graph for changed weights: its quantized linears would be recompiled on every call. "
+                        "Quantize linears only once the weights stay put (or leave them out: linear.quant 'none' "
+                        "or linear.exclude), e.g. not under offloading hooks that swap weights in per call.")
                 log.warning("attnopt: %s changed after compiling; quantizing again (recompiling this graph)", label)
                 gm = _copy_graph_module(self.pristine)
                 fresh = self.backend(gm, list(args))

@@ -326,6 +326,36 @@ def test_failed_member_undoes_its_group(monkeypatch):
     assert by["ln:smooth"].status == "rewritten" and by[":smooth"].status == "rewritten"
 
 
+def test_failed_graph_edit_leaves_no_quantized_copies(monkeypatch):
+    """A rewrite that fails half way restores Dynamo's graph and unregisters the constants it had
+    added, which AOT would otherwise lift as inputs and keep alive with the compiled graph."""
+    from attnopt.codegen.arch import ARCHS
+    from attnopt.config import normalize_options
+    from attnopt.passes import linear_pass as LP
+
+    graphs = []
+    model = Norms().eval()
+    x = torch.randn(2, 24, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=lambda gm, ex: graphs.append((gm, ex)) or gm)(x)
+    gm, ex = graphs[0]
+    before = set(dict(gm.named_buffers()))
+    real = LP._apply
+
+    def half_then_fail(*args, **kw):
+        real(*args, **kw)
+        raise RuntimeError("planted failure after the edits")
+
+    monkeypatch.setattr(LP, "_apply", half_then_fail)
+    with torch.no_grad():
+        recs = LP.run_linear_pass(gm, ex, normalize_options({"linear": {"quant": "w8a8"}}), ARCHS["cpu"])
+    assert len(recs) == 6 and all(r.status == "skipped" and "planted" in r.reason for r in recs)
+    assert set(dict(gm.named_buffers())) == before
+    with torch.no_grad():
+        assert torch.equal(gm(*ex)[0], model(x))
+
+
 class MatmulForms(nn.Module):
     """Linears written as mm / addmm / matmul on raw parameters, both weight orientations."""
 
@@ -426,6 +456,24 @@ def test_changed_weights_after_compile_are_never_stale(change):
         after = f(x)
     ref = exact_model(model, x)
     assert rel_l1(after, ref) <= 0.03 and rel_l1(before, ref) > 0.3
+
+
+def test_weights_changing_every_call_raise_after_the_recompile_limit(monkeypatch):
+    from attnopt.compiler import FreshWeights
+
+    monkeypatch.setattr(FreshWeights, "MAX_RECOMPILES", 2)
+    model = TwoLinears().eval()
+    torch._dynamo.reset()
+    f = torch.compile(model, backend=attnopt.backend({"linear": {"quant": "w8a8"}}))
+    x = torch.randn(2, 20, 64)
+    with torch.no_grad():
+        f(x)
+        for _ in range(2):  # within the limit: recompiled, and right
+            model.a.weight.mul_(1.5)
+            assert rel_l1(f(x), exact_model(model, x)) <= 0.03
+        model.a.weight.mul_(1.5)
+        with pytest.raises(RuntimeError, match="recompiles"):
+            f(x)
 
 
 def test_get_attr_weights_are_captured_and_checked():

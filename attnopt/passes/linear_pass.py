@@ -841,6 +841,16 @@ def _prepare_all(sites, fmt_of, folds, weights, params, records) -> tuple[dict, 
 
 # --------------------------------------------------------------------------------- graph edits
 
+def _drop_buffers_since(gm: fx.GraphModule, before: set) -> None:
+    """Unregister the quantized copies a failed rewrite added: AOT would lift every buffer as a
+    graph input and keep them alive with the compiled graph."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    for name in set(dict(gm.named_buffers(recurse=False))) - before:
+        delattr(gm, name)
+        if sources is not None:
+            sources.pop(name, None)
+
+
 class LinearRewriter:
     """Applies decisions to the graph: constants registered on the module, op calls inserted."""
 
@@ -986,6 +996,7 @@ def run_linear_pass(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec, pr
     folds, norm_records = _accept_groups(groups, sites, fmt_of, records, weights, stats, alpha)
     prepared, folds = _prepare_all(sites, fmt_of, folds, weights, params, records)
     backup = copy_graph(gm.graph)
+    buffers_before = set(dict(gm.named_buffers(recurse=False)))
     baked = _Baked(index, params)
     try:
         _apply(gm, folds, prepared, records, params, lin, spec, probe_sink, capture_all, baked)
@@ -994,6 +1005,7 @@ def run_linear_pass(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec, pr
     except Exception as e:  # all or nothing: the graph as Dynamo gave it
         log.warning("attnopt: linear pass failed, graph left unchanged: %r", e, exc_info=True)
         gm.graph = backup
+        _drop_buffers_since(gm, buffers_before)
         baked.items.clear()
         for rec in list(records.values()) + norm_records:
             rec.status, rec.op, rec.kernel = "skipped", None, None
