@@ -289,7 +289,7 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
                 if isinstance(batch, Mapping):
                     compiled(**batch)
                 else:
-                    compiled(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+                    compiled(*batch)
     finally:
         probe.unregister_sink(sink)
         torch._dynamo.reset()

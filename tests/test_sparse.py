@@ -484,19 +484,19 @@ def test_plan_entry_that_does_not_fit_falls_back_to_the_defaults(bad, caplog):
         (rec,) = attnopt.inspect(Attn(), *q, options=opts).sites
     assert rec.key == "#0"  # the plan entry names this site
     assert rec.status == "rewritten" and rec.details["sparse_method"] == "window"  # the configured defaults
-    assert "plan entry ignored" in rec.kernel and "plan entry ignored" in caplog.text
+    assert "plan entry ignored" in rec.reason and "plan entry ignored" in caplog.text
     assert rec.error["rel_l1"] < 0.05
     # no configured sparsity: the site still gets dense quantized attention, not the original SDPA
     opts["attention"]["sparsity"] = None
     (rec,) = attnopt.inspect(Attn(), *q, options=opts).sites
-    assert rec.status == "rewritten" and rec.op == "attnopt::attention" and "plan entry ignored" in rec.kernel
+    assert rec.status == "rewritten" and rec.op == "attnopt::attention" and "plan entry ignored" in rec.reason
 
 
 def test_configured_per_head_list_that_does_not_fit_keeps_quantized_attention():
     opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window", "window": [64, 128, 256]}}}
     (rec,) = attnopt.inspect(Attn(), *local_qkv(1, 2, 512, 64), options=opts).sites
     assert rec.status == "rewritten" and rec.op == "attnopt::attention"
-    assert "configured sparsity ignored (sparsity.window has 3 per-head values for 2 heads)" in rec.kernel
+    assert "configured sparsity ignored (sparsity.window has 3 per-head values for 2 heads)" in rec.reason
 
 
 def test_plan_entry_that_fits_is_used():
@@ -505,7 +505,7 @@ def test_plan_entry_that_fits_is_used():
     q = local_qkv(1, 2, 512, 64)
     opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window", "window": 128}}, "plan": plan}
     (rec,) = attnopt.inspect(Attn(), *q, options=opts).sites
-    assert rec.status == "rewritten" and rec.details["sparse_method"] == "sparge" and "ignored" not in rec.kernel
+    assert rec.status == "rewritten" and rec.details["sparse_method"] == "sparge" and rec.reason is None
     plan["sites"]["#0"]["sparsity"]["topk"] = [0.3, 1.5]  # per-head values are each checked
     with pytest.raises(attnopt.ConfigError, match=r"topk\[1\]"):
         attnopt.Plan.from_dict(plan)

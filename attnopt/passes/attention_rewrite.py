@@ -165,8 +165,6 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     kernel = describe_attention_kernel(spec, quant, pv, d, q.device.type)
     if sparsity is not None:
         kernel += f" +{sparsity['method']}" + ("+pv-skip" if sparsity.get("pv_threshold") is not None else "")
-    if note:
-        kernel += f" [{note}]"  # the record's kernel is what the report shows of a rewritten site
     return SiteParams(quant, pv, a["smooth_k"], a["smooth_q"] and sparsity is None, spec.name, kernel, sparsity,
                       note)
 

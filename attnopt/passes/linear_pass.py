@@ -206,12 +206,8 @@ def _is_view(n) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
 
 
-def _same(a, b) -> bool:
-    return known_eq(a, b)
-
-
 def _same_shape(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(known_eq(x, y) for x, y in zip(a, b))
 
 
 def _passthrough(n) -> bool:
@@ -220,7 +216,7 @@ def _passthrough(n) -> bool:
         return True
     if _is_view(n):
         si, so = _shape(n.args[0]), _shape(n)
-        return bool(si) and bool(so) and _same(si[-1], so[-1])
+        return bool(si) and bool(so) and known_eq(si[-1], so[-1])
     return False
 
 
@@ -426,7 +422,7 @@ def _layout_step(u: fx.Node, cur: fx.Node, st: _Heads, after_attention: bool) ->
             return None
         h, d = so[-2:] if nd_out >= 2 else (None, None)
         if (_is_view(u) and nd_out == nd_in + 1 and isinstance(h, int) and isinstance(d, int)
-                and _same_shape(si[:-1], so[:-2]) and _same(si[-1], h * d)):
+                and _same_shape(si[:-1], so[:-2]) and known_eq(si[-1], h * d)):
             st.axis, st.heads, st.head_dim = nd_out - 2, h, d
             return None
         return f"{_name(u)} before V's head split"
@@ -466,9 +462,9 @@ def _layout_step(u: fx.Node, cur: fx.Node, st: _Heads, after_attention: bool) ->
         if lead < 0:
             return f"{_name(u)}: unexpected shape"
         for i in range(nd_in):
-            if _same(si[i], so[i + lead]):
+            if known_eq(si[i], so[i + lead]):
                 continue
-            if i == st.axis + 1 and _same(si[i], 1) and isinstance(so[i + lead], int) and st.group_axis is None:
+            if i == st.axis + 1 and known_eq(si[i], 1) and isinstance(so[i + lead], int) and st.group_axis is None:
                 st.group_axis, st.group = i + lead, so[i + lead]  # repeat_kv: [B, Hkv, 1, N, D] -> [B, Hkv, G, N, D]
             elif i in (st.axis, last):
                 return f"{_name(u)} broadcasts V's heads"
@@ -510,7 +506,7 @@ def _attention_step(u: fx.Node, cur: fx.Node, st: _Heads) -> str | None:
         st.rep *= hq // hv
         return None
     a, b = u.args[:2]
-    if b is not cur or a is cur or st.axis >= nd - 2 or not _same_shape(si[:-2], so[:-2]) or not _same(si[-1], so[-1]):
+    if b is not cur or a is cur or st.axis >= nd - 2 or not _same_shape(si[:-2], so[:-2]) or not known_eq(si[-1], so[-1]):
         return f"{_name(u)} is not P @ V with V's heads as a batch axis"
     return None
 
@@ -568,7 +564,7 @@ def _strict_v_path(v: LinearSite, by_x: dict) -> SmoothGroup | str:
         o = by_x.get(cur)
         if merged and o is not None and o.node is u:
             hq = st.heads * st.rep
-            if not _same(_shape(cur)[-1], hq * st.head_dim):
+            if not known_eq(_shape(cur)[-1], hq * st.head_dim):
                 return f"o_proj reads {_shape(cur)[-1]} channels, the heads give {hq} x {st.head_dim}"
             c = torch.arange(hq * st.head_dim)  # o input channel h * D + d reads v channel (h // rep) * D + d
             cmap = (c // st.head_dim // st.rep) * st.head_dim + c % st.head_dim
