@@ -22,6 +22,7 @@ Mask semantics (shared with the kernels):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -207,34 +208,9 @@ def attention_reference(
 
     raw = (q, k, v)  # the caller's tensors: their non-finite entries mark output rows at the end
     q, k, v = (finite_or_zero(t).to(t.dtype) for t in (q, k, v))
-    qf = q.float() * (scale * LOG2E)
-    kf = k.float()
-    kmean = kf.mean(dim=-2, keepdim=True)
-    if smooth_k:
-        kf = kf - kmean
-
-    corr_rows = None
-    if quant == "none":
-        qs16 = pv_dtype_for(q.dtype)
-        q_deq = q.to(qs16).float()
-        k_deq = k.to(qs16).float()
-        qk_scale = scale * LOG2E
-    else:
-        q_in = qf
-        if smooth_q:
-            qmean = block_mean(qf, Q_GRAN)  # [B, Hq, nbq, D]
-            q_in = qf - qmean.repeat_interleave(Q_GRAN, dim=-2)[..., :nq, :]
-            corr_rows = qmean.repeat_interleave(Q_GRAN, dim=-2)[..., :nq, :]  # per-row qbar
-        if quant == "fp4":  # NVFP4: groups of 16 along D, outer scale per block of rows
-            q_deq = nvfp4.fake_quantize_rows(q_in, Q_GRAN)
-            k_deq = nvfp4.fake_quantize_rows(kf, K_GRAN)
-        else:
-            q_q, q_s = quantize_rows(q_in, Q_GRAN, quant)
-            k_q, k_s = quantize_rows(kf, K_GRAN, quant)
-            # Exact in fp32: int8 products summed over D <= 1040 stay below 2**24.
-            q_deq = q_q.float() * rows_scale(q_s, Q_GRAN, nq)[..., None]
-            k_deq = k_q.float() * rows_scale(k_s, K_GRAN, nk)[..., None]
-        qk_scale = 1.0
+    ops = quantized_operands(q, k, v, scale, quant, pv, smooth_k, smooth_q)
+    q_deq, k_deq, kf, kmean, corr_rows, qk_scale = ops.q, ops.k, ops.k_smooth, ops.k_mean, ops.q_bar, ops.qk_scale
+    v_op, v_scale, v_mean = ops.v, ops.v_scale, ops.v_mean
 
     g = hq // hkv
     q_rows = _fold_gqa(q_deq, hkv)  # [B, Hkv, G*Nq, D]
@@ -242,20 +218,6 @@ def attention_reference(
     bias = _fold_gqa(_full_mask(attn_bias, b, hq, nq, nk), hkv)
     keep = _fold_gqa(_full_mask(keep_mask, b, hq, nq, nk), hkv)
 
-    if pv in ("fp8", "fp4"):
-        vf = v.float()
-        v_mean = vf.mean(dim=-2, keepdim=True)  # V smoothing: O = P (V - vbar) + vbar, exact
-        vs = vf - v_mean
-        if pv == "fp4":  # per-channel outer scale, e4m3 scales per 16 keys: the P.V reduction dim
-            v_op, v_scale = nvfp4.quantize_v(vs)
-        else:
-            amax = vs.abs().amax(dim=-2, keepdim=True)
-            v_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-            v_op = (vs / v_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    elif pv == "fp16":
-        v_op = v.to(pv_dtype_for(v.dtype)).float()
-    else:
-        raise ValueError(f"unknown pv format {pv!r}")
     v_all_mean = v.float().mean(dim=-2, keepdim=True)  # [B, Hkv, 1, Dv]
 
     rows_total = g * nq
@@ -273,11 +235,7 @@ def attention_reference(
                            masked_value, is_causal, causal_offset)
         m, l, acc = _online_softmax_pv(s, v_op, pv, pv_dtype_for(v.dtype), block_n or max(nk, 1))
         empty = torch.isneginf(m)  # row with no kept key and -inf fill
-        o = acc / torch.where(l > 0, l, torch.ones_like(l))
-        if pv == "fp8":
-            o = o * (v_scale / FP8_MAX) + v_mean
-        elif pv == "fp4":
-            o = o * (v_scale / nvfp4.P_SCALE) + v_mean
+        o = unscale_pv(acc / torch.where(l > 0, l, torch.ones_like(l)), pv, v_scale, v_mean)
         o = torch.where(empty, torch.zeros_like(o), o)
         if masked_value != -math.inf:
             # A row whose every key is masked with a finite value: eager softmax is uniform.
@@ -298,6 +256,88 @@ def attention_reference(
     return o, lse
 
 
+@dataclass
+class Operands:
+    """Q, K and V as the kernels multiply them (dequantized to fp32), and what undoes their scaling."""
+
+    q: torch.Tensor  # [B, Hq, Nq, D], scale * log2(e) folded in unless quant is "none"
+    k: torch.Tensor  # [B, Hkv, Nk, D]
+    qk_scale: float  # applied to Q.K^T after the dot (the 16-bit path's scale * log2(e))
+    k_smooth: torch.Tensor  # K minus its token mean (if smoothed), fp32
+    k_mean: torch.Tensor  # [B, Hkv, 1, D]
+    q_bar: torch.Tensor | None  # per-row block mean of Q (Q smoothing): its QK^T term is added back
+    v: torch.Tensor  # [B, Hkv, Nk, Dv]: 16-bit V, or smoothed V over its per-channel scale (8 / 4 bit)
+    v_scale: torch.Tensor | None  # [B, Hkv, 1, Dv]
+    v_mean: torch.Tensor | None  # [B, Hkv, 1, Dv]
+
+
+def quantized_operands(q, k, v, scale: float, quant: str, pv: str, smooth_k: bool, smooth_q: bool) -> Operands:
+    """The quantization grid of algorithms.md 1.1-1.3 (inputs already finite): per-block INT8 / FP8
+    or NVFP4 Q (scale * log2(e) folded, optionally block-smoothed) and K (token mean subtracted);
+    V in 16 bits, or smoothed and per-channel scaled to FP8 / NVFP4."""
+    nq, nk = q.shape[2], k.shape[2]
+    qf = q.float() * (scale * LOG2E)
+    kf = k.float()
+    kmean = kf.mean(dim=-2, keepdim=True)
+    if smooth_k:
+        kf = kf - kmean
+    corr_rows = None
+    if quant == "none":
+        qs16 = pv_dtype_for(q.dtype)
+        q_deq, k_deq, qk_scale = q.to(qs16).float(), k.to(qs16).float(), scale * LOG2E
+    else:
+        q_in = qf
+        if smooth_q:
+            qmean = block_mean(qf, Q_GRAN)  # [B, Hq, nbq, D]
+            corr_rows = qmean.repeat_interleave(Q_GRAN, dim=-2)[..., :nq, :]  # per-row qbar
+            q_in = qf - corr_rows
+        if quant == "fp4":  # NVFP4: groups of 16 along D, outer scale per block of rows
+            q_deq = nvfp4.fake_quantize_rows(q_in, Q_GRAN)
+            k_deq = nvfp4.fake_quantize_rows(kf, K_GRAN)
+        else:
+            q_q, q_s = quantize_rows(q_in, Q_GRAN, quant)
+            k_q, k_s = quantize_rows(kf, K_GRAN, quant)
+            # Exact in fp32: int8 products summed over D <= 1040 stay below 2**24.
+            q_deq = q_q.float() * rows_scale(q_s, Q_GRAN, nq)[..., None]
+            k_deq = k_q.float() * rows_scale(k_s, K_GRAN, nk)[..., None]
+        qk_scale = 1.0
+    v_scale = v_mean = None
+    if pv in ("fp8", "fp4"):
+        vf = v.float()
+        v_mean = vf.mean(dim=-2, keepdim=True)  # V smoothing: O = P (V - vbar) + vbar, exact
+        vs = vf - v_mean
+        if pv == "fp4":  # per-channel outer scale, e4m3 scales per 16 keys: the P.V reduction dim
+            v_op, v_scale = nvfp4.quantize_v(vs)
+        else:
+            amax = vs.abs().amax(dim=-2, keepdim=True)
+            v_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+            v_op = (vs / v_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    elif pv == "fp16":
+        v_op = v.to(pv_dtype_for(v.dtype)).float()
+    else:
+        raise ValueError(f"unknown pv format {pv!r}")
+    return Operands(q_deq, k_deq, qk_scale, kf, kmean, corr_rows, v_op, v_scale, v_mean)
+
+
+def round_p(p: torch.Tensor, pv: str, p16: torch.dtype) -> torch.Tensor:
+    """Softmax numerators (<= 1, against the running max) as the P.V dot reads them: 16-bit,
+    FP8 scaled to [0, 448], or NVFP4 scaled by 448 * 6 (undone by unscale_pv)."""
+    if pv == "fp8":
+        return (p * FP8_MAX).to(torch.float8_e4m3fn).float()
+    if pv == "fp4":
+        return nvfp4.quantize_p(p)
+    return p.to(p16).float()
+
+
+def unscale_pv(o: torch.Tensor, pv: str, v_scale, v_mean) -> torch.Tensor:
+    """Normalized P.V -> output: undo P's and V's 8 / 4-bit scales and add V's mean back."""
+    if pv == "fp8":
+        return o * (v_scale / FP8_MAX) + v_mean
+    if pv == "fp4":
+        return o * (v_scale / nvfp4.P_SCALE) + v_mean
+    return o
+
+
 def _online_softmax_pv(s, v_op, pv: str, p16: torch.dtype, block_n: int):
     """Softmax(s) . V over key tiles of `block_n`, as the kernels run it (exp2 domain): returns
     the final row max m, the row sum l and the unnormalized fp32 accumulator.
@@ -316,13 +356,7 @@ def _online_softmax_pv(s, v_op, pv: str, p16: torch.dtype, block_n: int):
         p = torch.exp2(sb - m_safe)
         alpha = torch.exp2(m - m_safe)
         l = l * alpha + p.sum(dim=-1, keepdim=True)
-        if pv == "fp8":
-            p_op = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
-        elif pv == "fp4":
-            p_op = nvfp4.quantize_p(p)
-        else:
-            p_op = p.to(p16).float()
-        acc = acc * alpha + torch.matmul(p_op, v_op[..., c0:c0 + block_n, :])
+        acc = acc * alpha + torch.matmul(round_p(p, pv, p16), v_op[..., c0:c0 + block_n, :])
         m = m_new
     return m, l, acc
 

@@ -365,9 +365,8 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     """Tile by tile in LUT order, as the kernel runs, skipping P.V of tiles far below the running max.
     Step t takes every (batch, head, q-block)'s t-th listed kv-block at once: one batched matmul
     per step instead of one per tile, so calibration can afford it on a CPU."""
-    from . import nvfp4
-    from .attention_ref import (FP8_MAX, K_GRAN, Q_GRAN, _full_mask, _log2_logit, finite_or_zero, poison,
-                                pv_dtype_for, quantize_rows, rows_scale)
+    from .attention_ref import (_full_mask, _log2_logit, finite_or_zero, poison, pv_dtype_for,
+                                quantized_operands, round_p, unscale_pv)
 
     q_in, k_in, v_in = q, k, v
     q, k, v = (finite_or_zero(t).to(t.dtype) for t in (q, k, v))
@@ -375,36 +374,12 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     lut, counts = block_mask_to_lut(block_keep, nq, nk, is_causal, causal_offset)
-    kf = k.float()
-    if smooth_k and quant != "none":
-        kf = kf - kf.mean(dim=-2, keepdim=True)
-    if quant == "none":
-        dt = pv_dtype_for(q.dtype)
-        qd, kd = q.to(dt).float() * (scale * LOG2E), k.to(dt).float()
-    elif quant == "fp4":
-        qd = nvfp4.fake_quantize_rows(q.float() * (scale * LOG2E), Q_GRAN)
-        kd = nvfp4.fake_quantize_rows(kf, K_GRAN)
-    else:
-        qq, qs = quantize_rows(q.float() * (scale * LOG2E), Q_GRAN, quant)
-        kq, ks = quantize_rows(kf, K_GRAN, quant)
-        qd = qq.float() * rows_scale(qs, Q_GRAN, nq)[..., None]
-        kd = kq.float() * rows_scale(ks, K_GRAN, nk)[..., None]
-    vf = v.float()
-    vmean_all = vf.mean(dim=-2)
-    if pv == "fp8":
-        vmean = vmean_all[:, :, None]
-        amax = (vf - vmean).abs().amax(dim=-2, keepdim=True)
-        vscale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        vd = ((vf - vmean) / vscale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    elif pv == "fp4":
-        vmean = vmean_all[:, :, None]
-        vd, vscale = nvfp4.quantize_v(vf - vmean)
-    else:
-        vd = v.to(pv_dtype_for(v.dtype)).float()
+    ops = quantized_operands(q, k, v, scale, quant, pv, smooth_k, False)
+    vmean_all = v.float().mean(dim=-2)
     fill = _log2_logit(float(masked_value))
     lam = per_head(pv_threshold, hq, q.device)
     nqb, nkb = n_blocks(nq, BQ), n_blocks(nk, BK)
-    tiles = _Tiles(qd, kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1), nqb, nkb)
+    tiles = _Tiles(ops.q, ops.k.repeat_interleave(g, 1), ops.v.repeat_interleave(g, 1), nqb, nkb)
     bias_t = None if bias is None else tiles.grid(_log2_logit(_full_mask(bias, b, hq, nq, nk)), 0.0)
     keep_t = None if keep_mask is None else tiles.grid(_full_mask(keep_mask, b, hq, nq, nk), True)
     rows = (torch.arange(nqb, device=q.device)[:, None] * BQ + torch.arange(BQ, device=q.device))  # [nqb, BQ]
@@ -418,7 +393,7 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
         active = counts[..., 1] > t  # [B, H, nqb]
         col = lut[..., t].long()
         cols = col[..., None] * BK + torch.arange(BK, device=q.device)  # [B, H, nqb, BK]
-        s = tiles.qk(col)  # [B, H, nqb, BQ, BK], log2 units
+        s = tiles.qk(col) * ops.qk_scale  # [B, H, nqb, BQ, BK], log2 units
         if bias_t is not None:
             s = s + tiles.pick(bias_t, col)
         if keep_t is not None:
@@ -435,21 +410,15 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
         m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp2(s - m_safe[..., None])
         alpha = torch.exp2(m - m_safe)
-        if pv == "fp8":
-            pp = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
-        elif pv == "fp4":
-            pp = nvfp4.quantize_p(p)
-        else:
-            pp = p.to(pv_dtype_for(v.dtype)).float()
+        pp = round_p(p, pv, pv_dtype_for(v.dtype))
         g4 = go[..., None]
         l = torch.where(g4, l * alpha + p.sum(-1), l)
         acc = torch.where(g4[..., None], acc * alpha[..., None] + pp @ tiles.v(col), acc)
         m = torch.where(g4, m_new, m)
     o = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
     hk = torch.arange(hq, device=q.device) // g
-    if pv in ("fp8", "fp4"):
-        vsc = vscale[:, hk][:, :, None]  # [B, H, 1, 1, Dv]
-        o = o * (vsc / (FP8_MAX if pv == "fp8" else nvfp4.P_SCALE)) + vmean[:, hk][:, :, None]
+    if pv in ("fp8", "fp4"):  # [B, Hkv, 1, Dv] -> [B, H, 1, 1, Dv]
+        o = unscale_pv(o, pv, ops.v_scale[:, hk][:, :, None], ops.v_mean[:, hk][:, :, None])
     if masked_value != -math.inf:
         o = torch.where((m <= fill)[..., None], vmean_all[:, hk][:, :, None, None], o)
     else:
