@@ -12,9 +12,12 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    elif os.environ["TRITON_INTERPRET"] == "1":  # GPU tests are about the compiled kernels
+        skip = pytest.mark.skip(reason="GPU tests run compiled kernels: run them with TRITON_INTERPRET=0")
+    else:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

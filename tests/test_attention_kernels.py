@@ -20,8 +20,8 @@ from helpers import rel_l1
 BOUND_EXACT = {("int8", "fp16"): 0.02, ("int8", "fp8"): 0.05, ("fp8", "fp16"): 0.05, ("fp8", "fp8"): 0.07,
                ("none", "fp16"): 0.005}
 # kernel vs reference op run with the kernel's key tile (the same online softmax): they differ in
-# fp32 summation order, and in the rare value on a rounding boundary that falls the other way
-BOUND_REF = {"fp16": 1e-4, "fp8": 1e-3}
+# fp32 summation order only (~1e-6; the interpreter's e4m3 casts round ties to even, as the GPU)
+BOUND_REF = {"fp16": 1e-4, "fp8": 1e-4}
 
 
 def qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float16):
@@ -95,9 +95,10 @@ def test_gqa_maps_heads_without_copies():
     check(got, ref, exact)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("quant,pv", sorted(BOUND_EXACT))
-def test_formats(quant, pv):
-    check(*run(*qkv(1, 2, 2, 200, 200, 64), quant=quant, pv=pv, causal=True), quant=quant, pv=pv)
+def test_formats(quant, pv, dtype):
+    check(*run(*qkv(1, 2, 2, 200, 200, 64, dtype=dtype), quant=quant, pv=pv, causal=True), quant=quant, pv=pv)
 
 
 def test_k_channel_bias_is_smoothed():

@@ -18,13 +18,17 @@ EMULATE = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def to_e4m3(x, EMULATE: tl.constexpr):
-    """fp32 within [-448, 448] -> float8e4nv, rounding to nearest."""
+    """fp32 within [-448, 448] -> float8e4nv, rounding to nearest, ties to even (as the hardware)."""
     if EMULATE:
         ax = tl.abs(x)
         e = tl.floor(tl.log2(tl.maximum(ax, 1e-30)))
         e = tl.maximum(e, -6.0)  # subnormals: fixed step 2**-9
         step = tl.exp2(e - 3.0)
-        r = tl.floor(ax / step + 0.5) * step
+        u = ax / step  # exact: step is a power of two
+        f = tl.floor(u)
+        half = u - f
+        odd = f - 2.0 * tl.floor(f * 0.5)
+        r = tl.where((half > 0.5) | ((half == 0.5) & (odd == 1.0)), f + 1.0, f) * step  # ties to even
         r = tl.minimum(r, 448.0)
         x = tl.where(x < 0, -r, r)
     return x.to(tl.float8e4nv)
@@ -52,3 +56,13 @@ def store_cast(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     if EMULATE and DTYPE == tl.bfloat16:
         x = round_bf16(x)
     return x.to(DTYPE)
+
+
+@triton.jit
+def dot_8_16bit(a, b, EMULATE: tl.constexpr):
+    """fp32-accumulated dot of fp8 / 16-bit tiles. The interpreter has no numpy type for bf16 or
+    e4m3 (bf16 dots come out garbage, fp8 ones accumulate in fp16): under EMULATE the operands go
+    up to fp32, where every such value and every product is exact, as the tensor cores compute."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..casts import store_cast, to_16bit, to_e4m3
+from ..casts import dot_8_16bit, store_cast, to_16bit, to_e4m3
 from ..microscaling import fp4_dot, quantize_groups
 
 
@@ -102,7 +102,7 @@ def _attn_step(
         kg = tl.load(KG_ptrs + start_n * stride_kgn, mask=kvalid[:, None], other=0.0)
         s = fp4_dot(q, qg, k, kg, BLOCK_M, BLOCK_D, BLOCK_N, EMULATE)
     else:
-        s = tl.dot(q, k)
+        s = dot_8_16bit(q, k, EMULATE)
     if QK_FMT != 2:
         ks = tl.load(KS_ptrs + cols // K_GRAN, mask=kvalid, other=1.0)
         s = s * qs[:, None] * ks[None, :]
@@ -145,7 +145,7 @@ def _attn_step(
             vg = tl.load(VG_ptrs + start_n // 16)
             acc += fp4_dot(pq, pg, v, vg, BLOCK_M, BLOCK_N, BLOCK_DV, EMULATE)  # fresh fp32 tile, then added
         elif PV_FP8:
-            acc += tl.dot(to_e4m3(p * 448.0, EMULATE), v)  # fresh fp32 tile, then added
+            acc += dot_8_16bit(to_e4m3(p * 448.0, EMULATE), v, EMULATE)  # fresh fp32 tile, then added
         else:
             acc = tl.dot(to_16bit(p, PV_DTYPE, EMULATE), to_16bit(v, PV_DTYPE, EMULATE), acc)
         m_i = m_new

@@ -1,0 +1,152 @@
+"""Compiled Triton kernels on a GPU (skipped without CUDA), against float64 and the reference op.
+
+The CPU tests run every kernel through Triton's interpreter, which cannot see what only compiled
+code gets wrong: register layouts, tensor descriptors (TMA), autotuned tiles, hardware fp8
+conversions. These run the same cases compiled for the GPU's own arch row, outputs poisoned
+first. Run with the interpreter off: `TRITON_INTERPRET=0 python -m pytest -m gpu`.
+"""
+
+import math
+
+import pytest
+import torch
+
+import attnopt
+from attnopt.codegen.arch import ARCHS, detect_arch
+from attnopt.codegen.attention.launch import attention_triton
+from attnopt.codegen.linear.w4a16 import linear_w4a16_triton
+from attnopt.codegen.linear.w8a8 import linear_8bit_triton
+from attnopt.ops import linear_ref as L
+from attnopt.ops.attention_ref import attention_exact
+from attnopt.ops.sparse_ref import block_mask_to_lut, sparse_attention_reference
+
+from helpers import rel_l1
+
+pytestmark = pytest.mark.gpu
+
+ARCH = detect_arch("cuda") if torch.cuda.is_available() else "sm80"
+SPEC = ARCHS[ARCH]
+# rel-L1 against float64 (standard-normal inputs), per (QK^T, P.V) format
+BOUND_EXACT = {("int8", "fp16"): 0.02, ("int8", "fp8"): 0.05, ("fp8", "fp16"): 0.05, ("fp8", "fp8"): 0.07,
+               ("fp4", "fp4"): 0.2, ("none", "fp16"): 0.005}
+# against the reference op on the same inputs: the autotuner may pick another key tile than the
+# reference's, so the online softmax sums in another order
+BOUND_REF = {"fp16": 5e-3, "fp8": 2e-2, "fp4": 5e-2}
+
+
+def formats():
+    out = [("int8", "fp16"), ("none", "fp16")]
+    out += [(q, p) for q, p in (("int8", "fp8"), ("fp8", "fp8"), ("fp4", "fp4")) if SPEC.supports(q, p) is None]
+    return out
+
+
+def qkv(b, hq, hkv, nq, nk, d, dtype=torch.bfloat16):
+    return (torch.randn(b, hq, nq, d, device="cuda", dtype=dtype), torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype),
+            torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype))
+
+
+def launch(q, k, v, quant, pv, bias=None, keep=None, causal=False, use_tma=None, lut=None, counts=None):
+    scale = 1 / math.sqrt(q.shape[-1])
+    out = torch.full((*q.shape[:3], v.shape[-1]), float("nan"), dtype=q.dtype, device="cuda")
+    got = attention_triton(q, k, v, bias, keep, -math.inf, causal, 0, scale, quant, pv, True, False, ARCH,
+                           out=out, use_tma=use_tma, lut=lut, counts=counts)
+    torch.cuda.synchronize()
+    assert got is out and not torch.isnan(got).any(), "kernel left elements unwritten"
+    return got
+
+
+def check(got, q, k, v, quant, pv, bias=None, keep=None, causal=False):
+    exact = attention_exact(q.double(), k.double(), v.double(), bias, keep, -math.inf, causal, 0,
+                            1 / math.sqrt(q.shape[-1]))
+    ref = torch.ops.attnopt.attention(q, k, v, bias, keep, -math.inf, causal, 0, 1 / math.sqrt(q.shape[-1]),
+                                      quant, pv, True, False, ARCH, "reference")
+    assert rel_l1(got, exact) <= BOUND_EXACT[(quant, pv)]
+    assert rel_l1(got, ref) <= BOUND_REF[pv]
+
+
+@pytest.mark.parametrize("quant,pv", formats())
+@pytest.mark.parametrize("n", [1, 77, 200, 333, 4096])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_formats_lengths_causal(quant, pv, n, causal):
+    q, k, v = qkv(2, 4, 4, n, n, 128)
+    check(launch(q, k, v, quant, pv, causal=causal), q, k, v, quant, pv, causal=causal)
+
+
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 160, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_head_dims_and_dtypes(d, dtype):
+    q, k, v = qkv(1, 4, 4, 333, 333, d, dtype)
+    check(launch(q, k, v, "int8", "fp16"), q, k, v, "int8", "fp16")
+
+
+@pytest.mark.parametrize("quant,pv", formats())
+def test_gqa_cross_attention_and_masks(quant, pv):
+    q, k, v = qkv(2, 8, 2, 200, 777, 64)
+    keep = torch.rand(2, 1, 200, 777, device="cuda") > 0.3
+    bias = torch.randn(1, 8, 1, 777, device="cuda", dtype=q.dtype)
+    for kw in ({}, {"keep": keep}, {"bias": bias}):
+        check(launch(q, k, v, quant, pv, **kw), q, k, v, quant, pv, **kw)
+
+
+@pytest.mark.skipif(not SPEC.tma, reason="tensor descriptors (TMA) are sm90+")
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_and_pointer_paths_agree(causal):
+    q, k, v = qkv(2, 4, 4, 1000, 1000, 128)
+    with_tma = launch(q, k, v, "int8", SPEC.pv_auto, causal=causal, use_tma=True)
+    without = launch(q, k, v, "int8", SPEC.pv_auto, causal=causal, use_tma=False)
+    check(with_tma, q, k, v, "int8", SPEC.pv_auto, causal=causal)
+    assert rel_l1(with_tma, without) <= 1e-3
+
+
+def test_fully_masked_rows_are_zero():
+    q, k, v = qkv(1, 2, 2, 128, 128, 64)
+    keep = torch.ones(1, 1, 128, 128, dtype=torch.bool, device="cuda")
+    keep[..., 5, :] = False
+    got = launch(q, k, v, "int8", "fp16", keep=keep)
+    assert (got[..., 5, :] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_kernel_matches_the_sparse_reference(causal):
+    q, k, v = qkv(1, 4, 2, 1000, 1000, 128)
+    nqb, nkb = -(-1000 // 128), -(-1000 // 64)
+    keep = torch.rand(1, 4, nqb, nkb, device="cuda") > 0.5
+    keep[..., 0] = True
+    lut, counts = block_mask_to_lut(keep, 1000, 1000, causal, 0)
+    got = launch(q, k, v, "int8", "fp16", causal=causal, lut=lut, counts=counts)
+    ref = sparse_attention_reference(q, k, v, keep, None, None, -math.inf, causal, 0, 1 / math.sqrt(128),
+                                     "int8", "fp16", True)
+    assert rel_l1(got, ref) <= BOUND_REF["fp16"]
+
+
+def test_public_function_picks_the_kernels():
+    q, k, v = qkv(2, 8, 2, 1024, 1024, 128)
+    got = attnopt.attention(q, k, v, is_causal=True, enable_gqa=True)
+    exact = attention_exact(q.double(), k.double(), v.double(), is_causal=True)
+    assert rel_l1(got, exact) <= BOUND_EXACT[("int8", SPEC.pv_auto)]
+
+
+@pytest.mark.parametrize("fmt", [f for f in ("int8", "fp8") if ("w8a8" if f == "int8" else "fp8") in SPEC.linear_formats])
+@pytest.mark.parametrize("m", [1, 16, 77, 4096])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_8bit_gemm(fmt, m, dtype):
+    x = torch.randn(m, 1000, device="cuda", dtype=dtype)
+    w = torch.randn(3000, 1000, device="cuda") * 0.05
+    b = torch.randn(3000, device="cuda", dtype=dtype)
+    wq, ws = L.quantize_weight(w, fmt)
+    out = linear_8bit_triton(x, wq, ws, b, fmt, ARCH)
+    assert out.dtype == dtype and not torch.isnan(out).any()
+    assert rel_l1(out, L.linear_w8a8_ref(x, wq, ws, b, fmt)) <= 2e-3
+    assert rel_l1(out, x.double() @ w.double().T + b.double()) <= (0.01 if fmt == "int8" else 0.03)
+
+
+@pytest.mark.parametrize("m", [1, 16, 77, 4096])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w4a16_gemm(m, dtype):
+    x = torch.randn(m, 1024, device="cuda", dtype=dtype)
+    w = torch.randn(3000, 1024, device="cuda") * 0.05
+    pk, sc, zr = L.quantize_weight_int4(w)
+    out = linear_w4a16_triton(x, pk, sc, zr, None)
+    assert out.dtype == dtype and not torch.isnan(out).any()
+    assert rel_l1(out, L.linear_w4a16_ref(x, pk, sc, zr, None)) <= 2e-3
+    assert rel_l1(out, x.double() @ w.double().T) <= 0.12
