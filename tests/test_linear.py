@@ -51,7 +51,7 @@ def test_8bit_reference_and_kernel(fmt, bound, m):
     assert rel_l1(ref, exact(x, w, b)) <= bound
     out = linear_8bit_triton(x, wq, ws, b, fmt, "cpu")
     assert out.dtype == x.dtype and out.shape == (m, 96)
-    assert rel_l1(out, ref) <= 2e-3
+    assert rel_l1(out, ref) <= 1e-5  # same arithmetic; fp32 summation order only
 
 
 def test_weight_quantization_grid():
@@ -77,7 +77,7 @@ def test_w4a16_reference_and_kernel(dtype, m):
     ref = L.linear_w4a16_ref(x, pk, sc, zr, None)
     assert rel_l1(ref, exact(x, w)) <= 0.12  # 4-bit weights on random normal data: step ~ sigma / 3
     out = linear_w4a16_triton(x, pk, sc, zr, None)
-    assert out.dtype == dtype and rel_l1(out, ref) <= 2e-3
+    assert out.dtype == dtype and rel_l1(out, ref) <= 1e-5
 
 
 def test_bf16_activations_beyond_fp16_range():
