@@ -54,6 +54,17 @@ def test_8bit_reference_and_kernel(fmt, bound, m):
     assert rel_l1(out, ref) <= 1e-5  # same arithmetic; fp32 summation order only
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_weight_only_path_covers_every_row_when_min_m_is_raised(fmt):
+    """linear.min_m above 16 sends up to min_m - 1 rows down the weight-only path: all written."""
+    x = torch.randn(40, 200).bfloat16()
+    w = torch.randn(96, 200) * 0.05
+    wq, ws = L.quantize_weight(w, fmt)
+    ref = L.linear_w8a8_ref(x, wq, ws, None, fmt, 64)
+    out = linear_8bit_triton(x, wq, ws, None, fmt, "cpu", small_m=64)
+    assert rel_l1(out, ref) <= 1e-5 and rel_l1(out[16:], ref[16:]) <= 1e-5
+
+
 def test_weight_quantization_grid():
     w = torch.randn(64, 300)
     wq, ws = L.quantize_weight(w, "int8")
@@ -130,6 +141,35 @@ def test_smoothing_folds_exactly_in_fp64():
         ref = model(x)
     assert (out - ref).abs().max() <= 1e-9 * ref.abs().max()
     assert report.summary["e2e"]["rel_l1"] <= 1e-9
+
+
+class ModuleNorms(nn.Module):
+    """nn.RMSNorm -> q/k (Dynamo records torch.rms_norm), F.rms_norm -> up."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.rms = nn.RMSNorm(d, eps=1e-6)
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+        self.w = nn.Parameter(torch.rand(d) + 0.5)
+        self.up = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.rms(x)
+        a = self.q(h) * self.k(h)
+        return self.up(F.rms_norm(a, (a.shape[-1],), self.w, 1e-6))
+
+
+def test_module_rmsnorm_and_functional_rmsnorm_fold_exactly_in_fp64():
+    model = ModuleNorms().double().eval()
+    with torch.no_grad():
+        model.rms.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 13, 64, dtype=torch.float64)
+    opts = {"linear": {"quant": "none", "smooth": {"alpha": 0.5}}, "plan": _stats_plan(model)}
+    out, sites = _compiled(model, opts, x)
+    norms = {s.module: s for s in sites if s.kind == "norm"}
+    assert {m for m, s in norms.items() if s.status == "rewritten"} == {"rms", ""}, norms
+    with torch.no_grad():
+        assert rel_l1(out, model(x)) <= 1e-9
 
 
 def test_relu_chain_and_addmm_forms_fold_exactly_in_fp64():

@@ -265,12 +265,12 @@ def _norm_kind(n: fx.Node, params: dict) -> tuple[str, fx.Node, fx.Node | None] 
     def p1(w):
         return w in params and params[w].dim() == 1
 
-    if n.target is torch.nn.functional.layer_norm:
+    if n.target in (torch.nn.functional.layer_norm, torch.layer_norm):
         w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
         b = n.args[3] if len(n.args) > 3 else n.kwargs.get("bias")
         if p1(w) and (b is None or p1(b)):
             return "layernorm", w, b
-    if n.target is torch.nn.functional.rms_norm:
+    if n.target in (torch.nn.functional.rms_norm, torch.rms_norm):  # nn.RMSNorm reaches Dynamo as the latter
         w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
         if p1(w):
             return "rmsnorm", w, None

@@ -97,7 +97,7 @@ def _wonly_kernel(X, stride_xm, stride_xk, W, stride_wn, stride_wk, WS, P, strid
     """Small M: partial sums of x (16-bit) and the dequantized 8-bit weight over one K split."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -165,7 +165,7 @@ def _weight_only(x2, wq, ws, bias, out):
     per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, per_split)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device)
-    wrap_triton(_wonly_kernel)[(triton.cdiv(n, block_n), splits)](
+    wrap_triton(_wonly_kernel)[(triton.cdiv(n, block_n), splits, triton.cdiv(m, 16))](
         x2, x2.stride(0), x2.stride(1), wq, wq.stride(0), wq.stride(1), ws, part, part.stride(0), part.stride(1),
         m, n, k, per_split, ACT=_act_dtype(x2), EMULATE=casts.EMULATE, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k)
     y = part.sum(dim=0)
