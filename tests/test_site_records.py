@@ -59,6 +59,25 @@ def test_graph_break_keys_unique_and_plan_reaches_second_graph():
     assert "sparse_method" not in by_key["#0"].details and by_key["#0"].status == "rewritten"
 
 
+def test_backend_by_name_keys_graphs_like_attnopt_backend(monkeypatch):
+    """backend="attnopt" (one fresh call per graph from Dynamo) keys a graph-broken model's sites
+    as attnopt.backend() and calibration do, so a plan entry for '#0@g1' reaches only that site."""
+    plan = {"schema_version": 1, "sites": {"#0@g1": {"kind": "attention", "sparsity": {"method": "window"}}}}
+    opts = {**OPTS, "plan": plan}
+    calls = []
+    real = attnopt.compiler.AttnoptBackend.__call__
+    monkeypatch.setattr(attnopt.compiler.AttnoptBackend, "__call__",
+                        lambda self, gm, inputs: calls.append(self) or real(self, gm, inputs))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(TwoGraphs(), backend="attnopt", options=opts)(_x())
+    assert len(calls) == 2 and calls[0] is calls[1], "one backend for both graphs of the compile call"
+    by_key = {s.key: s for s in calls[0].recorder.sites()}
+    assert sorted(by_key) == ["#0", "#0@g1"]
+    assert by_key["#0@g1"].details.get("sparse_method") == "window"
+    assert "sparse_method" not in by_key["#0"].details
+
+
 @pytest.fixture
 def attnopt_log():
     """Records of the attnopt logger at INFO (what TORCH_LOGS=attnopt would print)."""
