@@ -16,7 +16,10 @@ def _options(text: str | None):
         return None
     if os.path.isfile(text):
         with open(text) as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise SystemExit(_usage_error(f"--options file {text} is not valid JSON: {e}"))
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -36,7 +36,7 @@ def test_inspect_target_file(tmp_path, capsys):
     assert capsys.readouterr().out.count("rewritten") >= 2
 
 
-def test_bad_target_and_options_exit_2(capsys):
+def test_bad_target_and_options_exit_2(capsys, tmp_path):
     assert main(["inspect", "no_colon_here", "--quiet"]) == 2
     assert "TARGET" in capsys.readouterr().err
     assert main(["inspect", "/no/such/file.py:build", "--quiet"]) == 2
@@ -45,6 +45,11 @@ def test_bad_target_and_options_exit_2(capsys):
     assert main(["inspect", target, "--quiet", "--options", '{"attention": {"quant": "int4"}}']) == 2
     assert "attention.quant" in capsys.readouterr().err
     assert main(["inspect", target, "--quiet", "--options", "{not json"]) == 2
+    bad = tmp_path / "opts.json"
+    bad.write_text("{not json")
+    capsys.readouterr()
+    assert main(["inspect", target, "--quiet", "--options", str(bad)]) == 2
+    assert "opts.json is not valid JSON" in capsys.readouterr().err
 
 
 @pytest.fixture(autouse=True)
