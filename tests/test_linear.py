@@ -251,6 +251,10 @@ def test_w8a8_llama_all_linears_but_lm_head():
         assert s.details["weight_bytes_after"] < 0.6 * s.details["weight_bytes_before"]
         assert s.error["rel_l1"] < 0.02
     assert report.summary["e2e"]["rel_l1"] <= 0.05
+    before = sum(s.details["weight_bytes_before"] for s in rewritten)
+    after = sum(s.details["weight_bytes_after"] for s in rewritten)
+    line = next(x for x in str(report).splitlines() if x.startswith("linear weights rewritten:"))
+    assert "(14 sites, " in line and f"{after / before:.2f}x" in line, line
 
 
 def test_gpt2_conv1d_linears_are_captured():

@@ -31,6 +31,13 @@ def _fmt_flops(f) -> str:
     return str(int(f))
 
 
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 def natural_key(text: str) -> list:
     """'layers.2' before 'layers.10': digit runs compare as numbers."""
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
@@ -175,6 +182,12 @@ def render_table(report, width: int | None = None) -> str:
     lines.append(f"graphs: {sm.get('graphs', 0)}, graph breaks: {len(sm.get('graph_breaks', []))}"
                  f"; compile {sm.get('compile_time_s', 0):.2f}s (attnopt passes {sm.get('pass_time_s', 0):.3f}s)")
     lines += _breaks(sm, width)
+    quantized = [x.details for x in report.sites if x.status == "rewritten" and "weight_bytes_before" in x.details]
+    if quantized:
+        before = sum(d["weight_bytes_before"] for d in quantized)
+        after = sum(d["weight_bytes_after"] for d in quantized)
+        lines.append(f"linear weights rewritten: {_fmt_bytes(before)} -> {_fmt_bytes(after)} "
+                     f"({len(quantized)} sites, {after / max(before, 1):.2f}x)")
     if e2e:
         lines.append(f"end-to-end vs uncompiled model: rel-L1 {_fmt_err(e2e.get('rel_l1'))}, "
                      f"cos {_fmt_err(e2e.get('cos'))}, max abs {_fmt_err(e2e.get('max_abs'))}")
