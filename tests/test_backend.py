@@ -77,6 +77,10 @@ def test_pass_uuid_covers_options_and_arch():
     assert a == AttentionPass(PassContext(normalize_options({}))).uuid()
     assert a != AttentionPass(PassContext(normalize_options({"attention": {"pv": "fp8"}}))).uuid()
     assert a != AttentionPass(PassContext(normalize_options({"arch": "sm90"}))).uuid()
+    plans = [{"schema_version": 1, "sites": {"#0": {"kind": "attention", "sparsity": {"method": m}}}}
+             for m in ("window", "radial")]
+    with_plan = [AttentionPass(PassContext(normalize_options({"plan": p}))).uuid() for p in plans]
+    assert len({a, *with_plan}) == 3, "another plan never reuses a cached graph"
 
 
 def _compiled_code(be, *inputs):
