@@ -91,6 +91,16 @@ def test_w4a16_reference_and_kernel(dtype, m):
     assert out.dtype == dtype and rel_l1(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("m", [3, 40])
+def test_w4a16_kernel_with_bias(m):
+    x = torch.randn(m, 256).bfloat16()
+    w, b = torch.randn(72, 256) * 0.05, torch.randn(72).bfloat16()
+    pk, sc, zr = L.quantize_weight_int4(w)
+    out = linear_w4a16_triton(x, pk, sc, zr, b)
+    assert rel_l1(out, L.linear_w4a16_ref(x, pk, sc, zr, b)) <= 1e-5
+    assert rel_l1(out, exact(x, w, b)) <= 0.12
+
+
 def test_bf16_activations_beyond_fp16_range():
     x = (torch.randn(4, 128) * 1e5).bfloat16()  # would overflow fp16
     w = torch.randn(32, 128) * 0.05

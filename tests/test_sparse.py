@@ -333,6 +333,29 @@ def test_block_sparse_kernel_matches_reference(nq, nk, causal, offset, pv):
     assert rel_l1(ref, exact) <= (0.02 if pv == "fp16" else 0.05)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_kernel_with_user_masks(causal):
+    """A padding-style bool mask and an additive bias on top of the block table (GQA)."""
+    q, k, v = qkv(2, 4, 2, 200, 260, 64)
+    keep = torch.rand(2, 4, R.n_blocks(200, R.BQ), R.n_blocks(260, R.BK)) > 0.4
+    keep[..., 0] = True
+    lut, counts = R.block_mask_to_lut(keep, 200, 260, causal, 60)
+    pad = torch.ones(2, 1, 1, 260, dtype=torch.bool)
+    pad[1, ..., 230:] = False
+    bias = torch.randn(1, 4, 200, 260).to(q.dtype)
+    for kw in ({"keep_mask": pad}, {"attn_bias": bias}):
+        ref = R.sparse_attention_reference(q, k, v, keep, kw.get("attn_bias"), kw.get("keep_mask"), -math.inf,
+                                           causal, 60, 0.125, "int8", "fp16")
+        out = torch.full_like(ref, float("nan"))
+        attention_triton(q, k, v, kw.get("attn_bias"), kw.get("keep_mask"), -math.inf, causal, 60, 0.125, "int8",
+                         "fp16", True, False, "cpu", out=out, lut=lut, counts=counts)
+        assert not torch.isnan(out).any() and rel_l1(out, ref) <= 2e-3
+        elem = R.expand_block_mask(keep, 200, 260)
+        mask = torch.where(elem, 0.0, -math.inf) + (bias.float() if "attn_bias" in kw else 0.0)
+        exact = attention_exact(q, k, v, mask, kw.get("keep_mask"), -math.inf, causal, 60, 0.125)
+        assert rel_l1(out, exact) <= 0.02
+
+
 def test_all_blocks_kept_equals_dense():
     q, k, v = qkv(1, 2, 2, 300, 300, 64)
     keep = torch.ones(1, 2, 3, 5, dtype=torch.bool)
