@@ -160,6 +160,9 @@ def drive(arch: str, cap: _Capture) -> None:
         for m in (64, 4):
             cap.label = f"linear {fmt} M={m}"
             linear_8bit_triton(torch.randn(m, 512, dtype=torch.bfloat16), wq, ws, torch.randn(256), fmt, arch)
+        for t in spec.gemm_tiles[1:]:  # the GPU autotunes over every tile of the table
+            cap.label = f"linear {fmt} M=64 tile {t.block_m}x{t.block_n}x{t.block_k}"
+            linear_8bit_triton(torch.randn(64, 512, dtype=torch.bfloat16), wq, ws, None, fmt, arch, tile=t)
     pk, sc, zr = quantize_weight_int4(w)
     for dtype in (torch.float16, torch.bfloat16):
         for m in (64, 1):

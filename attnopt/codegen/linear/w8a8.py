@@ -12,6 +12,7 @@ The arithmetic is ops/linear_ref's.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -54,7 +55,7 @@ def _quant_act_kernel(X, stride_xm, stride_xk, XQ, stride_qm, XS, K,
 
 @triton.jit
 def _gemm_8bit_kernel(A, stride_am, stride_ak, B, stride_bn, stride_bk, C, stride_cm, stride_cn,
-                      AS, BS, BIAS, M, N, K,
+                      AS, BS, BIAS, M, N, K, M_BUCKET,
                       FMT: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -122,13 +123,19 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _gemm_tiles(arch: str) -> tuple[GemmTile, ...]:
-    return ARCHS[arch].gemm_tiles
+@functools.lru_cache(maxsize=None)
+def autotuned_gemm(arch: str):
+    """_gemm_8bit_kernel autotuned over the arch table's GEMM tiles, per power-of-two M bucket."""
+    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "GROUP_M": t.group_m},
+                             num_warps=t.warps, num_stages=t.stages) for t in ARCHS[arch].gemm_tiles]
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "FMT", "HAS_BIAS"])(_gemm_8bit_kernel)
 
 
 def linear_8bit_triton(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, fmt: str,
-                       arch: str, small_m: int = 16) -> torch.Tensor:
-    """y = x W^T + b, W 8-bit per channel; x quantized per token unless M <= small_m."""
+                       arch: str, small_m: int = 16, tile: GemmTile | None = None) -> torch.Tensor:
+    """y = x W^T + b, W 8-bit per channel; x quantized per token unless M <= small_m. On a GPU
+    the GEMM is autotuned over the arch's tiles; elsewhere (the interpreter, compile checks)
+    it runs the table's first tile, or `tile`."""
     shape = x.shape
     k = shape[-1]
     x2 = x.reshape(-1, k)
@@ -144,17 +151,31 @@ def linear_8bit_triton(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias
     wrap_triton(_quant_act_kernel)[(m,)](x2, x2.stride(0), x2.stride(1), xq, xq.stride(0), xs, k,
                                          BLOCK_K=min(1024, triton.next_power_of_2(k)),
                                          FMT=0 if fmt == "int8" else 1, EMULATE=casts.EMULATE)
-    tile = _gemm_tiles(arch)[0]
+    args = (xq, xq.stride(0), xq.stride(1), wq, wq.stride(0), wq.stride(1), out, out.stride(0), out.stride(1),
+            xs, ws, bias if bias is not None else ws, m, n, k, _bucket(m))
+    consts = dict(FMT=0 if fmt == "int8" else 1, HAS_BIAS=bias is not None, EMULATE=casts.EMULATE)
     if _interpreted():
         tile = GemmTile(32, 32, 32, 4, 1)
-    grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
-    wrap_triton(_gemm_8bit_kernel)[grid](
-        xq, xq.stride(0), xq.stride(1), wq, wq.stride(0), wq.stride(1), out, out.stride(0), out.stride(1),
-        xs, ws, bias if bias is not None else ws, m, n, k,
-        FMT=0 if fmt == "int8" else 1, HAS_BIAS=bias is not None, EMULATE=casts.EMULATE,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        num_warps=tile.warps, num_stages=tile.stages)
+    elif tile is None and x.device.type != "cuda":
+        tile = ARCHS[arch].gemm_tiles[0]
+    if tile is None:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        wrap_triton(autotuned_gemm(arch))[grid](*args, **consts)
+    else:
+        grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
+        wrap_triton(_gemm_8bit_kernel)[grid](*args, **consts, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                             BLOCK_K=tile.block_k, GROUP_M=tile.group_m, num_warps=tile.warps,
+                                             num_stages=tile.stages)
     return out.reshape(*shape[:-1], n)
+
+
+def _bucket(m) -> int:
+    """Autotune key: M's power-of-two bucket (a symbolic M uses its hint)."""
+    if not isinstance(m, int):
+        m = m.node.hint if m.node.hint is not None else 1
+    return triton.next_power_of_2(max(int(m), 1))
 
 
 def _weight_only(x2, wq, ws, bias, out):
