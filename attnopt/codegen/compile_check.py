@@ -167,7 +167,7 @@ def drive(arch: str, cap: _Capture) -> None:
     for dtype in (torch.float16, torch.bfloat16):
         for m in (64, 1):
             cap.label = f"linear w4a16 {str(dtype)[6:]} M={m}"
-            linear_w4a16_triton(torch.randn(m, 512, dtype=dtype), pk, sc, zr, None)
+            linear_w4a16_triton(torch.randn(m, 512, dtype=dtype), pk, sc, zr, torch.randn(256, dtype=dtype))
 
 
 # ------------------------------------------------------------------------------ compiling

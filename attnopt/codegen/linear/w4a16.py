@@ -12,13 +12,16 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import casts
-from ..casts import to_16bit
+from ..casts import store_cast, to_16bit
 
 
 @triton.jit
 def _w4a16_kernel(X, stride_xm, stride_xk, PK, stride_pn, stride_pk, S, Z, stride_sn, stride_sg, OUT, stride_os,
-                  stride_om, M, N, K, K_PER_SPLIT, GROUP: tl.constexpr, ACT: tl.constexpr, EMULATE: tl.constexpr,
+                  stride_om, BIAS, M, N, K, K_PER_SPLIT, GROUP: tl.constexpr, ACT: tl.constexpr, EMULATE: tl.constexpr,
+                  EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """EPILOGUE (one K split): bias added and the result stored in OUT's dtype; otherwise each
+    split stores its fp32 partial sum, which the host adds up."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -39,7 +42,13 @@ def _w4a16_kernel(X, stride_xm, stride_xk, PK, stride_pn, stride_pk, S, Z, strid
         z = tl.load(Z + offs_n * stride_sn + g * stride_sg, mask=offs_n < N, other=0.0)
         w = to_16bit((q - z[:, None]) * s[:, None], ACT, EMULATE)
         acc = tl.dot(to_16bit(x, ACT, EMULATE), tl.trans(w), acc)
-    tl.store(OUT + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], acc,
+    if EPILOGUE:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        out = store_cast(acc, OUT.dtype.element_ty, EMULATE)
+    else:
+        out = acc
+    tl.store(OUT + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], out,
              mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
@@ -57,13 +66,17 @@ def linear_w4a16_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
     splits = max(1, min(16, k // (4 * block_k))) if small else 1
     per_split = triton.cdiv(triton.cdiv(k, splits), group) * group  # a split never cuts a group
     splits = triton.cdiv(k, per_split)
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    direct = splits == 1
+    part = torch.empty(splits, m, n, dtype=x.dtype if direct else torch.float32, device=x.device)
     act = tl.float16 if x.dtype == torch.float16 else tl.bfloat16
     wrap_triton(_w4a16_kernel)[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
         x2, x2.stride(0), x2.stride(1), packed, packed.stride(0), packed.stride(1), scale, zero, scale.stride(0),
-        scale.stride(1), part, part.stride(0), part.stride(1), m, n, k, per_split, GROUP=group, ACT=act,
-        EMULATE=casts.EMULATE, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    y = part.sum(dim=0) if splits > 1 else part[0]
+        scale.stride(1), part, part.stride(0), part.stride(1), bias if bias is not None else scale,
+        m, n, k, per_split, GROUP=group, ACT=act, EMULATE=casts.EMULATE, EPILOGUE=direct,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if direct:
+        return part[0].reshape(*shape[:-1], n)
+    y = part.sum(dim=0)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], n)
