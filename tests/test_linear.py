@@ -65,6 +65,17 @@ def test_weight_only_path_covers_every_row_when_min_m_is_raised(fmt):
     assert rel_l1(out, ref) <= 1e-5 and rel_l1(out[16:], ref[16:]) <= 1e-5
 
 
+@pytest.mark.parametrize("k", [40, 8200])
+def test_activation_quantization_one_block_and_several(k):
+    """Rows up to 8192 wide are read once; longer ones in blocks (max first, then quantized)."""
+    x = torch.randn(20, k).bfloat16() * torch.linspace(0.1, 4, k).bfloat16()
+    w = torch.randn(8, k) * 0.05
+    for fmt in ("int8", "fp8"):
+        wq, ws = L.quantize_weight(w, fmt)
+        out = linear_8bit_triton(x, wq, ws, None, fmt, "cpu")
+        assert rel_l1(out, L.linear_w8a8_ref(x, wq, ws, None, fmt)) <= 1e-5
+
+
 def test_weight_quantization_grid():
     w = torch.randn(64, 300)
     wq, ws = L.quantize_weight(w, "int8")

@@ -28,13 +28,16 @@ from ..casts import store_cast, to_16bit, to_e4m3
 @triton.jit
 def _quant_act_kernel(X, stride_xm, stride_xk, XQ, stride_qm, XS, K,
                       BLOCK_K: tl.constexpr, FMT: tl.constexpr, EMULATE: tl.constexpr):
-    """One program per row: max |x| over K, then x / scale rounded to 8 bits."""
+    """One program per row: max |x| over K, then x / scale rounded to 8 bits. When the row fits
+    one block (BLOCK_K >= K, up to 8192) it is read once and kept in registers."""
     row = tl.program_id(0)
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    kk = tl.arange(0, BLOCK_K)
+    x = tl.load(X + row * stride_xm + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
+    amax = tl.abs(x)
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # rows longer than one block: the rest of the max
         kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + row * stride_xm + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.maximum(amax, tl.abs(tl.load(X + row * stride_xm + kk * stride_xk, mask=kk < K,
+                                               other=0.0).to(tl.float32)))
     m = tl.max(amax, 0)
     if FMT == 0:
         scale = m / 127.0
@@ -43,7 +46,9 @@ def _quant_act_kernel(X, stride_xm, stride_xk, XQ, stride_qm, XS, K,
     scale = tl.where(scale > 0, scale, 1.0)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        y = tl.load(X + row * stride_xm + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32) / scale
+        if BLOCK_K < K:  # several blocks: read this one again
+            x = tl.load(X + row * stride_xm + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
+        y = x / scale
         if FMT == 0:
             y = tl.minimum(tl.maximum(tl.where(y >= 0, y + 0.5, y - 0.5), -127.0), 127.0)
             tl.store(XQ + row * stride_qm + kk, y.to(tl.int8), mask=kk < K)
@@ -148,9 +153,10 @@ def linear_8bit_triton(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias
     dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
     xq = torch.empty(m, k, dtype=dtype, device=x.device)
     xs = torch.empty(m, dtype=torch.float32, device=x.device)
-    wrap_triton(_quant_act_kernel)[(m,)](x2, x2.stride(0), x2.stride(1), xq, xq.stride(0), xs, k,
-                                         BLOCK_K=min(1024, triton.next_power_of_2(k)),
-                                         FMT=0 if fmt == "int8" else 1, EMULATE=casts.EMULATE)
+    block_k = min(8192, triton.next_power_of_2(k))
+    wrap_triton(_quant_act_kernel)[(m,)](x2, x2.stride(0), x2.stride(1), xq, xq.stride(0), xs, k, BLOCK_K=block_k,
+                                         FMT=0 if fmt == "int8" else 1, EMULATE=casts.EMULATE,
+                                         num_warps=4 if block_k <= 2048 else 8)
     args = (xq, xq.stride(0), xq.stride(1), wq, wq.stride(0), wq.stride(1), out, out.stride(0), out.stride(1),
             xs, ws, bias if bias is not None else ws, m, n, k, _bucket(m))
     consts = dict(FMT=0 if fmt == "int8" else 1, HAS_BIAS=bias is not None, EMULATE=casts.EMULATE)
