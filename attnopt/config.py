@@ -161,6 +161,11 @@ SPARSITY_METHODS: dict[str, dict[str, Field]] = {
     },
 }
 
+# Every method's own parameters, plus these.
+for _table in SPARSITY_METHODS.values():
+    _table["min_seq_len"] = Field(0, _number(0, math.inf, integer=True), "integer >= 0",
+                                  "sites with fewer keys run dense quantized attention instead")
+
 _REQUIRED_SPARSITY_PARAMS = {"radial": ("frame_tokens",), "block": ("mask",), "svg": ("frame_tokens",)}
 
 

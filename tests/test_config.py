@@ -46,7 +46,7 @@ def test_unknown_keys_suggest_the_closest(opts, path, hint):
 
 @pytest.mark.parametrize("opts, path, hint", [
     ({"quant": "int8"}, "quant", "did you mean 'attention.quant' or 'linear.quant'?"),
-    ({"min_seq_len": 64}, "min_seq_len", "did you mean 'attention.min_seq_len'?"),
+    ({"min_seq_len": 64}, "min_seq_len", "did you mean 'attention.min_seq_len' or 'attention.sparsity.min_seq_len'?"),
     ({"attention": {"arch": "cpu"}}, "attention.arch", "did you mean top-level 'arch'?"),
     ({"attention": {"tau": 0.9}}, "attention.tau", "'attention.sparsity.tau'"),
     ({"linear": {"alpha": 0.5}}, "linear.alpha", "'linear.smooth.alpha'"),

@@ -497,6 +497,17 @@ def test_sites_missing_from_plan_use_defaults_and_short_sites_stay_dense():
     assert report.sites[0].status == "skipped" and "min_seq_len" in report.sites[0].reason
 
 
+def test_sparsity_min_seq_len_keeps_short_sites_dense_quantized():
+    opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window", "window": 128, "min_seq_len": 300}}}
+    (long,) = attnopt.inspect(Attn(), *local_qkv(1, 2, 512, 64), options=opts).sites
+    assert long.op == "attnopt::sparse_attention"
+    (short,) = attnopt.inspect(Attn(), *local_qkv(1, 2, 200, 64), options=opts).sites
+    assert short.status == "rewritten" and short.op == "attnopt::attention"
+    assert "sparsity.min_seq_len" in short.reason and short.error["rel_l1"] < 0.02
+    with pytest.raises(attnopt.ConfigError, match="attention.sparsity.min_seq_len"):
+        attnopt.config.normalize_options({"attention": {"sparsity": {"method": "sparge", "min_seq_len": -1}}})
+
+
 @pytest.mark.parametrize("bad", [{"tau": [0.5, 0.5, 0.5]}, {"dense_heads": [0, 7]}])
 def test_plan_entry_that_does_not_fit_falls_back_to_the_defaults(bad, caplog):
     site = {"kind": "attention", "sparsity": {"method": "sparge", "tau": 0.5, **bad}}
