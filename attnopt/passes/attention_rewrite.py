@@ -147,11 +147,11 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         raise Reject(why)
     heads = static_int(site.heads) if site.heads is not None else static_int(_size(site.q.batch[-1:]))
     sparsity, note = sparsity_for(opts, key, heads)
-    if sparsity is not None and sparsity.get("min_seq_len") and not bool(nk >= sparsity["min_seq_len"]):
-        sparsity = None  # short: dense quantized attention (may guard on a symbolic length)
-        note = (note + "; " if note else "") + f"dense: key length {nk} < sparsity.min_seq_len"
     if note:
         log.warning("attnopt: attention site %s: %s", key, note)
+    if sparsity is not None and sparsity.get("min_seq_len") and not bool(nk >= sparsity["min_seq_len"]):
+        sparsity = None  # short: dense quantized attention (may guard on a symbolic length); no warning
+        note = (note + "; " if note else "") + f"dense: key length {nk} < sparsity.min_seq_len"
     if sparsity is None and quant == "none":
         raise Reject((note + "; " if note else "plan keeps this site dense and ") + "attention.quant is 'none': "
                      "nothing to change")
