@@ -180,17 +180,19 @@ def backend(options: Mapping | Options | None = None, *, mode: str | None = None
     return AttnoptBackend(options, mode=mode, inductor_config=inductor_config)
 
 
-def attnopt_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping | None = None):
+def attnopt_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping | None = None,
+                    mode: str | None = None):
     """The backend registered as "attnopt" (entry point group torch_dynamo_backends).
 
     Dynamo calls this once per graph. Every graph of one `torch.compile(..., backend="attnopt")`
     call shares one AttnoptBackend (kept on torch.compile's wrapper, this function's caller), so
     site keys stay unique across graph breaks ('#0', '#0@g1') exactly as under `attnopt.backend()`
-    and `attnopt.inspect`, and a calibrated plan reaches the sites it was made for."""
+    and `attnopt.inspect`, and a calibrated plan reaches the sites it was made for. `mode`
+    (torch.compile's, e.g. "max-autotune") goes to Inductor as under `attnopt.backend(mode=)`."""
     wrapper = sys._getframe(1).f_locals.get("self")
-    if isinstance(wrapper, torch._TorchCompileWrapper):
+    if isinstance(wrapper, getattr(torch, "_TorchCompileWrapper", ())):
         be = wrapper.__dict__.get("_attnopt_backend")
         if be is None:
-            be = wrapper.__dict__["_attnopt_backend"] = AttnoptBackend(options)
+            be = wrapper.__dict__["_attnopt_backend"] = AttnoptBackend(options, mode=mode)
         return be(gm, example_inputs)
-    return AttnoptBackend(options)(gm, example_inputs)
+    return AttnoptBackend(options, mode=mode)(gm, example_inputs)

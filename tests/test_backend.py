@@ -47,6 +47,21 @@ def test_backend_factory_with_mode():
     assert ((out.float() - ref.float()).abs().sum() / ref.float().abs().sum()) < 0.03
 
 
+def test_backend_by_name_takes_torch_compile_mode(monkeypatch):
+    """torch.compile(..., backend="attnopt", mode=...) passes mode to the backend (it raised).
+    torch.compile takes mode or options, not both: default options here."""
+    modes = []
+    real = attnopt.compiler.AttnoptBackend.__init__
+    monkeypatch.setattr(attnopt.compiler.AttnoptBackend, "__init__",
+                        lambda self, *a, **kw: modes.append(kw.get("mode")) or real(self, *a, **kw))
+    torch._dynamo.reset()
+    q = randn(1, 2, 160, 32)  # above the default min_seq_len
+    out = torch.compile(Attn(), backend="attnopt", mode="max-autotune-no-cudagraphs")(q, q, q)
+    assert modes == ["max-autotune-no-cudagraphs"]
+    ref = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert not torch.equal(out, ref) and ((out.float() - ref.float()).abs().sum() / ref.float().abs().sum()) < 0.03
+
+
 def _run(options, q, k, v):
     torch._dynamo.reset()
     return torch.compile(Attn(), backend=attnopt.backend(options))(q, k, v)

@@ -139,8 +139,9 @@ def autotuned_gemm(arch: str):
 def linear_8bit_triton(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, fmt: str,
                        arch: str, small_m: int = 16, tile: GemmTile | None = None) -> torch.Tensor:
     """y = x W^T + b, W 8-bit per channel; x quantized per token unless M <= small_m. On a GPU
-    the GEMM is autotuned over the arch's tiles; elsewhere (the interpreter, compile checks)
-    it runs the table's first tile, or `tile`."""
+    the GEMM is autotuned over the arch's tiles unless `tile` forces one; on CPU tensors
+    (compile checks) it runs `tile` or the table's first; the interpreter runs a small fixed
+    tile (speed)."""
     shape = x.shape
     k = shape[-1]
     x2 = x.reshape(-1, k)
