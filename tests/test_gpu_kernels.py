@@ -46,15 +46,18 @@ def qkv(b, hq, hkv, nq, nk, d, dtype=torch.bfloat16):
             torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype))
 
 
-def launch(q, k, v, quant, pv, bias=None, keep=None, causal=False, use_tma=None, lut=None, counts=None):
-    """The arch's default tile (one compile per variant, not an autotuning sweep each: the
-    public-function test below runs the autotuner)."""
+def block_d(d, quant):
+    return fp4_head_dim(d) if quant == "fp4" else padded_head_dim(d)
+
+
+def launch(q, k, v, quant, pv, bias=None, keep=None, causal=False, use_tma=None, lut=None, counts=None, tile=None):
+    """The arch's default tile unless `tile` is given (one compile per variant, not an autotuning
+    sweep each, whose timing runs would all write the same poisoned buffer)."""
     scale = 1 / math.sqrt(q.shape[-1])
     out = torch.full((*q.shape[:3], v.shape[-1]), float("nan"), dtype=q.dtype, device="cuda")
-    block_d = fp4_head_dim(q.shape[-1]) if quant == "fp4" else padded_head_dim(q.shape[-1])
+    tile = tile or SPEC.default_tile(block_d(q.shape[-1], quant), quant, pv)
     got = attention_triton(q, k, v, bias, keep, -math.inf, causal, 0, scale, quant, pv, True, False, ARCH,
-                           tile=SPEC.default_tile(block_d, quant, pv), out=out, use_tma=use_tma, lut=lut,
-                           counts=counts)
+                           tile=tile, out=out, use_tma=use_tma, lut=lut, counts=counts)
     torch.cuda.synchronize()
     assert got is out and not torch.isnan(got).any(), "kernel left elements unwritten"
     return got
@@ -75,6 +78,15 @@ def check(got, q, k, v, quant, pv, bias=None, keep=None, causal=False):
 def test_dense_formats_lengths_causal(quant, pv, n, causal):
     q, k, v = qkv(2, 4, 4, n, n, 128)
     check(launch(q, k, v, quant, pv, causal=causal), q, k, v, quant, pv, causal=causal)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_tile_the_autotuner_may_pick(d, causal):
+    q, k, v = qkv(1, 4, 2, 1000, 1000, d)
+    pv = SPEC.pv_auto
+    for t in SPEC.attention_tiles(block_d(d, "int8")):
+        check(launch(q, k, v, "int8", pv, causal=causal, tile=t), q, k, v, "int8", pv, causal=causal)
 
 
 @pytest.mark.parametrize("d", [32, 64, 96, 128, 160, 256])
@@ -132,17 +144,21 @@ def test_public_function_picks_the_kernels():
 
 
 @pytest.mark.parametrize("fmt", [f for f in ("int8", "fp8") if ("w8a8" if f == "int8" else "fp8") in SPEC.linear_formats])
-@pytest.mark.parametrize("m", [1, 16, 77, 4096])
+@pytest.mark.parametrize("m,k", [(1, 1000), (16, 4096), (77, 1000), (4096, 4096), (300, 11008)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_8bit_gemm(fmt, m, dtype):
-    x = torch.randn(m, 1000, device="cuda", dtype=dtype)
-    w = torch.randn(3000, 1000, device="cuda") * 0.05
+def test_8bit_gemm(fmt, m, k, dtype):
+    """Autotuned (every tile timed, then the winner), then each tile forced; activation rows of
+    one block (<= 8192) and of several."""
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(3000, k, device="cuda") * 0.05
     b = torch.randn(3000, device="cuda", dtype=dtype)
     wq, ws = L.quantize_weight(w, fmt)
-    out = linear_8bit_triton(x, wq, ws, b, fmt, ARCH)
-    assert out.dtype == dtype and not torch.isnan(out).any()
-    assert rel_l1(out, L.linear_w8a8_ref(x, wq, ws, b, fmt)) <= 2e-3
-    assert rel_l1(out, x.double() @ w.double().T + b.double()) <= (0.01 if fmt == "int8" else 0.03)
+    ref = L.linear_w8a8_ref(x, wq, ws, b, fmt)
+    for tile in (None, *(SPEC.gemm_tiles if m > 16 else ())):
+        out = linear_8bit_triton(x, wq, ws, b, fmt, ARCH, tile=tile)
+        assert out.dtype == dtype and not torch.isnan(out).any()
+        assert rel_l1(out, ref) <= 2e-3, tile
+    assert rel_l1(out, x.double() @ w.double().T + b.double()) <= (0.02 if fmt == "int8" else 0.05)  # per-token steps grow with K
 
 
 @pytest.mark.parametrize("m", [1, 16, 77, 4096])
@@ -150,8 +166,10 @@ def test_8bit_gemm(fmt, m, dtype):
 def test_w4a16_gemm(m, dtype):
     x = torch.randn(m, 1024, device="cuda", dtype=dtype)
     w = torch.randn(3000, 1024, device="cuda") * 0.05
+    b = torch.randn(3000, device="cuda", dtype=dtype)
     pk, sc, zr = L.quantize_weight_int4(w)
-    out = linear_w4a16_triton(x, pk, sc, zr, None)
-    assert out.dtype == dtype and not torch.isnan(out).any()
-    assert rel_l1(out, L.linear_w4a16_ref(x, pk, sc, zr, None)) <= 2e-3
-    assert rel_l1(out, x.double() @ w.double().T) <= 0.12
+    for bias in (None, b):  # M <= 16: K split, host-side sum; larger M: the kernel's epilogue
+        out = linear_w4a16_triton(x, pk, sc, zr, bias)
+        assert out.dtype == dtype and not torch.isnan(out).any()
+        assert rel_l1(out, L.linear_w4a16_ref(x, pk, sc, zr, bias)) <= 2e-3
+    assert rel_l1(out, x.double() @ w.double().T + b.double()) <= 0.12
