@@ -81,6 +81,10 @@ def build():
     return Attn(), (torch.randn(1, 2, 64, 32, dtype=torch.bfloat16),)
 
 
+def build_kwargs():
+    return Attn(), {"q": torch.randn(1, 2, 64, 32, dtype=torch.bfloat16)}
+
+
 def broken():
     raise RuntimeError("weights not found at /nowhere")
 '''
@@ -93,6 +97,8 @@ def test_module_target_from_current_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path), os.getcwd())])
     opts = json.dumps({"attention": {"min_seq_len": 0}})
     assert main(["inspect", "mymodels.zoo:build", "--quiet", "--options", opts]) == 0
+    assert "sites rewritten: 1/1" in capsys.readouterr().out
+    assert main(["inspect", "mymodels.zoo:build_kwargs", "--quiet", "--options", opts]) == 0  # inputs as kwargs
     assert "sites rewritten: 1/1" in capsys.readouterr().out
 
 
