@@ -165,3 +165,11 @@ def resolve_pv(pv: str, quant: str, spec: ArchSpec) -> str:
     if quant == "fp4":
         return "fp4"
     return spec.pv_auto if quant != "none" else "fp16"
+
+
+def autotune_bucket(n) -> int:
+    """An autotune key for a length (keys, rows): its power-of-two bucket, so the kernels are
+    tuned once per bucket, not per length; a symbolic length uses its hint."""
+    if not isinstance(n, int):
+        n = n.node.hint if n.node.hint is not None else 1
+    return 1 << (max(int(n), 1) - 1).bit_length()

@@ -21,7 +21,7 @@ from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit, finite_or_z
 from ...ops.sparse_ref import BK as SPARSE_BK
 from ...ops.sparse_ref import BQ as SPARSE_BQ
 from .. import casts
-from ..arch import ARCHS, Tile, fp4_tiles
+from ..arch import ARCHS, Tile, autotune_bucket, fp4_tiles
 from .kernel import _attn_fwd
 from .quantize import fp4_head_dim, padded_head_dim, quantize_qk, quantize_v_fp4, quantize_v_fp8
 
@@ -169,7 +169,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         pv_threshold if pv_threshold is not None else out,
         b, hq, hkv, vbuf.shape[-1] if pv == "fp8" else nk,
         nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E,
-        _bucket(nk),
+        autotune_bucket(nk),
     )
     consts = dict(QK_FMT=QK_FORMATS[quant], PV_FP8=pv == "fp8", PV_FP4=pv == "fp4", IS_CAUSAL=bool(is_causal),
                   HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, FINITE_FILL=finite_fill,
@@ -203,9 +203,3 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         lse = lse + scale * torch.matmul(q.float(), km[..., None]).squeeze(-1)
     return out, lse
 
-
-def _bucket(n) -> int:
-    """Autotune key: the key length's power-of-two bucket (a symbolic length uses its hint)."""
-    if not isinstance(n, int):
-        n = n.node.hint if n.node.hint is not None else 1
-    return triton.next_power_of_2(max(int(n), 1))

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import casts
-from ..arch import ARCHS, GemmTile
+from ..arch import ARCHS, GemmTile, autotune_bucket
 from ..casts import store_cast, to_16bit, to_e4m3
 
 
@@ -159,7 +159,7 @@ def linear_8bit_triton(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias
                                          FMT=0 if fmt == "int8" else 1, EMULATE=casts.EMULATE,
                                          num_warps=4 if block_k <= 2048 else 8)
     args = (xq, xq.stride(0), xq.stride(1), wq, wq.stride(0), wq.stride(1), out, out.stride(0), out.stride(1),
-            xs, ws, bias if bias is not None else ws, m, n, k, _bucket(m))
+            xs, ws, bias if bias is not None else ws, m, n, k, autotune_bucket(m))
     consts = dict(FMT=0 if fmt == "int8" else 1, HAS_BIAS=bias is not None, EMULATE=casts.EMULATE)
     if _interpreted():
         tile = GemmTile(32, 32, 32, 4, 1)
@@ -176,13 +176,6 @@ def linear_8bit_triton(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias
                                              BLOCK_K=tile.block_k, GROUP_M=tile.group_m, num_warps=tile.warps,
                                              num_stages=tile.stages)
     return out.reshape(*shape[:-1], n)
-
-
-def _bucket(m) -> int:
-    """Autotune key: M's power-of-two bucket (a symbolic M uses its hint)."""
-    if not isinstance(m, int):
-        m = m.node.hint if m.node.hint is not None else 1
-    return triton.next_power_of_2(max(int(m), 1))
 
 
 def _weight_only(x2, wq, ws, bias, out):
