@@ -17,7 +17,8 @@ import torch
 from .config import ConfigError, Options, normalize_options
 from .logs import log
 from .passes.linear_pass import BAKED_META_KEY, copy_graph
-from .passes.manager import PassContext, config_patches, needs_linear_pass, run_pre_inductor
+from .passes.manager import (PassContext, SiteInternalError, config_patches, needs_linear_pass,
+                             run_pre_inductor)
 from .report import Recorder
 
 # keys torch.compile may leave in `options` that belong to torch, not to attnopt
@@ -64,6 +65,7 @@ class AttnoptBackend:
         patches.update(self.inductor_config)
         patches.update(config_patches(self.ctx))
         t0 = time.perf_counter()
+        check_ops_registered()
         if self.progress:
             self.progress(f"compiling graph {self.graphs_compiled} ({len(gm.graph.nodes)} nodes)...")
         self.ctx.current_graph = self.ctx.recorder.new_graph()
@@ -71,7 +73,7 @@ class AttnoptBackend:
         try:
             run_pre_inductor(self.ctx, gm, example_inputs)
             baked = gm.meta.pop(BAKED_META_KEY, None)
-            fn = compile_fx(gm, example_inputs, config_patches=patches)
+            fn = self._compile_fx(gm, example_inputs, patches)
             if not baked:
                 return fn
             return FreshWeights(self, fn, baked, pristine)
@@ -82,8 +84,70 @@ class AttnoptBackend:
             if self.progress:
                 self.progress(f"graph {self.graphs_compiled - 1} compiled in {dt:.1f}s")
 
+    def _compile_fx(self, gm, example_inputs, patches: dict):
+        """compile_fx with attnopt's passes. A graph in which a site hit an internal error is never
+        stored in Inductor's FX graph cache nor AOTAutograd's cache: the pass aborts the compile
+        (SiteInternalError), and the frame is compiled again with both caches off and the failed
+        sites left as they were (their keys stay in the context, so later graphs skip them too)."""
+        from torch._functorch import config as functorch_config
+        from torch._inductor.compile_fx import compile_fx
+
+        gi = self.ctx.current_graph
+        backup = _copy_graph_module(gm)  # compile_fx's pre-grad passes edit the graph in place
+        for attempt in range(64):  # each retry leaves at least one more site alone
+            graph = gm if attempt == 0 else _copy_graph_module(backup)
+            cached = not (self.ctx.internal_errors or _linear_internal_error(self.ctx, gi))
+            try:
+                if cached:
+                    return compile_fx(graph, example_inputs, config_patches=patches)
+                with functorch_config.patch(enable_autograd_cache=False):
+                    return compile_fx(graph, example_inputs, config_patches={**patches, "fx_graph_cache": False})
+            except Exception as e:  # noqa: BLE001 - only attnopt's own signal is handled
+                if _site_failure(e) is None:
+                    raise
+                self.ctx.recorder.drop_sites(gi, kind="attention")
+        raise RuntimeError("attnopt: internal errors kept recurring while compiling this graph")
+
     def __repr__(self) -> str:
         return f"AttnoptBackend({self.options.to_json()}, mode={self.mode!r})"
+
+
+def _site_failure(e: BaseException) -> SiteInternalError | None:
+    """The SiteInternalError behind `e` (Inductor and Dynamo may wrap it), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, SiteInternalError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _linear_internal_error(ctx: PassContext, gi: int | None) -> bool:
+    """The linear pass (which ran before compile_fx) left a site unrewritten after an internal error."""
+    if gi is None:
+        return False
+    return any(r.kind == "linear" and (r.reason or "").startswith("internal error")
+               for r in ctx.recorder.graphs[gi]["sites"])
+
+
+OP_NAMES = ("attention", "sparse_attention", "attention_probe", "linear_8bit", "linear_w4a16", "linear_probe")
+
+
+def check_ops_registered() -> None:
+    """attnopt's ops must be registered with torch before a graph is compiled: a rewrite into an
+    op torch does not know would fail. They are missing when `import attnopt` found something
+    other than the installed package (e.g. a folder named attnopt in the working directory)."""
+    missing = [n for n in OP_NAMES if not hasattr(torch.ops.attnopt, n)]
+    if missing:
+        import attnopt
+
+        where = getattr(attnopt, "__file__", None) or list(getattr(attnopt, "__path__", []))
+        raise RuntimeError(
+            f"attnopt: torch.ops.attnopt.{missing[0]} is not registered ({len(missing)} of attnopt's ops missing): "
+            f"`import attnopt` resolved to {where}, which did not register them. A folder named 'attnopt' in "
+            "the working directory or on sys.path may be shadowing the installed package, or the install is "
+            "broken; reinstall with `pip install -e .` or run from another directory.")
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

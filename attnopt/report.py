@@ -120,6 +120,12 @@ class Recorder:
             self.graphs[graph]["sites"].append(rec)
             self._by_key[rec.key] = rec
 
+    def drop_sites(self, graph: int, kind: str) -> None:
+        """Forget a graph's records of one kind: its compile is being done again."""
+        with self._lock:
+            g = self.graphs[graph]
+            g["sites"] = [r for r in g["sites"] if r.kind != kind]
+
     def add_pass_time(self, graph: int, name: str, seconds: float) -> None:
         with self._lock:
             t = self.graphs[graph]["pass_time_s"]

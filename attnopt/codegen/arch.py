@@ -142,12 +142,13 @@ def arch_for_capability(major: int, minor: int) -> str:
 
 
 def detect_arch(device: torch.device | str | None = None) -> str:
-    """The table row for a device: its CUDA capability, or "cpu" for anything without CUDA."""
+    """The table row for a device: its CUDA capability; for anything without CUDA, "cpu", or the
+    GPU row a CPU run emulates (`ATTNOPT_ARCH`, attnopt/switches.py)."""
+    from ..switches import emulated_arch
+
     device = torch.device(device) if device is not None else None
-    if device is not None and device.type != "cuda":
-        return "cpu"
-    if not torch.cuda.is_available():
-        return "cpu"
+    if (device is not None and device.type != "cuda") or not torch.cuda.is_available():
+        return emulated_arch() or "cpu"
     return arch_for_capability(*torch.cuda.get_device_capability(device))
 
 

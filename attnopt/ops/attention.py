@@ -13,18 +13,30 @@ from typing import Optional
 
 import torch
 
+from .. import switches
 from ..codegen.arch import ARCHS, resolve_pv
 from .attention_ref import attention_reference
+from .checks import check_attention_operands
 
-IMPLS = ("auto", "triton", "reference")
+IMPLS = switches.IMPLS
 
 
 def _use_triton(q: torch.Tensor, arch: str, impl: str) -> bool:
-    if impl == "reference" or arch == "cpu":
+    """Whether the op's body launches the Triton kernels: on CUDA by default; `impl` (or, for
+    'auto', the ATTNOPT_IMPL switch) forces the kernels or the reference on any device."""
+    if impl == "auto":
+        impl = switches.impl()
+    if impl == "reference":
         return False
     if impl == "triton":
+        from torch._subclasses.fake_tensor import is_fake
+
+        fake = is_fake(q)  # traced (inlined into a graph), not launched here
+        if q.device.type != "cuda" and not switches.interpreted() and not fake:
+            raise RuntimeError("attnopt: the Triton impl on CPU tensors runs under Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before importing attnopt (or use impl 'reference')")
         return True
-    return q.device.type == "cuda"
+    return q.device.type == "cuda" and arch != "cpu"
 
 
 @torch.library.triton_op("attnopt::attention", mutates_args=())
@@ -49,6 +61,7 @@ def attention_op(
 
     `pv` must already be resolved ('fp16' | 'fp8' | 'fp4'); `arch` is a name from codegen.arch.
     """
+    check_attention_operands("attnopt::attention", q, k, v, attn_bias, keep_mask)
     if _use_triton(q, arch, impl):
         from ..codegen.attention.launch import attention_triton
 
@@ -65,7 +78,9 @@ def attention_op(
 def _attention_fake(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
                     smooth_k, smooth_q, arch, impl):
     # Shape only: running the body on fake tensors would guard on the sequence length (the
-    # reference's block padding) and recompile for every new length under dynamic shapes.
+    # reference's block padding) and recompile for every new length under dynamic shapes. The
+    # operands are checked as the kernels would, so a wrong rewrite fails here, at compile time.
+    check_attention_operands("attnopt::attention", q, k, v, attn_bias, keep_mask)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 

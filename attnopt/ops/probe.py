@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .checks import check_attention_operands
 from ..metrics import compare
 from .attention_ref import attention_exact, causal_keep
 
@@ -111,4 +112,5 @@ def attention_probe(
 @attention_probe.register_fake
 def _(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv, smooth_k,
       smooth_q, arch, impl, sparsity, probe_key):
+    check_attention_operands("attnopt::attention_probe", q, k, v, attn_bias, keep_mask)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])

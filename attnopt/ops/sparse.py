@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import sparse_ref as R
+from .checks import check_attention_operands
 
 
 def predict_block_mask(q, k, v, params: dict, scale: float, is_causal: bool, causal_offset: int,
@@ -118,6 +119,7 @@ def sparse_attention_op(
     sparsity: str,
 ) -> torch.Tensor:
     """Block-sparse quantized attention; `sparsity` is the JSON of the method and its parameters."""
+    check_attention_operands("attnopt::sparse_attention", q, k, v, attn_bias, keep_mask)
     return sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
                                  pv, smooth_k, arch, impl, json.loads(sparsity))
 
@@ -125,5 +127,6 @@ def sparse_attention_op(
 @sparse_attention_op.register_fake
 def _sparse_fake(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv, smooth_k,
                  arch, impl, sparsity):
+    check_attention_operands("attnopt::sparse_attention", q, k, v, attn_bias, keep_mask)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 

@@ -21,6 +21,15 @@ from .graph_utils import fake_mode_of
 log = logging.getLogger("attnopt")
 
 
+def _unused_name(owner: torch.nn.Module, stem: str) -> str:
+    """A fresh attribute name: each inlined site keeps its own constants (per-head parameters,
+    masks), never overwriting another site's that happened to get the same traced name."""
+    i = 0
+    while hasattr(owner, f"{stem}_{i}"):
+        i += 1
+    return f"{stem}_{i}"
+
+
 def inline_op(graph: fx.Graph, node: fx.Node) -> bool:
     """Replace `node` (a call of a triton_op) by its traced body. False if it could not be."""
     tensor_pos = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
@@ -60,7 +69,7 @@ def inline_op(graph: fx.Graph, node: fx.Node) -> bool:
                 continue
             if n.op == "get_attr":  # constants the body made: copy them onto the owning module
                 owner = graph.owning_module
-                name = f"_attnopt_const_{len(env)}_{n.target}"
+                name = _unused_name(owner, f"_attnopt_const_{n.target}")
                 setattr(owner, name, getattr(traced, n.target))
                 new = graph.get_attr(name)
                 new.meta.update(n.meta)

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from .. import switches
 from ..codegen.arch import ARCHS, ArchSpec, detect_arch
 from ..config import Options
 from ..logs import log
@@ -56,16 +57,21 @@ class PassContext:
     options: Options
     recorder: Recorder = field(default_factory=Recorder)
     probe_sink: str | None = None  # set by attnopt.inspect: rewritten sites measure themselves
-    inline: str = "cuda"  # inline attnopt ops whose tensors live on: "cuda" | "always" | "never"
+    inline: str | None = None  # "auto" (CUDA only) | "always" | "never"; None: the ATTNOPT_INLINE switch
     capture_graphs: bool = False  # keep before/after snapshots of each graph (the HTML view)
     capture_linears: bool = False  # calibration: every selected linear becomes a probe
     current_graph: int | None = None  # recorder index of the graph being compiled
+    # sites whose rewrite hit an internal error (key -> error): kept as they were from then on
+    internal_errors: dict[str, str] = field(default_factory=dict)
+
+    def inline_mode(self) -> str:
+        return self.inline or switches.inline_mode()
 
     def arch_key(self) -> str:
         opt = self.options["arch"]
         if opt != "auto":
             return opt
-        return detect_arch("cuda") if torch.cuda.is_available() else "cpu"
+        return detect_arch("cuda" if torch.cuda.is_available() else "cpu")
 
     def arch_for_graph(self, graph: fx.Graph) -> ArchSpec:
         opt = self.options["arch"]
@@ -76,12 +82,13 @@ class PassContext:
             if n.op == "placeholder" and isinstance(v, torch.Tensor):
                 if v.device.type == "cuda":
                     return ARCHS[detect_arch(v.device)]
-        return ARCHS["cpu"]
+        return ARCHS[detect_arch("cpu")]
 
     def uuid(self, pass_name: str) -> str:
         h = hashlib.sha256()
         for part in (pass_name, source_hash(), self.options.to_json(), torch.__version__, _triton_version(),
-                     self.arch_key(), self.probe_sink or "", self.inline, str(self.capture_linears)):
+                     self.arch_key(), self.probe_sink or "", self.inline_mode(), switches.state(),
+                     str(self.capture_linears), *sorted(self.internal_errors)):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()
@@ -114,6 +121,20 @@ def _describe(rec: SiteRecord, site) -> None:
                   "out": _shape_list(site.anchor)}
     rec.details["layout"] = "q/k/v: [batch..., heads, tokens, features]; size-1 dims and GQA's repeat left out"
     rec.dtype = str(site.q.traced.src.meta["val"].dtype).replace("torch.", "")
+
+
+class SiteInternalError(RuntimeError):
+    """A rewrite failed with an internal error. Raised out of the pass so the compile is abandoned
+    before Inductor or AOTAutograd can cache a graph that silently lacks the rewrite; the backend
+    compiles the frame again with those caches off and the failed sites left as they were."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = dict(errors)
+        super().__init__("attnopt: internal error while rewriting " + "; ".join(f"{k}: {e}" for k, e in errors.items()))
+
+
+class AttnoptWarning(UserWarning):
+    """Something attnopt could not do, which the user should know about (the message says what)."""
 
 
 def _is_training_graph(graph: fx.Graph) -> bool:
@@ -158,17 +179,21 @@ class AttentionPass(CustomGraphPass):
         if ctx.capture_graphs:
             owner = {n: key for site, key in zip(sites, keys) for n in site.internal}
             ctx.recorder.set_snapshot(gi, "before", snapshot(graph, owner))
+        failed: dict[str, str] = {}
+        inline = ctx.inline_mode()
         for site, key in zip(sites, keys):
             rec = SiteRecord(kind="attention", module=site.module, key=key, status="skipped",
                              pattern=site.pattern, source=site.source, module_type=site.module_type)
             try:
                 _describe(rec, site)
+                if key in ctx.internal_errors:  # failed in an earlier try: left as it was
+                    raise Reject(f"internal error while rewriting (left as it was): {ctx.internal_errors[key]}")
                 params = decide(site, ctx.options, spec, training, key)
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
                 op = rewrite(graph, site, params, probe, tag=key)
                 changed = True
                 dev = op.args[0].meta["val"].device.type
-                if probe is None and (ctx.inline == "always" or (ctx.inline == dev == "cuda")):
+                if probe is None and (inline == "always" or (inline == "auto" and dev == "cuda")):
                     to_inline.append(op)
                 rec.status = "rewritten"
                 rec.op = "attnopt::sparse_attention" if params.sparsity else "attnopt::attention"
@@ -186,11 +211,17 @@ class AttentionPass(CustomGraphPass):
             except Reject as e:
                 rec.reason = str(e)
             except Exception as e:  # never break the user's compile: leave the site as it was
-                log.warning("attnopt: could not rewrite attention at %s: %r", key, e, exc_info=True)
-                rec.reason = f"internal error while rewriting: {e!r}"
+                log.debug("attnopt: could not rewrite attention at %s", key, exc_info=True)
+                failed[key] = f"{type(e).__name__}: {e}"
+                rec.reason = f"internal error while rewriting (left as it was): {failed[key]}"
             ctx.recorder.add_site(gi, rec)
             records.append(rec)
             log.info("attention site %s: %s (%s)", key, rec.status, rec.reason or rec.kernel)
+        if failed:  # abandon this compile before anything can cache it (see SiteInternalError)
+            _warn_internal(failed)
+            ctx.internal_errors.update(failed)
+            ctx.recorder.add_pass_time(gi, self.name, time.perf_counter() - t0)
+            raise SiteInternalError(failed)
         for op in to_inline:
             inline_op(graph, op)
         if changed:
@@ -201,6 +232,16 @@ class AttentionPass(CustomGraphPass):
             ctx.recorder.set_snapshot(gi, "after", snapshot(graph))
         trace_sites(gi, records)
         _keep_for_cache_hits(ctx, gi, records)
+
+
+def _warn_internal(failed: dict[str, str]) -> None:
+    import warnings
+
+    for key, err in failed.items():
+        warnings.warn(f"attnopt: attention site {key} is left as it was after an internal error while rewriting "
+                      f"it ({err}); the graph is compiled again without Inductor's and AOTAutograd's caches, so "
+                      "the unrewritten graph is never cached. Please report it (TORCH_LOGS=+attnopt shows the "
+                      "traceback).", AttnoptWarning, stacklevel=2)
 
 
 def _keep_for_cache_hits(ctx: PassContext, gi: int, records: list) -> None:
