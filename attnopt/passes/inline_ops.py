@@ -52,7 +52,7 @@ def inline_op(graph: fx.Graph, node: fx.Node) -> bool:
             traced = make_fx(dispatch_functionalize(body), decomposition_table=select_decomp_table(),
                              tracing_mode="real")(*fake_args)
     except Exception as e:  # keep the extern call: still correct, only not inlined
-        log.info("attnopt: could not inline %s: %r", node.target, e)
+        log.info("attnopt: could not inline %s: %r", node.target, e, exc_info=True)
         return False
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
@@ -70,7 +70,7 @@ def inline_op(graph: fx.Graph, node: fx.Node) -> bool:
             if n.op == "get_attr":  # constants the body made: copy them onto the owning module
                 owner = graph.owning_module
                 name = _unused_name(owner, f"_attnopt_const_{n.target}")
-                setattr(owner, name, getattr(traced, n.target))
+                owner.register_buffer(name, getattr(traced, n.target), persistent=False)
                 new = graph.get_attr(name)
                 new.meta.update(n.meta)
             else:
