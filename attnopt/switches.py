@@ -61,6 +61,24 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def use_triton(x, arch: str, impl_arg: str) -> bool:
+    """Whether an op's body launches the Triton kernels for tensor `x`: on CUDA by default; the op's
+    `impl` argument (or, when it is 'auto', ATTNOPT_IMPL) forces the kernels or the reference."""
+    if impl_arg == "auto":
+        impl_arg = impl()
+    if impl_arg == "reference":
+        return False
+    if impl_arg == "triton":
+        from torch._subclasses.fake_tensor import is_fake
+
+        # traced (inlined into a graph) rather than launched: the interpreter is not needed
+        if x.device.type != "cuda" and not interpreted() and not is_fake(x):
+            raise RuntimeError("attnopt: the Triton impl on CPU tensors runs under Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before importing attnopt (or use impl 'reference')")
+        return True
+    return x.device.type == "cuda" and arch != "cpu"
+
+
 def state() -> str:
     """All switches in one string, for cache keys: a graph built under other switches differs."""
     return f"inline={inline_mode()} impl={impl()} arch={emulated_arch() or ''} interp={int(interpreted())}"

@@ -283,15 +283,17 @@ PLAN3 = {"schema_version": 1, "sites": {
                                     {"ATTNOPT_INLINE": "never", "ATTNOPT_IMPL": "triton"}],
                          ids=["inlined-reference", "triton-interpreter"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "planned-sparse"])
-def test_forced_gpu_paths_match_the_default_path(forced, sparse, monkeypatch):
-    """The same model compiled the default CPU way and with the GPU's paths forced (ATTNOPT_ARCH
-    emulating sm80, whose formats are the CPU default's): same sites, same kernels' arithmetic."""
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_forced_gpu_paths_match_the_default_path(forced, sparse, arch, monkeypatch):
+    """The same model compiled the default CPU way (the reference, not inlined) and with the GPU's
+    paths forced, emulating a GPU arch (sm90: FP8 P.V, Hopper tiles): same sites, same arithmetic."""
     inputs = _three_inputs()
-    opts = {"attention": {"min_seq_len": 0}}
+    opts = {"attention": {"min_seq_len": 0, "pv": "fp8" if arch == "sm90" else "fp16"}}
     if sparse:
-        opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window", "window": 64}}, "plan": PLAN3}
+        opts["attention"]["sparsity"] = {"method": "window", "window": 64}
+        opts["plan"] = PLAN3
     outs, kernels = {}, {}
-    for name, env in (("default", {}), ("forced", {"ATTNOPT_ARCH": "sm80", **forced})):
+    for name, env in (("default", {}), ("forced", {"ATTNOPT_ARCH": arch, **forced})):
         for var in ("ATTNOPT_INLINE", "ATTNOPT_IMPL", "ATTNOPT_ARCH"):
             monkeypatch.delenv(var, raising=False)
         for var, value in env.items():
@@ -304,11 +306,13 @@ def test_forced_gpu_paths_match_the_default_path(forced, sparse, monkeypatch):
         assert [r.status for r in recs] == ["rewritten"] * 3, [r.reason for r in recs]
         kernels[name] = [r.kernel for r in recs]
     if forced["ATTNOPT_IMPL"] == "triton":
-        assert all(kn.startswith("triton-interpreter/sm80/") for kn in kernels["forced"]), kernels
+        assert all(kn.startswith(f"triton-interpreter/{arch}/") for kn in kernels["forced"]), kernels
+    bound = 0.05 if arch == "sm90" else 0.03  # FP8 P.V vs 16-bit (README's accuracy table)
     for i, (got, ref, exact) in enumerate(zip(outs["forced"], outs["default"], _three_exact(*inputs))):
-        assert rel_l1(got, ref) < 0.02, f"site {i}: forced path differs from the default"
+        # the default CPU row's tiles differ from sm90's (online-softmax rounding): ~1e-2 apart
+        assert rel_l1(got, ref) < (0.03 if arch == "sm90" else 0.02), f"site {i}: forced path vs the default"
         if not sparse:
-            assert rel_l1(got, exact) < 0.03, f"site {i}: forced path vs float64"
+            assert rel_l1(got, exact) < bound, f"site {i}: forced path vs float64"
 
 
 def test_triton_impl_runs_the_kernels_in_a_compiled_graph(monkeypatch):

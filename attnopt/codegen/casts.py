@@ -8,12 +8,12 @@ operands stay fp32 (exactly representable values): the tests then check the same
 the GPU runs. EMULATE is a constexpr argument, so GPU code never pays for it.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-EMULATE = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..switches import interpreted
+
+EMULATE = interpreted()  # fixed at import, as triton.jit decides interpretation then
 
 
 @triton.jit

@@ -21,22 +21,7 @@ from .checks import check_attention_operands
 IMPLS = switches.IMPLS
 
 
-def _use_triton(q: torch.Tensor, arch: str, impl: str) -> bool:
-    """Whether the op's body launches the Triton kernels: on CUDA by default; `impl` (or, for
-    'auto', the ATTNOPT_IMPL switch) forces the kernels or the reference on any device."""
-    if impl == "auto":
-        impl = switches.impl()
-    if impl == "reference":
-        return False
-    if impl == "triton":
-        from torch._subclasses.fake_tensor import is_fake
-
-        fake = is_fake(q)  # traced (inlined into a graph), not launched here
-        if q.device.type != "cuda" and not switches.interpreted() and not fake:
-            raise RuntimeError("attnopt: the Triton impl on CPU tensors runs under Triton's interpreter: set "
-                               "TRITON_INTERPRET=1 before importing attnopt (or use impl 'reference')")
-        return True
-    return q.device.type == "cuda" and arch != "cpu"
+_use_triton = switches.use_triton
 
 
 @torch.library.triton_op("attnopt::attention", mutates_args=())

@@ -16,10 +16,7 @@ from . import linear_ref as L
 from .probe import _CAPTURES, _SINKS
 
 
-def _triton(x: torch.Tensor, arch: str, impl: str) -> bool:
-    if impl == "reference" or arch == "cpu":
-        return False
-    return impl == "triton" or x.device.type == "cuda"
+from ..switches import use_triton as _triton
 
 
 @torch.library.triton_op("attnopt::linear_8bit", mutates_args=())

@@ -52,7 +52,7 @@ def inline_op(graph: fx.Graph, node: fx.Node) -> bool:
             traced = make_fx(dispatch_functionalize(body), decomposition_table=select_decomp_table(),
                              tracing_mode="real")(*fake_args)
     except Exception as e:  # keep the extern call: still correct, only not inlined
-        log.info("attnopt: could not inline %s: %r", node.target, e, exc_info=True)
+        log.info("attnopt: could not inline %s: %r", node.target, e)
         return False
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]

@@ -13,7 +13,6 @@ The arithmetic is ops/linear_ref's.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -23,6 +22,7 @@ from torch.library import wrap_triton
 from .. import casts
 from ..arch import ARCHS, GemmTile, autotune_bucket
 from ..casts import store_cast, to_16bit, to_e4m3
+from ...switches import interpreted
 
 
 @triton.jit
@@ -124,10 +124,6 @@ def _act_dtype(x: torch.Tensor):
     return tl.float16 if x.dtype == torch.float16 else tl.bfloat16
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=None)
 def autotuned_gemm(arch: str):
     """_gemm_8bit_kernel autotuned over the arch table's GEMM tiles, per power-of-two M bucket."""
@@ -161,7 +157,7 @@ def linear_8bit_triton(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias
     args = (xq, xq.stride(0), xq.stride(1), wq, wq.stride(0), wq.stride(1), out, out.stride(0), out.stride(1),
             xs, ws, bias if bias is not None else ws, m, n, k, autotune_bucket(m))
     consts = dict(FMT=0 if fmt == "int8" else 1, HAS_BIAS=bias is not None, EMULATE=casts.EMULATE)
-    if _interpreted():
+    if interpreted():
         tile = GemmTile(32, 32, 32, 4, 1)
     elif tile is None and x.device.type != "cuda":
         tile = ARCHS[arch].gemm_tiles[0]
