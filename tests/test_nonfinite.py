@@ -312,3 +312,40 @@ def test_sparse_kernel_poisons_only_the_rows_that_see_the_value(params, target, 
     assert torch.equal(torch.isnan(out), torch.isnan(want))
     fin = ~torch.isnan(want).any(-1)
     assert rel_l1(out[fin], want[fin]) <= 2e-3  # the block-sparse kernel tests' bound
+
+
+# ------------------------------------------------------------------------- quantize kernels
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "fp4"])
+def test_quantize_kernel_counts_a_bad_value_as_zero_and_flags_its_row(fmt):
+    from attnopt.codegen.attention.quantize import quantize_rows_triton
+
+    x = torch.randn(1, 2, 77, 64).half()
+    bad, clean = x.clone(), x.clone()
+    bad[0, 1, 40, 5], bad[0, 0, 3, 0], bad[0, 0, 70, 63] = float("nan"), float("inf"), float("-inf")
+    clean[0, 1, 40, 5] = clean[0, 0, 3, 0] = clean[0, 0, 70, 63] = 0
+    mean = clean.float().mean(-2)
+    flags = torch.full((1, 2, 77), 7, dtype=torch.uint8)
+    got = quantize_rows_triton(bad, 32, fmt, mult=0.3, mean=mean, block_mean=True, bad=flags)
+    want = quantize_rows_triton(clean, 32, fmt, mult=0.3, mean=mean, block_mean=True)
+    def bits(t):  # fp8 codes compared as bytes
+        return t.view(torch.uint8) if t.element_size() == 1 else t
+
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert torch.equal(bits(g), bits(w))  # codes, block scales, NVFP4 group scales, block means
+    want_flags = torch.zeros(1, 2, 77, dtype=torch.uint8)
+    want_flags[0, 1, 40] = want_flags[0, 0, 3] = want_flags[0, 0, 70] = 1
+    assert torch.equal(flags, want_flags)
+
+
+@pytest.mark.parametrize("target", ["q", "k"])
+def test_triton_predictors_read_a_bad_value_as_zero(target):
+    from attnopt.codegen.sparse.predict import pool_blocks, xattention_scores_triton
+
+    c = sparse_case(True, None)
+    bad, clean, _, _ = inject(c, target, float("nan"))
+    for fn in (lambda x: xattention_scores_triton(x["q"], x["k"], SCALE, 8, True, 60),
+               lambda x: pool_blocks(x[target], R.BQ if target == "q" else R.BK)):
+        for g, w in zip(torch.utils._pytree.tree_leaves(fn(bad)), torch.utils._pytree.tree_leaves(fn(clean))):
+            assert torch.equal(g, w)
+    assert torch.equal(blocks_for(bad, XATTN, True), blocks_for(clean, XATTN, True))
