@@ -17,6 +17,12 @@ Mask semantics (shared with the kernels):
   when is_causal.
 - A row with no kept key: masked_value == -inf gives 0 (as torch SDPA); a finite masked_value
   gives the plain mean of V over all keys (what eager softmax over equal logits gives).
+
+Non-finite inputs (shared with the kernels): every NaN / Inf in Q, K, V and every NaN / +inf in
+attn_bias counts as 0 in the arithmetic (scales, means, logits), and the output rows that depend
+on one are set to NaN afterwards (`poisoned_rows`): a query row holding one, and a row attending
+unmasked a key whose K or V row holds one (or a NaN / +inf bias). Every other row is exactly the
+result with those values replaced by 0.
 """
 
 from __future__ import annotations
