@@ -17,6 +17,12 @@ Mask semantics (shared with the kernels):
   when is_causal.
 - A row with no kept key: masked_value == -inf gives 0 (as torch SDPA); a finite masked_value
   gives the plain mean of V over all keys (what eager softmax over equal logits gives).
+
+Non-finite inputs (shared with the kernels): every NaN / Inf in Q, K, V and every NaN / +inf in
+attn_bias counts as 0 in the arithmetic (scales, means, logits), and the output rows that depend
+on one are set to NaN afterwards (`poisoned_rows`): a query row holding one, and a row attending
+unmasked a key whose K or V row holds one (or a NaN / +inf bias). Every other row is exactly the
+result with those values replaced by 0.
 """
 
 from __future__ import annotations
@@ -127,9 +133,10 @@ def _log2_logit(x: torch.Tensor | float) -> torch.Tensor | float:
 
 
 def _masked_logits(s, rows, nq, nk, bias, keep, masked_value, is_causal, causal_offset):
-    """Apply bias / keep mask / causal to log2-domain logits s [B, Hkv, rows_chunk, Nk]."""
+    """Apply bias / keep mask / causal to log2-domain logits s [B, Hkv, rows_chunk, Nk]. A NaN or
+    +inf bias counts as 0 here (its row is poisoned instead: `poisoned_rows`)."""
     if bias is not None:
-        s = s + _log2_logit(bias)
+        s = s + _log2_logit(sane_bias(bias))
     fill = _log2_logit(float(masked_value))
     if keep is not None:
         s = torch.where(keep, s, torch.full_like(s, fill))
@@ -148,27 +155,35 @@ def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def poisoned_rows(q, k, v, is_causal: bool, causal_offset) -> torch.Tensor:
-    """[B, Hq, Nq] rows whose output depends on a non-finite input: the query row itself, or a
-    key / value visible to it (the causal rule; other masks are not consulted, as torch's
-    kernels poison masked-out keys' rows too)."""
-    bad_q = ~torch.isfinite(q).all(dim=-1)
-    bad_kv = ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))  # [B, Hkv, Nk]
-    g = q.shape[1] // k.shape[1]
-    nk = k.shape[2]
+def sane_bias(bias: torch.Tensor) -> torch.Tensor:
+    """An additive mask with NaN / +inf -> 0 (-inf stays: it masks). Their row is poisoned instead."""
+    bad = torch.isnan(bias) | torch.isposinf(bias)
+    return torch.where(bad, torch.zeros_like(bias), bias)
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., N, D] -> [..., N] bool: the row holds a NaN or an Inf."""
+    return ~torch.isfinite(x).all(dim=-1)
+
+
+def poisoned_rows(rows, nq, nk, bad_q, bad_kv, bias, keep, is_causal: bool, causal_offset) -> torch.Tensor:
+    """Which of `rows` (folded GQA rows of [B, Hkv, G*Nq]) depend on a non-finite input -> [B, Hkv, R].
+
+    A row is poisoned by its own query (bad_q [B, Hkv, R]), by a key / value row (bad_kv
+    [B, Hkv, Nk]) it attends unmasked, or by a NaN / +inf in the additive mask at a position it
+    attends. "Unmasked": kept by `keep`, by the causal rule, and with a bias other than -inf there
+    (bias, keep: this chunk's [B, Hkv, R, Nk] or None). Every other row is computed exactly as if
+    the non-finite values were 0 (they are zeroed before quantization), so it is unaffected."""
+    hit = bad_kv[:, :, None, :]
+    if bias is not None:
+        hit = (hit | torch.isnan(bias) | torch.isposinf(bias)) & ~torch.isneginf(bias)
+    if keep is not None:
+        hit = hit & keep
     if is_causal:
-        idx = torch.arange(nk, device=k.device)
-        first = torch.where(bad_kv, idx, torch.full_like(idx, nk)).amin(dim=-1)  # [B, Hkv]
-        rows = torch.arange(q.shape[2], device=q.device)
-        by_kv = first.repeat_interleave(g, dim=1)[..., None] <= rows + causal_offset
-    else:
-        by_kv = bad_kv.any(dim=-1).repeat_interleave(g, dim=1)[..., None].expand(bad_q.shape)
-    return bad_q | by_kv
-
-
-def poison(out: torch.Tensor, q, k, v, is_causal: bool, causal_offset) -> torch.Tensor:
-    """NaN, in place, in every output row that depends on a non-finite input (no host sync)."""
-    return out.masked_fill_(poisoned_rows(q, k, v, is_causal, causal_offset)[..., None], float("nan"))
+        qi = (rows % nq)[:, None]
+        kj = torch.arange(nk, device=bad_kv.device)[None, :]
+        hit = hit & (kj <= qi + causal_offset)
+    return bad_q | hit.any(dim=-1)
 
 
 # ---------------------------------------------------------------------------- the reference
@@ -206,13 +221,15 @@ def attention_reference(
         z = q.new_zeros(b, hq, nq, dv)
         return (z, z.new_zeros(b, hq, nq, dtype=torch.float32)) if return_lse else z
 
-    raw = (q, k, v)  # the caller's tensors: their non-finite entries mark output rows at the end
+    g = hq // hkv
+    # the caller's non-finite entries mark output rows at the end; the arithmetic sees zeros
+    bad_q = _fold_gqa(nonfinite_rows(q)[..., None], hkv)[..., 0]  # [B, Hkv, G*Nq]
+    bad_kv = nonfinite_rows(k) | nonfinite_rows(v)  # [B, Hkv, Nk]
     q, k, v = (finite_or_zero(t).to(t.dtype) for t in (q, k, v))
     ops = quantized_operands(q, k, v, scale, quant, pv, smooth_k, smooth_q)
     q_deq, k_deq, kf, kmean, corr_rows, qk_scale = ops.q, ops.k, ops.k_smooth, ops.k_mean, ops.q_bar, ops.qk_scale
     v_op, v_scale, v_mean = ops.v, ops.v_scale, ops.v_mean
 
-    g = hq // hkv
     q_rows = _fold_gqa(q_deq, hkv)  # [B, Hkv, G*Nq, D]
     corr_rows = _fold_gqa(corr_rows, hkv)
     bias = _fold_gqa(_full_mask(attn_bias, b, hq, nq, nk), hkv)
@@ -222,17 +239,18 @@ def attention_reference(
 
     rows_total = g * nq
     chunk = max(1, min(rows_total, _ROW_CHUNK_ELEMS // max(1, b * hkv * nk)))
-    outs, lses = [], []
+    outs, lses, bads = [], [], []
     for r0 in range(0, rows_total, chunk):
         r1 = min(rows_total, r0 + chunk)
         rows = torch.arange(r0, r1, device=q.device)
         s = torch.matmul(q_rows[:, :, r0:r1], k_deq.transpose(-1, -2)) * qk_scale
         if corr_rows is not None:
             s = s + torch.matmul(corr_rows[:, :, r0:r1], kf.transpose(-1, -2))
-        s = _masked_logits(s, rows, nq, nk,
-                           None if bias is None else bias[:, :, r0:r1],
-                           None if keep is None else keep[:, :, r0:r1],
-                           masked_value, is_causal, causal_offset)
+        bias_c = None if bias is None else bias[:, :, r0:r1]
+        keep_c = None if keep is None else keep[:, :, r0:r1]
+        s = _masked_logits(s, rows, nq, nk, bias_c, keep_c, masked_value, is_causal, causal_offset)
+        bads.append(poisoned_rows(rows, nq, nk, bad_q[:, :, r0:r1], bad_kv, bias_c, keep_c, is_causal,
+                                  causal_offset))
         m, l, acc = _online_softmax_pv(s, v_op, pv, pv_dtype_for(v.dtype), block_n or max(nk, 1))
         empty = torch.isneginf(m)  # row with no kept key and -inf fill
         o = unscale_pv(acc / torch.where(l > 0, l, torch.ones_like(l)), pv, v_scale, v_mean)
@@ -247,13 +265,14 @@ def attention_reference(
             lse2 = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log2(torch.where(l > 0, l, 1.0)))
             lses.append(lse2[..., 0] * math.log(2.0))
     o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    o = poison(o.reshape(b, hq, nq, dv), *raw, is_causal, causal_offset).to(out_dtype)
+    bad = torch.cat(bads, dim=2).reshape(b, hq, nq)
+    o = o.reshape(b, hq, nq, dv).masked_fill(bad[..., None], float("nan")).to(out_dtype)
     if not return_lse:
         return o
     lse = (torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]).reshape(b, hq, nq)
     if smooth_k and quant != "none":  # undo K smoothing's per-row shift of the logits
         lse = lse + scale * torch.matmul(q.float(), kmean.repeat_interleave(g, dim=1).transpose(-1, -2))[..., 0]
-    return o, lse
+    return o, lse.masked_fill(bad, float("nan"))
 
 
 @dataclass

@@ -5,6 +5,11 @@ A block mask is [B, H, nqb, nkb] bool over tiles of BQ query rows x BK keys. Eve
 produces one; the kernel visits only the kept kv-blocks of each q-block, and still applies exact
 element masks on causal-diagonal and tail tiles. Per-head parameters are tensors of shape [H]
 (a scalar config value is broadcast to every head).
+
+Non-finite inputs: the predictors see them as 0 (a NaN in one token never changes the pooled
+statistics, hence the blocks kept, of any block), so the block mask is the one the same inputs
+with those values replaced by 0 give; attention then poisons exactly the rows that attend them
+among the kept blocks (attention_ref.poisoned_rows).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 
 import torch
 
-from .attention_ref import LOG2E, attention_reference
+from .attention_ref import LOG2E, attention_reference, finite_or_zero
 
 BQ = 128  # query rows per sparse block (the kernel's BLOCK_M divides it)
 BK = 64  # keys per sparse block (the kernel's BLOCK_N equals it)
@@ -46,7 +51,7 @@ def _pool(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, n, d = x.shape
     nb = n_blocks(n, blk)
     pad = nb * blk - n
-    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).reshape(b, h, nb, blk, d)
+    xf = torch.nn.functional.pad(finite_or_zero(x), (0, 0, 0, pad)).reshape(b, h, nb, blk, d)
     count = torch.full((nb,), float(blk), device=x.device)
     count[-1] = n - (nb - 1) * blk
     mean = xf.sum(dim=3) / count[:, None]
@@ -61,7 +66,8 @@ def _pool(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
 def sparge_similarities(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-similarity of every Q block [B, Hq, nqb] and (centered) K block [B, Hkv, nkb]: what
     theta is compared with."""
-    return _pool(q, BQ)[1], _pool(k.float() - k.float().mean(dim=-2, keepdim=True), BK)[1]
+    kf = finite_or_zero(k)
+    return _pool(q, BQ)[1], _pool(kf - kf.mean(dim=-2, keepdim=True), BK)[1]
 
 
 def _keep_mass(scores: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor, topk: torch.Tensor | None,
@@ -129,7 +135,8 @@ def predict_sparge(q, k, scale: float, tau, theta, topk=None, sink: bool = True,
     """SpargeAttn stage 1: pooled-attention prediction of each q-block's needed kv-blocks."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    kc = k.float() - k.float().mean(dim=-2, keepdim=True)
+    kf = finite_or_zero(k)
+    kc = kf - kf.mean(dim=-2, keepdim=True)
     qhat, qsim = _pool(q, BQ)  # [B, Hq, nqb, D], [B, Hq, nqb]
     khat, ksim = _pool(kc, BK)
     g = hq // hkv
@@ -156,8 +163,8 @@ def xattention_scores(q, k, scale: float, stride: int, is_causal: bool = False, 
     s = stride
     g = hq // hkv
     nqr, nkr = n_blocks(nq, s), n_blocks(nk, s)
-    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, nqr * s - nq)).reshape(b, hq, nqr, s, d)
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, nkr * s - nk)).reshape(b, hkv, nkr, s, d)
+    qp = torch.nn.functional.pad(finite_or_zero(q), (0, 0, 0, nqr * s - nq)).reshape(b, hq, nqr, s, d)
+    kp = torch.nn.functional.pad(finite_or_zero(k), (0, 0, 0, nkr * s - nk)).reshape(b, hkv, nkr, s, d)
     qt = qp.flip(3).reshape(b, hq, nqr, s * d)  # Qt[i] = concat_j Q[S i + S-1-j]
     kt = kp.reshape(b, hkv, nkr, s * d).repeat_interleave(g, 1)  # Kt[m] = concat_j K[S m + j]
     at = torch.matmul(qt, kt.transpose(-1, -2)) * (scale / s)
@@ -287,8 +294,8 @@ def predict_svg(q, k, v, scale: float, params: dict, is_causal: bool, causal_off
 
     rows = torch.linspace(0, nq - 1, min(int(params["sample_rows"]), nq), device=dev).round().long()
     g = hq // k.shape[1]
-    kk, vv = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
-    logit = torch.matmul(q.float()[:, :, rows], kk.transpose(-1, -2)) * scale  # [B, H, R, nk]
+    kk, vv = finite_or_zero(k).repeat_interleave(g, 1), finite_or_zero(v).repeat_interleave(g, 1)
+    logit = torch.matmul(finite_or_zero(q)[:, :, rows], kk.transpose(-1, -2)) * scale  # [B, H, R, nk]
     j = torch.arange(nk, device=dev)[None, :]
     allowed = torch.ones(len(rows), nk, dtype=torch.bool, device=dev)
     if is_causal:
@@ -352,8 +359,9 @@ def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=No
     nk = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if pv_threshold is None:
-        skipped = torch.where(expand_block_mask(block_keep, nq, nk), 0.0, -math.inf)
-        bias = skipped if attn_bias is None else attn_bias.float() + skipped
+        kept = expand_block_mask(block_keep, nq, nk)
+        skipped = torch.where(kept, 0.0, -math.inf)  # (a NaN bias in a skipped block stays unseen)
+        bias = skipped if attn_bias is None else torch.where(kept, attn_bias.float(), -math.inf)
         return attention_reference(q, k, v, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
                                    pv, smooth_k, False)
     return _second_stage(q, k, v, block_keep, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale,
@@ -365,20 +373,23 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     """Tile by tile in LUT order, as the kernel runs, skipping P.V of tiles far below the running max.
     Step t takes every (batch, head, q-block)'s t-th listed kv-block at once: one batched matmul
     per step instead of one per tile, so calibration can afford it on a CPU."""
-    from .attention_ref import (_full_mask, _log2_logit, finite_or_zero, poison, pv_dtype_for,
-                                quantized_operands, round_p, unscale_pv)
+    from .attention_ref import (_full_mask, _log2_logit, nonfinite_rows, pv_dtype_for, quantized_operands, round_p,
+                                sane_bias, unscale_pv)
 
-    q_in, k_in, v_in = q, k, v
-    q, k, v = (finite_or_zero(t).to(t.dtype) for t in (q, k, v))
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
+    nqb, nkb = n_blocks(nq, BQ), n_blocks(nk, BK)
+    # non-finite inputs: zeros in the arithmetic; the rows that attend them are marked (as the kernel)
+    bad_q = nonfinite_rows(q)
+    bad_kv = _pad_rows((nonfinite_rows(k) | nonfinite_rows(v)).repeat_interleave(g, 1)[..., None], nkb * BK)
+    bad_kv = bad_kv.reshape(b, hq, nkb, BK)
+    q, k, v = (finite_or_zero(t).to(t.dtype) for t in (q, k, v))
     lut, counts = block_mask_to_lut(block_keep, nq, nk, is_causal, causal_offset)
     ops = quantized_operands(q, k, v, scale, quant, pv, smooth_k, False)
     vmean_all = v.float().mean(dim=-2)
     fill = _log2_logit(float(masked_value))
     lam = per_head(pv_threshold, hq, q.device)
-    nqb, nkb = n_blocks(nq, BQ), n_blocks(nk, BK)
     tiles = _Tiles(ops.q, ops.k.repeat_interleave(g, 1), ops.v.repeat_interleave(g, 1), nqb, nkb)
     bias_t = None if bias is None else tiles.grid(_log2_logit(_full_mask(bias, b, hq, nq, nk)), 0.0)
     keep_t = None if keep_mask is None else tiles.grid(_full_mask(keep_mask, b, hq, nq, nk), True)
@@ -389,18 +400,27 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     acc = torch.zeros(b, hq, nqb, BQ, dv, device=q.device)
     visited = torch.zeros(hq, dtype=torch.long, device=q.device)
     skipped = torch.zeros_like(visited)
+    bad_rows = torch.zeros(b, hq, nqb, BQ, dtype=torch.bool, device=q.device)
     for t in range(nkb):  # step t: every (batch, head, q-block)'s t-th listed kv-block at once
         active = counts[..., 1] > t  # [B, H, nqb]
         col = lut[..., t].long()
         cols = col[..., None] * BK + torch.arange(BK, device=q.device)  # [B, H, nqb, BK]
         s = tiles.qk(col) * ops.qk_scale  # [B, H, nqb, BQ, BK], log2 units
+        hit = torch.gather(bad_kv, 2, col[..., None].expand(*col.shape, BK))[..., None, :] & active[..., None, None]
         if bias_t is not None:
-            s = s + tiles.pick(bias_t, col)
+            bt = tiles.pick(bias_t, col)
+            s = s + sane_bias(bt)
+            hit = (hit | torch.isnan(bt) | torch.isposinf(bt)) & ~torch.isneginf(bt)
         if keep_t is not None:
-            s = torch.where(tiles.pick(keep_t, col), s, torch.full_like(s, fill))
+            kt = tiles.pick(keep_t, col)
+            s = torch.where(kt, s, torch.full_like(s, fill))
+            hit = hit & kt
         if is_causal:
-            s = torch.where(cols[..., None, :] <= rows[:, :, None] + causal_offset, s, torch.full_like(s, fill))
+            seen = cols[..., None, :] <= rows[:, :, None] + causal_offset
+            s = torch.where(seen, s, torch.full_like(s, fill))
+            hit = hit & seen
         s = torch.where(cols[..., None, :] < nk, s, torch.full_like(s, -math.inf))
+        bad_rows |= (hit & (cols[..., None, :] < nk)).any(-1)
         m_tile = s.amax(-1)
         trails = ((m_tile - m < -lam[None, :, None, None]) | ~row_ok).all(-1)  # second stage
         go = active & ~trails
@@ -426,7 +446,8 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     if stats is not None:
         stats.update(visited=visited.tolist(), skipped=skipped.tolist())
     out = o.reshape(b, hq, nqb * BQ, dv)[:, :, :nq]
-    return poison(out.contiguous(), q_in, k_in, v_in, is_causal, causal_offset).to(q.dtype)
+    bad = bad_rows.reshape(b, hq, nqb * BQ)[:, :, :nq] | bad_q
+    return out.masked_fill(bad[..., None], float("nan")).to(q.dtype)
 
 
 class _Tiles:

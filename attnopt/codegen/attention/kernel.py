@@ -22,6 +22,11 @@ Variants are constexpr switches, chosen per architecture in codegen/arch.py:
 Masks follow attention_ref's semantics exactly: bias added, keep-mask / causal positions take
 FILL (log2 units), keys past the end never count, rows with no kept key give 0 (FILL = -inf)
 or the plain mean of V (finite FILL, as eager softmax over equal logits).
+
+Non-finite inputs (attention_ref.poisoned_rows): operands arrive with them zeroed (quantize
+kernels; the 16-bit Q / K / V are zeroed on load), a NaN / +inf bias counts as 0, and BAD flags
+each key whose K or V row held one, BADQ each query row. A row that attends such a key unmasked (or a NaN / +inf
+bias) is stored as NaN; every other row is computed as if the values were 0.
 """
 
 from __future__ import annotations
@@ -83,8 +88,8 @@ def _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid,
 
 @triton.jit
 def _attn_step(
-    acc, l_i, m_i, q, qs, qbar, qg,
-    K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs, BIAS_ptrs, KEEP_ptrs,
+    acc, l_i, m_i, bad_i, q, qs, qbar, qg,
+    K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
     b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
     stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
     QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, PV_FP4: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -96,6 +101,10 @@ def _attn_step(
     kvalid = cols < Nk
     k = _load_k(K_src, b, hk, start_n, stride_kn, kvalid, dvalid, QK_FMT, MASKED, EVEN_D, USE_TMA,
                 BLOCK_N, BLOCK_D)
+    if QK_FMT == 2:  # the caller's K: a non-finite value counts as 0 (its rows are marked by `hit`)
+        k = tl.where((k == k) & (tl.abs(k.to(tl.float32)) != float("inf")), k, 0.0)
+    # hit: (row, key) pairs attended unmasked whose key / value row holds a non-finite value
+    hit = tl.load(BAD_ptrs + cols, mask=kvalid, other=0)[None, :] != 0
     if QK_FMT == 0:
         s = tl.dot(q, k).to(tl.float32)
     elif QK_FMT == 3:  # K's group scales [BLOCK_N, BLOCK_D / 16]; masked keys get scale 0
@@ -111,21 +120,26 @@ def _attn_step(
     if SMOOTH_Q:  # qbar_b . (K - kmean), in fp32, added before softmax (it does not cancel)
         k16 = tl.load(K16_ptrs + start_n * stride_k16n, mask=dvalid[:, None] & kvalid[None, :],
                       other=0.0).to(tl.float32)
-        k16 = tl.where(dvalid[:, None], k16 - kmean[:, None], 0.0)
+        k16 = tl.where(dvalid[:, None] & (k16 == k16) & (tl.abs(k16) != float("inf")), k16 - kmean[:, None], 0.0)
         s += tl.dot(qbar, k16, input_precision="ieee")
     if HAS_BIAS:
         bias = tl.load(BIAS_ptrs + start_n * stride_biasn, mask=mvalid[:, None] & kvalid[None, :],
                        other=0.0).to(tl.float32)
-        b2 = bias * 1.4426950408889634
+        bias_bad = (bias != bias) | (bias == float("inf"))  # counts as 0; poisons its row if attended
+        b2 = tl.where(bias_bad, 0.0, bias * 1.4426950408889634)
         b2 = tl.where(bias == float("-inf"), b2, tl.maximum(b2, -3.4028234663852886e38))
         s += b2
+        hit = (hit | bias_bad) & (bias != float("-inf"))
     if HAS_KEEP:
         keep = tl.load(KEEP_ptrs + start_n * stride_keepn, mask=mvalid[:, None] & kvalid[None, :], other=1)
         s = tl.where(keep != 0, s, FILL)
+        hit = hit & (keep != 0)
     if MASKED:
         if IS_CAUSAL:
             s = tl.where(cols[None, :] <= offs_m[:, None] + causal_offset, s, FILL)
+            hit = hit & (cols[None, :] <= offs_m[:, None] + causal_offset)
         s = tl.where(kvalid[None, :], s, float("-inf"))
+    bad_i = tl.maximum(bad_i, tl.max(hit.to(tl.int32), 1))
     m_tile = tl.max(s, 1)
     if HAS_LAMBDA:  # second stage: skip exp and P.V when every row's max trails its running max
         go = tl.max(tl.where(mvalid, m_tile - m_i, float("-inf")), 0) >= -lam  # rows past Nq never vote
@@ -149,7 +163,7 @@ def _attn_step(
         else:
             acc = tl.dot(to_16bit(p, PV_DTYPE, EMULATE), to_16bit(v, PV_DTYPE, EMULATE), acc)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, bad_i
 
 
 @triton.jit
@@ -166,6 +180,7 @@ def _attn_fwd(
     KG, stride_kgb, stride_kgh, stride_kgn,
     VG, stride_vgb, stride_vgh, stride_vgd,
     VSC, VMEAN, VALL, stride_vcb, stride_vch,
+    BAD, stride_badb, stride_badh, BADQ, stride_bqb, stride_bqh,
     BIAS, stride_biasb, stride_biash, stride_biasm, stride_biasn,
     KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
     OUT, stride_ob, stride_oh, stride_om, stride_od,
@@ -217,7 +232,8 @@ def _attn_fwd(
             q = tl.load(q_ptrs, mask=mvalid[:, None] & dvalid[None, :], other=0.0)
         else:
             q = tl.load(q_ptrs, mask=mvalid[:, None], other=0.0 if QK_FMT == 1 else 0)
-    if QK_FMT == 2:
+    if QK_FMT == 2:  # the caller's Q: a non-finite value counts as 0 (the op marks its row)
+        q = tl.where((q == q) & (tl.abs(q.to(tl.float32)) != float("inf")), q, 0.0)
         qs = qk_scale
     else:
         qs = tl.load(QS + b * stride_qsb + h * stride_qsh + offs_m // Q_GRAN, mask=mvalid, other=1.0)
@@ -255,11 +271,14 @@ def _attn_fwd(
     VG_ptrs = VG + b * stride_vgb + hk * stride_vgh + offs_dv[:, None] * stride_vgd + tl.arange(0, BLOCK_N // 16)[None, :]
     K16_ptrs = K16 + b * stride_k16b + hk * stride_k16h + offs_n[None, :] * stride_k16n + offs_d[:, None] * stride_k16d
     BIAS_ptrs = BIAS + b * stride_biasb + h * stride_biash + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn
+    BAD_ptrs = BAD + b * stride_badb + hk * stride_badh
     KEEP_ptrs = KEEP + b * stride_keepb + h * stride_keeph + offs_m[:, None] * stride_keepm + offs_n[None, :] * stride_keepn
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # 1: the row's query, or an input it attends, is non-finite
+    bad_i = tl.load(BADQ + b * stride_bqb + h * stride_bqh + offs_m, mask=mvalid, other=0).to(tl.int32)
 
     lam = 0.0
     if HAS_LAMBDA:
@@ -271,18 +290,18 @@ def _attn_fwd(
         lut = LUT + b * stride_lutb + h * stride_luth + row * stride_lutr
         for t in range(0, n_full):
             start_n = tl.load(lut + t) * BLOCK_N
-            acc, l_i, m_i = _attn_step(
-                acc, l_i, m_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
-                BIAS_ptrs, KEEP_ptrs,
+            acc, l_i, m_i, bad_i = _attn_step(
+                acc, l_i, m_i, bad_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
+                BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
                 stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
                 QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
                 K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
         for t in range(n_full, n_all):
             start_n = tl.load(lut + t) * BLOCK_N
-            acc, l_i, m_i = _attn_step(
-                acc, l_i, m_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
-                BIAS_ptrs, KEEP_ptrs,
+            acc, l_i, m_i, bad_i = _attn_step(
+                acc, l_i, m_i, bad_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
+                BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
                 stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
                 QK_FMT, PV_FP8, PV_FP4, BLOCK_M, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
@@ -299,17 +318,17 @@ def _attn_fwd(
             hi = Nk
             full_end = nk_full
         for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _attn_step(
-                acc, l_i, m_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
-                BIAS_ptrs, KEEP_ptrs,
+            acc, l_i, m_i, bad_i = _attn_step(
+                acc, l_i, m_i, bad_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
+                BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
                 stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
                 QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
                 K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
         for start_n in range(full_end, hi, BLOCK_N):
-            acc, l_i, m_i = _attn_step(
-                acc, l_i, m_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
-                BIAS_ptrs, KEEP_ptrs,
+            acc, l_i, m_i, bad_i = _attn_step(
+                acc, l_i, m_i, bad_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
+                BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
                 stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
                 QK_FMT, PV_FP8, PV_FP4, BLOCK_M, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
@@ -332,6 +351,8 @@ def _attn_fwd(
         no_key = m_i == float("-inf")
         o = tl.where(no_key[:, None], 0.0, o)
         lse = tl.where(no_key, float("-inf"), lse)
+    o = tl.where(bad_i[:, None] != 0, float("nan"), o)
+    lse = tl.where(bad_i != 0, float("nan"), lse)
     out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(out_ptrs, store_cast(o, OUT.dtype.element_ty, EMULATE), mask=mvalid[:, None] & dvvalid[None, :])
     if HAS_LSE:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit, finite_or_zero, poison
+from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit, finite_or_zero, nonfinite_rows
 from ...ops.sparse_ref import BK as SPARSE_BK
 from ...ops.sparse_ref import BQ as SPARSE_BQ
 from .. import casts
@@ -111,10 +111,14 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     block_dv = fp4_head_dim(dv) if pv == "fp4" else padded_head_dim(dv)
     smooth_q = smooth_q and quant != "none"
     qg = kg = vg = out  # NVFP4 group scales (unused placeholders otherwise)
+    # Non-finite inputs: rows of Q, K holding one (flagged by the quantize kernels), and of V
     if quant == "none":
         qbuf, kbuf, qs, ks, qbar, kmean = q, k, out, out, out, None
+        bad_q, bad_k = nonfinite_rows(q).to(torch.uint8), nonfinite_rows(k).to(torch.uint8)
     else:
-        qbuf, qs, qbar, kbuf, ks, kmean = quantize_qk(q, k, scale, quant, smooth_k, smooth_q)
+        bad_q = torch.empty(b, hq, nq, dtype=torch.uint8, device=q.device)
+        bad_k = torch.empty(b, hkv, nk, dtype=torch.uint8, device=q.device)
+        qbuf, qs, qbar, kbuf, ks, kmean = quantize_qk(q, k, scale, quant, smooth_k, smooth_q, bad_q, bad_k)
         qbar = qbar if qbar is not None else out
         if quant == "fp4":
             (qbuf, qg), (kbuf, kg) = qbuf, kbuf
@@ -129,6 +133,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     else:
         vbuf, vsc, vmean = v, kmean, kmean
         v_strides = tuple(v.stride())
+    bad_kv = (bad_k | nonfinite_rows(v).to(torch.uint8)).contiguous()  # [B, Hkv, Nk]: the kernel marks rows
     finite_fill = masked_value != -math.inf
     vall = finite_or_zero(v).mean(dim=-2).contiguous() if finite_fill else (vsc if pv in ("fp8", "fp4") else kmean)
     vc = vsc if pv in ("fp8", "fp4") else vall
@@ -160,6 +165,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         kg, *((kg.stride(0), kg.stride(1), kg.stride(2)) if quant == "fp4" else (0, 0, 0)),
         vg, *((vg.stride(0), vg.stride(1), vg.stride(2)) if pv == "fp4" else (0, 0, 0)),
         vsc, vmean, vall, vc.stride(0), vc.stride(1),
+        bad_kv, bad_kv.stride(0), bad_kv.stride(1), bad_q, bad_q.stride(0), bad_q.stride(1),
         bias_t, *bias_s,
         keep_t, *keep_s,
         out, *out.stride(),
@@ -195,11 +201,10 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         mode = "dense" if lut is None else ("sparse2" if pv_threshold is not None else "sparse")
         mode = "fp4" if fp4 and mode == "dense" else mode
         wrap_triton(autotuned_kernel(arch, block_d, mode))[grid](*args, **consts)
-    out = poison(out, q, k, v, is_causal, causal_offset)
     if lse is None:
         return out
     if quant != "none" and smooth_k:  # the kernel's logits were shifted by -scale * q . kmean per row
         km = kmean.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, D]
-        lse = lse + scale * torch.matmul(q.float(), km[..., None]).squeeze(-1)
+        lse = lse + scale * torch.matmul(finite_or_zero(q), km[..., None]).squeeze(-1)
     return out, lse
 

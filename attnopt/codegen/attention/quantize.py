@@ -36,12 +36,14 @@ def _quant_rows_kernel(
     XS, stride_sb, stride_sh,
     XBAR, stride_bb, stride_bh, stride_bn,
     XG, stride_gb, stride_gh, stride_gn,
+    BAD, stride_fb, stride_fh,
     N, D, mult,
     GRAN: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr,
-    SUB_MEAN: tl.constexpr, BLOCK_MEAN: tl.constexpr, EMULATE: tl.constexpr,
+    SUB_MEAN: tl.constexpr, BLOCK_MEAN: tl.constexpr, HAS_BAD: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """One program quantizes GRAN rows of one (batch, head): [GRAN, D] -> int8/fp8 + one scale,
-    or (NVFP4) packed e2m1 + e4m3 group scales + one fp32 scale."""
+    or (NVFP4) packed e2m1 + e4m3 group scales + one fp32 scale. A non-finite value counts as 0
+    everywhere (scale, block mean, codes); with HAS_BAD, BAD gets 1 for each row that held one."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -52,7 +54,11 @@ def _quant_rows_kernel(
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
                 mask=mask, other=0.0).to(tl.float32)
-    x = tl.where((x == x) & (tl.abs(x) != float("inf")), x, 0.0)  # non-finite -> 0: scales stay sane
+    finite = (x == x) & (tl.abs(x) != float("inf"))
+    x = tl.where(finite, x, 0.0)  # non-finite -> 0: scales stay sane
+    if HAS_BAD:
+        tl.store(BAD + b * stride_fb + h * stride_fh + rows, tl.max(tl.where(finite, 0, 1), axis=1).to(tl.uint8),
+                 mask=rmask)
     if SUB_MEAN:  # K smoothing: the token mean of this (batch, head), per channel
         mean = tl.load(MEAN + b * stride_mb + h * stride_mh + cols * stride_md, mask=cmask, other=0.0)
         x = tl.where(mask, x - mean[None, :], 0.0)
@@ -141,9 +147,11 @@ def fp4_head_dim(d: int) -> int:
 
 
 def quantize_rows_triton(x: torch.Tensor, gran: int, fmt: str, mult: float = 1.0,
-                         mean: torch.Tensor | None = None, block_mean: bool = False):
+                         mean: torch.Tensor | None = None, block_mean: bool = False,
+                         bad: torch.Tensor | None = None):
     """x [B, H, N, D] -> (xq [B, H, N, BLOCK_D], scales [B, H, nb] fp32, block means or None);
-    for "fp4", xq is (packed codes [B, H, N, BLOCK_D / 2], e4m3 group scales [B, H, N, BLOCK_D / 16])."""
+    for "fp4", xq is (packed codes [B, H, N, BLOCK_D / 2], e4m3 group scales [B, H, N, BLOCK_D / 16]).
+    `bad` (uint8 [B, H, N], optional) receives 1 for each row of x holding a NaN or an Inf."""
     b, h, n, d = x.shape
     bd = fp4_head_dim(d) if fmt == "fp4" else padded_head_dim(d)
     nb = triton.cdiv(n, gran)
@@ -166,18 +174,21 @@ def quantize_rows_triton(x: torch.Tensor, gran: int, fmt: str, mult: float = 1.0
         xs, xs.stride(0), xs.stride(1),
         xbar, *bar_strides,
         xg, xg.stride(0), xg.stride(1), xg.stride(2),
+        bad if bad is not None else xs, *((bad.stride(0), bad.stride(1)) if bad is not None else (0, 0)),
         n, d, float(mult),
         GRAN=gran, BLOCK_D=bd, FMT=FORMATS[fmt],
-        SUB_MEAN=mean is not None, BLOCK_MEAN=block_mean, EMULATE=casts.EMULATE,
+        SUB_MEAN=mean is not None, BLOCK_MEAN=block_mean, HAS_BAD=bad is not None, EMULATE=casts.EMULATE,
     )
     return (xq, xg) if fmt == "fp4" else xq, xs, (xbar if block_mean else None)
 
 
-def quantize_qk(q, k, scale: float, fmt: str, smooth_k: bool, smooth_q: bool):
-    """Q with scale*log2(e) folded (and optionally block-smoothed), K mean-smoothed; per block."""
+def quantize_qk(q, k, scale: float, fmt: str, smooth_k: bool, smooth_q: bool, bad_q=None, bad_k=None):
+    """Q with scale*log2(e) folded (and optionally block-smoothed), K mean-smoothed; per block.
+    K's token mean, the scales and Q's block means count a non-finite value as 0; bad_q / bad_k
+    (uint8 [B, H, N], optional) receive the rows that held one."""
     kmean = finite_or_zero(k).mean(dim=-2) if smooth_k else None  # [B, Hkv, D]
-    qq, qs, qbar = quantize_rows_triton(q, Q_GRAN, fmt, mult=scale * LOG2E, block_mean=smooth_q)
-    kq, ks, _ = quantize_rows_triton(k, K_GRAN, fmt, mean=kmean)
+    qq, qs, qbar = quantize_rows_triton(q, Q_GRAN, fmt, mult=scale * LOG2E, block_mean=smooth_q, bad=bad_q)
+    kq, ks, _ = quantize_rows_triton(k, K_GRAN, fmt, mean=kmean, bad=bad_k)
     return qq, qs, qbar, kq, ks, kmean
 
 

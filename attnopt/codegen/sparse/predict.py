@@ -8,7 +8,8 @@
 
 Selection (sort, cumulative mass) stays in torch and is shared with ops/sparse_ref (select_sparge,
 select_xattention): it works on [nqb, nkb] per head, tiny next to attention. The arithmetic is
-ops/sparse_ref's, which the tests compare against.
+ops/sparse_ref's, which the tests compare against; like it, both kernels read a non-finite Q / K
+value as 0 (one bad token must not change another block's pooled statistics or scores).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ...ops.attention_ref import finite_or_zero
 from ...ops.sparse_ref import BK, BQ, n_blocks, select_sparge, select_xattention, sparge_grid
 
 
@@ -34,6 +36,7 @@ def _pool_kernel(X, stride_xb, stride_xh, stride_xn, stride_xd, MEAN, stride_mb,
     mask = rmask[:, None] & (cols < D)[None, :]
     x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
                 mask=mask, other=0.0).to(tl.float32)
+    x = tl.where((x == x) & (tl.abs(x) != float("inf")), x, 0.0)  # non-finite -> 0, as the reference
     if SUB_MEAN:
         mu = tl.load(MEAN + b * stride_mb + h * stride_mh + cols, mask=cols < D, other=0.0)
         x = tl.where(mask, x - mu[None, :], 0.0)
@@ -68,7 +71,7 @@ def predict_sparge_triton(q, k, scale: float, tau, theta, topk=None, sink: bool 
     hkv, nk = k.shape[1], k.shape[2]
     dev = q.device
     qhat, qsim = pool_blocks(q, BQ)
-    khat, ksim = pool_blocks(k, BK, mean=k.float().mean(dim=-2).contiguous())
+    khat, ksim = pool_blocks(k, BK, mean=finite_or_zero(k).mean(dim=-2).contiguous())
     g = hq // hkv
     khat, ksim = khat.repeat_interleave(g, 1), ksim.repeat_interleave(g, 1)
     valid, diag = sparge_grid(nq, nk, is_causal, causal_offset, dev)
@@ -92,6 +95,8 @@ def _xattn_block(Q, K, b, h, hk, i0, c0, stride_qb, stride_qh, stride_qn, stride
                      mask=(qi < Nq)[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
         kt = tl.load(K + b * stride_kb + hk * stride_kh + kj[None, :] * stride_kn + dd[:, None] * stride_kd,
                      mask=(kj < Nk)[None, :] & (dd < D)[:, None], other=0.0).to(tl.float32)
+        qt = tl.where((qt == qt) & (tl.abs(qt) != float("inf")), qt, 0.0)  # non-finite -> 0, as the reference
+        kt = tl.where((kt == kt) & (tl.abs(kt) != float("inf")), kt, 0.0)
         acc += tl.dot(qt, kt, input_precision="ieee")
     at = acc * scale
     valid = (rc * S < Nk)[None, :] & (ri * S < Nq)[:, None]
