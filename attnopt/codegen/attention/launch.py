@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -21,15 +20,12 @@ from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit, finite_or_z
 from ...ops.sparse_ref import BK as SPARSE_BK
 from ...ops.sparse_ref import BQ as SPARSE_BQ
 from .. import casts
+from ...switches import interpreted
 from ..arch import ARCHS, Tile, autotune_bucket, fp4_tiles
 from .kernel import _attn_fwd
 from .quantize import fp4_head_dim, padded_head_dim, quantize_qk, quantize_v_fp4, quantize_v_fp8
 
 QK_FORMATS = {"int8": 0, "fp8": 1, "none": 2, "fp4": 3}
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _sparse_tile(t: Tile, second_stage: bool = False) -> Tile:
