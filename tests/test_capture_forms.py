@@ -263,3 +263,41 @@ def test_transformers_gpt2_attention_is_rewritten_end_to_end(impl):
     assert [s.module for s in att] == ["transformer.h.0.attn", "transformer.h.1.attn"], att
     assert all(s.status == "rewritten" and s.details["causal_offset"] == 0 for s in att), att
     assert rel_l1(logits.double(), exact) <= 0.03
+
+
+# ----------------------------------------------------------------- MQA through SDPA's enable_gqa
+
+def _compiled_vs_float64(fn, *inputs):
+    """rel-L1 of fn compiled with attnopt against fn itself in float64 on the same (rounded) inputs."""
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=attnopt.backend(ALL_SITES))(*inputs)
+    torch._dynamo.reset()
+    return rel_l1(out.double(), fn(*(t.double() if t.is_floating_point() else t for t in inputs)))
+
+
+@pytest.mark.parametrize("b, hq", [(b, hq) for b in (1, 2, 3, 4) for hq in (2, 4)] + [(1, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_enable_gqa_with_one_kv_head(b, hq, dtype):
+    """k / v [B, 1, N, D]: the size-1 head dim has no batch atom; B must stay the batch (not heads)."""
+    q, k, v = randn(b, hq, N, D, dtype=dtype), randn(b, 1, N, D, dtype=dtype), randn(b, 1, N, D, dtype=dtype)
+    m = Sdpa(enable_gqa=True)
+    report = check(m, q, k, v, kv_heads=1)
+    assert [s.details["q_heads"] for s in report.sites if s.kind == "attention"] == [hq]
+    assert _compiled_vs_float64(m, q, k, v) <= 0.025
+
+
+@pytest.mark.parametrize("b, hq, hkv", [(3, 4, 2), (2, 6, 3), (4, 8, 2)])
+def test_sdpa_enable_gqa_batch_vs_heads(b, hq, hkv):
+    """B equal to or a divisor of the head counts must not be taken for heads."""
+    q, k, v = randn(b, hq, 33, D), randn(b, hkv, 33, D), randn(b, hkv, 33, D)
+    m = Sdpa(enable_gqa=True, is_causal=True)
+    check(m, q, k, v, kv_heads=hkv, causal=True)
+    assert _compiled_vs_float64(m, q, k, v) <= 0.025
+
+
+def test_manual_mqa_expand_reads_one_kv_head():
+    """repeat_kv with one KV head ([B, 1, N, D] expanded to every query head)."""
+    q, k, v = randn(3, 4, N, D), randn(3, 1, N, D), randn(3, 1, N, D)
+    m = Manual(gqa="repeat_kv", causal="tril")
+    check(m, q, k, v, kv_heads=1, causal=True)
+    assert _compiled_vs_float64(m, q, k, v) <= 0.025

@@ -69,6 +69,7 @@ class AttentionSite:
     dropout_p: float = 0.0
     logits_node: fx.Node | None = None  # masks broadcast against this node's shape
     heads: object = None  # query heads when the graph states them (4-D SDPA input / logits)
+    kv_heads: object = None  # K/V heads when the graph states them (4-D SDPA k / v, enable_gqa)
     internal: set = field(default_factory=set)  # nodes the rewrite makes dead
     reject: str | None = None  # set when the site cannot be rewritten safely
 
@@ -142,6 +143,11 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     lead = list(range(nd - 2))
     site.q, site.k, site.v = (_operand(x, lead, nd - 2, nd - 1) for x in (q, k, v))
     site.heads = shape(q)[-3] if nd == 4 else None
+    if nd == 4:
+        if not known_eq(shape(k)[-3], shape(v)[-3]):
+            site.reject = "k and v have different head counts"
+            return site
+        site.kv_heads = shape(k)[-3]
     scale = node.kwargs.get("scale")
     site.scale = float(scale) if scale is not None else 1.0 / math.sqrt(static_int(shape(q)[-1]))
     site.dropout_p = float(arg(drop_at, 0.0) or 0.0)

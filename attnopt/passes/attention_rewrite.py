@@ -243,6 +243,17 @@ def build_qkv(b: GraphBuilder, site: AttentionSite):
 
     def kv(op: Operand) -> tuple[fx.Node, int]:
         kb = op.batch
+        if site.kv_heads is not None and not known_eq(site.kv_heads, hq):
+            # SDPA enable_gqa: the 4-D input states its own head count. Its batch atoms flatten
+            # (batch, kv head) in order; a size-1 head dim has no atom, so the atoms alone cannot
+            # tell a batch from a head (MQA).
+            hkv = _int_size(site.kv_heads, "kv head count")
+            if hkv <= 0 or hq % hkv:
+                raise Reject(f"{hq} query heads are not a multiple of {hkv} kv heads")
+            return _as_bhnd(b, op, hkv), hkv
+        if (len(kb) >= 1 and kb[-1].broadcast and known_eq(kb[-1].size, hq) and hq > 1
+                and known_eq(_size(kb[:-1]) * hq, total)):
+            return _as_bhnd(b, op, 1, drop_bcast_last=True), 1  # one kv head repeated to all: MQA
         if (len(kb) >= 2 and kb[-1].broadcast and not kb[-2].broadcast and hq > 1
                 and known_eq(kb[-2].size * kb[-1].size, hq) and known_eq(_size(kb[:-2]) * hq, total)):
             hkv = _int_size(kb[-2].size, "kv head count")  # repeat_kv / repeat_interleave: GQA

@@ -194,11 +194,15 @@ class GraphBuilder:
             if key in self.anchor.meta:
                 node.meta[key] = self.anchor.meta[key]
         fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-        if self.fake_mode is not None:
-            with self.fake_mode:
+        try:
+            if self.fake_mode is not None:
+                with self.fake_mode:
+                    node.meta["val"] = target(*fake_args, **fake_kwargs)
+            else:
                 node.meta["val"] = target(*fake_args, **fake_kwargs)
-        else:
-            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        except Exception:
+            self.graph.erase_node(node)  # a node whose op fails must not stay in the graph
+            raise
         self.created.append(node)
         return node
 
