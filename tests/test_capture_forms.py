@@ -301,3 +301,61 @@ def test_manual_mqa_expand_reads_one_kv_head():
     m = Manual(gqa="repeat_kv", causal="tril")
     check(m, q, k, v, kv_heads=1, causal=True)
     assert _compiled_vs_float64(m, q, k, v) <= 0.025
+
+
+# ------------------------------------------------- causal masks from sliced query positions
+
+SLICES = {
+    "k-q:": lambda pos, q, k: pos[k - q:],
+    "-q:": lambda pos, q, k: pos[-q:],
+    "-q:k": lambda pos, q, k: pos[-q:k],
+    "k-q:k": lambda pos, q, k: pos[k - q:k],
+    "-q:-0": lambda pos, q, k: pos[-q:None],
+    "narrow": lambda pos, q, k: pos.narrow(0, k - q, q),
+}
+
+
+class SlicedCausal(nn.Module):
+    """Query positions are the last q of k positions (a KV cache's new tokens), sliced from arange(k)."""
+
+    def __init__(self, slice_form, apply):
+        super().__init__()
+        self.slice_form, self.apply = slice_form, apply
+
+    def forward(self, q, k, v):
+        nq, nk = q.shape[-2], k.shape[-2]
+        kpos = torch.arange(nk, device=q.device)
+        qpos = SLICES[self.slice_form](kpos, nq, nk)
+        keep = kpos[None, :] <= qpos[:, None]
+        if self.apply == "sdpa_bool":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        if self.apply == "sdpa_additive":
+            mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, torch.finfo(q.dtype).min)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if self.apply == "where":
+            s = torch.where(keep, s, torch.finfo(s.dtype).min)
+        else:
+            s = s.masked_fill(~keep, float("-inf"))
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("slice_form", list(SLICES))
+@pytest.mark.parametrize("apply", ["where", "masked_fill", "sdpa_bool", "sdpa_additive"])
+@pytest.mark.parametrize("nq, nk", [(64, 128), (33, 77)])
+def test_causal_mask_from_sliced_query_positions(slice_form, apply, nq, nk):
+    q, k, v = randn(B, H, nq, D), randn(B, H, nk, D), randn(B, H, nk, D)
+    m = SlicedCausal(slice_form, apply)
+    report = check(m, q, k, v)
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    if site.details["causal_offset"] is not None:  # when read as the kernel's rule, aligned bottom-right
+        assert site.details["causal_offset"] == nk - nq, site.details
+    assert _compiled_vs_float64(m, q, k, v) <= 0.025
+
+
+def test_negative_slice_start_is_the_causal_rule():
+    """The exact case of the issue: arange(k)[-q:] with q=64, k=128 gives causal_offset 64."""
+    q, k, v = randn(B, H, 64, D), randn(B, H, 128, D), randn(B, H, 128, D)
+    for apply in ("where", "sdpa_bool"):
+        report = check(SlicedCausal("-q:", apply), q, k, v, causal=True)
+        assert [s.details["causal_offset"] for s in report.sites] == [64]
