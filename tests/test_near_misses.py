@@ -75,14 +75,30 @@ def test_returned_attention_weights_keep_the_site_dense():
     assert "used elsewhere" in r.sites[0].reason
 
 
-def test_logit_softcap_is_skipped_with_reason():
+def test_logit_softcap_is_captured_and_exact():
+    """Soft-capping runs inside the kernel (cap 30, scale 1/30 * 30 = 1)."""
     def f(q, k, v):
         s = torch.tanh(q @ k.transpose(-1, -2) / 30.0) * 30.0
         return s.softmax(dim=-1) @ v
 
-    r = _run(f, *_qkv())
+    q, k, v = _qkv()
+    r = _run(f, q, k, v)
+    assert r.rewritten("attention") and r.sites[0].details["softcap"] == 30.0, r
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=attnopt.backend(ALL_SITES))(q, k, v)
+    assert rel_l1(out.double(), f(q.double(), k.double(), v.double())) < 0.025
+
+
+def test_bias_inside_softcap_tanh_is_skipped_with_reason():
+    bias = randn(1, 1, N, N)
+
+    def f(q, k, v, bias):
+        s = torch.tanh((q @ k.transpose(-1, -2) + bias) / 30.0) * 30.0
+        return s.softmax(dim=-1) @ v
+
+    r = _run(f, *_qkv(), bias)
     _assert_untouched(r)
-    assert r.sites and "tanh" in r.sites[0].reason
+    assert r.sites and "soft-capping" in r.sites[0].reason
 
 
 def test_relative_position_matmul_in_logits_is_skipped():

@@ -120,8 +120,8 @@ class NearMiss(nn.Module):
         if self.kind == "probs_out":
             p = s.softmax(-1)
             return p @ v, p
-        if self.kind == "softcap":
-            return (torch.tanh(s / 5) * 5).softmax(-1) @ v
+        if self.kind == "softcap_bias_inside":  # soft-capping is captured; a bias inside tanh is not it
+            return (torch.tanh((s + m) / 5) * 5).softmax(-1) @ v
         if self.kind == "two_matmuls":
             return (s + q @ v.transpose(-1, -2)).softmax(-1) @ v
         raise AssertionError(self.kind)
@@ -139,7 +139,8 @@ class NearMiss(nn.Module):
         return (s.softmax(-1) @ v[:, :hk, None]).reshape(b, h, n, d)
 
 
-MISS_KINDS = ["softmax_dim", "scale_after", "multiplicative", "not_partner", "probs_out", "softcap", "two_matmuls"]
+MISS_KINDS = ["softmax_dim", "scale_after", "multiplicative", "not_partner", "probs_out", "softcap_bias_inside",
+              "two_matmuls"]
 MASK_KINDS = ["mask_head_major", "mask_grouped_heads"]
 
 

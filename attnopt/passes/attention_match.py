@@ -67,6 +67,7 @@ class AttentionSite:
     keep: KeepMask = field(default_factory=KeepMask)
     fill: float = -math.inf
     dropout_p: float = 0.0
+    softcap: float = 0.0  # > 0: logits = softcap * tanh(scale * qk / softcap) before bias and masks
     logits_node: fx.Node | None = None  # masks broadcast against this node's shape
     heads: object = None  # query heads when the graph states them (4-D SDPA input / logits)
     kv_heads: object = None  # K/V heads when the graph states them (4-D SDPA k / v, enable_gqa)
@@ -367,7 +368,7 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
             if cur is None:
                 site.reject = f"{chain[-1].target} between QK^T and softmax is not a scale or mask"
                 return site
-        elif is_call(cur, *_PASSTHRU):
+        elif is_call(cur, *_PASSTHRU, aten.tanh.default):
             cur = cur.args[0]
         else:
             site.reject = f"unsupported op {cur.target} between QK^T and softmax"
@@ -474,7 +475,7 @@ def _leads_to_bmm(n: fx.Node, depth: int = 0) -> bool:
         return False
     if is_call(n, *_BMM):
         return True
-    if is_layout_op(n) or is_call(n, *_PASSTHRU):
+    if is_layout_op(n) or is_call(n, *_PASSTHRU, aten.tanh.default):
         return _leads_to_bmm(n.args[0], depth + 1)
     if is_call(n, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.where.self):
         return any(_leads_to_bmm(a, depth + 1) for a in n.args if isinstance(a, fx.Node))
@@ -484,16 +485,29 @@ def _leads_to_bmm(n: fx.Node, depth: int = 0) -> bool:
 def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, logits: fx.Node) -> bool:
     """Read scale, additive masks and fills off the ops between QK^T and softmax, in order.
 
-    The logits are kept in the form where(keep, scale * qk + sum(c_i * bias_i), fill); an op that
-    does not fit that form rejects the site.
+    The logits are kept in the form where(keep, scale * qk + sum(c_i * bias_i), fill), or with
+    soft-capping where(keep, a * tanh(b * qk) + sum(c_i * bias_i), fill) (then softcap = a and
+    scale = a * b); an op that does not fit that form rejects the site.
     """
     biases: list = []
     keep = KeepMask()
     fill = None
     prev = logits  # the node carrying the logits into n
-    for n in chain:
+    tanh_at = next((i for i, n in enumerate(chain) if n.target is aten.tanh.default), None)
+    pre_tanh = None  # the multiplier inside tanh, once it is seen
+    for i, n in enumerate(chain):
         t = n.target
-        if t in (aten.mul.Tensor, aten.div.Tensor):
+        if tanh_at is not None and i < tanh_at and t not in (aten.mul.Tensor, aten.div.Tensor) and \
+                t not in _PASSTHRU:
+            site.reject = (f"{t} before the logit soft-capping tanh: only a scale may come before it "
+                           "(a mask or bias inside tanh is not soft-capping)")
+            return False
+        if t is aten.tanh.default:
+            if pre_tanh is not None:
+                site.reject = "tanh applied twice to the logits"
+                return False
+            pre_tanh, scale = scale, 1.0
+        elif t in (aten.mul.Tensor, aten.div.Tensor):
             c = scalar_value(n.args[1]) if scalar_value(n.args[1]) is not None else scalar_value(n.args[0])
             if c is None or c == 0:
                 site.reject = "logits scaled by a non-constant"
@@ -543,6 +557,9 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
                 return False
             keep = _and_keep(keep, split_keep(cond, negated))
         prev = n
+    if pre_tanh is not None:  # a * tanh(b * qk): cap a, and a * b the scale the op divides by a
+        site.softcap = scale
+        scale = scale * pre_tanh
     site.scale = scale
     site.bias = biases
     site.keep = keep

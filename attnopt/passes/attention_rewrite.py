@@ -166,6 +166,8 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         if got != need:
             raise Reject(f"block mask is {got[0]}x{got[1]} blocks; this site needs {need[0]}x{need[1]}")
     kernel = describe_attention_kernel(spec, quant, pv, d, q.device.type)
+    if site.softcap:
+        kernel += f" +softcap {site.softcap:g}"
     if sparsity is not None:
         kernel += f" +{sparsity['method']}" + ("+pv-skip" if sparsity.get("pv_threshold") is not None else "")
     return SiteParams(quant, pv, a["smooth_k"], a["smooth_q"] and sparsity is None, spec.name, kernel, sparsity,
@@ -317,13 +319,14 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
         head = (q4, k4, v4, bias, keep, float(site.fill), causal, int(offset), float(site.scale),
                 params.quant, params.pv, params.smooth_k)
         sp = json.dumps(params.sparsity, sort_keys=True) if params.sparsity is not None else ""
+        cap = (float(site.softcap),) if site.softcap else ()  # the ops' last argument, 0.0 (off) by default
         if probe_key is not None:
             out = b.call(torch.ops.attnopt.attention_probe.default, *head, params.smooth_q, params.arch, "auto", sp,
-                         probe_key)
+                         probe_key, *cap)
         elif sp:
-            out = b.call(torch.ops.attnopt.sparse_attention.default, *head, params.arch, "auto", sp)
+            out = b.call(torch.ops.attnopt.sparse_attention.default, *head, params.arch, "auto", sp, *cap)
         else:
-            out = b.call(torch.ops.attnopt.attention.default, *head, params.smooth_q, params.arch, "auto")
+            out = b.call(torch.ops.attnopt.attention.default, *head, params.smooth_q, params.arch, "auto", *cap)
         anchor_shape = shape(site.anchor)
         if len(anchor_shape) == 4:
             final = b.reshape(out, [-1, hq, b.dim(out, 2), b.dim(out, 3)])
