@@ -359,3 +359,160 @@ def test_negative_slice_start_is_the_causal_rule():
     for apply in ("where", "sdpa_bool"):
         report = check(SlicedCausal("-q:", apply), q, k, v, causal=True)
         assert [s.details["causal_offset"] for s in report.sites] == [64]
+
+
+# ------------------------------------------------- forms torch's SDPA fusion and real models use
+
+def _fn_module(fn):
+    class M(nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+
+    return M()
+
+
+def _rewritten_and_exact(fn, *inputs, bound=0.025, exact=None):
+    """fn is rewritten (one site) and, compiled, equals fn in float64 (or `exact`) within bound."""
+    report = inspect(_fn_module(fn), *inputs)
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    assert site.status == "rewritten", site.reason
+    torch._dynamo.reset()
+    out = torch.compile(_fn_module(fn), backend=attnopt.backend(ALL_SITES))(*inputs)
+    torch._dynamo.reset()
+    ref = exact if exact is not None else fn(*(t.double() if t.is_floating_point() else t for t in inputs))
+    assert rel_l1(out.double(), ref.double()) <= bound
+    return site
+
+
+def _split_scale(q, k, v, s=0.125):
+    return ((q * s ** 0.5) @ (k * s ** 0.5).transpose(-1, -2)).softmax(-1) @ v
+
+
+def _split_scale_safe_softmax(q, k, v, s=0.125):
+    """SDPA's math path: fp32 upcast, sqrt(scale) on q and k, aten._safe_softmax."""
+    logits = (q.float() * s ** 0.5) @ (k.float() * s ** 0.5).transpose(-1, -2)
+    return torch.ops.aten._safe_softmax(logits, -1).to(v.dtype) @ v
+
+
+def _split_scale_safe_softmax_16bit(q, k, v, s=0.125):
+    return torch.ops.aten._safe_softmax((q * s ** 0.5) @ (k * s ** 0.5).transpose(-1, -2), -1) @ v
+
+
+@pytest.mark.parametrize("fn", [_split_scale, _split_scale_safe_softmax, _split_scale_safe_softmax_16bit])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_split_across_q_and_k(fn, dtype):
+    q, k, v = (randn(B, H, N, D, dtype=dtype) for _ in range(3))
+    site = _rewritten_and_exact(fn, q, k, v)
+    assert math.isclose(site.details["scale"], 0.125, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("scale_by", ["0-d tensor input", "per-channel vector", "per-head tensor"])
+def test_q_scaled_by_a_tensor_is_not_folded_as_a_constant(scale_by):
+    """Near miss of the split scale: a tensor multiplier is part of q (or the site is skipped), never
+    read as a constant; either way the result is the float64 one."""
+    q, k, v = (randn(B, H, N, D) for _ in range(3))
+    t = {"0-d tensor input": torch.tensor(0.3), "per-channel vector": torch.rand(D) + 0.5,
+         "per-head tensor": torch.rand(1, H, 1, 1) + 0.5}[scale_by]
+    t = t if t.dim() == 0 else t.to(q.dtype)  # a 0-d tensor does not promote q
+
+    def fn(q, k, v, t):
+        return ((q * t) @ k.transpose(-1, -2)).softmax(-1) @ v
+
+    report = inspect(_fn_module(fn), q, k, v, t)
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    if site.status == "rewritten":
+        assert site.details["scale"] == 1.0, site.details  # the tensor stays in q
+    assert _compiled_vs_float64(fn, q, k, v, t) <= 0.025
+
+
+@pytest.mark.parametrize("nq", [N, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_causal_where_then_additive_mask(nq, dtype):
+    """GPT-Neo / ImageGPT / older GPT-2: where(causal, scores, finfo.min) + attention_mask."""
+    q, k, v = randn(B, H, nq, D, dtype=dtype), randn(B, H, N, D, dtype=dtype), randn(B, H, N, D, dtype=dtype)
+    pad = torch.zeros(B, 1, 1, N, dtype=dtype)
+    pad[1, ..., N - 20:] = torch.finfo(dtype).min  # right padding: no fully masked row
+
+    def fn(q, k, v, m):
+        s = (q @ k.transpose(-1, -2)) * D ** -0.5
+        nq, nk = s.shape[-2:]
+        causal = torch.ones(nk, nk, dtype=torch.bool).tril()[nk - nq:nk, :nk]
+        s = torch.where(causal, s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype))
+        s = s + m
+        return s.softmax(-1) @ v
+
+    site = _rewritten_and_exact(fn, q, k, v, pad)
+    assert site.details["bias_terms"] == 2, site.details
+
+
+def test_causal_where_then_additive_mask_left_padding_keeps_eager_fully_masked_rows():
+    """Left padding: the first rows of batch 1 see only padded keys. Eager gives those rows
+    softmax over (finfo.min + mask) values; the rewrite keeps exactly those values, so it matches
+    fp32 eager there too (finfo.min + finfo.min overflows to -inf in fp32, not in float64)."""
+    q, k, v = (randn(B, H, N, D) for _ in range(3))
+    pad = torch.zeros(B, 1, 1, N, dtype=torch.float32)
+    pad[1, ..., :20] = torch.finfo(torch.float32).min
+
+    def fn(q, k, v, m):
+        s = q.float() @ k.float().transpose(-1, -2) * D ** -0.5
+        s = torch.where(torch.ones(N, N, dtype=torch.bool).tril(), s, torch.finfo(torch.float32).min) + m
+        return s.softmax(-1).to(v.dtype) @ v
+
+    eager_fp32 = fn(q.float(), k.float(), v.float(), pad)
+    _rewritten_and_exact(fn, q, k, v, pad, exact=eager_fp32)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.float32, torch.float16])
+@pytest.mark.parametrize("how", ["add", "masked_fill", "bmm_add", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masks_of_another_dtype(mask_dtype, how, dtype):
+    """Eager type promotion decides the softmax input (bf16 scores + an fp32 mask softmax in fp32;
+    a bool or int mask added is 0/1 or its integers); the rewrite computes the same function."""
+    q, k, v = (randn(B, H, N, D, dtype=dtype) for _ in range(3))
+    keep = torch.rand(B, 1, N, N) > 0.3
+    keep[..., 0] = True
+    if mask_dtype is torch.bool:
+        m = keep
+    else:
+        m = torch.where(keep, 0, -10000).to(mask_dtype)
+    if how == "sdpa" and mask_dtype in (torch.int32, torch.float16) and mask_dtype != dtype:
+        pytest.skip("SDPA itself rejects a float mask of another dtype than q / an int mask")
+
+    def fn(q, k, v, m):
+        if how == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m.to(q.dtype) if m.dtype == torch.float32 else m)
+        if how == "masked_fill":
+            keep_ = m if m.dtype == torch.bool else m == 0
+            return (q @ k.transpose(-1, -2) * 0.2).masked_fill(~keep_, float("-inf")).softmax(-1) @ v
+        if how == "bmm_add":  # [B*H, N, D] bmms, mask added on the [B, H, N, N] view
+            b, h, n, d = q.shape
+            s = (torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)) * 0.2).view(b, h, n, n) + m
+            return torch.bmm(s.softmax(-1).to(v.dtype).flatten(0, 1), v.flatten(0, 1)).view(b, h, n, d)
+        return ((q @ k.transpose(-1, -2) * 0.2) + m).softmax(-1).to(v.dtype) @ v
+
+    _rewritten_and_exact(fn, q, k, v, m)
+
+
+def _bloom(q, k, v, alibi, beta=1.0):
+    """Bloom: ALiBi through baddbmm's input, causal mask, fp32 softmax, [B*H, N, D] bmms."""
+    b, h, n, d = q.shape
+    s = torch.baddbmm(alibi, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), beta=beta, alpha=d ** -0.5)
+    s = s.view(b, h, n, -1)
+    s = s + torch.zeros(n, n, dtype=s.dtype).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(),
+                                                          torch.finfo(s.dtype).min)
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(p.view(b * h, n, -1), v.flatten(0, 1)).view(b, h, n, d)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+@pytest.mark.parametrize("alibi_shape", ["bloom", "full"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_alibi_through_baddbmm(beta, alibi_shape, dtype):
+    q, k, v = (randn(B, H, N, D, dtype=dtype) for _ in range(3))
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)])
+    if alibi_shape == "bloom":  # [B*H, 1, N]: slope * key position
+        alibi = (slopes[:, None, None] * torch.arange(N)[None, None, :]).repeat(B, 1, 1)
+    else:
+        alibi = torch.randn(B * H, N, N)
+    site = _rewritten_and_exact(lambda *a: _bloom(*a, beta=beta), q, k, v, alibi.to(dtype))
+    assert site.details["bias_terms"] >= 1

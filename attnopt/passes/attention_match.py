@@ -232,17 +232,28 @@ def _all_neginf_rows(cond: fx.Node, x: fx.Node) -> bool:
 def _softmax_input(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """If `node` computes softmax(x, -1) (any of its decompositions), return (x, its nodes)."""
     if is_call(node, aten.where.self) and _is_zero(node.args[1]):
-        # safe softmax: where(row all -inf, 0, softmax(x)); fully masked rows -> 0, as our op
-        inner = _softmax_input(node.args[2])
+        # safe softmax: where(row all -inf, 0, softmax(x)); fully masked rows -> 0, as our op.
+        # On 16-bit logits the softmax runs on an fp32 upcast and is cast back; the row test
+        # reads the 16-bit logits (an upcast keeps -inf, so it is the same test).
+        sm, casts = node.args[2], []
+        while is_call(sm, *_CAST):
+            casts.append(sm)
+            sm = sm.args[0]
+        inner = _softmax_input(sm)
         if inner is None:
             return None
         x, nodes = inner
-        if not _all_neginf_rows(node.args[0], x):
-            return None
+        nodes = nodes + casts
+        probe = x
+        while not _all_neginf_rows(node.args[0], probe):
+            if not (is_call(probe, *_CAST) and probe.meta["val"].dtype == torch.float32
+                    and probe.args[0].meta["val"].dtype in _F16):
+                return None
+            probe = probe.args[0]
         extra, stack = [node], [node.args[0], node.args[1]]
         while stack:  # the row test's own nodes
             n = stack.pop()
-            if isinstance(n, fx.Node) and n is not x and n.op == "call_function":
+            if isinstance(n, fx.Node) and n is not x and n is not probe and n.op == "call_function":
                 extra.append(n)
                 stack.extend(a for a in n.args if isinstance(a, fx.Node))
         return x, nodes + extra
@@ -375,14 +386,18 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
             return site
     logits = cur  # first node after QK^T's layout ops (or the bmm itself)
     qk = logits
-    while is_layout_op(qk):
+    inner = []  # constant scales / casts between layout ops (bmm, scale, view, mask): they commute
+    while is_layout_op(qk) or _is_scalar_scale(qk) or is_call(qk, *_CAST):
+        if not is_layout_op(qk):
+            inner.append(qk)
         qk = qk.args[0]
     if not is_call(qk, *_BMM):
         site.reject = "softmax input is not computed from a matmul"
         return site
     chain.reverse()
+    chain = inner[::-1] + chain
     site.internal |= set(chain) | {qk}
-    ldims = trace_to(logits, qk)
+    ldims = trace_to(logits, qk, frozenset(inner))
     if ldims is None or not _logits_ok(ldims):
         site.reject = "QK^T is not laid out as [batch, queries, keys] before softmax"
         return site
@@ -395,17 +410,48 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
 
     a, b = (qk.args[1], qk.args[2]) if qk.target is aten.baddbmm.default else qk.args[:2]
     scale = 1.0
+    first_bias = []
     if qk.target is aten.baddbmm.default:
         beta = qk.kwargs.get("beta", 1)
-        if beta != 0:
-            site.reject = "baddbmm with beta != 0 adds its input to QK^T"
-            return site
         scale = float(qk.kwargs.get("alpha", 1))
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+            site.reject = f"baddbmm with beta={beta!r}"
+            return site
+        if beta != 0:  # beta * input + alpha * QK^T (Bloom's ALiBi): the input is an additive bias
+            inp = qk.args[0]
+            if not isinstance(inp, fx.Node) or len(shape(inp)) > 3:
+                site.reject = "baddbmm input is not a tensor broadcast to [batch, queries, keys]"
+                return site
+            first_bias = [(QkBias(inp), float(beta))]
     site.q, fq = _peel(_operand(a, [0], 1, 2), allow_scale=True)
     site.k, fk = _peel(_operand(b, [0], 2, 1), allow_scale=True)  # b is K^T: its rows are features
     site.v, _ = _peel(_operand(pv.args[1], [0], 1, 2), allow_scale=False)
-    _apply_score_chain(site, chain, scale * fq * fk, logits)
+    _apply_score_chain(site, chain, scale * fq * fk, logits, first_bias, n_inner=len(inner))
     return site
+
+
+@dataclass(frozen=True)
+class QkBias:
+    """A bias in the QK^T bmm's own frame [batch, queries, keys] (baddbmm's input), not the logits'."""
+
+    node: fx.Node
+
+
+@dataclass(frozen=True)
+class FillBias:
+    """where(keep, 0, fill) as an additive bias, in `dtype`: a finite masked fill followed by an
+    additive mask, eager's where(keep, s, fill) + m == where(keep, s + m, fill + m), kept exact
+    (fill + m, not fill, at masked positions) by adding both as biases instead of a keep mask."""
+
+    conds: tuple  # (node, negated): keep where every node is True (False when negated)
+    fill: float
+    dtype: torch.dtype
+
+
+def _is_scalar_scale(n) -> bool:
+    return (is_call(n, aten.mul.Tensor, aten.div.Tensor) and isinstance(n.args[0], fx.Node)
+            and scalar_value(n.args[1]) is not None and scalar_value(n.args[1]) > 0
+            and shape(n) == shape(n.args[0]))
 
 
 def _layout_nodes(top: fx.Node, bottom: fx.Node) -> set:
@@ -482,16 +528,22 @@ def _leads_to_bmm(n: fx.Node, depth: int = 0) -> bool:
     return False
 
 
-def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, logits: fx.Node) -> bool:
+def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, logits: fx.Node,
+                       first_bias: list | None = None, n_inner: int = 0) -> bool:
     """Read scale, additive masks and fills off the ops between QK^T and softmax, in order.
+
+    The first `n_inner` ops of the chain (constant scales / casts) sit below `logits`' layout ops:
+    the next op reads the logits through `logits`.
 
     The logits are kept in the form where(keep, scale * qk + sum(c_i * bias_i), fill), or with
     soft-capping where(keep, a * tanh(b * qk) + sum(c_i * bias_i), fill) (then softcap = a and
     scale = a * b); an op that does not fit that form rejects the site.
     """
-    biases: list = []
+    biases: list = list(first_bias or [])
     keep = KeepMask()
     fill = None
+    where_conds: list = []  # (cond, negated) of the torch.where fills behind `keep`
+    additive_keep = False  # part of `keep` came from an additive where(keep, 0, NEG) mask
     prev = logits  # the node carrying the logits into n
     tanh_at = next((i for i, n in enumerate(chain) if n.target is aten.tanh.default), None)
     pre_tanh = None  # the multiplier inside tanh, once it is seen
@@ -505,6 +557,9 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
         if t is aten.tanh.default:
             if pre_tanh is not None:
                 site.reject = "tanh applied twice to the logits"
+                return False
+            if biases or fill is not None:
+                site.reject = "a bias or mask inside the logit soft-capping tanh is not soft-capping"
                 return False
             pre_tanh, scale = scale, 1.0
         elif t in (aten.mul.Tensor, aten.div.Tensor):
@@ -532,8 +587,13 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
             if len(shape(other)) == 0:
                 continue
             if fill is not None and fill != -math.inf:
-                site.reject = "additive mask applied after a finite masked fill"
-                return False
+                if additive_keep or not where_conds:
+                    site.reject = "additive mask applied after a finite masked fill"
+                    return False
+                # where(keep, s, fill) + m: masked positions hold fill + m in eager; keep that
+                # exactly by turning the fill into a bias (the causal rule is then not used)
+                biases.append((FillBias(tuple(where_conds), fill, prev.meta["val"].dtype), 1.0))
+                keep, fill, where_conds = KeepMask(), None, []
             add = read_additive(other)
             if add.keep is not None and sign > 0:
                 fill = _merge_fill(site, fill, add.fill)
@@ -541,6 +601,7 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
                     return False
                 km = split_keep(add.keep, add.keep_negated)
                 keep = _and_keep(keep, km)
+                additive_keep = True
             else:
                 biases.append((other, sign))
         elif t is aten.where.self:
@@ -556,7 +617,8 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
             if fill is None:
                 return False
             keep = _and_keep(keep, split_keep(cond, negated))
-        prev = n
+            where_conds.append((cond, negated))
+        prev = n if i >= n_inner else logits
     if pre_tanh is not None:  # a * tanh(b * qk): cap a, and a * b the scale the op divides by a
         site.softcap = scale
         scale = scale * pre_tanh

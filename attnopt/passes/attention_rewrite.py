@@ -17,7 +17,7 @@ import torch.fx as fx
 from ..codegen.arch import ArchSpec, resolve_pv
 from ..codegen.attention.describe import describe_attention_kernel
 from ..logs import log
-from .attention_match import AttentionSite, Operand
+from .attention_match import AttentionSite, FillBias, Operand, QkBias
 from .graph_utils import GraphBuilder, aten, hint_int, known_eq, known_one, shape, static_int
 
 MAX_HEAD_DIM = 256
@@ -297,13 +297,44 @@ def build_masks(b: GraphBuilder, site: AttentionSite, hq: int, q4, k4):
         keep = m if keep is None else b.call(aten.logical_and.default, keep, m)
     if keep is not None:
         keep = _to_b_h_q_k(b, keep, site, hq, q4, k4)
-    bias = None
+    bias = framed = None  # biases against the logits; biases already in the op's [B, Hq, Nq, Nk] frame
     for node, coef in site.bias:
+        in_frame = isinstance(node, QkBias)
+        if in_frame:  # baddbmm's input: broadcast in the bmm frame [B*Hq, Nq, Nk]
+            node = _qk_frame_bias(b, node.node, hq, q4, k4)
+        elif isinstance(node, FillBias):
+            node = _fill_bias(b, node)
         t = node if coef == 1.0 else b.call(aten.mul.Tensor, node, coef)
-        bias = t if bias is None else b.call(aten.add.Tensor, bias, t)
+        if in_frame:
+            framed = t if framed is None else b.call(aten.add.Tensor, framed, t)
+        else:
+            bias = t if bias is None else b.call(aten.add.Tensor, bias, t)
     if bias is not None:
         bias = _to_b_h_q_k(b, bias, site, hq, q4, k4)
+    if framed is not None:
+        bias = framed if bias is None else b.call(aten.add.Tensor, framed, bias)
     return bias, keep
+
+
+def _qk_frame_bias(b: GraphBuilder, m: fx.Node, hq: int, q4: fx.Node, k4: fx.Node) -> fx.Node:
+    """A bias broadcast against the QK^T bmm [B*Hq, Nq, Nk] -> [B, Hq, Nq, Nk] (a view when its
+    batch is whole or broadcast: the bmm batch flattens (B, Hq) as the operands do)."""
+    nq, nk = b.dim(q4, 2), b.dim(k4, 2)
+    while len(shape(m)) < 3:
+        m = b.call(aten.unsqueeze.default, m, 0)
+    full = b.call(aten.expand.default, m, [b.mul(b.dim(q4, 0), hq), nq, nk])
+    return b.reshape(full, [-1, hq, nq, nk])
+
+
+def _fill_bias(b: GraphBuilder, fb: FillBias) -> fx.Node:
+    """where(all keep conditions, 0, fill) in the logits' dtype, as eager adds it."""
+    keep = None
+    for node, negated in fb.conds:
+        m = b.call(aten.bitwise_not.default, node) if negated else node
+        keep = m if keep is None else b.call(aten.logical_and.default, keep, m)
+    zero = b.call(aten.scalar_tensor.default, 0.0, dtype=fb.dtype)
+    fill = b.call(aten.scalar_tensor.default, fb.fill, dtype=fb.dtype)
+    return b.call(aten.where.self, keep, zero, fill)
 
 
 def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key: str | None = None,

@@ -186,11 +186,15 @@ def trace(node: fx.Node, accept: Callable[[Traced], bool] | None = None) -> Trac
     return Traced(node, initial_dims(node))
 
 
-def trace_to(node: fx.Node, target: fx.Node) -> Dims | None:
-    """`node`'s dims in atoms of `target`, which must lie on its layout-op chain (splits allowed)."""
+def trace_to(node: fx.Node, target: fx.Node, through: frozenset = frozenset()) -> Dims | None:
+    """`node`'s dims in atoms of `target`, which must lie on its layout-op chain (splits allowed).
+    Nodes in `through` (elementwise ops that keep their input's shape) are stepped over."""
     chain = []
     cur = node
     while cur is not target:
+        if cur in through:
+            cur = cur.args[0]
+            continue
         if not is_layout_op(cur):
             return None
         chain.append(cur)
