@@ -516,3 +516,56 @@ def test_alibi_through_baddbmm(beta, alibi_shape, dtype):
         alibi = torch.randn(B * H, N, N)
     site = _rewritten_and_exact(lambda *a: _bloom(*a, beta=beta), q, k, v, alibi.to(dtype))
     assert site.details["bias_terms"] >= 1
+
+
+# ------------------------------------------------------- DeBERTa-v2's disentangled attention
+
+def _disentangled(q, k, v, pos_k, pos_q, c2p_idx, p2c_idx, keep):
+    """DeBERTa-v2: [B*H, N, D] bmms; content-to-position and position-to-content terms (matmuls
+    with position embeddings, gathered by relative position) added to QK^T on its own frame,
+    K pre-divided by a tensor scale; then viewed to heads, masked_fill(finfo.min), softmax."""
+    bh, n, d = q.shape
+    scale = torch.sqrt(torch.tensor(d, dtype=torch.float) * 3)
+    s = torch.bmm(q, k.transpose(-1, -2) / scale.to(q.dtype))
+    c2p = torch.gather(torch.bmm(q, pos_k.transpose(-1, -2)), -1, c2p_idx.expand(bh, n, n))
+    p2c = torch.gather(torch.bmm(k, pos_q.transpose(-1, -2)), -1, p2c_idx.expand(bh, n, n)).transpose(-1, -2)
+    s = s + (c2p / scale.to(c2p.dtype) + p2c / scale.to(p2c.dtype))
+    s = s.view(-1, H, n, n).masked_fill(~keep, torch.finfo(q.dtype).min)
+    p = F.softmax(s, dim=-1)
+    return torch.bmm(p.view(-1, n, n), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [77, 200])
+def test_disentangled_attention_terms_are_an_additive_bias(dtype, n):
+    span = 32
+    q, k, v = (randn(B * H, n, D, dtype=dtype, scale=1.5) for _ in range(3))
+    pos_k, pos_q = randn(B * H, 2 * span, D, dtype=dtype), randn(B * H, 2 * span, D, dtype=dtype)
+    rel = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    c2p_idx = torch.clamp(rel + span, 0, 2 * span - 1)[None]
+    p2c_idx = torch.clamp(-rel + span, 0, 2 * span - 1)[None]
+    keep = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    keep[1, ..., n - 17:] = False
+    site = _rewritten_and_exact(_disentangled, q, k, v, pos_k, pos_q, c2p_idx, p2c_idx, keep)
+    assert site.details["bias_terms"] == 1, site.details
+
+
+def test_transformers_deberta_v2_is_captured_end_to_end():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DebertaV2Config(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=256, max_position_embeddings=256, relative_attention=True,
+                                       position_buckets=32, pos_att_type=["p2c", "c2p"], max_relative_positions=64)
+    model = transformers.DebertaV2Model(cfg).eval().bfloat16()
+    ids = torch.randint(0, 128, (2, 77))
+    mask = torch.ones(2, 77, dtype=torch.long)
+    mask[1, 60:] = 0
+    report = inspect(model, ids, mask)
+    att = [s for s in report.sites if s.kind == "attention"]
+    assert len(att) == 2 and all(s.status == "rewritten" for s in att), att
+    be = attnopt.backend(ALL_SITES)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(ids, mask).last_hidden_state
+        exact = model.double()(ids, mask).last_hidden_state
+    torch._dynamo.reset()
+    assert rel_l1(out.double(), exact) <= 0.03

@@ -386,22 +386,41 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
             return site
     logits = cur  # first node after QK^T's layout ops (or the bmm itself)
     qk = logits
-    inner = []  # constant scales / casts between layout ops (bmm, scale, view, mask): they commute
-    while is_layout_op(qk) or _is_scalar_scale(qk) or is_call(qk, *_CAST):
-        if not is_layout_op(qk):
+    # Below the logits' layout ops: constant scales and casts (they commute with layout ops), and
+    # additive terms on QK^T's own [batch, queries, keys] frame, below every layout op (DeBERTa's
+    # disentangled c2p / p2c terms: bmm + rel_att, then view to heads).
+    inner, below_layout = [], False
+    while True:
+        if is_layout_op(qk):
+            below_layout = True
+            qk = qk.args[0]
+        elif _is_scalar_scale(qk) or is_call(qk, *_CAST):
             inner.append(qk)
-        qk = qk.args[0]
+            qk = qk.args[0]
+        elif is_call(qk, aten.add.Tensor, aten.sub.Tensor) and _score_operand_of_binary(qk) is not None and \
+                all(isinstance(a, fx.Node) for a in qk.args[:2]):
+            inner.append(qk)
+            qk = _score_operand_of_binary(qk)
+        else:
+            break
     if not is_call(qk, *_BMM):
         site.reject = "softmax input is not computed from a matmul"
         return site
+    for i, n in enumerate(inner):
+        if is_call(n, aten.add.Tensor, aten.sub.Tensor):
+            below = _layout_nodes(n, qk, frozenset(inner)) - set(inner)
+            if below or not all(known_eq(a, b) for a, b in zip(shape(n), shape(qk))) or \
+                    len(shape(n)) != len(shape(qk)):
+                site.reject = "a term added to QK^T between its layout ops"
+                return site
     chain.reverse()
     chain = inner[::-1] + chain
     site.internal |= set(chain) | {qk}
-    ldims = trace_to(logits, qk, frozenset(inner))
+    ldims = trace_to(logits, qk, frozenset(inner), _inner_input)
     if ldims is None or not _logits_ok(ldims):
         site.reject = "QK^T is not laid out as [batch, queries, keys] before softmax"
         return site
-    site.internal |= _layout_nodes(logits, qk)
+    site.internal |= _layout_nodes(logits, qk, frozenset(inner))
     site.logits_node = logits
     site.heads = shape(logits)[-3] if len(shape(logits)) == 4 else None
     if len(shape(x)) != len(shape(logits)) or not all(known_eq(a, b) for a, b in zip(shape(x), shape(logits))):
@@ -448,17 +467,23 @@ class FillBias:
     dtype: torch.dtype
 
 
+def _inner_input(n: fx.Node) -> fx.Node:
+    return _score_operand_of_binary(n) if is_call(n, aten.add.Tensor, aten.sub.Tensor) else n.args[0]
+
+
 def _is_scalar_scale(n) -> bool:
     return (is_call(n, aten.mul.Tensor, aten.div.Tensor) and isinstance(n.args[0], fx.Node)
             and scalar_value(n.args[1]) is not None and scalar_value(n.args[1]) > 0
             and shape(n) == shape(n.args[0]))
 
 
-def _layout_nodes(top: fx.Node, bottom: fx.Node) -> set:
+def _layout_nodes(top: fx.Node, bottom: fx.Node, through: frozenset = frozenset()) -> set:
+    """Nodes from `top` down to `bottom` (excluded) along the score path."""
     out, cur = set(), top
     while cur is not bottom:
         out.add(cur)
-        cur = cur.args[0]
+        cur = _score_operand_of_binary(cur) if cur in through and is_call(
+            cur, aten.add.Tensor, aten.sub.Tensor) else cur.args[0]
     return out
 
 
@@ -575,6 +600,10 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
             biases = [(m, k * f) for m, k in biases]
             if fill is not None and fill != -math.inf:
                 fill *= f
+        elif t in (aten.add.Tensor, aten.sub.Tensor) and i < n_inner:  # a term on QK^T's own frame
+            score = _score_operand_of_binary(n)
+            other = n.args[1] if score is n.args[0] else n.args[0]
+            biases.append((QkBias(other), -1.0 if (t is aten.sub.Tensor and other is n.args[1]) else 1.0))
         elif t in (aten.add.Tensor, aten.sub.Tensor):
             a, b = n.args[0], n.args[1]
             other = b if a is prev else a
