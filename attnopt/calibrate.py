@@ -49,7 +49,8 @@ class SiteSearch:
         self.quant, self.pv, self.smooth_k, self.arch = quant, pv, smooth_k, arch
         self.heads = calls[0]["q"].shape[1]
         self.refs = [attention_exact(c["q"], c["k"], c["v"], c["attn_bias"], c["keep_mask"], c["masked_value"],
-                                     c["is_causal"], c["causal_offset"], c["scale"]) for c in calls]
+                                     c["is_causal"], c["causal_offset"], c["scale"], softcap=c.get("softcap", 0.0))
+                     for c in calls]
 
     def evaluate(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(rel-L1 [H], block sparsity [H]) of the rewritten site under `params`."""
@@ -80,7 +81,7 @@ class SiteSearch:
                                          c["masked_value"], c["is_causal"], c["causal_offset"], c["scale"], self.quant,
                                          self.pv, self.smooth_k, pv_threshold=pv_thresholds(params, self.heads,
                                                                                             c["q"].device),
-                                         stats=stats)
+                                         stats=stats, softcap=c.get("softcap", 0.0))
             visited = [a + b for a, b in zip(visited, stats["visited"])]
             skipped = [a + b for a, b in zip(skipped, stats["skipped"])]
         return [s / max(v, 1) for s, v in zip(skipped, visited)]
@@ -93,10 +94,10 @@ def _run(c: dict, keep, quant, pv, smooth_k, arch, lam_t):
         lut, counts = R.block_mask_to_lut(keep, c["q"].shape[2], c["k"].shape[2], c["is_causal"], c["causal_offset"])
         return attention_triton(c["q"], c["k"], c["v"], c["attn_bias"], c["keep_mask"], c["masked_value"],
                                 c["is_causal"], c["causal_offset"], c["scale"], quant, pv, smooth_k, False, arch,
-                                lut=lut, counts=counts, pv_threshold=lam_t)
+                                lut=lut, counts=counts, pv_threshold=lam_t, softcap=c.get("softcap", 0.0))
     return R.sparse_attention_reference(c["q"], c["k"], c["v"], keep, c["attn_bias"], c["keep_mask"],
                                         c["masked_value"], c["is_causal"], c["causal_offset"], c["scale"], quant, pv,
-                                        smooth_k, pv_threshold=lam_t)
+                                        smooth_k, pv_threshold=lam_t, softcap=c.get("softcap", 0.0))
 
 
 def _bisect(search: SiteSearch, make, lo: float, hi: float, target: float, steps: int = 7):

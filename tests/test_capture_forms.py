@@ -263,3 +263,309 @@ def test_transformers_gpt2_attention_is_rewritten_end_to_end(impl):
     assert [s.module for s in att] == ["transformer.h.0.attn", "transformer.h.1.attn"], att
     assert all(s.status == "rewritten" and s.details["causal_offset"] == 0 for s in att), att
     assert rel_l1(logits.double(), exact) <= 0.03
+
+
+# ----------------------------------------------------------------- MQA through SDPA's enable_gqa
+
+def _compiled_vs_float64(fn, *inputs):
+    """rel-L1 of fn compiled with attnopt against fn itself in float64 on the same (rounded) inputs."""
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=attnopt.backend(ALL_SITES))(*inputs)
+    torch._dynamo.reset()
+    return rel_l1(out.double(), fn(*(t.double() if t.is_floating_point() else t for t in inputs)))
+
+
+@pytest.mark.parametrize("b, hq", [(b, hq) for b in (1, 2, 3, 4) for hq in (2, 4)] + [(1, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_enable_gqa_with_one_kv_head(b, hq, dtype):
+    """k / v [B, 1, N, D]: the size-1 head dim has no batch atom; B must stay the batch (not heads)."""
+    q, k, v = randn(b, hq, N, D, dtype=dtype), randn(b, 1, N, D, dtype=dtype), randn(b, 1, N, D, dtype=dtype)
+    m = Sdpa(enable_gqa=True)
+    report = check(m, q, k, v, kv_heads=1)
+    assert [s.details["q_heads"] for s in report.sites if s.kind == "attention"] == [hq]
+    assert _compiled_vs_float64(m, q, k, v) <= 0.025
+
+
+@pytest.mark.parametrize("b, hq, hkv", [(3, 4, 2), (2, 6, 3), (4, 8, 2)])
+def test_sdpa_enable_gqa_batch_vs_heads(b, hq, hkv):
+    """B equal to or a divisor of the head counts must not be taken for heads."""
+    q, k, v = randn(b, hq, 33, D), randn(b, hkv, 33, D), randn(b, hkv, 33, D)
+    m = Sdpa(enable_gqa=True, is_causal=True)
+    check(m, q, k, v, kv_heads=hkv, causal=True)
+    assert _compiled_vs_float64(m, q, k, v) <= 0.025
+
+
+def test_manual_mqa_expand_reads_one_kv_head():
+    """repeat_kv with one KV head ([B, 1, N, D] expanded to every query head)."""
+    q, k, v = randn(3, 4, N, D), randn(3, 1, N, D), randn(3, 1, N, D)
+    m = Manual(gqa="repeat_kv", causal="tril")
+    check(m, q, k, v, kv_heads=1, causal=True)
+    assert _compiled_vs_float64(m, q, k, v) <= 0.025
+
+
+# ------------------------------------------------- causal masks from sliced query positions
+
+SLICES = {
+    "k-q:": lambda pos, q, k: pos[k - q:],
+    "-q:": lambda pos, q, k: pos[-q:],
+    "-q:k": lambda pos, q, k: pos[-q:k],
+    "k-q:k": lambda pos, q, k: pos[k - q:k],
+    "-q:-0": lambda pos, q, k: pos[-q:None],
+    "narrow": lambda pos, q, k: pos.narrow(0, k - q, q),
+}
+
+
+class SlicedCausal(nn.Module):
+    """Query positions are the last q of k positions (a KV cache's new tokens), sliced from arange(k)."""
+
+    def __init__(self, slice_form, apply):
+        super().__init__()
+        self.slice_form, self.apply = slice_form, apply
+
+    def forward(self, q, k, v):
+        nq, nk = q.shape[-2], k.shape[-2]
+        kpos = torch.arange(nk, device=q.device)
+        qpos = SLICES[self.slice_form](kpos, nq, nk)
+        keep = kpos[None, :] <= qpos[:, None]
+        if self.apply == "sdpa_bool":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        if self.apply == "sdpa_additive":
+            mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, torch.finfo(q.dtype).min)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if self.apply == "where":
+            s = torch.where(keep, s, torch.finfo(s.dtype).min)
+        else:
+            s = s.masked_fill(~keep, float("-inf"))
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("slice_form", list(SLICES))
+@pytest.mark.parametrize("apply", ["where", "masked_fill", "sdpa_bool", "sdpa_additive"])
+@pytest.mark.parametrize("nq, nk", [(64, 128), (33, 77)])
+def test_causal_mask_from_sliced_query_positions(slice_form, apply, nq, nk):
+    q, k, v = randn(B, H, nq, D), randn(B, H, nk, D), randn(B, H, nk, D)
+    m = SlicedCausal(slice_form, apply)
+    report = check(m, q, k, v)
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    if site.details["causal_offset"] is not None:  # when read as the kernel's rule, aligned bottom-right
+        assert site.details["causal_offset"] == nk - nq, site.details
+    assert _compiled_vs_float64(m, q, k, v) <= 0.025
+
+
+def test_negative_slice_start_is_the_causal_rule():
+    """The exact case of the issue: arange(k)[-q:] with q=64, k=128 gives causal_offset 64."""
+    q, k, v = randn(B, H, 64, D), randn(B, H, 128, D), randn(B, H, 128, D)
+    for apply in ("where", "sdpa_bool"):
+        report = check(SlicedCausal("-q:", apply), q, k, v, causal=True)
+        assert [s.details["causal_offset"] for s in report.sites] == [64]
+
+
+# ------------------------------------------------- forms torch's SDPA fusion and real models use
+
+def _fn_module(fn):
+    class M(nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+
+    return M()
+
+
+def _rewritten_and_exact(fn, *inputs, bound=0.025, exact=None):
+    """fn is rewritten (one site) and, compiled, equals fn in float64 (or `exact`) within bound."""
+    report = inspect(_fn_module(fn), *inputs)
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    assert site.status == "rewritten", site.reason
+    torch._dynamo.reset()
+    out = torch.compile(_fn_module(fn), backend=attnopt.backend(ALL_SITES))(*inputs)
+    torch._dynamo.reset()
+    ref = exact if exact is not None else fn(*(t.double() if t.is_floating_point() else t for t in inputs))
+    assert rel_l1(out.double(), ref.double()) <= bound
+    return site
+
+
+def _split_scale(q, k, v, s=0.125):
+    return ((q * s ** 0.5) @ (k * s ** 0.5).transpose(-1, -2)).softmax(-1) @ v
+
+
+def _split_scale_safe_softmax(q, k, v, s=0.125):
+    """SDPA's math path: fp32 upcast, sqrt(scale) on q and k, aten._safe_softmax."""
+    logits = (q.float() * s ** 0.5) @ (k.float() * s ** 0.5).transpose(-1, -2)
+    return torch.ops.aten._safe_softmax(logits, -1).to(v.dtype) @ v
+
+
+def _split_scale_safe_softmax_16bit(q, k, v, s=0.125):
+    return torch.ops.aten._safe_softmax((q * s ** 0.5) @ (k * s ** 0.5).transpose(-1, -2), -1) @ v
+
+
+@pytest.mark.parametrize("fn", [_split_scale, _split_scale_safe_softmax, _split_scale_safe_softmax_16bit])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_split_across_q_and_k(fn, dtype):
+    q, k, v = (randn(B, H, N, D, dtype=dtype) for _ in range(3))
+    site = _rewritten_and_exact(fn, q, k, v)
+    assert math.isclose(site.details["scale"], 0.125, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("scale_by", ["0-d tensor input", "per-channel vector", "per-head tensor"])
+def test_q_scaled_by_a_tensor_is_not_folded_as_a_constant(scale_by):
+    """Near miss of the split scale: a tensor multiplier is part of q (or the site is skipped), never
+    read as a constant; either way the result is the float64 one."""
+    q, k, v = (randn(B, H, N, D) for _ in range(3))
+    t = {"0-d tensor input": torch.tensor(0.3), "per-channel vector": torch.rand(D) + 0.5,
+         "per-head tensor": torch.rand(1, H, 1, 1) + 0.5}[scale_by]
+    t = t if t.dim() == 0 else t.to(q.dtype)  # a 0-d tensor does not promote q
+
+    def fn(q, k, v, t):
+        return ((q * t) @ k.transpose(-1, -2)).softmax(-1) @ v
+
+    report = inspect(_fn_module(fn), q, k, v, t)
+    (site,) = [s for s in report.sites if s.kind == "attention"]
+    if site.status == "rewritten":
+        assert site.details["scale"] == 1.0, site.details  # the tensor stays in q
+    assert _compiled_vs_float64(fn, q, k, v, t) <= 0.025
+
+
+@pytest.mark.parametrize("nq", [N, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_causal_where_then_additive_mask(nq, dtype):
+    """GPT-Neo / ImageGPT / older GPT-2: where(causal, scores, finfo.min) + attention_mask."""
+    q, k, v = randn(B, H, nq, D, dtype=dtype), randn(B, H, N, D, dtype=dtype), randn(B, H, N, D, dtype=dtype)
+    pad = torch.zeros(B, 1, 1, N, dtype=dtype)
+    pad[1, ..., N - 20:] = torch.finfo(dtype).min  # right padding: no fully masked row
+
+    def fn(q, k, v, m):
+        s = (q @ k.transpose(-1, -2)) * D ** -0.5
+        nq, nk = s.shape[-2:]
+        causal = torch.ones(nk, nk, dtype=torch.bool).tril()[nk - nq:nk, :nk]
+        s = torch.where(causal, s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype))
+        s = s + m
+        return s.softmax(-1) @ v
+
+    site = _rewritten_and_exact(fn, q, k, v, pad)
+    assert site.details["bias_terms"] == 2, site.details
+
+
+def test_causal_where_then_additive_mask_left_padding_keeps_eager_fully_masked_rows():
+    """Left padding: the first rows of batch 1 see only padded keys. Eager gives those rows
+    softmax over (finfo.min + mask) values; the rewrite keeps exactly those values, so it matches
+    fp32 eager there too (finfo.min + finfo.min overflows to -inf in fp32, not in float64)."""
+    q, k, v = (randn(B, H, N, D) for _ in range(3))
+    pad = torch.zeros(B, 1, 1, N, dtype=torch.float32)
+    pad[1, ..., :20] = torch.finfo(torch.float32).min
+
+    def fn(q, k, v, m):
+        s = q.float() @ k.float().transpose(-1, -2) * D ** -0.5
+        s = torch.where(torch.ones(N, N, dtype=torch.bool).tril(), s, torch.finfo(torch.float32).min) + m
+        return s.softmax(-1).to(v.dtype) @ v
+
+    eager_fp32 = fn(q.float(), k.float(), v.float(), pad)
+    _rewritten_and_exact(fn, q, k, v, pad, exact=eager_fp32)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.float32, torch.float16])
+@pytest.mark.parametrize("how", ["add", "masked_fill", "bmm_add", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masks_of_another_dtype(mask_dtype, how, dtype):
+    """Eager type promotion decides the softmax input (bf16 scores + an fp32 mask softmax in fp32;
+    a bool or int mask added is 0/1 or its integers); the rewrite computes the same function."""
+    q, k, v = (randn(B, H, N, D, dtype=dtype) for _ in range(3))
+    keep = torch.rand(B, 1, N, N) > 0.3
+    keep[..., 0] = True
+    if mask_dtype is torch.bool:
+        m = keep
+    else:
+        m = torch.where(keep, 0, -10000).to(mask_dtype)
+    if how == "sdpa" and mask_dtype in (torch.int32, torch.float16) and mask_dtype != dtype:
+        pytest.skip("SDPA itself rejects a float mask of another dtype than q / an int mask")
+
+    def fn(q, k, v, m):
+        if how == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m.to(q.dtype) if m.dtype == torch.float32 else m)
+        if how == "masked_fill":
+            keep_ = m if m.dtype == torch.bool else m == 0
+            return (q @ k.transpose(-1, -2) * 0.2).masked_fill(~keep_, float("-inf")).softmax(-1) @ v
+        if how == "bmm_add":  # [B*H, N, D] bmms, mask added on the [B, H, N, N] view
+            b, h, n, d = q.shape
+            s = (torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)) * 0.2).view(b, h, n, n) + m
+            return torch.bmm(s.softmax(-1).to(v.dtype).flatten(0, 1), v.flatten(0, 1)).view(b, h, n, d)
+        return ((q @ k.transpose(-1, -2) * 0.2) + m).softmax(-1).to(v.dtype) @ v
+
+    _rewritten_and_exact(fn, q, k, v, m)
+
+
+def _bloom(q, k, v, alibi, beta=1.0):
+    """Bloom: ALiBi through baddbmm's input, causal mask, fp32 softmax, [B*H, N, D] bmms."""
+    b, h, n, d = q.shape
+    s = torch.baddbmm(alibi, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), beta=beta, alpha=d ** -0.5)
+    s = s.view(b, h, n, -1)
+    s = s + torch.zeros(n, n, dtype=s.dtype).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(),
+                                                          torch.finfo(s.dtype).min)
+    p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(p.view(b * h, n, -1), v.flatten(0, 1)).view(b, h, n, d)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+@pytest.mark.parametrize("alibi_shape", ["bloom", "full"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_alibi_through_baddbmm(beta, alibi_shape, dtype):
+    q, k, v = (randn(B, H, N, D, dtype=dtype) for _ in range(3))
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)])
+    if alibi_shape == "bloom":  # [B*H, 1, N]: slope * key position
+        alibi = (slopes[:, None, None] * torch.arange(N)[None, None, :]).repeat(B, 1, 1)
+    else:
+        alibi = torch.randn(B * H, N, N)
+    site = _rewritten_and_exact(lambda *a: _bloom(*a, beta=beta), q, k, v, alibi.to(dtype))
+    assert site.details["bias_terms"] >= 1
+
+
+# ------------------------------------------------------- DeBERTa-v2's disentangled attention
+
+def _disentangled(q, k, v, pos_k, pos_q, c2p_idx, p2c_idx, keep):
+    """DeBERTa-v2: [B*H, N, D] bmms; content-to-position and position-to-content terms (matmuls
+    with position embeddings, gathered by relative position) added to QK^T on its own frame,
+    K pre-divided by a tensor scale; then viewed to heads, masked_fill(finfo.min), softmax."""
+    bh, n, d = q.shape
+    scale = torch.sqrt(torch.tensor(d, dtype=torch.float) * 3)
+    s = torch.bmm(q, k.transpose(-1, -2) / scale.to(q.dtype))
+    c2p = torch.gather(torch.bmm(q, pos_k.transpose(-1, -2)), -1, c2p_idx.expand(bh, n, n))
+    p2c = torch.gather(torch.bmm(k, pos_q.transpose(-1, -2)), -1, p2c_idx.expand(bh, n, n)).transpose(-1, -2)
+    s = s + (c2p / scale.to(c2p.dtype) + p2c / scale.to(p2c.dtype))
+    s = s.view(-1, H, n, n).masked_fill(~keep, torch.finfo(q.dtype).min)
+    p = F.softmax(s, dim=-1)
+    return torch.bmm(p.view(-1, n, n), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [77, 200])
+def test_disentangled_attention_terms_are_an_additive_bias(dtype, n):
+    span = 32
+    q, k, v = (randn(B * H, n, D, dtype=dtype, scale=1.5) for _ in range(3))
+    pos_k, pos_q = randn(B * H, 2 * span, D, dtype=dtype), randn(B * H, 2 * span, D, dtype=dtype)
+    rel = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    c2p_idx = torch.clamp(rel + span, 0, 2 * span - 1)[None]
+    p2c_idx = torch.clamp(-rel + span, 0, 2 * span - 1)[None]
+    keep = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    keep[1, ..., n - 17:] = False
+    site = _rewritten_and_exact(_disentangled, q, k, v, pos_k, pos_q, c2p_idx, p2c_idx, keep)
+    assert site.details["bias_terms"] == 1, site.details
+
+
+def test_transformers_deberta_v2_is_captured_end_to_end():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DebertaV2Config(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=256, max_position_embeddings=256, relative_attention=True,
+                                       position_buckets=32, pos_att_type=["p2c", "c2p"], max_relative_positions=64)
+    model = transformers.DebertaV2Model(cfg).eval().bfloat16()
+    ids = torch.randint(0, 128, (2, 77))
+    mask = torch.ones(2, 77, dtype=torch.long)
+    mask[1, 60:] = 0
+    report = inspect(model, ids, mask)
+    att = [s for s in report.sites if s.kind == "attention"]
+    assert len(att) == 2 and all(s.status == "rewritten" for s in att), att
+    be = attnopt.backend(ALL_SITES)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(ids, mask).last_hidden_state
+        exact = model.double()(ids, mask).last_hidden_state
+    torch._dynamo.reset()
+    assert rel_l1(out.double(), exact) <= 0.03

@@ -75,14 +75,30 @@ def test_returned_attention_weights_keep_the_site_dense():
     assert "used elsewhere" in r.sites[0].reason
 
 
-def test_logit_softcap_is_skipped_with_reason():
+def test_logit_softcap_is_captured_and_exact():
+    """Soft-capping runs inside the kernel (cap 30, scale 1/30 * 30 = 1)."""
     def f(q, k, v):
         s = torch.tanh(q @ k.transpose(-1, -2) / 30.0) * 30.0
         return s.softmax(dim=-1) @ v
 
-    r = _run(f, *_qkv())
+    q, k, v = _qkv()
+    r = _run(f, q, k, v)
+    assert r.rewritten("attention") and r.sites[0].details["softcap"] == 30.0, r
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=attnopt.backend(ALL_SITES))(q, k, v)
+    assert rel_l1(out.double(), f(q.double(), k.double(), v.double())) < 0.025
+
+
+def test_bias_inside_softcap_tanh_is_skipped_with_reason():
+    bias = randn(1, 1, N, N)
+
+    def f(q, k, v, bias):
+        s = torch.tanh((q @ k.transpose(-1, -2) + bias) / 30.0) * 30.0
+        return s.softmax(dim=-1) @ v
+
+    r = _run(f, *_qkv(), bias)
     _assert_untouched(r)
-    assert r.sites and "tanh" in r.sites[0].reason
+    assert r.sites and "soft-capping" in r.sites[0].reason
 
 
 def test_relative_position_matmul_in_logits_is_skipped():
@@ -183,3 +199,55 @@ def test_sdpa_3d_with_flattened_head_mask_stays_correct():
     torch._dynamo.reset()
     out = torch.compile(sdpa, backend=attnopt.backend(ALL_SITES))(*r.inputs)
     assert rel_l1(out.double(), exact) < 0.025
+
+
+def test_additive_mask_after_a_finite_additive_fill_is_skipped():
+    """(s + where(keep, 0, -1e4)) + m: a finite fill read from an additive mask cannot be kept
+    exact as a bias of its own (s + fill is not fill), so the site stays as it was."""
+    keep = torch.rand(N, N) > 0.3
+    bias = randn(1, 1, N, N)
+
+    def f(q, k, v, keep, bias):
+        s = q @ k.transpose(-1, -2) * 0.125 + torch.where(keep, 0.0, -1e4).to(q.dtype)
+        s = torch.where(keep, s, -1e4) + bias
+        return s.softmax(-1) @ v
+
+    r = _run(f, *_qkv(), keep, bias)
+    q, k, v = r.inputs[:3]
+    if r.rewritten("attention"):  # allowed only when it equals float64
+        torch._dynamo.reset()
+        out = torch.compile(f, backend=attnopt.backend(ALL_SITES))(*r.inputs)
+        exact = f(q.double(), k.double(), v.double(), keep, bias.double())
+        assert rel_l1(out.double(), exact) < 0.025
+    else:
+        _assert_untouched(r)
+
+
+def test_baddbmm_bias_inside_softcap_is_skipped():
+    alibi = randn(B * H, 1, N)
+
+    def f(q, k, v, alibi):
+        s = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=0.125)
+        return (torch.tanh(s / 5.0) * 5.0).softmax(-1) @ v
+
+    qf, kf, vf = (t.reshape(B * H, N, D) for t in _qkv())
+    r = _run(f, qf, kf, vf, alibi)
+    _assert_untouched(r)
+    assert "soft-capping" in r.sites[0].reason
+
+
+def test_mask_read_as_scores_is_impossible_with_scale_between_layout_ops():
+    """bmm -> scale -> view -> + mask: the mask (not the scores) is the bias; float64-exact."""
+    m = torch.where(torch.rand(B, 1, N, N) > 0.3, 0.0, float("-inf"))
+    m[..., 0] = 0.0
+
+    def f(q, k, v, m):
+        s = (torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)) * 0.125).view(B, H, N, N) + m
+        return torch.bmm(s.softmax(-1).to(v.dtype).flatten(0, 1), v.flatten(0, 1)).view(B, H, N, D)
+
+    q, k, v = _qkv()
+    r = _run(f, q, k, v, m)
+    assert r.rewritten("attention"), r
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=attnopt.backend(ALL_SITES))(q, k, v, m)
+    assert rel_l1(out.double(), f(q.double(), k.double(), v.double(), m.double())) < 0.025

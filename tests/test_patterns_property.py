@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnopt
-from helpers import ALL_SITES, inspect, rel_l1
+from helpers import ALL_SITES, inspect, randn, rel_l1
 
 SETTINGS = settings(max_examples=14, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -120,8 +120,8 @@ class NearMiss(nn.Module):
         if self.kind == "probs_out":
             p = s.softmax(-1)
             return p @ v, p
-        if self.kind == "softcap":
-            return (torch.tanh(s / 5) * 5).softmax(-1) @ v
+        if self.kind == "softcap_bias_inside":  # soft-capping is captured; a bias inside tanh is not it
+            return (torch.tanh((s + m) / 5) * 5).softmax(-1) @ v
         if self.kind == "two_matmuls":
             return (s + q @ v.transpose(-1, -2)).softmax(-1) @ v
         raise AssertionError(self.kind)
@@ -139,7 +139,8 @@ class NearMiss(nn.Module):
         return (s.softmax(-1) @ v[:, :hk, None]).reshape(b, h, n, d)
 
 
-MISS_KINDS = ["softmax_dim", "scale_after", "multiplicative", "not_partner", "probs_out", "softcap", "two_matmuls"]
+MISS_KINDS = ["softmax_dim", "scale_after", "multiplicative", "not_partner", "probs_out", "softcap_bias_inside",
+              "two_matmuls"]
 MASK_KINDS = ["mask_head_major", "mask_grouped_heads"]
 
 
@@ -179,3 +180,160 @@ def test_generated_near_misses_are_not_captured(kind, n, dtype):
     assert not report.rewritten("attention"), (kind, report)
     for a, b in zip(ours, plain):
         assert rel_l1(a, b) == 0.0
+
+
+# ------------------------------------------------------------- GQA / MQA head counts, any batch
+
+def small(n):
+    return settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _vs_float64(module, inputs):
+    """(rel-L1 of the module compiled with attnopt against the module in float64 on the same
+    inputs, the attention site records). One compile per example keeps the file fast."""
+    torch._dynamo.reset()
+    be = attnopt.backend(ALL_SITES)
+    with torch.no_grad():
+        out = torch.compile(module, backend=be)(*inputs)
+        exact = module(*(t.double() if t.is_floating_point() else t for t in inputs))
+    torch._dynamo.reset()
+    return rel_l1(out.double(), exact.double()), [s for s in be.recorder.sites() if s.kind == "attention"]
+
+
+class GroupedHeads(nn.Module):
+    def __init__(self, form, causal):
+        super().__init__()
+        self.form, self.causal = form, causal
+
+    def forward(self, q, k, v):
+        if self.form == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=True)
+        g = q.shape[1] // k.shape[1]
+        if self.form == "repeat_kv":
+            b, hk, n, d = k.shape
+            k = k[:, :, None].expand(b, hk, g, n, d).reshape(b, hk * g, n, d)
+            v = v[:, :, None].expand(b, hk, g, n, d).reshape(b, hk * g, n, d)
+        else:
+            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if self.causal:
+            n, m = s.shape[-2:]
+            s = s.masked_fill(torch.ones(n, m, dtype=torch.bool).tril() == 0, float("-inf"))
+        return s.softmax(-1) @ v
+
+
+@small(8)
+@given(st.sampled_from(["sdpa", "repeat_kv", "repeat_interleave"]), st.sampled_from([1, 2, 3, 4]),
+       st.sampled_from([(2, 1), (4, 1), (4, 2), (6, 3), (8, 2)]), st.booleans(),
+       st.sampled_from([torch.float16, torch.bfloat16]), st.sampled_from([33, 77]))
+def test_generated_gqa_and_mqa_head_counts(form, b, heads, causal, dtype, n):
+    """B a multiple of Hq or not, one KV head included: kv heads reported as stated, never batches."""
+    hq, hkv = heads
+    q, k, v = randn(b, hq, n, 32, dtype=dtype), randn(b, hkv, n, 32, dtype=dtype), randn(b, hkv, n, 32, dtype=dtype)
+    err, (site,) = _vs_float64(GroupedHeads(form, causal), (q, k, v))
+    assert site.status == "rewritten", site.reason
+    assert site.details["kv_heads"] == hkv and site.details["q_heads"] == hq, site.details
+    assert err <= 0.025
+
+
+# ------------------------------------------------------ q shorter than k, every mask construction
+
+def _keep_bottom_right(nq, nk, form):
+    """Keep key j for query i iff j <= i + nk - nq, built the ways models build it."""
+    if form == "tril_slice":
+        return torch.ones(nk, nk, dtype=torch.bool).tril()[nk - nq:nk, :nk]
+    if form == "tril_neg_slice":
+        return torch.ones(nk, nk, dtype=torch.bool).tril()[-nq:, :nk]
+    if form == "tril_diagonal":
+        return torch.ones(nq, nk, dtype=torch.bool).tril(diagonal=nk - nq)
+    if form == "triu_not":
+        return ~torch.ones(nq, nk, dtype=torch.bool).triu(diagonal=nk - nq + 1)
+    kpos = torch.arange(nk)
+    qpos = {"arange_offset": torch.arange(nq) + (nk - nq), "arange_slice": kpos[nk - nq:],
+            "arange_neg_slice": kpos[-nq:], "arange_neg_slice_end": kpos[-nq:nk]}[form]
+    return kpos[None, :] <= qpos[:, None]
+
+
+KEEP_FORMS = ["tril_slice", "tril_neg_slice", "tril_diagonal", "triu_not", "arange_offset", "arange_slice",
+              "arange_neg_slice", "arange_neg_slice_end"]
+
+
+class ShortQuery(nn.Module):
+    def __init__(self, form, apply):
+        super().__init__()
+        self.form, self.apply = form, apply
+
+    def forward(self, q, k, v):
+        nq, nk = q.shape[-2], k.shape[-2]
+        if self.apply == "is_causal":  # SDPA's own rule: top-left aligned
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        keep = _keep_bottom_right(nq, nk, self.form)
+        if self.apply == "sdpa_bool":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        if self.apply == "sdpa_additive":
+            mask = torch.zeros(nq, nk, dtype=q.dtype).masked_fill(~keep, float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if self.apply == "where":
+            s = torch.where(keep, s, torch.finfo(s.dtype).min)
+        else:
+            s = s.masked_fill(~keep, float("-inf"))
+        return s.softmax(-1) @ v
+
+
+@small(10)
+@given(st.sampled_from(KEEP_FORMS), st.sampled_from(["where", "masked_fill", "sdpa_bool", "sdpa_additive", "is_causal"]),
+       st.sampled_from([(33, 77), (64, 128), (77, 200), (2, 77)]), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_generated_short_queries_with_every_mask_construction(form, apply, lengths, dtype):
+    nq, nk = lengths
+    q, k, v = randn(2, 4, nq, 32, dtype=dtype), randn(2, 4, nk, 32, dtype=dtype), randn(2, 4, nk, 32, dtype=dtype)
+    err, (site,) = _vs_float64(ShortQuery(form, apply), (q, k, v))
+    assert site.status == "rewritten", site.reason
+    off = site.details["causal_offset"]
+    assert off is None or off == (0 if apply == "is_causal" else nk - nq), (form, apply, site.details)
+    assert err <= 0.025
+
+
+# ------------------------------------------------- several sites with their own parameters
+
+class Stack(nn.Module):
+    """Sites in one graph, each with its own scale, mask and head count."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x, kv1, kv2):
+        for i, (scale, mask, hkv) in enumerate(self.layers):
+            k, v = (kv1 if hkv == 1 else kv2), (kv2 if hkv == 1 else kv1)
+            k = k[:, :hkv] if hkv < x.shape[1] else k
+            v = v[:, :hkv] if hkv < x.shape[1] else v
+            if mask == "sdpa_causal":
+                y = F.scaled_dot_product_attention(x, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                g = x.shape[1] // k.shape[1]
+                kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+                s = x @ kk.transpose(-1, -2) * scale
+                n = s.shape[-1]
+                if mask == "tril":
+                    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).tril() == 0, float("-inf"))
+                elif mask == "iota":
+                    s = torch.where(torch.arange(n)[None] <= torch.arange(n)[:, None], s, torch.finfo(s.dtype).min)
+                y = s.softmax(-1) @ vv
+            x = x + y  # (a constant multiplier here would fold into the next site's scale)
+        return x
+
+
+@small(4)
+@given(st.lists(st.tuples(st.sampled_from([0.09, 0.125, 0.2]), st.sampled_from(["none", "tril", "iota", "sdpa_causal"]),
+                          st.sampled_from([1, 2, 4])), min_size=2, max_size=3),
+       st.sampled_from([torch.float16, torch.bfloat16]))
+def test_generated_several_sites_in_one_graph(layers, dtype):
+    x, kv1, kv2 = (randn(2, 4, 77, 32, dtype=dtype) for _ in range(3))
+    err, att = _vs_float64(Stack(layers), (x, kv1, kv2))
+    assert len(att) == len(layers) and all(s.status == "rewritten" for s in att), att
+    for s, (scale, mask, hkv) in zip(att, layers):
+        assert math.isclose(s.details["scale"], scale, rel_tol=1e-6), (s.details, layers)
+        assert s.details["kv_heads"] == hkv, (s.details, layers)
+        assert (s.details["causal_offset"] == 0) == (mask != "none"), (s.details, layers)
+    assert err <= 0.03

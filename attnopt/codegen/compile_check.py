@@ -135,6 +135,8 @@ def drive(arch: str, cap: _Capture) -> None:
     attn("bias+keep, finite fill, LSE", quant=base, attn_bias=torch.randn(n, n, dtype=torch.float16),
          keep_mask=torch.rand(1, 1, n, n) > 0.2, masked_value=torch.finfo(torch.float16).min, return_lse=True)
     attn("smooth_q", quant=base, smooth_q=True)
+    attn("softcap, bias", quant=base, softcap=30.0, attn_bias=torch.randn(n, n, dtype=torch.float16))
+    attn("softcap 16-bit QK", quant="none", softcap=50.0, is_causal=False)
     keep = torch.rand(1, 4, n_blocks(n, BQ), n_blocks(n, BK)) > 0.3
     lut, counts = block_mask_to_lut(keep, n, n, True, 0)
     attn("block-sparse", quant=base, lut=lut, counts=counts)

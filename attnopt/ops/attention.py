@@ -41,27 +41,29 @@ def attention_op(
     smooth_q: bool,
     arch: str,
     impl: str,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> out [B, Hq, Nq, Dv] (q's dtype).
 
     `pv` must already be resolved ('fp16' | 'fp8' | 'fp4'); `arch` is a name from codegen.arch.
+    `softcap` > 0: logits soft-capped to softcap * tanh(scale * q.k / softcap) before masks (0: off).
     """
     check_attention_operands("attnopt::attention", q, k, v, attn_bias, keep_mask)
     if _use_triton(q, arch, impl):
         from ..codegen.attention.launch import attention_triton
 
         return attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                                scale, quant, pv, smooth_k, smooth_q, arch)
+                                scale, quant, pv, smooth_k, smooth_q, arch, softcap=softcap)
     # the key tile the kernel's online softmax uses; head dims no kernel runs take one tile
     block_n = ARCHS[arch].default_tile(q.shape[-1], quant, pv).block_n \
         if q.shape[-1] <= max(ARCHS[arch].attn_tiles) else None
     return attention_reference(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                               scale, quant, pv, smooth_k, smooth_q, block_n=block_n)
+                               scale, quant, pv, smooth_k, smooth_q, block_n=block_n, softcap=softcap)
 
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
-                    smooth_k, smooth_q, arch, impl):
+                    smooth_k, smooth_q, arch, impl, softcap=0.0):
     # Shape only: running the body on fake tensors would guard on the sequence length (the
     # reference's block padding) and recompile for every new length under dynamic shapes. The
     # operands are checked as the kernels would, so a wrong rewrite fails here, at compile time.
@@ -90,6 +92,7 @@ def attention(
     layout: str = "bhnd",
     impl: str = "auto",
     arch: str = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Drop-in for `F.scaled_dot_product_attention`, running attnopt's quantized attention.
 
@@ -97,6 +100,8 @@ def attention(
     `is_causal` masks keys after the query (top-left aligned); rows with no kept key give 0.
     `layout="bnhd"` takes and returns [B, N, H, D] tensors. `impl="triton"` on CPU tensors runs
     the kernels through Triton's interpreter (TRITON_INTERPRET=1 must be set before import).
+    `softcap` (Gemma 2 / Grok logit soft-capping): the scaled logits become
+    softcap * tanh(logits / softcap) before the mask is added; None or 0 is off.
     """
     from ..config import ConfigError
     from ..codegen.arch import resolve_arch
@@ -125,6 +130,9 @@ def attention(
         else:
             bias = attn_mask
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    cap = float(softcap or 0.0)
+    if cap < 0 or not math.isfinite(cap):
+        raise ValueError(f"softcap must be a positive finite number (or None), got {softcap}")
     out = torch.ops.attnopt.attention(q, k, v, bias, keep, -math.inf, bool(is_causal), 0, s,
-                                      quant, pv_fmt, smooth_k, smooth_q, spec.name, impl)
+                                      quant, pv_fmt, smooth_k, smooth_q, spec.name, impl, cap)
     return _to_bhnd(out, layout)

@@ -23,6 +23,11 @@ attn_bias counts as 0 in the arithmetic (scales, means, logits), and the output 
 on one are set to NaN afterwards (`poisoned_rows`): a query row holding one, and a row attending
 unmasked a key whose K or V row holds one (or a NaN / +inf bias). Every other row is exactly the
 result with those values replaced by 0.
+
+- softcap > 0 (Gemma 2 / Grok logit soft-capping): the scaled logits become
+  softcap * tanh(logits / softcap) before the bias and masks are applied. K smoothing shifts a
+  row's logits by -scale * q . mean(K) (harmless to softmax, not to tanh): that term is added
+  back before capping (`softcap_row_shift`).
 """
 
 from __future__ import annotations
@@ -147,6 +152,25 @@ def _masked_logits(s, rows, nq, nk, bias, keep, masked_value, is_causal, causal_
     return s
 
 
+# ---------------------------------------------------------------------------- soft-capping
+
+
+def softcap_row_shift(q: torch.Tensor, kmean: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * log2(e) * q . mean(K) per query row [B, Hq, Nq] (fp32, log2 units): what K smoothing
+    took off each row's logits. q finite [B, Hq, Nq, D]; kmean [B, Hkv, 1, D] or [B, Hkv, D]."""
+    if kmean.dim() == 3:
+        kmean = kmean[:, :, None]
+    g = q.shape[1] // kmean.shape[1]
+    km = kmean.float().repeat_interleave(g, dim=1)  # [B, Hq, 1, D]
+    return torch.matmul(q.float(), km.transpose(-1, -2))[..., 0] * (scale * LOG2E)
+
+
+def apply_softcap(s: torch.Tensor, cap: float) -> torch.Tensor:
+    """log2-domain logits s -> cap * tanh(s / cap) in natural units, back in log2 units."""
+    c2 = cap * LOG2E
+    return torch.tanh(s / c2) * c2
+
+
 # ------------------------------------------------------------------------ non-finite inputs
 
 
@@ -205,11 +229,13 @@ def attention_reference(
     smooth_q: bool = False,
     return_lse: bool = False,
     block_n: int | None = None,
+    softcap: float = 0.0,
 ):
     """Quantized attention, computed in plain PyTorch with the kernels' arithmetic.
 
     With `return_lse`, also the natural-log logsumexp of each row's logits [B, Hq, Nq] (fp32).
-    `block_n`: the kernel's key tile (None: all keys in one tile).
+    `block_n`: the kernel's key tile (None: all keys in one tile). `softcap` > 0 caps the scaled
+    logits at +-softcap through tanh (0: off).
     """
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -231,6 +257,9 @@ def attention_reference(
     v_op, v_scale, v_mean = ops.v, ops.v_scale, ops.v_mean
 
     q_rows = _fold_gqa(q_deq, hkv)  # [B, Hkv, G*Nq, D]
+    cap_shift = None
+    if softcap and smooth_k and quant != "none":
+        cap_shift = _fold_gqa(softcap_row_shift(q, kmean, scale)[..., None], hkv)  # [B, Hkv, G*Nq, 1]
     corr_rows = _fold_gqa(corr_rows, hkv)
     bias = _fold_gqa(_full_mask(attn_bias, b, hq, nq, nk), hkv)
     keep = _fold_gqa(_full_mask(keep_mask, b, hq, nq, nk), hkv)
@@ -246,6 +275,8 @@ def attention_reference(
         s = torch.matmul(q_rows[:, :, r0:r1], k_deq.transpose(-1, -2)) * qk_scale
         if corr_rows is not None:
             s = s + torch.matmul(corr_rows[:, :, r0:r1], kf.transpose(-1, -2))
+        if softcap:
+            s = apply_softcap(s if cap_shift is None else s + cap_shift[:, :, r0:r1], softcap)
         bias_c = None if bias is None else bias[:, :, r0:r1]
         keep_c = None if keep is None else keep[:, :, r0:r1]
         s = _masked_logits(s, rows, nq, nk, bias_c, keep_c, masked_value, is_causal, causal_offset)
@@ -270,7 +301,7 @@ def attention_reference(
     if not return_lse:
         return o
     lse = (torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]).reshape(b, hq, nq)
-    if smooth_k and quant != "none":  # undo K smoothing's per-row shift of the logits
+    if smooth_k and quant != "none" and not softcap:  # undo K smoothing's per-row shift of the logits
         lse = lse + scale * torch.matmul(q.float(), kmean.repeat_interleave(g, dim=1).transpose(-1, -2))[..., 0]
     return o, lse.masked_fill(bad, float("nan"))
 
@@ -391,6 +422,7 @@ def attention_exact(
     causal_offset: int = 0,
     scale: float | None = None,
     return_lse: bool = False,
+    softcap: float = 0.0,
 ):
     """Unquantized attention in float64 with the same mask semantics: the accuracy yardstick."""
     b, hq, nq, d = q.shape
@@ -400,6 +432,8 @@ def attention_exact(
     kk = k.double().repeat_interleave(g, dim=1)
     vv = v.double().repeat_interleave(g, dim=1)
     s = torch.matmul(q.double(), kk.transpose(-1, -2)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if attn_bias is not None:
         s = s + attn_bias.double()
     keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device)

@@ -42,8 +42,9 @@ def register_capture(sink_id: str, fn: Callable[[str, dict], None]) -> None:
         _CAPTURES[sink_id] = fn
 
 
-def _baseline(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale):
-    """torch SDPA in the inputs' own dtype with the same mask: what the unmodified model computes."""
+def _baseline(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale, softcap=0.0):
+    """torch SDPA in the inputs' own dtype with the same mask: what the unmodified model computes
+    (soft-capped logits: the eager matmul-tanh-softmax-matmul, in the inputs' dtype)."""
     g = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     nq, nk = q.shape[2], k.shape[2]
@@ -55,6 +56,9 @@ def _baseline(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale
     mask = torch.where(allowed, 0.0, float(masked_value)).to(q.dtype if q.is_floating_point() else torch.float32)
     if bias is not None:
         mask = torch.where(allowed, mask + bias.to(mask.dtype), mask)
+    if softcap:
+        s = torch.tanh(torch.matmul(q, kk.transpose(-1, -2)) * scale / softcap) * softcap
+        return torch.matmul(torch.softmax(s + mask, dim=-1), vv)
     return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
 
 
@@ -77,6 +81,7 @@ def attention_probe(
     impl: str,
     sparsity: str,
     probe_key: str,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """`sparsity` is "" for dense sites, else the sparse op's JSON parameters."""
     stats = {}
@@ -85,23 +90,24 @@ def attention_probe(
 
         out, stats = sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
                                            scale, quant, pv, smooth_k, arch, impl, json.loads(sparsity),
-                                           return_stats=True)
+                                           return_stats=True, softcap=softcap)
     else:
         out = torch.ops.attnopt.attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                                          scale, quant, pv, smooth_k, smooth_q, arch, impl)
+                                          scale, quant, pv, smooth_k, smooth_q, arch, impl, softcap)
     sink_id, _, site_key = probe_key.partition("/")
     capture = _CAPTURES.get(sink_id)
     if capture is not None:
         capture(site_key, dict(q=q, k=k, v=v, attn_bias=attn_bias, keep_mask=keep_mask, masked_value=masked_value,
-                               is_causal=is_causal, causal_offset=causal_offset, scale=scale))
+                               is_causal=is_causal, causal_offset=causal_offset, scale=scale, softcap=softcap))
     sink = _SINKS.get(sink_id)
     if sink is not None:
         with torch.no_grad():
-            ref = attention_exact(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale)
+            ref = attention_exact(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale,
+                                  softcap=softcap)
             m = compare(out, ref)
             m.update(stats)
             try:
-                base = _baseline(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale)
+                base = _baseline(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, softcap)
                 m["baseline_rel_l1"] = compare(base, ref)["rel_l1"]
             except RuntimeError:
                 m["baseline_rel_l1"] = math.nan
@@ -111,6 +117,6 @@ def attention_probe(
 
 @attention_probe.register_fake
 def _(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv, smooth_k,
-      smooth_q, arch, impl, sparsity, probe_key):
+      smooth_q, arch, impl, sparsity, probe_key, softcap=0.0):
     check_attention_operands("attnopt::attention_probe", q, k, v, attn_bias, keep_mask)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])

@@ -80,7 +80,7 @@ def pv_thresholds(params: dict, hq: int, device) -> torch.Tensor | None:
 
 
 def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
-                          smooth_k, arch, impl, params: dict, return_stats: bool = False):
+                          smooth_k, arch, impl, params: dict, return_stats: bool = False, softcap: float = 0.0):
     from .attention import _use_triton
 
     use_triton = _use_triton(q, arch, impl)
@@ -91,10 +91,10 @@ def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal
 
         lut, counts = R.block_mask_to_lut(block_keep, q.shape[2], k.shape[2], is_causal, causal_offset)
         out = attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
-                               pv, smooth_k, False, arch, lut=lut, counts=counts, pv_threshold=lam)
+                               pv, smooth_k, False, arch, lut=lut, counts=counts, pv_threshold=lam, softcap=softcap)
     else:
         out = R.sparse_attention_reference(q, k, v, block_keep, attn_bias, keep_mask, masked_value, is_causal,
-                                           causal_offset, scale, quant, pv, smooth_k, pv_threshold=lam)
+                                           causal_offset, scale, quant, pv, smooth_k, pv_threshold=lam, softcap=softcap)
     if return_stats:
         return out, {"sparsity": block_sparsity(block_keep, q.shape[2], k.shape[2], is_causal, causal_offset)}
     return out
@@ -117,16 +117,19 @@ def sparse_attention_op(
     arch: str,
     impl: str,
     sparsity: str,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Block-sparse quantized attention; `sparsity` is the JSON of the method and its parameters."""
+    """Block-sparse quantized attention; `sparsity` is the JSON of the method and its parameters.
+    `softcap` > 0 soft-caps the logits as in `attnopt::attention` (the predictors see raw logits:
+    the cap is monotonic, so the blocks they rank highest stay the highest)."""
     check_attention_operands("attnopt::sparse_attention", q, k, v, attn_bias, keep_mask)
     return sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
-                                 pv, smooth_k, arch, impl, json.loads(sparsity))
+                                 pv, smooth_k, arch, impl, json.loads(sparsity), softcap=softcap)
 
 
 @sparse_attention_op.register_fake
 def _sparse_fake(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv, smooth_k,
-                 arch, impl, sparsity):
+                 arch, impl, sparsity, softcap=0.0):
     check_attention_operands("attnopt::sparse_attention", q, k, v, attn_bias, keep_mask)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 

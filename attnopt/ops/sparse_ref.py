@@ -345,7 +345,7 @@ def expand_block_mask(keep: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
 
 def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=None, masked_value=-math.inf,
                                is_causal=False, causal_offset=0, scale=None, quant="int8", pv="fp16",
-                               smooth_k=True, pv_threshold=None, stats: dict | None = None):
+                               smooth_k=True, pv_threshold=None, stats: dict | None = None, softcap: float = 0.0):
     """Attention over the kept blocks only, with the quantized arithmetic of attention_reference.
 
     Skipped blocks contribute nothing (their logits are -inf, whatever the mask fill value).
@@ -354,6 +354,7 @@ def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=No
     depends on the order tiles are visited, so that path walks them in the kernel's LUT order.
     `stats` (a dict, second stage only) receives "visited" and "skipped" tile counts per head
     (lists), which tests and calibration read to see that the stage really skips.
+    `softcap` > 0 soft-caps the logits as attention_reference does.
     """
     b, hq, nq, d = q.shape
     nk = k.shape[2]
@@ -363,18 +364,18 @@ def sparse_attention_reference(q, k, v, block_keep, attn_bias=None, keep_mask=No
         skipped = torch.where(kept, 0.0, -math.inf)  # (a NaN bias in a skipped block stays unseen)
         bias = skipped if attn_bias is None else torch.where(kept, attn_bias.float(), -math.inf)
         return attention_reference(q, k, v, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
-                                   pv, smooth_k, False)
+                                   pv, smooth_k, False, softcap=softcap)
     return _second_stage(q, k, v, block_keep, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale,
-                         quant, pv, smooth_k, pv_threshold, stats)
+                         quant, pv, smooth_k, pv_threshold, stats, softcap)
 
 
 def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
-                  smooth_k, pv_threshold, stats=None):
+                  smooth_k, pv_threshold, stats=None, softcap=0.0):
     """Tile by tile in LUT order, as the kernel runs, skipping P.V of tiles far below the running max.
     Step t takes every (batch, head, q-block)'s t-th listed kv-block at once: one batched matmul
     per step instead of one per tile, so calibration can afford it on a CPU."""
-    from .attention_ref import (_full_mask, _log2_logit, nonfinite_rows, pv_dtype_for, quantized_operands, round_p,
-                                sane_bias, unscale_pv)
+    from .attention_ref import (_full_mask, _log2_logit, apply_softcap, nonfinite_rows, pv_dtype_for,
+                                quantized_operands, round_p, sane_bias, softcap_row_shift, unscale_pv)
 
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -395,6 +396,10 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     keep_t = None if keep_mask is None else tiles.grid(_full_mask(keep_mask, b, hq, nq, nk), True)
     rows = (torch.arange(nqb, device=q.device)[:, None] * BQ + torch.arange(BQ, device=q.device))  # [nqb, BQ]
     row_ok = rows < nq  # padded rows never hold a tile back from skipping
+    cap_shift = None
+    if softcap and smooth_k and quant != "none":  # [B, H, nqb, BQ, 1]: K smoothing's row shift, added back
+        sh = torch.nn.functional.pad(softcap_row_shift(q, ops.k_mean, scale), (0, nqb * BQ - nq))
+        cap_shift = sh.reshape(b, hq, nqb, BQ, 1)
     m = torch.full((b, hq, nqb, BQ), -math.inf, device=q.device)
     l = torch.zeros(b, hq, nqb, BQ, device=q.device)
     acc = torch.zeros(b, hq, nqb, BQ, dv, device=q.device)
@@ -407,6 +412,8 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
         cols = col[..., None] * BK + torch.arange(BK, device=q.device)  # [B, H, nqb, BK]
         s = tiles.qk(col) * ops.qk_scale  # [B, H, nqb, BQ, BK], log2 units
         hit = torch.gather(bad_kv, 2, col[..., None].expand(*col.shape, BK))[..., None, :] & active[..., None, None]
+        if softcap:
+            s = apply_softcap(s if cap_shift is None else s + cap_shift, softcap)
         if bias_t is not None:
             bt = tiles.pick(bias_t, col)
             s = s + sane_bias(bt)

@@ -67,8 +67,10 @@ class AttentionSite:
     keep: KeepMask = field(default_factory=KeepMask)
     fill: float = -math.inf
     dropout_p: float = 0.0
+    softcap: float = 0.0  # > 0: logits = softcap * tanh(scale * qk / softcap) before bias and masks
     logits_node: fx.Node | None = None  # masks broadcast against this node's shape
     heads: object = None  # query heads when the graph states them (4-D SDPA input / logits)
+    kv_heads: object = None  # K/V heads when the graph states them (4-D SDPA k / v, enable_gqa)
     internal: set = field(default_factory=set)  # nodes the rewrite makes dead
     reject: str | None = None  # set when the site cannot be rewritten safely
 
@@ -142,6 +144,11 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     lead = list(range(nd - 2))
     site.q, site.k, site.v = (_operand(x, lead, nd - 2, nd - 1) for x in (q, k, v))
     site.heads = shape(q)[-3] if nd == 4 else None
+    if nd == 4:
+        if not known_eq(shape(k)[-3], shape(v)[-3]):
+            site.reject = "k and v have different head counts"
+            return site
+        site.kv_heads = shape(k)[-3]
     scale = node.kwargs.get("scale")
     site.scale = float(scale) if scale is not None else 1.0 / math.sqrt(static_int(shape(q)[-1]))
     site.dropout_p = float(arg(drop_at, 0.0) or 0.0)
@@ -225,17 +232,28 @@ def _all_neginf_rows(cond: fx.Node, x: fx.Node) -> bool:
 def _softmax_input(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """If `node` computes softmax(x, -1) (any of its decompositions), return (x, its nodes)."""
     if is_call(node, aten.where.self) and _is_zero(node.args[1]):
-        # safe softmax: where(row all -inf, 0, softmax(x)); fully masked rows -> 0, as our op
-        inner = _softmax_input(node.args[2])
+        # safe softmax: where(row all -inf, 0, softmax(x)); fully masked rows -> 0, as our op.
+        # On 16-bit logits the softmax runs on an fp32 upcast and is cast back; the row test
+        # reads the 16-bit logits (an upcast keeps -inf, so it is the same test).
+        sm, casts = node.args[2], []
+        while is_call(sm, *_CAST):
+            casts.append(sm)
+            sm = sm.args[0]
+        inner = _softmax_input(sm)
         if inner is None:
             return None
         x, nodes = inner
-        if not _all_neginf_rows(node.args[0], x):
-            return None
+        nodes = nodes + casts
+        probe = x
+        while not _all_neginf_rows(node.args[0], probe):
+            if not (is_call(probe, *_CAST) and probe.meta["val"].dtype == torch.float32
+                    and probe.args[0].meta["val"].dtype in _F16):
+                return None
+            probe = probe.args[0]
         extra, stack = [node], [node.args[0], node.args[1]]
         while stack:  # the row test's own nodes
             n = stack.pop()
-            if isinstance(n, fx.Node) and n is not x and n.op == "call_function":
+            if isinstance(n, fx.Node) and n is not x and n is not probe and n.op == "call_function":
                 extra.append(n)
                 stack.extend(a for a in n.args if isinstance(a, fx.Node))
         return x, nodes + extra
@@ -361,25 +379,48 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
             if cur is None:
                 site.reject = f"{chain[-1].target} between QK^T and softmax is not a scale or mask"
                 return site
-        elif is_call(cur, *_PASSTHRU):
+        elif is_call(cur, *_PASSTHRU, aten.tanh.default):
             cur = cur.args[0]
         else:
             site.reject = f"unsupported op {cur.target} between QK^T and softmax"
             return site
     logits = cur  # first node after QK^T's layout ops (or the bmm itself)
     qk = logits
-    while is_layout_op(qk):
-        qk = qk.args[0]
+    # Below the logits' layout ops: constant scales and casts (they commute with layout ops), and
+    # additive terms on QK^T's own [batch, queries, keys] frame, below every layout op (DeBERTa's
+    # disentangled c2p / p2c terms: bmm + rel_att, then view to heads).
+    inner, below_layout = [], False
+    while True:
+        if is_layout_op(qk):
+            below_layout = True
+            qk = qk.args[0]
+        elif _is_scalar_scale(qk) or is_call(qk, *_CAST):
+            inner.append(qk)
+            qk = qk.args[0]
+        elif is_call(qk, aten.add.Tensor, aten.sub.Tensor) and _score_operand_of_binary(qk) is not None and \
+                all(isinstance(a, fx.Node) for a in qk.args[:2]):
+            inner.append(qk)
+            qk = _score_operand_of_binary(qk)
+        else:
+            break
     if not is_call(qk, *_BMM):
         site.reject = "softmax input is not computed from a matmul"
         return site
+    for i, n in enumerate(inner):
+        if is_call(n, aten.add.Tensor, aten.sub.Tensor):
+            below = _layout_nodes(n, qk, frozenset(inner)) - set(inner)
+            if below or not all(known_eq(a, b) for a, b in zip(shape(n), shape(qk))) or \
+                    len(shape(n)) != len(shape(qk)):
+                site.reject = "a term added to QK^T between its layout ops"
+                return site
     chain.reverse()
+    chain = inner[::-1] + chain
     site.internal |= set(chain) | {qk}
-    ldims = trace_to(logits, qk)
+    ldims = trace_to(logits, qk, frozenset(inner), _inner_input)
     if ldims is None or not _logits_ok(ldims):
         site.reject = "QK^T is not laid out as [batch, queries, keys] before softmax"
         return site
-    site.internal |= _layout_nodes(logits, qk)
+    site.internal |= _layout_nodes(logits, qk, frozenset(inner))
     site.logits_node = logits
     site.heads = shape(logits)[-3] if len(shape(logits)) == 4 else None
     if len(shape(x)) != len(shape(logits)) or not all(known_eq(a, b) for a, b in zip(shape(x), shape(logits))):
@@ -388,24 +429,61 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
 
     a, b = (qk.args[1], qk.args[2]) if qk.target is aten.baddbmm.default else qk.args[:2]
     scale = 1.0
+    first_bias = []
     if qk.target is aten.baddbmm.default:
         beta = qk.kwargs.get("beta", 1)
-        if beta != 0:
-            site.reject = "baddbmm with beta != 0 adds its input to QK^T"
-            return site
         scale = float(qk.kwargs.get("alpha", 1))
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+            site.reject = f"baddbmm with beta={beta!r}"
+            return site
+        if beta != 0:  # beta * input + alpha * QK^T (Bloom's ALiBi): the input is an additive bias
+            inp = qk.args[0]
+            if not isinstance(inp, fx.Node) or len(shape(inp)) > 3:
+                site.reject = "baddbmm input is not a tensor broadcast to [batch, queries, keys]"
+                return site
+            first_bias = [(QkBias(inp), float(beta))]
     site.q, fq = _peel(_operand(a, [0], 1, 2), allow_scale=True)
     site.k, fk = _peel(_operand(b, [0], 2, 1), allow_scale=True)  # b is K^T: its rows are features
     site.v, _ = _peel(_operand(pv.args[1], [0], 1, 2), allow_scale=False)
-    _apply_score_chain(site, chain, scale * fq * fk, logits)
+    _apply_score_chain(site, chain, scale * fq * fk, logits, first_bias, n_inner=len(inner))
     return site
 
 
-def _layout_nodes(top: fx.Node, bottom: fx.Node) -> set:
+@dataclass(frozen=True)
+class QkBias:
+    """A bias in the QK^T bmm's own frame [batch, queries, keys] (baddbmm's input), not the logits'."""
+
+    node: fx.Node
+
+
+@dataclass(frozen=True)
+class FillBias:
+    """where(keep, 0, fill) as an additive bias, in `dtype`: a finite masked fill followed by an
+    additive mask, eager's where(keep, s, fill) + m == where(keep, s + m, fill + m), kept exact
+    (fill + m, not fill, at masked positions) by adding both as biases instead of a keep mask."""
+
+    conds: tuple  # (node, negated): keep where every node is True (False when negated)
+    fill: float
+    dtype: torch.dtype
+
+
+def _inner_input(n: fx.Node) -> fx.Node:
+    return _score_operand_of_binary(n) if is_call(n, aten.add.Tensor, aten.sub.Tensor) else n.args[0]
+
+
+def _is_scalar_scale(n) -> bool:
+    return (is_call(n, aten.mul.Tensor, aten.div.Tensor) and isinstance(n.args[0], fx.Node)
+            and scalar_value(n.args[1]) is not None and scalar_value(n.args[1]) > 0
+            and shape(n) == shape(n.args[0]))
+
+
+def _layout_nodes(top: fx.Node, bottom: fx.Node, through: frozenset = frozenset()) -> set:
+    """Nodes from `top` down to `bottom` (excluded) along the score path."""
     out, cur = set(), top
     while cur is not bottom:
         out.add(cur)
-        cur = cur.args[0]
+        cur = _score_operand_of_binary(cur) if cur in through and is_call(
+            cur, aten.add.Tensor, aten.sub.Tensor) else cur.args[0]
     return out
 
 
@@ -468,26 +546,48 @@ def _leads_to_bmm(n: fx.Node, depth: int = 0) -> bool:
         return False
     if is_call(n, *_BMM):
         return True
-    if is_layout_op(n) or is_call(n, *_PASSTHRU):
+    if is_layout_op(n) or is_call(n, *_PASSTHRU, aten.tanh.default):
         return _leads_to_bmm(n.args[0], depth + 1)
     if is_call(n, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.where.self):
         return any(_leads_to_bmm(a, depth + 1) for a in n.args if isinstance(a, fx.Node))
     return False
 
 
-def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, logits: fx.Node) -> bool:
+def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, logits: fx.Node,
+                       first_bias: list | None = None, n_inner: int = 0) -> bool:
     """Read scale, additive masks and fills off the ops between QK^T and softmax, in order.
 
-    The logits are kept in the form where(keep, scale * qk + sum(c_i * bias_i), fill); an op that
-    does not fit that form rejects the site.
+    The first `n_inner` ops of the chain (constant scales / casts) sit below `logits`' layout ops:
+    the next op reads the logits through `logits`.
+
+    The logits are kept in the form where(keep, scale * qk + sum(c_i * bias_i), fill), or with
+    soft-capping where(keep, a * tanh(b * qk) + sum(c_i * bias_i), fill) (then softcap = a and
+    scale = a * b); an op that does not fit that form rejects the site.
     """
-    biases: list = []
+    biases: list = list(first_bias or [])
     keep = KeepMask()
     fill = None
+    where_conds: list = []  # (cond, negated) of the torch.where fills behind `keep`
+    additive_keep = False  # part of `keep` came from an additive where(keep, 0, NEG) mask
     prev = logits  # the node carrying the logits into n
-    for n in chain:
+    tanh_at = next((i for i, n in enumerate(chain) if n.target is aten.tanh.default), None)
+    pre_tanh = None  # the multiplier inside tanh, once it is seen
+    for i, n in enumerate(chain):
         t = n.target
-        if t in (aten.mul.Tensor, aten.div.Tensor):
+        if tanh_at is not None and i < tanh_at and t not in (aten.mul.Tensor, aten.div.Tensor) and \
+                t not in _PASSTHRU:
+            site.reject = (f"{t} before the logit soft-capping tanh: only a scale may come before it "
+                           "(a mask or bias inside tanh is not soft-capping)")
+            return False
+        if t is aten.tanh.default:
+            if pre_tanh is not None:
+                site.reject = "tanh applied twice to the logits"
+                return False
+            if biases or fill is not None:
+                site.reject = "a bias or mask inside the logit soft-capping tanh is not soft-capping"
+                return False
+            pre_tanh, scale = scale, 1.0
+        elif t in (aten.mul.Tensor, aten.div.Tensor):
             c = scalar_value(n.args[1]) if scalar_value(n.args[1]) is not None else scalar_value(n.args[0])
             if c is None or c == 0:
                 site.reject = "logits scaled by a non-constant"
@@ -500,6 +600,10 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
             biases = [(m, k * f) for m, k in biases]
             if fill is not None and fill != -math.inf:
                 fill *= f
+        elif t in (aten.add.Tensor, aten.sub.Tensor) and i < n_inner:  # a term on QK^T's own frame
+            score = _score_operand_of_binary(n)
+            other = n.args[1] if score is n.args[0] else n.args[0]
+            biases.append((QkBias(other), -1.0 if (t is aten.sub.Tensor and other is n.args[1]) else 1.0))
         elif t in (aten.add.Tensor, aten.sub.Tensor):
             a, b = n.args[0], n.args[1]
             other = b if a is prev else a
@@ -512,8 +616,13 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
             if len(shape(other)) == 0:
                 continue
             if fill is not None and fill != -math.inf:
-                site.reject = "additive mask applied after a finite masked fill"
-                return False
+                if additive_keep or not where_conds:
+                    site.reject = "additive mask applied after a finite masked fill"
+                    return False
+                # where(keep, s, fill) + m: masked positions hold fill + m in eager; keep that
+                # exactly by turning the fill into a bias (the causal rule is then not used)
+                biases.append((FillBias(tuple(where_conds), fill, prev.meta["val"].dtype), 1.0))
+                keep, fill, where_conds = KeepMask(), None, []
             add = read_additive(other)
             if add.keep is not None and sign > 0:
                 fill = _merge_fill(site, fill, add.fill)
@@ -521,6 +630,7 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
                     return False
                 km = split_keep(add.keep, add.keep_negated)
                 keep = _and_keep(keep, km)
+                additive_keep = True
             else:
                 biases.append((other, sign))
         elif t is aten.where.self:
@@ -536,7 +646,11 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
             if fill is None:
                 return False
             keep = _and_keep(keep, split_keep(cond, negated))
-        prev = n
+            where_conds.append((cond, negated))
+        prev = n if i >= n_inner else logits
+    if pre_tanh is not None:  # a * tanh(b * qk): cap a, and a * b the scale the op divides by a
+        site.softcap = scale
+        scale = scale * pre_tanh
     site.scale = scale
     site.bias = biases
     site.keep = keep

@@ -17,7 +17,7 @@ import torch.fx as fx
 from ..codegen.arch import ArchSpec, resolve_pv
 from ..codegen.attention.describe import describe_attention_kernel
 from ..logs import log
-from .attention_match import AttentionSite, Operand
+from .attention_match import AttentionSite, FillBias, Operand, QkBias
 from .graph_utils import GraphBuilder, aten, hint_int, known_eq, known_one, shape, static_int
 
 MAX_HEAD_DIM = 256
@@ -166,6 +166,8 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         if got != need:
             raise Reject(f"block mask is {got[0]}x{got[1]} blocks; this site needs {need[0]}x{need[1]}")
     kernel = describe_attention_kernel(spec, quant, pv, d, q.device.type)
+    if site.softcap:
+        kernel += f" +softcap {site.softcap:g}"
     if sparsity is not None:
         kernel += f" +{sparsity['method']}" + ("+pv-skip" if sparsity.get("pv_threshold") is not None else "")
     return SiteParams(quant, pv, a["smooth_k"], a["smooth_q"] and sparsity is None, spec.name, kernel, sparsity,
@@ -243,6 +245,17 @@ def build_qkv(b: GraphBuilder, site: AttentionSite):
 
     def kv(op: Operand) -> tuple[fx.Node, int]:
         kb = op.batch
+        if site.kv_heads is not None and not known_eq(site.kv_heads, hq):
+            # SDPA enable_gqa: the 4-D input states its own head count. Its batch atoms flatten
+            # (batch, kv head) in order; a size-1 head dim has no atom, so the atoms alone cannot
+            # tell a batch from a head (MQA).
+            hkv = _int_size(site.kv_heads, "kv head count")
+            if hkv <= 0 or hq % hkv:
+                raise Reject(f"{hq} query heads are not a multiple of {hkv} kv heads")
+            return _as_bhnd(b, op, hkv), hkv
+        if (len(kb) >= 1 and kb[-1].broadcast and known_eq(kb[-1].size, hq) and hq > 1
+                and known_eq(_size(kb[:-1]) * hq, total)):
+            return _as_bhnd(b, op, 1, drop_bcast_last=True), 1  # one kv head repeated to all: MQA
         if (len(kb) >= 2 and kb[-1].broadcast and not kb[-2].broadcast and hq > 1
                 and known_eq(kb[-2].size * kb[-1].size, hq) and known_eq(_size(kb[:-2]) * hq, total)):
             hkv = _int_size(kb[-2].size, "kv head count")  # repeat_kv / repeat_interleave: GQA
@@ -284,13 +297,44 @@ def build_masks(b: GraphBuilder, site: AttentionSite, hq: int, q4, k4):
         keep = m if keep is None else b.call(aten.logical_and.default, keep, m)
     if keep is not None:
         keep = _to_b_h_q_k(b, keep, site, hq, q4, k4)
-    bias = None
+    bias = framed = None  # biases against the logits; biases already in the op's [B, Hq, Nq, Nk] frame
     for node, coef in site.bias:
+        in_frame = isinstance(node, QkBias)
+        if in_frame:  # baddbmm's input: broadcast in the bmm frame [B*Hq, Nq, Nk]
+            node = _qk_frame_bias(b, node.node, hq, q4, k4)
+        elif isinstance(node, FillBias):
+            node = _fill_bias(b, node)
         t = node if coef == 1.0 else b.call(aten.mul.Tensor, node, coef)
-        bias = t if bias is None else b.call(aten.add.Tensor, bias, t)
+        if in_frame:
+            framed = t if framed is None else b.call(aten.add.Tensor, framed, t)
+        else:
+            bias = t if bias is None else b.call(aten.add.Tensor, bias, t)
     if bias is not None:
         bias = _to_b_h_q_k(b, bias, site, hq, q4, k4)
+    if framed is not None:
+        bias = framed if bias is None else b.call(aten.add.Tensor, framed, bias)
     return bias, keep
+
+
+def _qk_frame_bias(b: GraphBuilder, m: fx.Node, hq: int, q4: fx.Node, k4: fx.Node) -> fx.Node:
+    """A bias broadcast against the QK^T bmm [B*Hq, Nq, Nk] -> [B, Hq, Nq, Nk] (a view when its
+    batch is whole or broadcast: the bmm batch flattens (B, Hq) as the operands do)."""
+    nq, nk = b.dim(q4, 2), b.dim(k4, 2)
+    while len(shape(m)) < 3:
+        m = b.call(aten.unsqueeze.default, m, 0)
+    full = b.call(aten.expand.default, m, [b.mul(b.dim(q4, 0), hq), nq, nk])
+    return b.reshape(full, [-1, hq, nq, nk])
+
+
+def _fill_bias(b: GraphBuilder, fb: FillBias) -> fx.Node:
+    """where(all keep conditions, 0, fill) in the logits' dtype, as eager adds it."""
+    keep = None
+    for node, negated in fb.conds:
+        m = b.call(aten.bitwise_not.default, node) if negated else node
+        keep = m if keep is None else b.call(aten.logical_and.default, keep, m)
+    zero = b.call(aten.scalar_tensor.default, 0.0, dtype=fb.dtype)
+    fill = b.call(aten.scalar_tensor.default, fb.fill, dtype=fb.dtype)
+    return b.call(aten.where.self, keep, zero, fill)
 
 
 def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key: str | None = None,
@@ -306,13 +350,14 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
         head = (q4, k4, v4, bias, keep, float(site.fill), causal, int(offset), float(site.scale),
                 params.quant, params.pv, params.smooth_k)
         sp = json.dumps(params.sparsity, sort_keys=True) if params.sparsity is not None else ""
+        cap = (float(site.softcap),) if site.softcap else ()  # the ops' last argument, 0.0 (off) by default
         if probe_key is not None:
             out = b.call(torch.ops.attnopt.attention_probe.default, *head, params.smooth_q, params.arch, "auto", sp,
-                         probe_key)
+                         probe_key, *cap)
         elif sp:
-            out = b.call(torch.ops.attnopt.sparse_attention.default, *head, params.arch, "auto", sp)
+            out = b.call(torch.ops.attnopt.sparse_attention.default, *head, params.arch, "auto", sp, *cap)
         else:
-            out = b.call(torch.ops.attnopt.attention.default, *head, params.smooth_q, params.arch, "auto")
+            out = b.call(torch.ops.attnopt.attention.default, *head, params.smooth_q, params.arch, "auto", *cap)
         anchor_shape = shape(site.anchor)
         if len(anchor_shape) == 4:
             final = b.reshape(out, [-1, hq, b.dim(out, 2), b.dim(out, 3)])

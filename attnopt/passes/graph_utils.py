@@ -193,15 +193,17 @@ class GraphBuilder:
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr"):
             if key in self.anchor.meta:
                 node.meta[key] = self.anchor.meta[key]
-        # recorded before running the op on fake inputs: if that raises (an op's fake impl
-        # rejecting its operands), the caller's clean-up still finds and erases this node
-        self.created.append(node)
         fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-        if self.fake_mode is not None:
-            with self.fake_mode:
+        try:
+            if self.fake_mode is not None:
+                with self.fake_mode:
+                    node.meta["val"] = target(*fake_args, **fake_kwargs)
+            else:
                 node.meta["val"] = target(*fake_args, **fake_kwargs)
-        else:
-            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        except Exception:
+            self.graph.erase_node(node)  # a node whose op fails must not stay in the graph
+            raise
+        self.created.append(node)
         return node
 
     def dim(self, x: fx.Node, d: int):

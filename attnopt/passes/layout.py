@@ -186,11 +186,17 @@ def trace(node: fx.Node, accept: Callable[[Traced], bool] | None = None) -> Trac
     return Traced(node, initial_dims(node))
 
 
-def trace_to(node: fx.Node, target: fx.Node) -> Dims | None:
-    """`node`'s dims in atoms of `target`, which must lie on its layout-op chain (splits allowed)."""
+def trace_to(node: fx.Node, target: fx.Node, through: frozenset = frozenset(),
+             through_input: Callable | None = None) -> Dims | None:
+    """`node`'s dims in atoms of `target`, which must lie on its layout-op chain (splits allowed).
+    Nodes in `through` (elementwise ops that keep their input's shape) are stepped over, to
+    `through_input(node)` (default: their first argument)."""
     chain = []
     cur = node
     while cur is not target:
+        if cur in through:
+            cur = through_input(cur) if through_input is not None else cur.args[0]
+            continue
         if not is_layout_op(cur):
             return None
         chain.append(cur)

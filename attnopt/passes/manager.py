@@ -113,7 +113,8 @@ def _logical_shape(op) -> list:
 def _describe(rec: SiteRecord, site) -> None:
     """Shapes, dtype, FLOPs and mask structure of a candidate, whatever its fate."""
     rec.details = {"scale": site.scale, "causal_offset": site.keep.causal_offset,
-                   "keep_masks": len(site.keep.residual), "bias_terms": len(site.bias), "masked_value": site.fill}
+                   "keep_masks": len(site.keep.residual), "bias_terms": len(site.bias), "masked_value": site.fill,
+                   "softcap": site.softcap or None}
     if site.q is None:
         return
     rec.flops = site_flops(site)

@@ -159,6 +159,11 @@ def affine_of(node, depth: int = 0) -> Affine | None:
         if step != 1 or not isinstance(start, int):
             return None
         r = _rank(src)
+        if start < 0:  # counts from the end (x[-q:]): the first element kept is size + start
+            size = shape(src)[dim % r]
+            if not isinstance(size, int):
+                return None  # a symbolic size: the mask stays a tensor the kernel reads
+            start = max(size + start, 0)
         axis = r - 1 - (dim % r)
         k = dict(e.coef).get(axis, 0)
         return Affine.make(dict(e.coef), e.const + k * start)

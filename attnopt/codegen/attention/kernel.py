@@ -15,6 +15,9 @@ Variants are constexpr switches, chosen per architecture in codegen/arch.py:
            (neither: P and V in 16 bits, fp32 accumulate)
   USE_TMA  Q/K/V tiles through tensor descriptors (TMA on sm90+; 4-D, so a tile past the end of
            one head reads zeros, and an unpadded head dim is zero-filled too; not with NVFP4)
+  SOFTCAP  logit soft-capping (Gemma 2, Grok): after QK^T, logits (log2 units, K smoothing's
+           per-row shift QKM added back first: tanh is not shift-invariant) become
+           CAP2 * tanh(s / CAP2) with CAP2 = softcap * log2(e), before bias and masks
   SPARSE   visit only the kv-blocks a predictor kept (a LUT per q-block: full tiles, then those
            needing element masks); HAS_LAMBDA adds the second stage (skip exp and P.V of tiles
            whose row maxima trail the running maxima by more than lambda)
@@ -87,8 +90,16 @@ def _load_v(V_src, b, hk, start_n, stride_vn, kvalid, dvvalid,
 
 
 @triton.jit
+def _tanh(x):
+    """tanh through exp2 of -2|x| (never overflows; tl.math has no tanh on every backend)."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _attn_step(
-    acc, l_i, m_i, bad_i, q, qs, qbar, qg,
+    acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2,
     K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
     b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
     stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
@@ -96,6 +107,7 @@ def _attn_step(
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_LAMBDA: tl.constexpr, K_GRAN: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     cols = start_n + offs_n
     kvalid = cols < Nk
@@ -122,6 +134,8 @@ def _attn_step(
                       other=0.0).to(tl.float32)
         k16 = tl.where(dvalid[:, None] & (k16 == k16) & (tl.abs(k16) != float("inf")), k16 - kmean[:, None], 0.0)
         s += tl.dot(qbar, k16, input_precision="ieee")
+    if SOFTCAP:  # tanh is not shift-invariant: K smoothing's row shift goes back in first
+        s = CAP2 * _tanh((s + qkm[:, None]) / CAP2)
     if HAS_BIAS:
         bias = tl.load(BIAS_ptrs + start_n * stride_biasn, mask=mvalid[:, None] & kvalid[None, :],
                        other=0.0).to(tl.float32)
@@ -188,6 +202,7 @@ def _attn_fwd(
     LUT, stride_lutb, stride_luth, stride_lutr,
     CNT, stride_cntb, stride_cnth, stride_cntr,
     LAM,
+    QKM, stride_qkmb, stride_qkmh, CAP2,
     NB, HQ, HKV, NPAD,
     Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, N_BUCKET,
     QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, PV_FP4: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -196,6 +211,7 @@ def _attn_fwd(
     HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr, SPARSE: tl.constexpr, SPARSE_BQ: tl.constexpr,
     HAS_LAMBDA: tl.constexpr,
     Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, query head) against all its keys."""
@@ -239,6 +255,9 @@ def _attn_fwd(
         qs = tl.load(QS + b * stride_qsb + h * stride_qsh + offs_m // Q_GRAN, mask=mvalid, other=1.0)
     qbar = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kmean = tl.zeros([BLOCK_D], dtype=tl.float32)
+    qkm = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SOFTCAP:  # per row: scale * log2(e) * q . mean(K), what K smoothing took off the logits
+        qkm = tl.load(QKM + b * stride_qkmb + h * stride_qkmh + offs_m, mask=mvalid, other=0.0)
     if SMOOTH_Q:
         qbar = tl.load(QBAR + b * stride_qbb + h * stride_qbh + (offs_m // Q_GRAN)[:, None] * stride_qbn
                        + offs_d[None, :], mask=mvalid[:, None], other=0.0)
@@ -291,21 +310,21 @@ def _attn_fwd(
         for t in range(0, n_full):
             start_n = tl.load(lut + t) * BLOCK_N
             acc, l_i, m_i, bad_i = _attn_step(
-                acc, l_i, m_i, bad_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
-                BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
+                acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
+                VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
                 stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
                 QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
-                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
+                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP)
         for t in range(n_full, n_all):
             start_n = tl.load(lut + t) * BLOCK_N
             acc, l_i, m_i, bad_i = _attn_step(
-                acc, l_i, m_i, bad_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
-                BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
+                acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
+                VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
                 stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
                 QK_FMT, PV_FP8, PV_FP4, BLOCK_M, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
-                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
+                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP)
     else:
         # Key range: all keys, or (causal) up to the last row's diagonal. Tiles below `full_end`
         # are visible to every row and inside Nk: no element masks there.
@@ -319,20 +338,20 @@ def _attn_fwd(
             full_end = nk_full
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i, bad_i = _attn_step(
-                acc, l_i, m_i, bad_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
-                BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
+                acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
+                VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
                 stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
                 QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
-                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
+                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP)
         for start_n in range(full_end, hi, BLOCK_N):
             acc, l_i, m_i, bad_i = _attn_step(
-                acc, l_i, m_i, bad_i, q, qs, qbar, qg, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs,
-                BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
+                acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
+                VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
                 b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
                 stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
                 QK_FMT, PV_FP8, PV_FP4, BLOCK_M, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
-                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE)
+                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP)
 
     # epilogue
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit, finite_or_zero, nonfinite_rows
+from ...ops.attention_ref import (K_GRAN, LOG2E, Q_GRAN, _log2_logit, finite_or_zero, nonfinite_rows,
+                                      softcap_row_shift)
 from ...ops.sparse_ref import BK as SPARSE_BK
 from ...ops.sparse_ref import BQ as SPARSE_BQ
 from .. import casts
@@ -46,7 +47,7 @@ def autotuned_kernel(arch: str, block_d: int, mode: str = "dense"):
     configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps, num_stages=t.stages)
                for t in tiles]
     return triton.autotune(configs=configs, key=["N_BUCKET", "DQK", "DV", "QK_FMT", "PV_FP8", "PV_FP4", "IS_CAUSAL",
-                                                 "HAS_BIAS", "HAS_KEEP", "SMOOTH_Q"])(_attn_fwd)
+                                                 "HAS_BIAS", "HAS_KEEP", "SMOOTH_Q", "SOFTCAP"])(_attn_fwd)
 
 
 def _mask4d(m: torch.Tensor | None, b, h, nq, nk) -> torch.Tensor | None:
@@ -88,12 +89,14 @@ def _ensure_allocator() -> None:
 def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
                      smooth_k, smooth_q, arch, tile: Tile | None = None, out: torch.Tensor | None = None,
                      return_lse: bool = False, use_tma: bool | None = None, lut: torch.Tensor | None = None,
-                     counts: torch.Tensor | None = None, pv_threshold: torch.Tensor | None = None):
+                     counts: torch.Tensor | None = None, pv_threshold: torch.Tensor | None = None,
+                     softcap: float = 0.0):
     """The op's CUDA body (and, under TRITON_INTERPRET, a CPU one). `tile` forces a config;
     `out` lets tests pass a poisoned buffer to prove every element gets written; `use_tma`
     forces the tensor-descriptor path on or off (default: the arch table's choice). With `lut`
     and `counts` (ops/sparse_ref.block_mask_to_lut) only the kept kv-blocks are visited;
-    `pv_threshold` [Hq] (log2 units) turns on the second stage."""
+    `pv_threshold` [Hq] (log2 units) turns on the second stage. `softcap` > 0 soft-caps the
+    logits (attention_ref's semantics; K smoothing's row shift is added back before the cap)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     if out is None:
@@ -147,6 +150,13 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     if use_tma:
         _ensure_allocator()
     lse_t = lse if lse is not None else out
+    softcap = float(softcap or 0.0)
+    qkm = out  # placeholder unless soft-capping
+    if softcap:
+        if quant != "none" and smooth_k:
+            qkm = softcap_row_shift(finite_or_zero(q).to(q.dtype), kmean, scale).contiguous()
+        else:  # logits not shifted
+            qkm = torch.zeros(b, hq, nq, dtype=torch.float32, device=q.device)
 
     args = (
         qbuf, *q_s,
@@ -169,6 +179,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         lut if lut is not None else out, *(tuple(lut.stride()[:3]) if lut is not None else (0, 0, 0)),
         counts if counts is not None else out, *(tuple(counts.stride()[:3]) if counts is not None else (0, 0, 0)),
         pv_threshold if pv_threshold is not None else out,
+        qkm, *((qkm.stride(0), qkm.stride(1)) if softcap else (0, 0)), softcap * LOG2E if softcap else 1.0,
         b, hq, hkv, vbuf.shape[-1] if pv == "fp8" else nk,
         nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E,
         autotune_bucket(nk),
@@ -179,7 +190,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
                   USE_TMA=use_tma, SPARSE=lut is not None, SPARSE_BQ=SPARSE_BQ,
                   HAS_LAMBDA=pv_threshold is not None,
                   Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(v.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
-                  EMULATE=casts.EMULATE)
+                  EMULATE=casts.EMULATE, SOFTCAP=bool(softcap))
     if tile is None and (interpreted() or q.device.type != "cuda"):
         tile = spec.default_tile(block_d, quant, pv)
     if tile is not None and lut is not None:
@@ -199,7 +210,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         wrap_triton(autotuned_kernel(arch, block_d, mode))[grid](*args, **consts)
     if lse is None:
         return out
-    if quant != "none" and smooth_k:  # the kernel's logits were shifted by -scale * q . kmean per row
+    if quant != "none" and smooth_k and not softcap:  # the kernel's logits were shifted by -scale * q . kmean per row
         km = kmean.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, D]
         lse = lse + scale * torch.matmul(finite_or_zero(q), km[..., None]).squeeze(-1)
     return out, lse
