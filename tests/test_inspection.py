@@ -285,12 +285,71 @@ def test_table_columns_kernel_arch_note_shapes_flops():
     row = {ln.split()[0]: ln for ln in lines[2:5]}
     cells = lambda ln: re.split(r"\s{2,}", ln.strip())  # noqa: E731
     a = dict(zip(HEADER, cells(row["model.layers.0.self_attn#0"])))
-    assert a["kernel"] == "triton/int8qk-f16pv" and a["arch"] == "sm90"
+    assert a["kernel"] == "triton/int8qk-bf16pv" and a["arch"] == "sm90"  # the model's 16-bit dtype, by name
     assert a["reason / note"] == "two dense heads kept"  # a rewritten site's note has its own column
-    assert a["shapes"] == "q 8x77x64, kv 2x77x64 bfloat16"
+    assert a["shapes"] == "q 1x8x77x64, kv 1x2x77x64 bfloat16"  # B=1 keeps its batch dim
     li = dict(zip(HEADER, cells(row["model.layers.0.mlp.up_proj"])))
     assert li["kernel"] == "reference/w8a8" and li["arch"] == "cpu" and li["reason / note"] == "per-token int8"
     assert li["shapes"] == "x 2x77x128, w 256x128 bfloat16"
     assert li["FLOPs"] == "10.1M"  # 2 * 154 * 256 * 128
     sk = dict(zip(HEADER, cells(row["lm_head"])))
     assert sk["kernel"] == "-" and sk["reason / note"] == "module 'lm_head' is excluded"
+
+
+def _cells(lines, key):
+    from attnopt.inspection.table import HEADER
+
+    row = next(ln for ln in lines if ln.startswith(key + " "))
+    return dict(zip(HEADER, re.split(r"\s{2,}", row.strip())))
+
+
+def test_table_shows_orig_error_sparsity_reasons_and_a_legend():
+    """orig-L1 (the original model's own error) beside attnopt's; a sparse site that skipped
+    nothing or stayed dense says why; the legend explains 'reference' and the formats."""
+    from attnopt.inspection.html import render_html
+    from attnopt.inspection.table import render_table
+
+    err = {"rel_l1": 0.0094, "cos": 0.99995, "baseline_rel_l1": 0.0019}
+    shapes = {"q": [2, 8, 256, 32], "k": [2, 2, 256, 32], "v": [2, 2, 256, 32], "out": [2, 8, 256, 32]}
+    common = dict(dtype="bfloat16", shapes=shapes, flops=10**8, error=err)
+    dense = _rec("l.0.attn#0", kernel="reference/int8qk-f16pv", details={"arch": "cpu"}, **common)
+    kept = _rec("l.1.attn#0", kernel="reference/int8qk-f16pv +topk", details={"arch": "cpu", "sparsity": 0.0},
+                **common)
+    short = _rec("l.2.attn#0", kernel="reference/int8qk-f16pv", details={"arch": "cpu"},
+                 reason="dense: key length 256 < sparsity.min_seq_len", **common)
+    half = _rec("l.3.attn#0", kernel="reference/int8qk-f16pv +topk", details={"arch": "cpu", "sparsity": 0.5},
+                **common)
+    rep = _table_report([dense, kept, short, half])
+    lines = render_table(rep, width=240).splitlines()
+    assert "orig-L1" in lines[0] and lines[0].index("rel-L1") < lines[0].index("orig-L1")
+    d = _cells(lines, "l.0.attn#0")
+    assert d["kernel"] == "reference/int8qk-bf16pv" and d["rel-L1"] == "0.0094" and d["orig-L1"] == "0.0019"
+    assert d["sparsity"] == "-" and d["shapes"] == "q 2x8x256x32, kv 2x2x256x32 bfloat16"
+    assert _cells(lines, "l.1.attn#0")["sparsity"] == "0 all kept"
+    assert _cells(lines, "l.2.attn#0")["sparsity"] == "dense <min"
+    h = _cells(lines, "l.3.attn#0")
+    assert h["sparsity"] == "0.50" and h["saved"] == "50.0M"
+    text = "\n".join(lines)
+    assert "f16pv" not in text.replace("bf16pv", "")
+    leg = text.split("legend:", 1)[1].split("\n\n", 1)[0]
+    assert "reference = attnopt's pure-PyTorch emulation of the GPU arithmetic" in leg
+    assert "P.V in bf16" in leg and "orig-L1: the original model's own rel-L1" in leg
+    assert "'0 all kept'" in leg and "sparsity.min_seq_len" in leg
+    assert "triton" not in leg  # only the kernels the table shows are explained
+    page = render_html(rep)
+    assert "<th>orig-L1</th>" in page and "<th>sparsity</th>" in page and "id='legend'" in page
+    assert "0 all kept" in page and "int8qk-bf16pv" in page and "pure-PyTorch emulation" in page
+
+
+def test_table_legend_wraps_to_the_width_and_names_gpu_kernels():
+    from attnopt.inspection.table import render_table
+
+    a = _rec("b.0.attn#0", kernel="triton/sm90/int8qk-f16pv/BM128-BN128-w8-s2+tma (autotuned)", dtype="float16",
+             shapes={"q": [4, 8, 77, 64], "k": [4, 8, 77, 64], "v": [4, 8, 77, 64]})
+    b = _rec("b.1.attn#0", kernel="triton-interpreter/sm80/int8qk-f16pv/BM64-BN64", dtype="float16")
+    text = render_table(_table_report([a, b]), width=100)
+    assert "int8qk-fp16pv" in text
+    leg = text.split("legend:", 1)[1].split("\n\n", 1)[0]
+    assert "kernel triton = the compiled GPU kernel" in leg and "Triton's CPU interpreter" in leg
+    assert "reference" not in leg
+    assert all(len(ln) <= 100 for ln in leg.splitlines())

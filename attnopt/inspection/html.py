@@ -18,7 +18,7 @@ import re
 import networkx as nx
 
 from ..report import Report
-from .table import _fmt_flops, kernel_parts, natural_key, shapes_text, site_flops
+from .table import _fmt_flops, kernel_parts, legend, natural_key, shapes_text, site_flops, sparsity_text
 
 NODE_W, NODE_H, GAP_X, GAP_Y = 130, 22, 40, 10
 MODULE_W = 210  # module boxes carry paths, wider than op names
@@ -374,18 +374,22 @@ def _fmt(x, digits=4) -> str:
 def _site_table(report: Report) -> str:
     """The terminal table's columns, one row per site (click: the site in the op graph)."""
     head = "".join(f"<th>{h}</th>" for h in ("site", "kind", "status", "kernel", "arch", "reason / note", "shapes",
-                                               "rel-L1", "cos", "FLOPs"))
+                                               "rel-L1", "orig-L1", "cos", "sparsity", "FLOPs"))
     rows = [f"<table id='site-table'><tr>{head}</tr>"]
     for s in sorted(report.sites, key=lambda r: (r.graph, natural_key(r.key))):
         err = s.error or {}
         kernel, arch, note = kernel_parts(s)
         cells = (s.key, s.kind, s.status, kernel, arch, note, shapes_text(s), _fmt(err.get("rel_l1")),
-                 _fmt(err.get("cos"), 6), _fmt_flops(site_flops(s)))
+                 _fmt(err.get("baseline_rel_l1")), _fmt(err.get("cos"), 6), sparsity_text(s),
+                 _fmt_flops(site_flops(s)))
         status_cls = "ok" if s.status == "rewritten" else "skip"
         tds = "".join(f"<td class='{status_cls}'>{_esc(c)}</td>" if i == 2 else f"<td>{_esc(c)}</td>"
                       for i, c in enumerate(cells))
         rows.append(f"<tr class='site' data-key='{_esc(s.key)}' data-graph='{s.graph}'>{tds}</tr>")
     rows.append("</table>")
+    if report.sites:
+        items = "".join(f"<li>{_esc(ln.strip())}</li>" for ln in legend(report.sites)[1:])
+        rows.append(f"<ul id='legend'>{items}</ul>")
     return "".join(rows)
 
 

@@ -10,9 +10,10 @@ import math
 import re
 import shutil
 import sys
+import textwrap
 
-HEADER = ("site", "kind", "status", "kernel", "arch", "reason / note", "shapes", "rel-L1", "cos", "sparsity",
-          "FLOPs", "saved")
+HEADER = ("site", "kind", "status", "kernel", "arch", "reason / note", "shapes", "rel-L1", "orig-L1", "cos",
+          "sparsity", "FLOPs", "saved")
 FLEX = (0, 5, 6)  # columns that give way (cut) when the terminal is narrow: site, note, shapes
 
 
@@ -79,9 +80,23 @@ def _dims(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
+def _with_batch(sh: dict) -> dict:
+    """Attention operands are recorded without size-1 dims, so B=1 lost its batch dim; the
+    output's recorded shape still has it: put the leading 1s back so every row reads alike."""
+    q, out = sh.get("q"), sh.get("out")
+    if not q or not out or len(out) <= len(q):
+        return sh
+    pad = len(out) - len(q)
+    if any(d != 1 for d in out[:pad]):
+        return sh
+    return {n: ([1] * pad + list(d) if d and n in ("q", "k", "v") else d) for n, d in sh.items()}
+
+
 def shapes_text(s) -> str:
     """Every operand in one layout, then the dtype: 'q 1x8x77x64, kv 1x2x77x64 bf16'."""
     sh = dict(s.shapes or {})
+    if s.kind == "attention":
+        sh = _with_batch(sh)
     if "k" in sh and sh.get("k") == sh.get("v"):
         sh["kv"] = sh.pop("k")
         sh.pop("v")
@@ -105,6 +120,16 @@ def site_flops(s) -> int | None:
     return linear_flops(s.shapes or {}) if s.kind == "linear" else None
 
 
+_DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def kernel_words(kernel: str, dtype: str | None) -> str:
+    """The report's kernel name as the table shows it: 'f16' (the 16-bit formats) becomes the
+    site's own dtype, 'int8qk-bf16pv' for a bf16 model. The JSON keeps the name as recorded."""
+    d = _DTYPE_SHORT.get(dtype or "")
+    return re.sub(r"\bf16(qk|pv)\b", rf"{d if d in ('bf16', 'fp16') else 'fp16'}\1", kernel)
+
+
 def kernel_parts(s) -> tuple[str, str, str]:
     """(kernel, arch, note): linear kernels read 'where/format: note', attention's arch is in details."""
     kernel = s.kernel or ""
@@ -116,7 +141,23 @@ def kernel_parts(s) -> tuple[str, str, str]:
     if not arch and kernel:
         where = kernel.split("/")
         arch = "cpu" if where[0] == "reference" else (where[1] if len(where) > 1 and where[0] == "triton" else "")
+    if s.kind == "attention":
+        kernel = kernel_words(kernel, s.dtype)
     return kernel or "-", arch or "-", note or "-"
+
+
+def sparsity_text(s) -> str:
+    """The measured fraction of skipped blocks, or why there is none: '0 all kept' (a sparse
+    kernel whose predictor kept every block on these inputs), 'dense <min' (the key is shorter
+    than sparsity.min_seq_len), '-' (not a sparse site)."""
+    if s.status != "rewritten":
+        return "-"
+    sp = (s.details or {}).get("sparsity")
+    if sp is None:
+        return "dense <min" if "sparsity.min_seq_len" in (s.reason or "") else "-"
+    if sp == 0:
+        return "0 all kept"
+    return f"{sp:.2f}"
 
 
 def _row(s) -> tuple:
@@ -126,7 +167,33 @@ def _row(s) -> tuple:
     flops = site_flops(s)
     saved = flops * sp if (flops and sp) else None
     return (s.key, s.kind, s.status, kernel, arch, note, shapes_text(s), _fmt_err(err.get("rel_l1")),
-            _fmt_err(err.get("cos")), f"{sp:.2f}" if sp else "-", _fmt_flops(flops), _fmt_flops(saved))
+            _fmt_err(err.get("baseline_rel_l1")), _fmt_err(err.get("cos")), sparsity_text(s), _fmt_flops(flops),
+            _fmt_flops(saved))
+
+
+def legend(sites) -> list[str]:
+    """What the columns mean, said once under the table; kernel lines only for kernels it shows."""
+    kernels = [x.kernel or "" for x in sites if x.status == "rewritten"]
+    att = [x for x in sites if x.kind == "attention" and x.status == "rewritten"]
+    lines = []
+    if any(k.startswith("reference/") for k in kernels):
+        lines.append("kernel reference = attnopt's pure-PyTorch emulation of the GPU arithmetic, what runs on a CPU"
+                     + (" (@sm90: with that GPU's number formats)" if any("@" in k for k in kernels) else ""))
+    if any(k.startswith("triton-interpreter/") for k in kernels):
+        lines.append("kernel triton-interpreter = the GPU kernel run by Triton's CPU interpreter (slow, for checking)")
+    if any(k.startswith("triton/") for k in kernels):
+        lines.append("kernel triton = the compiled GPU kernel (sm80, sm90, ...: the GPU generation it is built for)")
+    if att:
+        lines.append("int8qk-bf16pv = Q.K^T in int8, P.V in bf16 (16-bit, the model's own dtype); fp8/fp4 alike; "
+                     "+topk, +block, ...: sparse; +pv-skip: negligible P.V blocks skipped")
+    lines.append("rel-L1 / cos: this site's output against float64 on your inputs; orig-L1: the original "
+                 "model's own rel-L1 against float64 there (attnopt adds little when rel-L1 is close to it)")
+    if any(sparsity_text(x) != "-" for x in att):
+        lines.append("sparsity: fraction of attention blocks skipped on these inputs ('0 all kept': the predictor "
+                     "kept every block; 'dense <min': key shorter than sparsity.min_seq_len); saved: FLOPs skipped")
+    lines.append("shapes: attention q/k/v as [batch, heads, tokens, features] (GQA's repeated heads left out); "
+                 "linear x/w")
+    return ["legend:"] + ["  " + ln for ln in lines]
 
 
 def _widths(rows: list, width: int) -> list[int]:
@@ -172,6 +239,10 @@ def _default_width() -> int:
 def render_table(report, width: int | None = None) -> str:
     width = width or _default_width()
     lines = _table(report.sites, width)
+    if report.sites:
+        for ln in legend(report.sites):
+            lines += textwrap.wrap(ln, width, initial_indent="", subsequent_indent="      ") if ln.startswith("  ") \
+                else [ln]
     sm = report.summary
     e2e = sm.get("e2e", {})
     lines.append("")
