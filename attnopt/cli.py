@@ -1,6 +1,7 @@
 """`attnopt` command line: `attnopt demo` and `attnopt inspect TARGET`.
 
 Exit codes: 0 success, 2 bad usage / TARGET / options, 1 the model failed to compile or run.
+Every error is one line on stderr naming what to fix; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ import os
 import sys
 
 
+class UsageError(Exception):
+    """A bad command line (TARGET, --options, ...): one line, exit 2."""
+
+
+def _looks_like_path(text: str) -> bool:
+    t = text.strip()
+    return not t.startswith(("{", "[")) and (t.endswith(".json") or os.sep in t or "/" in t)
+
+
 def _options(text: str | None):
     if text is None:
         return None
@@ -19,16 +29,25 @@ def _options(text: str | None):
             try:
                 return json.load(f)
             except json.JSONDecodeError as e:
-                raise SystemExit(_usage_error(f"--options file {text} is not valid JSON: {e}"))
+                raise UsageError(f"--options file {text} is not valid JSON: {e}") from e
+    if _looks_like_path(text):
+        raise UsageError(f"--options: file not found: {text}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(_usage_error(f"--options is neither a file nor valid JSON: {e}"))
+        raise UsageError(f"--options is neither a file nor valid JSON ({e}): pass a JSON file or text like "
+                         """'{"attention": {"quant": "int8"}}'""") from e
 
 
-def _usage_error(msg: str) -> int:
-    print(f"attnopt: error: {msg}", file=sys.stderr)
-    return 2
+def _error(msg: str, debug: bool = False, code: int = 2) -> int:
+    """One line on stderr (the traceback too under --debug); returns the exit status."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    hint = "" if debug else " (--debug shows the traceback)" if code == 1 else ""
+    print(f"attnopt: error: {msg}{hint}", file=sys.stderr)
+    return code
 
 
 def _emit(report, args) -> None:
@@ -43,17 +62,32 @@ def _emit(report, args) -> None:
         print(f"wrote {args.html}")
 
 
-def _run_inspect(model, inputs, kwargs, args) -> int:
+def _checked_options(args):
+    """--options read and validated before any model is built: a typo costs no model load."""
+    from .config import ConfigError, normalize_options
+
+    opts = _options(args.options)
+    try:
+        normalize_options(opts)
+    except ConfigError as e:
+        raise UsageError(f"--options: {e}") from e
+    return opts
+
+
+def _run_inspect(model, inputs, kwargs, args, opts) -> int:
     import attnopt
 
     try:
-        opts = _options(args.options)
         report = attnopt.inspect(model, *inputs, example_kwargs=kwargs, options=opts, progress=not args.quiet)
     except attnopt.ConfigError as e:
-        return _usage_error(str(e))
-    except SystemExit as e:
-        return int(e.code or 2)
-    _emit(report, args)
+        return _error(f"--options: {e}", args.debug)
+    except Exception as e:  # the model failed to compile or run: one line, exit 1
+        first = (str(e).strip().splitlines() or [""])[0]
+        return _error(f"the model failed to compile or run: {type(e).__name__}: {first}", args.debug, code=1)
+    try:
+        _emit(report, args)
+    except OSError as e:
+        return _error(f"cannot write the report: {e}", args.debug)
     return 0
 
 
@@ -62,21 +96,28 @@ def cmd_demo(args) -> int:
 
     from .demo_model import build
 
+    opts = _checked_options(args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model, inputs = build(args.size, args.device, dtype)
+    try:
+        model, inputs = build(args.size, args.device, dtype)
+    except (RuntimeError, AssertionError, ValueError) as e:  # e.g. --device cuda with no GPU
+        first = (str(e).strip().splitlines() or [""])[0]
+        return _error(f"--device {args.device}: cannot build the demo model there ({type(e).__name__}: {first})",
+                      args.debug)
     print(f"attnopt demo: Llama-style model ({args.size}), random weights, input {list(inputs[0].shape)} "
           f"on {args.device}", file=sys.stderr)
-    return _run_inspect(model, inputs, {}, args)
+    return _run_inspect(model, inputs, {}, args, opts)
 
 
 def cmd_inspect(args) -> int:
     from .inspection.target import TargetError, load_target
 
+    opts = _checked_options(args)
     try:
         model, inputs, kwargs = load_target(args.target)
     except TargetError as e:
-        return _usage_error(str(e))
-    return _run_inspect(model, inputs, kwargs, args)
+        return _error(str(e), args.debug)
+    return _run_inspect(model, inputs, kwargs, args, opts)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -84,11 +125,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--html", metavar="OUT", help="write a self-contained HTML view")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line (what is wrong, where the help is), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"attnopt: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="attnopt", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="attnopt", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="compile the bundled demo model and print the report")
     d.add_argument("--size", choices=["tiny", "large"], default="tiny")
     d.add_argument("--device", default="cpu")
@@ -106,6 +155,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except UsageError as e:
+        return _error(str(e), args.debug)
     except KeyboardInterrupt:
         return 130
 

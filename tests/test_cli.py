@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from attnopt.cli import main
 
@@ -50,6 +51,61 @@ def test_bad_target_and_options_exit_2(capsys, tmp_path):
     capsys.readouterr()
     assert main(["inspect", target, "--quiet", "--options", str(bad)]) == 2
     assert "opts.json is not valid JSON" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, fragment):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("attnopt: error: ") and "Traceback" not in err, err
+    assert fragment in err, err
+    return err
+
+
+def test_cli_errors_are_one_line_naming_the_fix(capsys, tmp_path, monkeypatch):
+    """A missing --options file, a misspelled factory or file, a bad option, a bad flag: one line,
+    exit 2, no traceback; the options are checked before any model is built."""
+    monkeypatch.chdir(tmp_path)
+    target = str(ROOT / "examples" / "tiny_attention.py") + ":build"
+    assert main(["inspect", target, "--quiet", "--options", "missing.json"]) == 2
+    _one_line_error(capsys, "file not found: missing.json")
+    assert main(["inspect", target, "--quiet", "--options", "conf/missing.json"]) == 2
+    _one_line_error(capsys, "file not found: conf/missing.json")
+    assert main(["inspect", str(ROOT / "examples" / "tiny_attention.py") + ":buidl", "--quiet"]) == 2
+    _one_line_error(capsys, "did you mean 'build'?")
+    assert main(["inspect", str(ROOT / "examples" / "tiny_atention.py") + ":build", "--quiet"]) == 2
+    _one_line_error(capsys, "did you mean")
+    assert main(["inspect", "/no/such.py:build", "--quiet", "--options", '{"atention": {}}']) == 2
+    _one_line_error(capsys, "did you mean 'attention'")  # options first: the bad file is not reached
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", target, "--no-such-flag"])
+    assert e.value.code == 2
+    _one_line_error(capsys, "--no-such-flag")
+    assert main(["demo", "--device", "cuda:7", "--quiet"]) == 2 or torch.cuda.device_count() > 7
+    _one_line_error(capsys, "--device cuda:7")
+
+
+BROKEN_FORWARD = '''
+import torch
+
+
+class Broken(torch.nn.Module):
+    def forward(self, x):
+        raise ValueError("shape mismatch in my model")
+
+
+def build():
+    return Broken(), (torch.randn(2, 3),)
+'''
+
+
+def test_model_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    f = tmp_path / "broken_model.py"
+    f.write_text(BROKEN_FORWARD)
+    assert main(["inspect", f"{f}:build", "--quiet"]) == 1
+    _one_line_error(capsys, "ValueError: shape mismatch in my model (--debug shows the traceback)")
+    assert main(["inspect", f"{f}:nope", "--quiet", "--debug"]) == 2
+    assert main(["inspect", f"{f}:build", "--quiet", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("attnopt: error: the model failed")
 
 
 @pytest.fixture(autouse=True)

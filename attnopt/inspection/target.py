@@ -8,6 +8,7 @@ prints one clear line and exits 2 instead of a traceback.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import os
@@ -42,7 +43,11 @@ def _on_path(folder: str | None):
 
 def _load_file(where: str):
     if not os.path.isfile(where):
-        raise TargetError(f"TARGET file {where!r} does not exist")
+        folder = os.path.dirname(where) or "."
+        near = difflib.get_close_matches(os.path.basename(where), os.listdir(folder), n=1, cutoff=0.6) \
+            if os.path.isdir(folder) else []
+        hint = f"; did you mean {os.path.join(os.path.dirname(where), near[0])!r}?" if near else ""
+        raise TargetError(f"TARGET file {where!r} does not exist{hint}")
     spec = importlib.util.spec_from_file_location(f"attnopt_target_{abs(hash(where))}", where)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -65,6 +70,21 @@ def _load_module(where: str):
                           f"{os.getcwd()!r} and the installed packages)") from e
     except BaseException as e:
         raise TargetError(f"importing module {where!r} failed: {_why(e)}") from e
+
+
+def _did_you_mean(module, name: str) -> str:
+    """'; did you mean 'build'?' from the module's own public functions (or what it has)."""
+    own = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+           and getattr(v, "__module__", None) == module.__name__ and not isinstance(v, type)]
+    close = difflib.get_close_matches(name, own, n=3, cutoff=0.6) or difflib.get_close_matches(
+        name.lower(), [n.lower() for n in own], n=1, cutoff=0.6)
+    if close:
+        close = [n for n in own if n in close or n.lower() in close][:3]
+        return "; did you mean " + " or ".join(repr(n) for n in close) + "?"
+    if own:
+        shown = ", ".join(sorted(own)[:8]) + (", ..." if len(own) > 8 else "")
+        return f" (its functions: {shown})"
+    return ""
 
 
 def _call_factory(target: str, factory) -> tuple:
@@ -94,7 +114,7 @@ def load_target(target: str) -> tuple[Any, tuple, dict]:
         module = _load_file(where) if is_file else _load_module(where)
         factory = getattr(module, name, None)
         if not callable(factory):
-            raise TargetError(f"{where!r} has no callable {name!r}")
+            raise TargetError(f"{where!r} has no callable {name!r}{_did_you_mean(module, name)}")
         model, inputs = _call_factory(target, factory)
     if isinstance(inputs, dict):
         return model, (), dict(inputs)
