@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import itertools
-import sys
 from typing import Iterable, Mapping
 
 import torch
@@ -26,6 +25,7 @@ from .ops import sparse_ref as R
 from .ops.attention_ref import attention_exact
 from .ops.sparse import block_sparsity, predict_block_mask, pv_thresholds
 from .plan import Plan
+from .progress import Progress
 
 _IDS = itertools.count()
 MIN_GAIN = 0.1  # heads sparser than this are not worth a sparse kernel (SpargeAttn's rule)
@@ -254,7 +254,7 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
 
     `example_batches`: an iterable of input tuples (or kwargs dicts) for `model`.
     """
-    say = (lambda m: print(f"[attnopt] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    bar = Progress("calibrate: capture", enabled=None if progress else False)  # on a terminal only
     user = dict(options or {})
     user.pop("plan", None)  # a new plan is being made: the old one must not steer the search
     opts = normalize_options(user)
@@ -285,18 +285,23 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=be)
         with torch.no_grad(), torch._functorch.config.patch(enable_autograd_cache=False):
+            bar.note("compiling", total=len(example_batches))
             for i, batch in enumerate(example_batches):
-                say(f"capturing batch {i}")
+                bar.note(f"batch {i + 1}")
                 if isinstance(batch, Mapping):
                     compiled(**batch)
                 else:
                     compiled(*batch)
+                bar.step()
     finally:
         probe.unregister_sink(sink)
         torch._dynamo.reset()
+        bar.close()
     recs = {r.key: r for r in be.recorder.sites()}
     plan = Plan(meta={"method": sp["method"] if sp else None, "budget": budget, "margin": margin,
                       "mixed_precision": mixed_precision, "options": opts.to_dict()})
+    attention_keys = [k for k, calls in captured.items() if calls[0].get("kind") != "linear"]
+    bar = Progress("calibrate: search", total=len(attention_keys), enabled=None if progress else False)
     for key, calls in captured.items():
         if calls[0].get("kind") == "linear":
             absmax = torch.stack([c["absmax"] for c in calls]).amax(dim=0)
@@ -304,10 +309,13 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
             continue
         d = recs[key].details
         search = SiteSearch(key, calls, d["quant"], d["pv"], d["smooth_k"], d["arch"])
-        say(f"searching {key} ({search.heads} heads)")
+        bar.note(f"searching {key} ({search.heads} heads)")
         plan.sites[key] = search_site(search, sp, target, second_stage)
+        bar.step()
+    bar.close()
     if mixed_precision:
-        _mixed_precision(model, example_batches, plan, captured, budget, margin, opts, say)
+        with Progress("calibrate: mixed precision", enabled=None if progress else False) as bar:
+            _mixed_precision(model, example_batches, plan, captured, budget, margin, opts, bar.note)
     return plan
 
 

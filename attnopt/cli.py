@@ -124,7 +124,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--options", help="pass options as JSON text or a JSON file")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--html", metavar="OUT", help="write a self-contained HTML view")
-    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (drawn on a terminal only anyway)")
     p.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
 
 

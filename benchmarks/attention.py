@@ -24,6 +24,7 @@ import common  # noqa: E402
 import attnopt  # noqa: E402
 from attnopt.codegen.arch import ARCHS, detect_arch  # noqa: E402
 from attnopt.metrics import compare  # noqa: E402
+from attnopt.progress import Progress  # noqa: E402
 
 VARIANTS = {  # name: (quant, pv)
     "attnopt int8+f16pv": ("int8", "fp16"),
@@ -98,12 +99,14 @@ def main() -> None:
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     arch = detect_arch("cuda")
     rows = []
+    bar = Progress("attention", total=len(args.dims) * len(causals) * len(args.seqs))  # stderr, terminal only
     for d in args.dims:
         for causal in causals:
             fns = {name: (lambda q, k, v, qu=qu, pv=pv: attnopt.attention(q, k, v, is_causal=causal, quant=qu, pv=pv))
                    for name, (qu, pv) in VARIANTS.items() if ARCHS[arch].supports(qu, pv) is None}
             fns.update(peers(causal))
             for n in args.seqs:
+                bar.note(f"head dim {d}, causal {causal}, seq {n}")
                 b = max(1, args.tokens // n)
                 h = args.heads
                 inputs = [tuple(torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
@@ -122,9 +125,11 @@ def main() -> None:
                     except Exception as e:  # a peer that does not support this shape
                         row.update(error=repr(e)[:200])
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    bar.write(json.dumps(row))
                 del inputs
                 torch.cuda.empty_cache()
+                bar.step()
+    bar.close()
     name = f"attention_{arch}_{torch.cuda.get_device_name().replace(' ', '_')}.json"
     os.makedirs(args.out_dir, exist_ok=True)
     common.RESULTS = args.out_dir

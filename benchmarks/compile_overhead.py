@@ -36,6 +36,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import common  # noqa: E402
 
 import attnopt  # noqa: E402
+from attnopt.progress import Progress  # noqa: E402
 
 
 def llama(layers: int, device: str):
@@ -182,9 +183,12 @@ def main() -> None:
         return
     rows = []
     load = os.getloadavg()[0]
-    for n in args.layers:
-        rows.append(measure(n, args.device, args.reps, args.inner))
-        print(rows[-1], flush=True)
+    with Progress("compile overhead", total=len(args.layers)) as bar:  # stderr, terminal only
+        for n in args.layers:
+            bar.note(f"{n} layers")
+            rows.append(measure(n, args.device, args.reps, args.inner))
+            bar.write(str(rows[-1]))
+            bar.step()
     out = args.out or f"compile_overhead_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
     extra = {"what": __doc__.splitlines()[0], "versions": versions(), "noise": NOISE,
              "load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}}

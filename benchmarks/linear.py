@@ -23,6 +23,7 @@ from attnopt.codegen.arch import detect_arch  # noqa: E402
 from attnopt.codegen.linear.w4a16 import linear_w4a16_triton  # noqa: E402
 from attnopt.codegen.linear.w8a8 import linear_8bit_triton  # noqa: E402
 from attnopt.ops import linear_ref as L  # noqa: E402
+from attnopt.progress import Progress  # noqa: E402
 
 
 def bench(fn, rep=100):
@@ -33,7 +34,9 @@ def bench(fn, rep=100):
 
 def gemm_rows(shapes, arch):
     rows = []
+    bar = Progress("gemm", total=len(shapes))  # stderr, terminal only
     for m, n, k in shapes:
+        bar.note(f"{m}x{n}x{k}")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         flops = 2 * m * n * k
@@ -60,7 +63,9 @@ def gemm_rows(shapes, arch):
             except Exception as e:
                 row["error"] = repr(e)[:200]
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            bar.write(json.dumps(row))
+        bar.step()
+    bar.close()
     return rows
 
 
@@ -71,7 +76,9 @@ def block_rows(seq_lens):
     cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
     model = transformers.LlamaModel(cfg).eval().to("cuda", torch.bfloat16)
+    bar = Progress("llama block", total=len(seq_lens))  # stderr, terminal only
     for n in seq_lens:
+        bar.note(f"seq {n}")
         ids = torch.randint(0, 32000, (1, n), device="cuda")
         for name, backend in (("eager", None), ("inductor", "inductor"),
                               ("attnopt int8 attn", attnopt.backend({})),
@@ -87,7 +94,9 @@ def block_rows(seq_lens):
             except Exception as e:
                 row["error"] = repr(e)[:200]
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            bar.write(json.dumps(row))
+        bar.step()
+    bar.close()
     return rows
 
 

@@ -36,6 +36,7 @@ import common  # noqa: E402
 
 import attnopt  # noqa: E402
 from attnopt.metrics import flatten_outputs  # noqa: E402
+from attnopt.progress import Progress  # noqa: E402
 
 DT = torch.bfloat16
 LLM_TOKENS = 32768
@@ -532,16 +533,18 @@ def main(argv=None, zoo=None):
     path = os.path.join(args.out_dir, f"models_{args.device.split(':')[0]}_{args.size}.json")
     rows = [] if args.fresh else load_rows(path)
     md = ""
-    for name, build in (zoo or MODELS).items():
-        if args.only and not any(w in name for w in args.only):
-            continue
-        if args.resume and any(r["model"] == name and "error" not in r for r in rows):
-            continue
-        print(f"== {name}", flush=True)
-        row = run(name, build, args.size, args.device, latency)
-        print(json.dumps(row), flush=True)
-        rows = merge(rows, row)
-        md = save(path, rows)
+    todo = [(name, build) for name, build in (zoo or MODELS).items()
+            if not (args.only and not any(w in name for w in args.only))
+            and not (args.resume and any(r["model"] == name and "error" not in r for r in rows))]
+    with Progress("models", total=len(todo)) as bar:  # on stderr, when it is a terminal
+        for name, build in todo:
+            bar.note(name)
+            bar.write(f"== {name}")
+            row = run(name, build, args.size, args.device, latency)
+            bar.write(json.dumps(row))
+            rows = merge(rows, row)
+            md = save(path, rows)
+            bar.step()
     print(md)
     return path
 

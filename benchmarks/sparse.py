@@ -23,6 +23,7 @@ from attnopt.codegen.arch import detect_arch  # noqa: E402
 from attnopt.codegen.attention.launch import attention_triton  # noqa: E402
 from attnopt.codegen.sparse.predict import predict_sparge_triton, predict_xattention_triton  # noqa: E402
 from attnopt.ops import sparse_ref as R  # noqa: E402
+from attnopt.progress import Progress  # noqa: E402
 
 
 def do_bench(fn, rep=100):
@@ -45,7 +46,9 @@ def main() -> None:
         args.seqs, args.sparsities = [8192], [0.0, 0.5, 0.9]
     arch = detect_arch("cuda")
     rows = []
+    bar = Progress("sparse", total=len(args.seqs))  # stderr, terminal only
     for n in args.seqs:
+        bar.note(f"seq {n}")
         h, d = args.heads, args.dim
         q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
         scale = d ** -0.5
@@ -84,7 +87,9 @@ def main() -> None:
             except Exception as e:
                 row["flex_error"] = repr(e)[:200]
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            bar.write(json.dumps(row))
+        bar.step()
+    bar.close()
     common.RESULTS = args.out_dir
     print("wrote", common.write(f"sparse_{arch}.json", rows, {"what": __doc__.splitlines()[0]}))
 

@@ -146,6 +146,16 @@ def broken():
 '''
 
 
+def test_progress_is_silent_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    """Without --quiet: a bar on a terminal only; a log (here captured stderr) gets no progress."""
+    _write_pkg(tmp_path, ZOO)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ATTNOPT_PROGRESS", raising=False)
+    assert main(["inspect", "mymodels.zoo:build", "--options", '{"attention": {"min_seq_len": 0}}']) == 0
+    out = capsys.readouterr()
+    assert "sites rewritten: 1/1" in out.out and out.err == ""
+
+
 def test_module_target_from_current_directory(tmp_path, monkeypatch, capsys):
     """The `attnopt` console script's sys.path starts at its bin folder, not the current one."""
     _write_pkg(tmp_path, ZOO)

@@ -353,3 +353,99 @@ def test_table_legend_wraps_to_the_width_and_names_gpu_kernels():
     assert "kernel triton = the compiled GPU kernel" in leg and "Triton's CPU interpreter" in leg
     assert "reference" not in leg
     assert all(len(ln) <= 100 for ln in leg.splitlines())
+
+
+# ----------------------------------------------------------------- progress bar
+
+class _FakeTTY:
+    """A stream that says it is a terminal and keeps what is written."""
+
+    def __init__(self, tty=True):
+        self.tty, self.parts = tty, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.parts.append(s)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        return "".join(self.parts)
+
+
+def test_progress_bar_draws_on_a_terminal_only(monkeypatch):
+    from attnopt.progress import Progress, track
+
+    monkeypatch.delenv("ATTNOPT_PROGRESS", raising=False)
+    tty = _FakeTTY()
+    with Progress("calibrate", total=4, stream=tty, interval=0) as bar:
+        for key in ("l.0.attn#0", "l.1.attn#0", "l.2.attn#0", "l.3.attn#0"):
+            bar.note(key)
+            bar.step()
+            if bar.done == 2:
+                half = bar.line(200)
+    assert "[attnopt] calibrate [#####-----] 2/4 l.1.attn#0" in half and "elapsed, ~" in half and "left" in half
+    frames = tty.text.split("\r")
+    assert "4/4 l.3.attn#0" in frames[-1] and tty.text.endswith("\n") and "l.0.attn#0" in tty.text
+    pipe = _FakeTTY(tty=False)
+    assert list(track(range(3), "models", stream=pipe)) == [0, 1, 2]
+    assert pipe.text == ""  # silent when not a terminal
+    monkeypatch.setenv("ATTNOPT_PROGRESS", "0")
+    off = _FakeTTY()
+    list(track(range(3), "models", stream=off))
+    assert off.text == ""
+    monkeypatch.setenv("ATTNOPT_PROGRESS", "1")
+    forced = _FakeTTY(tty=False)
+    list(track(["a", "b"], "models", stream=forced, interval=0))
+    assert "2/2" in forced.text
+
+
+def test_progress_write_keeps_printed_lines_clean(capsys):
+    from attnopt.progress import Progress
+
+    tty = _FakeTTY()
+    with Progress("models", total=2, stream=tty, enabled=True, interval=0) as bar:
+        bar.note("llama")
+        bar.write('{"model": "llama"}')
+        bar.step()
+    assert capsys.readouterr().out == '{"model": "llama"}\n'
+    assert "\r\x1b[K" in tty.text  # the bar's line cleared before the print, drawn again after
+
+
+def test_inspect_progress_bar_on_terminal_and_silent_otherwise(monkeypatch, capsys):
+    monkeypatch.delenv("ATTNOPT_PROGRESS", raising=False)
+    x = torch.randn(1, 2, 77, 32, dtype=torch.bfloat16)
+
+    class M(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    tty = _FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    attnopt.inspect(M(), x, options={"attention": {"min_seq_len": 0}}, progress=True)
+    monkeypatch.undo()
+    assert "[attnopt] inspect" in tty.text and "compiling graph 0" in tty.text
+    assert "1/1 measured #0" in tty.text and "elapsed" in tty.text and tty.text.endswith("\n")
+    attnopt.inspect(M(), x, options={"attention": {"min_seq_len": 0}}, progress=True)  # stderr is not a tty
+    assert capsys.readouterr().err == ""
+
+
+def test_calibrate_progress_bar_per_site(monkeypatch):
+    monkeypatch.delenv("ATTNOPT_PROGRESS", raising=False)
+
+    class M(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    tty = _FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    x = torch.randn(1, 2, 256, 32, dtype=torch.bfloat16)
+    attnopt.calibrate(M(), [(x,)], options={"attention": {"min_seq_len": 0, "sparsity": {"method": "sparge"}}},
+                      progress=True)
+    monkeypatch.undo()
+    assert "calibrate: capture [##########] 1/1 batch 1" in tty.text
+    assert "calibrate: search [##########] 1/1 searching #0 (2 heads)" in tty.text and "elapsed" in tty.text

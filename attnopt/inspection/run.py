@@ -18,6 +18,7 @@ from ..compiler import AttnoptBackend
 from ..logs import log
 from ..metrics import compare_outputs
 from ..ops import probe
+from ..progress import Progress
 from ..report import Report
 from .table import site_flops
 
@@ -96,10 +97,11 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     The report lists every candidate site (rewritten or skipped, with the reason), the error
     each rewritten site adds on these inputs, graph breaks, compile time and the end-to-end error
     against the uncompiled model. Dynamo's caches are reset so that every graph is compiled (and
-    every site seen) in this call.
+    every site seen) in this call. `progress`: True draws a progress bar on stderr (on a terminal
+    only: graph, measured site, elapsed, time left); a callable gets each step as a message.
     """
-    say = progress if callable(progress) else ((lambda m: print(f"[attnopt] {m}", file=sys.stderr, flush=True))
-                                              if progress else (lambda m: None))
+    bar = Progress("inspect") if progress is True else None  # a bar on stderr, drawn on a terminal only
+    say = progress if callable(progress) else (bar.note if bar else (lambda m: None))
     kwargs = dict(example_kwargs or {})
     sink_id = f"inspect{next(_SINK_IDS)}"
     be = AttnoptBackend(options, probe_sink=sink_id, inductor_config={"fx_graph_cache": False}, progress=say)
@@ -107,6 +109,10 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
 
     def measured(key: str, metrics: dict) -> None:
         be.recorder.set_error(key, metrics)
+        if bar is not None:  # one step per measured site, of the rewritten sites compiled so far
+            bar.total = max(bar.done + 1, sum(r.status == "rewritten" for r in list(be.recorder._by_key.values())))
+            bar.step(f"measured {key}")
+            return
         say(f"measured {key}: rel-L1 {metrics.get('rel_l1', float('nan')):.4g}")
 
     probe.register_sink(sink_id, measured)
@@ -126,6 +132,8 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
         breaks = _graph_breaks_since(before)
     finally:
         probe.unregister_sink(sink_id)
+        if bar is not None:
+            bar.close()
     sites = be.recorder.sites()
     for s in sites:  # linear sites: the estimate from their shapes, so the JSON has it too
         s.flops = site_flops(s)
@@ -146,7 +154,8 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
         "pass_time_s": be.recorder.pass_time(),
         "e2e": e2e,
     }
-    say(f"done: {summary['sites_rewritten']}/{summary['sites_total']} sites rewritten, "
-        f"end-to-end rel-L1 {e2e.get('rel_l1', float('nan')):.4g}")
+    if callable(progress):
+        progress(f"done: {summary['sites_rewritten']}/{summary['sites_total']} sites rewritten, "
+                 f"end-to-end rel-L1 {e2e.get('rel_l1', float('nan')):.4g}")
     return Report(sites=sites, summary=summary, options=be.options.to_dict(),
                   env=_env(list(example_inputs) + list(kwargs.values())), graphs=be.recorder.snapshots())
