@@ -193,3 +193,40 @@ def test_python_m_inspect_writes_html_and_json(tmp_path):
     page = html.read_text()
     assert page.startswith("<!doctype html>") and 'id="g0-after-ops"' in page and "site-anchor" in page
     assert json.loads(js.read_text())["sites"][0]["key"] == "#0"
+
+
+def test_readme_describes_every_column_the_table_prints():
+    """README's "Seeing what changed" names each column of the terminal table and what the
+    legend and the errors say."""
+    from attnopt.inspection.table import HEADER
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Seeing what changed", 1)[1].split("\n## ", 1)[0]
+    described = set()
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| column"):
+            described |= {c.strip() for c in line.split("|")[1].split(",")}
+    assert set(HEADER) <= described | {"saved"}, set(HEADER) - described
+    flat = " ".join(section.split())
+    for words in ("0 all kept", "dense <min", "orig-L1", "baseline_rel_l1", "pure-PyTorch emulation",
+                  "legend", "did you mean", "file not found", "--debug", "progress bar"):
+        assert words in flat, words
+
+
+def test_first_run_prints_no_warnings(tmp_path):
+    """`import torch` warns "Failed to initialize NumPy" where numpy is missing (torch does not
+    require it): attnopt declares it. A first `inspect` in a fresh process prints nothing on
+    stderr but what it means to (here nothing: stderr is not a terminal, so no progress bar)."""
+    import re
+
+    deps = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M).group(1)
+    assert re.search(r'^\s*"numpy[">=<]', deps, re.M), deps
+    _write_pkg(tmp_path, ZOO)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("PYTHONWARNINGS", None)
+    env.pop("ATTNOPT_PROGRESS", None)
+    r = subprocess.run([sys.executable, "-m", "attnopt", "inspect", "mymodels.zoo:build", "--options",
+                        '{"attention": {"min_seq_len": 0}}'], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr == "", r.stderr[-3000:]
