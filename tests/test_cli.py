@@ -83,6 +83,15 @@ def test_cli_errors_are_one_line_naming_the_fix(capsys, tmp_path, monkeypatch):
     _one_line_error(capsys, "--device cuda:7")
 
 
+def test_misspelled_module_target_gets_did_you_mean(tmp_path, monkeypatch, capsys):
+    _write_pkg(tmp_path, ZOO)
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "mymodels.zo:build", "--quiet"]) == 2
+    _one_line_error(capsys, "did you mean 'mymodels.zoo'?")
+    assert main(["inspect", "mymodels.zoo:biuld", "--quiet"]) == 2
+    _one_line_error(capsys, "did you mean 'build'")
+
+
 BROKEN_FORWARD = '''
 import torch
 

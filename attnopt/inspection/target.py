@@ -12,6 +12,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+import pkgutil
 import sys
 from typing import Any
 
@@ -67,7 +68,7 @@ def _load_module(where: str):
         raise
     except ModuleNotFoundError as e:
         raise TargetError(f"cannot import module {where!r}: {e} (searched the current directory "
-                          f"{os.getcwd()!r} and the installed packages)") from e
+                          f"{os.getcwd()!r} and the installed packages){_near_module(e.name)}") from e
     except BaseException as e:
         raise TargetError(f"importing module {where!r} failed: {_why(e)}") from e
 
@@ -85,6 +86,20 @@ def _did_you_mean(module, name: str) -> str:
         shown = ", ".join(sorted(own)[:8]) + (", ..." if len(own) > 8 else "")
         return f" (its functions: {shown})"
     return ""
+
+
+def _near_module(missing: str | None) -> str:
+    """'; did you mean 'pkg.models'?' for a misspelled last part of a module path."""
+    if not missing:
+        return ""
+    parent, _, leaf = missing.rpartition(".")
+    try:
+        path = importlib.import_module(parent).__path__ if parent else [os.getcwd()]
+    except (ImportError, AttributeError):
+        return ""
+    names = [m.name for m in pkgutil.iter_modules(path)]
+    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
+    return f"; did you mean {(parent + '.' if parent else '') + close[0]!r}?" if close else ""
 
 
 def _call_factory(target: str, factory) -> tuple:
