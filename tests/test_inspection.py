@@ -319,7 +319,10 @@ def test_table_shows_orig_error_sparsity_reasons_and_a_legend():
                  reason="dense: key length 256 < sparsity.min_seq_len", **common)
     half = _rec("l.3.attn#0", kernel="reference/int8qk-f16pv +topk", details={"arch": "cpu", "sparsity": 0.5},
                 **common)
-    rep = _table_report([dense, kept, short, half])
+    unrun = _rec("l.4.attn#0", kernel="reference/int8qk-f16pv +sparge +softcap 30", details={"arch": "cpu"},
+                 dtype="bfloat16", shapes=shapes)
+    soft = _rec("l.5.attn#0", kernel="reference/int8qk-f16pv +softcap 30", details={"arch": "cpu"}, **common)
+    rep = _table_report([dense, kept, short, half, unrun, soft])
     lines = render_table(rep, width=240).splitlines()
     assert "orig-L1" in lines[0] and lines[0].index("rel-L1") < lines[0].index("orig-L1")
     d = _cells(lines, "l.0.attn#0")
@@ -329,6 +332,8 @@ def test_table_shows_orig_error_sparsity_reasons_and_a_legend():
     assert _cells(lines, "l.2.attn#0")["sparsity"] == "dense <min"
     h = _cells(lines, "l.3.attn#0")
     assert h["sparsity"] == "0.50" and h["saved"] == "50.0M"
+    assert _cells(lines, "l.4.attn#0")["sparsity"] == "not run"
+    assert _cells(lines, "l.5.attn#0")["sparsity"] == "-"  # soft-capping is not a sparse method
     text = "\n".join(lines)
     assert "f16pv" not in text.replace("bf16pv", "")
     leg = text.split("legend:", 1)[1].split("\n\n", 1)[0]

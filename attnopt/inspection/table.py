@@ -149,12 +149,15 @@ def kernel_parts(s) -> tuple[str, str, str]:
 def sparsity_text(s) -> str:
     """The measured fraction of skipped blocks, or why there is none: '0 all kept' (a sparse
     kernel whose predictor kept every block on these inputs), 'dense <min' (the key is shorter
-    than sparsity.min_seq_len), '-' (not a sparse site)."""
+    than sparsity.min_seq_len), 'not run' (a sparse site the example inputs did not reach), '-'
+    (not a sparse site)."""
     if s.status != "rewritten":
         return "-"
     sp = (s.details or {}).get("sparsity")
     if sp is None:
-        return "dense <min" if "sparsity.min_seq_len" in (s.reason or "") else "-"
+        if "sparsity.min_seq_len" in (s.reason or ""):
+            return "dense <min"
+        return "not run" if re.search(r" \+(?!softcap)\w", s.kernel or "") else "-"
     if sp == 0:
         return "0 all kept"
     return f"{sp:.2f}"
@@ -190,7 +193,8 @@ def legend(sites) -> list[str]:
                  "model's own rel-L1 against float64 there (attnopt adds little when rel-L1 is close to it)")
     if any(sparsity_text(x) != "-" for x in att):
         lines.append("sparsity: fraction of attention blocks skipped on these inputs ('0 all kept': the predictor "
-                     "kept every block; 'dense <min': key shorter than sparsity.min_seq_len); saved: FLOPs skipped")
+                     "kept every block; 'dense <min': key shorter than sparsity.min_seq_len; 'not run': the "
+                     "inputs did not reach the site); saved: FLOPs skipped")
     lines.append("shapes: attention q/k/v as [batch, heads, tokens, features] (GQA's repeated heads left out); "
                  "linear x/w")
     return ["legend:"] + ["  " + ln for ln in lines]
