@@ -100,7 +100,7 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     every site seen) in this call. `progress`: True draws a progress bar on stderr (on a terminal
     only: graph, measured site, elapsed, time left); a callable gets each step as a message.
     """
-    bar = Progress("inspect") if progress is True else None  # a bar on stderr, drawn on a terminal only
+    bar = Progress("inspect") if progress and not callable(progress) else None  # stderr, on a terminal only
     say = progress if callable(progress) else (bar.note if bar else (lambda m: None))
     kwargs = dict(example_kwargs or {})
     sink_id = f"inspect{next(_SINK_IDS)}"
