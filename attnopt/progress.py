@@ -1,9 +1,10 @@
 """A one-line progress bar on stderr for long work (inspect, calibrate, the benchmarks).
 
 It draws only when its stream is a terminal (a log file or a CI job gets nothing) and says what
-runs, step i of n, the current item (a site, a model), the time elapsed and, once a step is
-done, an estimate of the time left. A new item is drawn at once; steps at most ten times a
-second. `ATTNOPT_PROGRESS=0` turns it off; `=1` forces it on (a terminal that does not say it is).
+runs, step i of n, the current item (a site, a model), the time elapsed and, from the second step
+on, an estimate of the time left (at the pace since the first step: a compile or warm-up before
+it does not count). A new item is drawn at once; steps at most ten times a second.
+`ATTNOPT_PROGRESS=0` turns it off; `=1` forces it on (a terminal that does not say it is).
 
     with Progress("calibrate", total=len(sites)) as bar:
         for key in sites:
@@ -52,6 +53,7 @@ class Progress:
         self.t0 = time.monotonic()
         self._last_draw = -1.0
         self._drawn = False
+        self._first: tuple[float, int] | None = None  # (time, steps done) at the first step
 
     def line(self, width: int = 100) -> str:
         """The text drawn: 'inspect [####------] 2/5 layers.1.attn#0  3s elapsed, ~5s left'."""
@@ -62,8 +64,10 @@ class Progress:
         else:
             count = f"{self.done} done"
         left = ""
-        if self.total and 0 < self.done < self.total:
-            left = f", ~{_fmt_time(elapsed / self.done * (self.total - self.done))} left"
+        if self.total and self._first is not None and 1 < self.done < self.total:
+            # the pace since the first step: what came before it (a compile, a warm-up) is not a step
+            per_step = (time.monotonic() - self._first[0]) / (self.done - self._first[1])
+            left = f", ~{_fmt_time(per_step * (self.total - self.done))} left"
         tail = f"  {_fmt_time(elapsed)} elapsed{left}"
         head = f"[attnopt] {self.desc} {count} "
         room = max(0, width - len(head) - len(tail))
@@ -85,6 +89,8 @@ class Progress:
     def step(self, item: str = "", n: int = 1) -> None:
         """`n` more steps done; `item` is what runs now (shown until the next call)."""
         self.done += n
+        if self._first is None:
+            self._first = (time.monotonic(), self.done)
         if item:
             self.item = item
         self._draw(force=self.total is not None and self.done >= self.total)
