@@ -406,25 +406,6 @@ def test_scale_split_across_q_and_k(fn, dtype):
     assert math.isclose(site.details["scale"], 0.125, rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("scale_by", ["0-d tensor input", "per-channel vector", "per-head tensor"])
-def test_q_scaled_by_a_tensor_is_not_folded_as_a_constant(scale_by):
-    """Near miss of the split scale: a tensor multiplier is part of q (or the site is skipped), never
-    read as a constant; either way the result is the float64 one."""
-    q, k, v = (randn(B, H, N, D) for _ in range(3))
-    t = {"0-d tensor input": torch.tensor(0.3), "per-channel vector": torch.rand(D) + 0.5,
-         "per-head tensor": torch.rand(1, H, 1, 1) + 0.5}[scale_by]
-    t = t if t.dim() == 0 else t.to(q.dtype)  # a 0-d tensor does not promote q
-
-    def fn(q, k, v, t):
-        return ((q * t) @ k.transpose(-1, -2)).softmax(-1) @ v
-
-    report = inspect(_fn_module(fn), q, k, v, t)
-    (site,) = [s for s in report.sites if s.kind == "attention"]
-    if site.status == "rewritten":
-        assert site.details["scale"] == 1.0, site.details  # the tensor stays in q
-    assert _compiled_vs_float64(fn, q, k, v, t) <= 0.025
-
-
 @pytest.mark.parametrize("nq", [N, 33])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_causal_where_then_additive_mask(nq, dtype):
