@@ -550,3 +550,21 @@ def test_transformers_deberta_v2_is_captured_end_to_end():
         exact = model.double()(ids, mask).last_hidden_state
     torch._dynamo.reset()
     assert rel_l1(out.double(), exact) <= 0.03
+
+
+def test_negative_slice_start_under_dynamic_shapes_stays_correct():
+    """With symbolic lengths the slice start -q is symbolic: the mask stays a tensor (or a rule the
+    sizes prove), never an offset of the wrong sign; two lengths through one compiled function."""
+    m = SlicedCausal("-q:", "where")
+    torch._dynamo.reset()
+    be = attnopt.backend(ALL_SITES)
+    fn = torch.compile(m, backend=be, dynamic=True)
+    with torch.no_grad():
+        for nq, nk in ((64, 128), (33, 77)):
+            q, k, v = randn(B, H, nq, D), randn(B, H, nk, D), randn(B, H, nk, D)
+            out = fn(q, k, v)
+            assert rel_l1(out.double(), m(q.double(), k.double(), v.double())) <= 0.025
+    torch._dynamo.reset()
+    att = [s for s in be.recorder.sites() if s.kind == "attention"]
+    assert att and all(s.status == "rewritten" for s in att), att
+    assert all(s.details["causal_offset"] is None for s in att), att  # one graph, two offsets: a mask
