@@ -568,3 +568,26 @@ def test_negative_slice_start_under_dynamic_shapes_stays_correct():
     att = [s for s in be.recorder.sites() if s.kind == "attention"]
     assert att and all(s.status == "rewritten" for s in att), att
     assert all(s.details["causal_offset"] is None for s in att), att  # one graph, two offsets: a mask
+
+
+def test_transformers_gpt_neo_eager_with_left_padding_end_to_end():
+    """GPT-Neo's eager attention (causal buffer slice, torch.where with finfo.min, + attention
+    mask, fp32 scores) with left padding: every row, padded ones included, against float64."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoConfig(vocab_size=128, hidden_size=128, num_layers=2, num_heads=4,
+                                    attention_types=[[["global", "local"], 1]], window_size=32,
+                                    max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
+                                    attn_implementation="eager")
+    model = transformers.GPTNeoForCausalLM(cfg).eval().bfloat16()
+    ids = torch.randint(0, 128, (2, 100))
+    mask = torch.ones(2, 100, dtype=torch.long)
+    mask[1, :10] = 0
+    be = attnopt.backend(ALL_SITES)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model, backend=be)(ids, attention_mask=mask).logits
+        exact = model.double()(ids, attention_mask=mask).logits
+    torch._dynamo.reset()
+    att = [s for s in be.recorder.sites() if s.kind == "attention"]
+    assert len(att) == 2 and all(s.status == "rewritten" for s in att), att
+    assert rel_l1(logits.double(), exact) <= 0.03
