@@ -572,7 +572,9 @@ def test_negative_slice_start_under_dynamic_shapes_stays_correct():
 
 def test_transformers_gpt_neo_eager_with_left_padding_end_to_end():
     """GPT-Neo's eager attention (causal buffer slice, torch.where with finfo.min, + attention
-    mask, fp32 scores) with left padding: every row, padded ones included, against float64."""
+    mask, fp32 scores) with left padding. Rows that see a key against float64; the left-padded
+    rows that see none against the model run in fp32, whose scores are fp32 as in the bf16 model
+    (finfo.min + finfo.min overflows to -inf there, not in float64)."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPTNeoConfig(vocab_size=128, hidden_size=128, num_layers=2, num_heads=4,
                                     attention_types=[[["global", "local"], 1]], window_size=32,
@@ -587,7 +589,31 @@ def test_transformers_gpt_neo_eager_with_left_padding_end_to_end():
     with torch.no_grad():
         logits = torch.compile(model, backend=be)(ids, attention_mask=mask).logits
         exact = model.double()(ids, attention_mask=mask).logits
+        fp32 = model.float()(ids, attention_mask=mask).logits
     torch._dynamo.reset()
     att = [s for s in be.recorder.sites() if s.kind == "attention"]
     assert len(att) == 2 and all(s.status == "rewritten" for s in att), att
-    assert rel_l1(logits.double(), exact) <= 0.03
+    assert rel_l1(logits[0].double(), exact[0]) <= 0.03 and rel_l1(logits[1, 10:].double(), exact[1, 10:]) <= 0.03
+    assert rel_l1(logits[1, :10].double(), fp32[1, :10].double()) <= 0.03
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float32])
+def test_causal_where_then_causal_padding_mask_fully_masked_rows(mask_dtype):
+    """GPT-Neo with a 4-D causal + padding mask built in the graph (where(keep, 0, finfo.min)):
+    left-padded rows see no key. Eager puts finfo.min + finfo.min = -inf where both masks drop a
+    key and finfo.min where one does; the rewrite keeps those values (it must not read the second
+    mask as a keep mask filling finfo.min), so fully masked rows come out as eager's fp32 ones."""
+    q, k, v = (randn(B, H, N, D) for _ in range(3))
+    keep = (torch.ones(N, N, dtype=torch.bool).tril()[None, None] & (torch.arange(N) >= 10)).expand(B, 1, N, N)
+    keep = keep.clone()
+    keep[0] = torch.ones(N, N, dtype=torch.bool).tril()  # batch 0 unpadded, batch 1 left-padded by 10
+
+    def fn(q, k, v, keep):
+        s = q.float() @ k.float().transpose(-1, -2) * D ** -0.5
+        s = torch.where(torch.ones(N, N, dtype=torch.bool).tril(), s, torch.tensor(torch.finfo(torch.float32).min))
+        m = torch.where(keep, 0.0, torch.finfo(mask_dtype).min).to(mask_dtype)
+        return (s + m).softmax(-1).to(v.dtype) @ v
+
+    eager_fp32 = fn(q.float(), k.float(), v.float(), keep)
+    assert not torch.isnan(eager_fp32).any()
+    _rewritten_and_exact(fn, q, k, v, keep, exact=eager_fp32)

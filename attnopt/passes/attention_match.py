@@ -623,7 +623,10 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
                 biases.append((FillBias(tuple(where_conds), fill, prev.meta["val"].dtype), 1.0))
                 keep, fill, where_conds = KeepMask(), None, []
             add = read_additive(other)
-            if add.keep is not None and sign > 0:
+            # After a fill turned bias, a mask's masked positions hold fill + NEG in eager (-inf where
+            # that overflows), not NEG: read it as a plain bias too, so the sum stays eager's
+            fill_bias = any(isinstance(m, FillBias) for m, _ in biases)
+            if add.keep is not None and sign > 0 and not fill_bias:
                 fill = _merge_fill(site, fill, add.fill)
                 if fill is None:
                     return False
