@@ -406,25 +406,6 @@ def test_scale_split_across_q_and_k(fn, dtype):
     assert math.isclose(site.details["scale"], 0.125, rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("scale_by", ["0-d tensor input", "per-channel vector", "per-head tensor"])
-def test_q_scaled_by_a_tensor_is_not_folded_as_a_constant(scale_by):
-    """Near miss of the split scale: a tensor multiplier is part of q (or the site is skipped), never
-    read as a constant; either way the result is the float64 one."""
-    q, k, v = (randn(B, H, N, D) for _ in range(3))
-    t = {"0-d tensor input": torch.tensor(0.3), "per-channel vector": torch.rand(D) + 0.5,
-         "per-head tensor": torch.rand(1, H, 1, 1) + 0.5}[scale_by]
-    t = t if t.dim() == 0 else t.to(q.dtype)  # a 0-d tensor does not promote q
-
-    def fn(q, k, v, t):
-        return ((q * t) @ k.transpose(-1, -2)).softmax(-1) @ v
-
-    report = inspect(_fn_module(fn), q, k, v, t)
-    (site,) = [s for s in report.sites if s.kind == "attention"]
-    if site.status == "rewritten":
-        assert site.details["scale"] == 1.0, site.details  # the tensor stays in q
-    assert _compiled_vs_float64(fn, q, k, v, t) <= 0.025
-
-
 @pytest.mark.parametrize("nq", [N, 33])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_causal_where_then_additive_mask(nq, dtype):
@@ -569,3 +550,70 @@ def test_transformers_deberta_v2_is_captured_end_to_end():
         exact = model.double()(ids, mask).last_hidden_state
     torch._dynamo.reset()
     assert rel_l1(out.double(), exact) <= 0.03
+
+
+def test_negative_slice_start_under_dynamic_shapes_stays_correct():
+    """With symbolic lengths the slice start -q is symbolic: the mask stays a tensor (or a rule the
+    sizes prove), never an offset of the wrong sign; two lengths through one compiled function."""
+    m = SlicedCausal("-q:", "where")
+    torch._dynamo.reset()
+    be = attnopt.backend(ALL_SITES)
+    fn = torch.compile(m, backend=be, dynamic=True)
+    with torch.no_grad():
+        for nq, nk in ((64, 128), (33, 77)):
+            q, k, v = randn(B, H, nq, D), randn(B, H, nk, D), randn(B, H, nk, D)
+            out = fn(q, k, v)
+            assert rel_l1(out.double(), m(q.double(), k.double(), v.double())) <= 0.025
+    torch._dynamo.reset()
+    att = [s for s in be.recorder.sites() if s.kind == "attention"]
+    assert att and all(s.status == "rewritten" for s in att), att
+    assert all(s.details["causal_offset"] is None for s in att), att  # one graph, two offsets: a mask
+
+
+def test_transformers_gpt_neo_eager_with_left_padding_end_to_end():
+    """GPT-Neo's eager attention (causal buffer slice, torch.where with finfo.min, + attention
+    mask, fp32 scores) with left padding. Rows that see a key against float64; the left-padded
+    rows that see none against the model run in fp32, whose scores are fp32 as in the bf16 model
+    (finfo.min + finfo.min overflows to -inf there, not in float64)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoConfig(vocab_size=128, hidden_size=128, num_layers=2, num_heads=4,
+                                    attention_types=[[["global", "local"], 1]], window_size=32,
+                                    max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
+                                    attn_implementation="eager")
+    model = transformers.GPTNeoForCausalLM(cfg).eval().bfloat16()
+    ids = torch.randint(0, 128, (2, 100))
+    mask = torch.ones(2, 100, dtype=torch.long)
+    mask[1, :10] = 0
+    be = attnopt.backend(ALL_SITES)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model, backend=be)(ids, attention_mask=mask).logits
+        exact = model.double()(ids, attention_mask=mask).logits
+        fp32 = model.float()(ids, attention_mask=mask).logits
+    torch._dynamo.reset()
+    att = [s for s in be.recorder.sites() if s.kind == "attention"]
+    assert len(att) == 2 and all(s.status == "rewritten" for s in att), att
+    assert rel_l1(logits[0].double(), exact[0]) <= 0.03 and rel_l1(logits[1, 10:].double(), exact[1, 10:]) <= 0.03
+    assert rel_l1(logits[1, :10].double(), fp32[1, :10].double()) <= 0.03
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float32])
+def test_causal_where_then_causal_padding_mask_fully_masked_rows(mask_dtype):
+    """GPT-Neo with a 4-D causal + padding mask built in the graph (where(keep, 0, finfo.min)):
+    left-padded rows see no key. Eager puts finfo.min + finfo.min = -inf where both masks drop a
+    key and finfo.min where one does; the rewrite keeps those values (it must not read the second
+    mask as a keep mask filling finfo.min), so fully masked rows come out as eager's fp32 ones."""
+    q, k, v = (randn(B, H, N, D) for _ in range(3))
+    keep = (torch.ones(N, N, dtype=torch.bool).tril()[None, None] & (torch.arange(N) >= 10)).expand(B, 1, N, N)
+    keep = keep.clone()
+    keep[0] = torch.ones(N, N, dtype=torch.bool).tril()  # batch 0 unpadded, batch 1 left-padded by 10
+
+    def fn(q, k, v, keep):
+        s = q.float() @ k.float().transpose(-1, -2) * D ** -0.5
+        s = torch.where(torch.ones(N, N, dtype=torch.bool).tril(), s, torch.tensor(torch.finfo(torch.float32).min))
+        m = torch.where(keep, 0.0, torch.finfo(mask_dtype).min).to(mask_dtype)
+        return (s + m).softmax(-1).to(v.dtype) @ v
+
+    eager_fp32 = fn(q.float(), k.float(), v.float(), keep)
+    assert not torch.isnan(eager_fp32).any()
+    _rewritten_and_exact(fn, q, k, v, keep, exact=eager_fp32)

@@ -1,5 +1,6 @@
 """Graphs that look like attention but are not (or cannot be replaced) must stay as they were."""
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -251,3 +252,25 @@ def test_mask_read_as_scores_is_impossible_with_scale_between_layout_ops():
     torch._dynamo.reset()
     out = torch.compile(f, backend=attnopt.backend(ALL_SITES))(q, k, v, m)
     assert rel_l1(out.double(), f(q.double(), k.double(), v.double(), m.double())) < 0.025
+
+
+@pytest.mark.parametrize("scale_by", ["0-d tensor input", "per-channel vector", "per-head tensor"])
+def test_q_scaled_by_a_tensor_is_not_folded_as_a_constant(scale_by):
+    """Near miss of the split scale: a tensor multiplier is part of q (or the site is skipped), never
+    read as a constant; either way the result is the float64 one."""
+    q, k, v = _qkv()
+    t = {"0-d tensor input": torch.tensor(0.3), "per-channel vector": torch.rand(D) + 0.5,
+         "per-head tensor": torch.rand(1, H, 1, 1) + 0.5}[scale_by]
+    t = t if t.dim() == 0 else t.to(q.dtype)  # a 0-d tensor does not promote q
+
+    def fn(q, k, v, t):
+        return ((q * t) @ k.transpose(-1, -2)).softmax(-1) @ v
+
+    r = _run(fn, q, k, v, t)
+    (site,) = r.sites
+    if site.status == "rewritten":
+        assert site.details["scale"] == 1.0, site.details  # the tensor stays in q
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=attnopt.backend(ALL_SITES))(q, k, v, t)
+    exact = fn(q.double(), k.double(), v.double(), t.double())
+    assert rel_l1(out.double(), exact) < 0.025

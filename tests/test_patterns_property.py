@@ -282,7 +282,8 @@ class ShortQuery(nn.Module):
 
 
 @small(10)
-@given(st.sampled_from(KEEP_FORMS), st.sampled_from(["where", "masked_fill", "sdpa_bool", "sdpa_additive", "is_causal"]),
+@given(st.sampled_from(KEEP_FORMS),
+       st.sampled_from(["where", "masked_fill", "sdpa_bool", "sdpa_additive", "is_causal"]),
        st.sampled_from([(33, 77), (64, 128), (77, 200), (2, 77)]), st.sampled_from([torch.float16, torch.bfloat16]))
 def test_generated_short_queries_with_every_mask_construction(form, apply, lengths, dtype):
     nq, nk = lengths

@@ -15,7 +15,7 @@ from attnopt.codegen.attention.launch import attention_triton
 from attnopt.ops.attention_ref import attention_exact, attention_reference
 from attnopt.ops.sparse_ref import BK, BQ, n_blocks, sparse_attention_reference
 
-from helpers import ALL_SITES, inspect, randn, rel_l1
+from helpers import ALL_SITES, inspect, rel_l1
 
 
 def qkv(b, hq, hkv, nq, nk, d, dtype=torch.bfloat16, scale=1.0):

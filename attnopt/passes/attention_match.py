@@ -389,10 +389,9 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
     # Below the logits' layout ops: constant scales and casts (they commute with layout ops), and
     # additive terms on QK^T's own [batch, queries, keys] frame, below every layout op (DeBERTa's
     # disentangled c2p / p2c terms: bmm + rel_att, then view to heads).
-    inner, below_layout = [], False
+    inner = []
     while True:
         if is_layout_op(qk):
-            below_layout = True
             qk = qk.args[0]
         elif _is_scalar_scale(qk) or is_call(qk, *_CAST):
             inner.append(qk)
@@ -406,7 +405,7 @@ def _manual_site(pv: fx.Node) -> AttentionSite | None:
     if not is_call(qk, *_BMM):
         site.reject = "softmax input is not computed from a matmul"
         return site
-    for i, n in enumerate(inner):
+    for n in inner:
         if is_call(n, aten.add.Tensor, aten.sub.Tensor):
             below = _layout_nodes(n, qk, frozenset(inner)) - set(inner)
             if below or not all(known_eq(a, b) for a, b in zip(shape(n), shape(qk))) or \
@@ -624,7 +623,10 @@ def _apply_score_chain(site: AttentionSite, chain: list[fx.Node], scale: float, 
                 biases.append((FillBias(tuple(where_conds), fill, prev.meta["val"].dtype), 1.0))
                 keep, fill, where_conds = KeepMask(), None, []
             add = read_additive(other)
-            if add.keep is not None and sign > 0:
+            # After a fill turned bias, a mask's masked positions hold fill + NEG in eager (-inf where
+            # that overflows), not NEG: read it as a plain bias too, so the sum stays eager's
+            fill_bias = any(isinstance(m, FillBias) for m, _ in biases)
+            if add.keep is not None and sign > 0 and not fill_bias:
                 fill = _merge_fill(site, fill, add.fill)
                 if fill is None:
                     return False
