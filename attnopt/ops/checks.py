@@ -54,8 +54,8 @@ def check_attention_operands(op: str, q: torch.Tensor, k: torch.Tensor, v: torch
             continue
         if name == "keep_mask" and m.dtype != torch.bool:
             fail(f"keep_mask must be bool, not {m.dtype}")
-        if name == "attn_bias" and not m.dtype.is_floating_point:
-            fail(f"attn_bias must be floating, not {m.dtype}")
+        if name == "attn_bias" and m.dtype.is_complex:  # bool / int biases add as numbers (as eager)
+            fail(f"attn_bias must be real, not {m.dtype}")
         if m.dim() > 4:
             fail(f"{name} has {m.dim()} dims (at most 4)")
         for got, want in zip(reversed(m.shape), reversed(target)):
