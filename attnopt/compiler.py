@@ -249,14 +249,52 @@ def attnopt_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping |
     """The backend registered as "attnopt" (entry point group torch_dynamo_backends).
 
     Dynamo calls this once per graph. Every graph of one `torch.compile(..., backend="attnopt")`
-    call shares one AttnoptBackend (kept on torch.compile's wrapper, this function's caller), so
-    site keys stay unique across graph breaks ('#0', '#0@g1') exactly as under `attnopt.backend()`
-    and `attnopt.inspect`, and a calibrated plan reaches the sites it was made for. `mode`
-    (torch.compile's, e.g. "max-autotune") goes to Inductor as under `attnopt.backend(mode=)`."""
-    wrapper = sys._getframe(1).f_locals.get("self")
-    if isinstance(wrapper, getattr(torch, "_TorchCompileWrapper", ())):
-        be = wrapper.__dict__.get("_attnopt_backend")
-        if be is None:
-            be = wrapper.__dict__["_attnopt_backend"] = AttnoptBackend(options, mode=mode)
-        return be(gm, example_inputs)
-    return AttnoptBackend(options, mode=mode)(gm, example_inputs)
+    call shares one AttnoptBackend (kept on torch.compile's wrapper, see `torch_compile_wrapper`),
+    so site keys stay unique across graph breaks ('#0', '#0@g1') exactly as under
+    `attnopt.backend()` and `attnopt.inspect`, and a calibrated plan reaches the sites it was made
+    for. `mode` (torch.compile's, e.g. "max-autotune") goes to Inductor as under
+    `attnopt.backend(mode=)`."""
+    wrapper = torch_compile_wrapper(sys._getframe(1))
+    if wrapper is None:
+        _warn_unshared()
+        return AttnoptBackend(options, mode=mode)(gm, example_inputs)
+    be = wrapper.__dict__.get("_attnopt_backend")
+    if be is None:
+        be = wrapper.__dict__["_attnopt_backend"] = AttnoptBackend(options, mode=mode)
+    return be(gm, example_inputs)
+
+
+def torch_compile_wrapper(caller) -> Any | None:
+    """The one place attnopt touches torch's private frames: the `_TorchCompileWrapper` that one
+    `torch.compile(..., backend="attnopt")` call made, found as `self` in the frame that called
+    the backend (`_TorchCompileWrapper.__call__`), or None when something else called it.
+
+    Why private: torch 2.11-2.13 offer no public per-call hook. A backend named by string gets
+    only (gm, example_inputs, **kwargs); `lookup_backend("attnopt")` returns the same function for
+    every call; the `options` dict is the caller's own object (absent when empty or with `mode=`,
+    and shared when a caller reuses one dict for two models); and `torch._guards.CompileContext`'s
+    compile id counts frames (a graph break's resume function is a new frame), not calls.
+    tests/test_backend.py asserts this lookup finds the wrapper under torch.compile, so a torch
+    that renames or restructures the wrapper fails CI; at run time `attnopt_backend` warns."""
+    wrapper_type = getattr(torch, "_TorchCompileWrapper", None)
+    wrapper = caller.f_locals.get("self") if caller is not None else None
+    if wrapper_type is not None and isinstance(wrapper, wrapper_type):
+        return wrapper
+    return None
+
+
+_warned_unshared = False
+
+
+def _warn_unshared() -> None:
+    """Dynamo called the backend but not through the wrapper `torch_compile_wrapper` knows: each
+    graph gets its own AttnoptBackend (site keys restart at '#0' after a graph break). Said once."""
+    global _warned_unshared
+    from torch._guards import TracingContext
+
+    if _warned_unshared or TracingContext.try_get() is None:
+        return
+    _warned_unshared = True
+    log.warning("attnopt: backend=\"attnopt\" could not find torch.compile's wrapper (torch %s changed "
+                "_TorchCompileWrapper?); graphs of one compile call will not share site keys. "
+                "Use backend=attnopt.backend({...}) instead.", torch.__version__)
