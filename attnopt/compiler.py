@@ -7,6 +7,7 @@ returns a configured backend for code that also wants an Inductor mode.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -140,9 +141,8 @@ def check_ops_registered() -> None:
     other than the installed package (e.g. a folder named attnopt in the working directory)."""
     missing = [n for n in OP_NAMES if not hasattr(torch.ops.attnopt, n)]
     if missing:
-        import attnopt
-
-        where = getattr(attnopt, "__file__", None) or list(getattr(attnopt, "__path__", []))
+        # this module's own package: whatever `import attnopt` found, it imported this file
+        where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__init__.py")
         raise RuntimeError(
             f"attnopt: torch.ops.attnopt.{missing[0]} is not registered ({len(missing)} of attnopt's ops missing): "
             f"`import attnopt` resolved to {where}, which did not register them. A folder named 'attnopt' in "
