@@ -269,11 +269,13 @@ def torch_compile_wrapper(caller) -> Any | None:
     `torch.compile(..., backend="attnopt")` call made, found as `self` in the frame that called
     the backend (`_TorchCompileWrapper.__call__`), or None when something else called it.
 
-    Why private: torch 2.11-2.13 offer no public per-call hook. A backend named by string gets
-    only (gm, example_inputs, **kwargs); `lookup_backend("attnopt")` returns the same function for
-    every call; the `options` dict is the caller's own object (absent when empty or with `mode=`,
-    and shared when a caller reuses one dict for two models); and `torch._guards.CompileContext`'s
-    compile id counts frames (a graph break's resume function is a new frame), not calls.
+    Why private (checked on torch 2.13): there is no public per-call hook. A backend named by
+    string gets only (gm, example_inputs, **kwargs); `lookup_backend("attnopt")` returns the same
+    function for every call; the `options` dict is the caller's own object (not passed when empty
+    or with `mode=`, and shared when a caller reuses one dict for two models); and
+    `torch._guards.CompileContext.current_compile_id()` numbers frames, not calls: a function with
+    one graph break compiled by two torch.compile calls gives 0/0, 1/0, then 0/1, 1/1 (the resume
+    function is frame 1 under both calls).
     tests/test_backend.py asserts this lookup finds the wrapper under torch.compile, so a torch
     that renames or restructures the wrapper fails CI; at run time `attnopt_backend` warns."""
     wrapper_type = getattr(torch, "_TorchCompileWrapper", None)
