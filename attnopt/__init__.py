@@ -4,7 +4,7 @@
     report = attnopt.inspect(model, *example_inputs)
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from . import logs as _logs  # noqa: E402
 from .config import ConfigError, default_options, normalize_options  # noqa: E402

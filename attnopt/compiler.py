@@ -7,6 +7,7 @@ returns a configured backend for code that also wants an Inductor mode.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -140,9 +141,8 @@ def check_ops_registered() -> None:
     other than the installed package (e.g. a folder named attnopt in the working directory)."""
     missing = [n for n in OP_NAMES if not hasattr(torch.ops.attnopt, n)]
     if missing:
-        import attnopt
-
-        where = getattr(attnopt, "__file__", None) or list(getattr(attnopt, "__path__", []))
+        # this module's own package: whatever `import attnopt` found, it imported this file
+        where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__init__.py")
         raise RuntimeError(
             f"attnopt: torch.ops.attnopt.{missing[0]} is not registered ({len(missing)} of attnopt's ops missing): "
             f"`import attnopt` resolved to {where}, which did not register them. A folder named 'attnopt' in "
@@ -249,14 +249,54 @@ def attnopt_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping |
     """The backend registered as "attnopt" (entry point group torch_dynamo_backends).
 
     Dynamo calls this once per graph. Every graph of one `torch.compile(..., backend="attnopt")`
-    call shares one AttnoptBackend (kept on torch.compile's wrapper, this function's caller), so
-    site keys stay unique across graph breaks ('#0', '#0@g1') exactly as under `attnopt.backend()`
-    and `attnopt.inspect`, and a calibrated plan reaches the sites it was made for. `mode`
-    (torch.compile's, e.g. "max-autotune") goes to Inductor as under `attnopt.backend(mode=)`."""
-    wrapper = sys._getframe(1).f_locals.get("self")
-    if isinstance(wrapper, getattr(torch, "_TorchCompileWrapper", ())):
-        be = wrapper.__dict__.get("_attnopt_backend")
-        if be is None:
-            be = wrapper.__dict__["_attnopt_backend"] = AttnoptBackend(options, mode=mode)
-        return be(gm, example_inputs)
-    return AttnoptBackend(options, mode=mode)(gm, example_inputs)
+    call shares one AttnoptBackend (kept on torch.compile's wrapper, see `torch_compile_wrapper`),
+    so site keys stay unique across graph breaks ('#0', '#0@g1') exactly as under
+    `attnopt.backend()` and `attnopt.inspect`, and a calibrated plan reaches the sites it was made
+    for. `mode` (torch.compile's, e.g. "max-autotune") goes to Inductor as under
+    `attnopt.backend(mode=)`."""
+    wrapper = torch_compile_wrapper(sys._getframe(1))
+    if wrapper is None:
+        _warn_unshared()
+        return AttnoptBackend(options, mode=mode)(gm, example_inputs)
+    be = wrapper.__dict__.get("_attnopt_backend")
+    if be is None:
+        be = wrapper.__dict__["_attnopt_backend"] = AttnoptBackend(options, mode=mode)
+    return be(gm, example_inputs)
+
+
+def torch_compile_wrapper(caller) -> Any | None:
+    """The one place attnopt touches torch's private frames: the `_TorchCompileWrapper` that one
+    `torch.compile(..., backend="attnopt")` call made, found as `self` in the frame that called
+    the backend (`_TorchCompileWrapper.__call__`), or None when something else called it.
+
+    Why private (checked on torch 2.13): there is no public per-call hook. A backend named by
+    string gets only (gm, example_inputs, **kwargs); `lookup_backend("attnopt")` returns the same
+    function for every call; the `options` dict is the caller's own object (not passed when empty
+    or with `mode=`, and shared when a caller reuses one dict for two models); and
+    `torch._guards.CompileContext.current_compile_id()` numbers frames, not calls: a function with
+    one graph break compiled by two torch.compile calls gives 0/0, 1/0, then 0/1, 1/1 (the resume
+    function is frame 1 under both calls).
+    tests/test_backend.py asserts this lookup finds the wrapper under torch.compile, so a torch
+    that renames or restructures the wrapper fails CI; at run time `attnopt_backend` warns."""
+    wrapper_type = getattr(torch, "_TorchCompileWrapper", None)
+    wrapper = caller.f_locals.get("self") if caller is not None else None
+    if wrapper_type is not None and isinstance(wrapper, wrapper_type):
+        return wrapper
+    return None
+
+
+_warned_unshared = False
+
+
+def _warn_unshared() -> None:
+    """Dynamo called the backend but not through the wrapper `torch_compile_wrapper` knows: each
+    graph gets its own AttnoptBackend (site keys restart at '#0' after a graph break). Said once."""
+    global _warned_unshared
+    from torch._guards import TracingContext
+
+    if _warned_unshared or TracingContext.try_get() is None:
+        return
+    _warned_unshared = True
+    log.warning("attnopt: backend=\"attnopt\" could not find torch.compile's wrapper (torch %s changed "
+                "_TorchCompileWrapper?); graphs of one compile call will not share site keys. "
+                "Use backend=attnopt.backend({...}) instead.", torch.__version__)

@@ -141,7 +141,7 @@ class Recorder:
             return [{"index": g["index"], "before": g.get("before"), "after": g.get("after")}
                     for g in self.graphs if "before" in g]
 
-    # -- graphs served from Inductor's caches (see inspection/site_cache.py) --
+    # -- graphs served from Inductor's caches (see passes/site_cache.py) --
 
     def expect_cached(self, graph: int, path: str, records: list | None, hits: int) -> None:
         """Before compile_fx: the records this graph had when last compiled (None: not known).
@@ -163,7 +163,7 @@ class Recorder:
         served from Inductor's cache: reload their saved records (or say they are unavailable).
         `final`: their compiles are over, so a graph with neither was compiled (nothing to do)."""
         from . import logs
-        from .inspection import site_cache
+        from .passes import site_cache
 
         with self._lock:
             waiting = [g for g in self.graphs if "cache" in g and "served" not in g]

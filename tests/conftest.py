@@ -8,6 +8,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton.jit de
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# with CI set, a skip for a missing test dependency is a failure (tests/strict_skips.py)
+from strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 

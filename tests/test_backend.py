@@ -132,3 +132,43 @@ def test_cuda_kernels_are_inlined_and_run_under_cuda_graphs():
     assert ((out.double() - ref).abs().sum() / ref.abs().sum()) < 0.05
     _, code = _compiled_code(attnopt.backend({"attention": {"min_seq_len": 0}}), q, q, q)
     assert "_attn_fwd" in code and "attnopt.attention" not in code
+
+
+def test_torch_compile_wrapper_lookup_finds_the_wrapper(monkeypatch):
+    """backend="attnopt" shares one AttnoptBackend per torch.compile call by finding torch's private
+    `_TorchCompileWrapper` in its caller's frame (compiler.torch_compile_wrapper; torch has no public
+    per-call hook). If a torch upgrade renames or restructures the wrapper this fails here, instead of
+    every graph silently getting a fresh backend. The fallback's warning needs Dynamo's tracing context."""
+    from torch._guards import TracingContext
+
+    found, tracing = [], []
+    real = attnopt.compiler.torch_compile_wrapper
+
+    def spy(caller):
+        found.append(real(caller))
+        tracing.append(TracingContext.try_get())
+        return found[-1]
+
+    monkeypatch.setattr(attnopt.compiler, "torch_compile_wrapper", spy)
+    torch._dynamo.reset()
+    q = randn(1, 2, 160, 32)
+    torch.compile(Attn(), backend="attnopt")(q, q, q)
+    assert len(found) == 1
+    assert isinstance(found[0], torch._TorchCompileWrapper), "torch.compile's wrapper was not found"
+    assert found[0].__dict__.get("_attnopt_backend") is not None
+    assert tracing[0] is not None
+    assert real(sys._getframe(0)) is None  # any other caller: no wrapper
+
+
+def test_backend_by_name_warns_when_the_wrapper_is_not_found(monkeypatch, caplog):
+    """Should the lookup fail (a changed torch), the graph is still compiled, and the log says why
+    graphs no longer share site keys."""
+    monkeypatch.setattr(attnopt.compiler, "torch_compile_wrapper", lambda caller: None)
+    monkeypatch.setattr(attnopt.compiler, "_warned_unshared", False)
+    torch._dynamo.reset()
+    q = randn(1, 2, 160, 32)
+    with caplog.at_level("WARNING", logger="attnopt"):
+        out = torch.compile(Attn(), backend="attnopt")(q, q, q)
+    assert any("could not find torch.compile's wrapper" in r.getMessage() for r in caplog.records)
+    ref = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert ((out.float() - ref.float()).abs().sum() / ref.float().abs().sum()) < 0.03

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import switches
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -123,6 +125,9 @@ ARCHS: dict[str, ArchSpec] = {
                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
 }
 
+if tuple(a for a in ARCHS if a != "cpu") != switches.GPU_ARCHS:
+    raise ImportError(f"attnopt.switches.GPU_ARCHS {switches.GPU_ARCHS} must list codegen/arch.py's GPU rows")
+
 
 def arch_for_capability(major: int, minor: int) -> str:
     """Compute capability -> table row (the nearest row at or below it)."""
@@ -144,11 +149,9 @@ def arch_for_capability(major: int, minor: int) -> str:
 def detect_arch(device: torch.device | str | None = None) -> str:
     """The table row for a device: its CUDA capability; for anything without CUDA, "cpu", or the
     GPU row a CPU run emulates (`ATTNOPT_ARCH`, attnopt/switches.py)."""
-    from ..switches import emulated_arch
-
     device = torch.device(device) if device is not None else None
     if (device is not None and device.type != "cuda") or not torch.cuda.is_available():
-        return emulated_arch() or "cpu"
+        return switches.emulated_arch() or "cpu"
     return arch_for_capability(*torch.cuda.get_device_capability(device))
 
 

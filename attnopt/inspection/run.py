@@ -81,7 +81,7 @@ def _env(inputs) -> dict:
         tv = triton.__version__
     except ImportError:
         tv = None
-    from .. import __version__
+    from ..version import __version__
 
     dev = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"

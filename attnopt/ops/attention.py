@@ -17,6 +17,7 @@ from .. import switches
 from ..codegen.arch import ARCHS, resolve_pv
 from .attention_ref import attention_reference
 from .checks import check_attention_operands
+from .schema import attention_schema
 
 IMPLS = switches.IMPLS
 
@@ -24,7 +25,8 @@ IMPLS = switches.IMPLS
 _use_triton = switches.use_triton
 
 
-@torch.library.triton_op("attnopt::attention", mutates_args=())
+@torch.library.triton_op("attnopt::attention", mutates_args=(),
+                         schema=attention_schema("bool smooth_q", "str arch", "str impl", "float softcap=0."))
 def attention_op(
     q: torch.Tensor,
     k: torch.Tensor,

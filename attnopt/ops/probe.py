@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_attention_operands
+from .schema import attention_schema
 from ..metrics import compare
 from .attention_ref import attention_exact, causal_keep
 
@@ -62,7 +63,9 @@ def _baseline(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale
     return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
 
 
-@torch.library.custom_op("attnopt::attention_probe", mutates_args=())
+@torch.library.custom_op("attnopt::attention_probe", mutates_args=(),
+                         schema=attention_schema("bool smooth_q", "str arch", "str impl", "str sparsity",
+                                                 "str probe_key", "float softcap=0."))
 def attention_probe(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -14,6 +14,7 @@ import torch
 
 from . import sparse_ref as R
 from .checks import check_attention_operands
+from .schema import attention_schema
 
 
 def predict_block_mask(q, k, v, params: dict, scale: float, is_causal: bool, causal_offset: int,
@@ -100,7 +101,8 @@ def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal
     return out
 
 
-@torch.library.triton_op("attnopt::sparse_attention", mutates_args=())
+@torch.library.triton_op("attnopt::sparse_attention", mutates_args=(),
+                         schema=attention_schema("str arch", "str impl", "str sparsity", "float softcap=0."))
 def sparse_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -23,8 +23,8 @@ from ..config import Options
 from ..logs import log
 from ..report import Recorder, SiteRecord
 from .attention_match import find_attention_sites
-from ..inspection import site_cache
-from ..inspection.graph_snapshot import snapshot
+from . import site_cache
+from .graph_snapshot import snapshot
 from ..logs import trace_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
 from .inline_ops import inline_op
@@ -258,7 +258,7 @@ def _expect_cache_hit(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> N
     if gi is None:
         return
     path = site_cache.path_for(site_cache.graph_hash(AttentionPass(ctx).uuid(), gm, example_inputs))
-    ctx.recorder.expect_cached(gi, path, site_cache.load(path), site_cache.hits())
+    ctx.recorder.expect_cached(gi, path, site_cache.load(path, SiteRecord.from_dict), site_cache.hits())
     site_cache.watch(ctx.recorder)
 
 

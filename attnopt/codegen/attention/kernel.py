@@ -2,8 +2,9 @@
 and block-sparse.
 
 `_attn_step` is the one online-softmax step all variants share (exp2 domain: Q carries
-scale*log2(e)); `_attn_fwd` is the outer kernel: operand setup, the two key loops (tiles wholly
-visible without element masks, then the causal-diagonal / tail tiles with them), the epilogue.
+scale*log2(e)); `_attn_range` runs it over a range of key tiles (dense: key offsets; sparse: LUT
+entries); `_attn_fwd` is the outer kernel: operand setup, two ranges (tiles wholly visible
+without element masks, then the causal-diagonal / tail tiles with them), the epilogue.
 Variants are constexpr switches, chosen per architecture in codegen/arch.py:
 
   QK_FMT   0: INT8 QK^T (int32 accumulate)   1: FP8 e4m3 QK^T   2: 16-bit QK^T (quant "none")
@@ -181,6 +182,36 @@ def _attn_step(
 
 
 @triton.jit
+def _attn_range(
+    acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2,
+    K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src, VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
+    b, hk, lo, hi, lut, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
+    stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
+    QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, PV_FP4: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_LAMBDA: tl.constexpr, K_GRAN: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    SOFTCAP: tl.constexpr, SPARSE: tl.constexpr,
+):
+    """`_attn_step` over a range of key tiles, all with or all without element masks (MASKED).
+    Dense: [lo, hi) are key offsets, stepped by BLOCK_N. SPARSE: [lo, hi) index the q-block's LUT
+    row (`lut`), whose entries are the kv-block numbers to visit."""
+    for t in range(lo, hi, 1 if SPARSE else BLOCK_N):
+        if SPARSE:
+            start_n = tl.load(lut + t) * BLOCK_N
+        else:
+            start_n = t
+        acc, l_i, m_i, bad_i = _attn_step(
+            acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
+            VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
+            b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
+            stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
+            QK_FMT, PV_FP8, PV_FP4, BLOCK_M, MASKED, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+            K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP)
+    return acc, l_i, m_i, bad_i
+
+
+@triton.jit
 def _attn_fwd(
     Q, stride_qb, stride_qh, stride_qm, stride_qd,
     QS, stride_qsb, stride_qsh,
@@ -302,56 +333,38 @@ def _attn_fwd(
     lam = 0.0
     if HAS_LAMBDA:
         lam = tl.load(LAM + h)
-    if SPARSE:  # only the kv-blocks the predictor kept: (full tiles first, then masked ones)
+    # Two ranges of key tiles: first those needing no element masks, then those that do
+    if SPARSE:  # only the kv-blocks the predictor kept: LUT entries [0, n_full) full, then masked ones
         row = m0 // SPARSE_BQ
-        n_full = tl.load(CNT + b * stride_cntb + h * stride_cnth + row * stride_cntr)
-        n_all = tl.load(CNT + b * stride_cntb + h * stride_cnth + row * stride_cntr + 1)
+        split = tl.load(CNT + b * stride_cntb + h * stride_cnth + row * stride_cntr)
+        end = tl.load(CNT + b * stride_cntb + h * stride_cnth + row * stride_cntr + 1)
         lut = LUT + b * stride_lutb + h * stride_luth + row * stride_lutr
-        for t in range(0, n_full):
-            start_n = tl.load(lut + t) * BLOCK_N
-            acc, l_i, m_i, bad_i = _attn_step(
-                acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
-                VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
-                b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
-                stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
-                QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
-                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP)
-        for t in range(n_full, n_all):
-            start_n = tl.load(lut + t) * BLOCK_N
-            acc, l_i, m_i, bad_i = _attn_step(
-                acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
-                VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
-                b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
-                stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
-                QK_FMT, PV_FP8, PV_FP4, BLOCK_M, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
-                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP)
     else:
-        # Key range: all keys, or (causal) up to the last row's diagonal. Tiles below `full_end`
+        # Key range: all keys, or (causal) up to the last row's diagonal. Tiles below `split`
         # are visible to every row and inside Nk: no element masks there.
         nk_full = (Nk // BLOCK_N) * BLOCK_N
         if IS_CAUSAL:
-            hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Nk)
-            full_end = tl.minimum((tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N, nk_full)
-            full_end = tl.minimum(full_end, hi)
+            end = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Nk)
+            split = tl.minimum((tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N, nk_full)
+            split = tl.minimum(split, end)
         else:
-            hi = Nk
-            full_end = nk_full
-        for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i, bad_i = _attn_step(
-                acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
-                VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
-                b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
-                stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
-                QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
-                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP)
-        for start_n in range(full_end, hi, BLOCK_N):
-            acc, l_i, m_i, bad_i = _attn_step(
-                acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
-                VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
-                b, hk, start_n, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
-                stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
-                QK_FMT, PV_FP8, PV_FP4, BLOCK_M, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
-                K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP)
+            end = Nk
+            split = nk_full
+        lut = LUT  # not read
+    acc, l_i, m_i, bad_i = _attn_range(
+        acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
+        VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
+        b, hk, 0, split, lut, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
+        stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
+        QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+        K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP, SPARSE)
+    acc, l_i, m_i, bad_i = _attn_range(
+        acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
+        VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
+        b, hk, split, end, lut, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
+        stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
+        QK_FMT, PV_FP8, PV_FP4, BLOCK_M, True, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
+        K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP, SPARSE)
 
     # epilogue
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..passes.graph_utils import module_class, module_path, source_line
+from .graph_utils import module_class, module_path, source_line
 
 SITE_META = "attnopt_site"  # node.meta key: the site key a node belongs to
 

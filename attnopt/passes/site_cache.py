@@ -68,16 +68,16 @@ def save(path: str, records: list) -> None:
         pass
 
 
-def load(path: str) -> list | None:
-    """The records saved at `path`, or None when there are none (or they are unreadable)."""
-    from ..report import SiteRecord
-
+def load(path: str, decode) -> list | None:
+    """The records saved at `path`, each made by `decode(dict)` (report.SiteRecord.from_dict: the
+    caller passes it, so this module never imports the report), or None when there are none (or
+    they are unreadable)."""
     try:
         with open(path) as f:
             d = json.load(f)
         if d.get("version") != FORMAT_VERSION:
             return None
-        return [SiteRecord.from_dict(s) for s in d["sites"]]
+        return [decode(s) for s in d["sites"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

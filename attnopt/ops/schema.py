@@ -1,0 +1,17 @@
+"""The attention ops' schemas, stated once.
+
+`attnopt::attention`, `attnopt::sparse_attention` and `attnopt::attention_probe` take the same
+leading arguments (the operands, the mask, the scale and the quantization); each op appends its
+own. The passes call the ops positionally, so names, order and defaults here are the ops' API.
+"""
+
+from __future__ import annotations
+
+# what every attention op takes first, in this order
+ATTENTION_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? keep_mask, float masked_value, "
+                  "bool is_causal, SymInt causal_offset, float scale, str quant, str pv, bool smooth_k")
+
+
+def attention_schema(*extra: str) -> str:
+    """A torch.library schema: ATTENTION_ARGS, then `extra` (e.g. "str arch"), returning a Tensor."""
+    return "(" + ", ".join((ATTENTION_ARGS,) + extra) + ") -> Tensor"
