@@ -39,13 +39,13 @@ def _options(text: str | None):
                          """'{"attention": {"quant": "int8"}}'""") from e
 
 
-def _error(msg: str, debug: bool = False, code: int = 2) -> int:
+def _error(msg: str, debug: bool = False, code: int = 2, offer_traceback: bool = False) -> int:
     """One line on stderr (the traceback too under --debug); returns the exit status."""
     if debug:
         import traceback
 
         traceback.print_exc()
-    hint = "" if debug else " (--debug shows the traceback)" if code == 1 else ""
+    hint = " (--debug shows the traceback)" if offer_traceback and not debug else ""
     print(f"attnopt: error: {msg}{hint}", file=sys.stderr)
     return code
 
@@ -81,9 +81,10 @@ def _run_inspect(model, inputs, kwargs, args, opts) -> int:
         report = attnopt.inspect(model, *inputs, example_kwargs=kwargs, options=opts, progress=not args.quiet)
     except attnopt.ConfigError as e:
         return _error(f"--options: {e}", args.debug)
-    except Exception as e:  # the model failed to compile or run: one line, exit 1
+    except Exception as e:  # the model failed to compile or run: one line, exit 2 like every error
         first = (str(e).strip().splitlines() or [""])[0]
-        return _error(f"the model failed to compile or run: {type(e).__name__}: {first}", args.debug, code=1)
+        return _error(f"the model failed to compile or run: {type(e).__name__}: {first}", args.debug,
+                      offer_traceback=True)
     try:
         _emit(report, args)
     except OSError as e:

@@ -109,10 +109,10 @@ def build():
 def test_model_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     f = tmp_path / "broken_model.py"
     f.write_text(BROKEN_FORWARD)
-    assert main(["inspect", f"{f}:build", "--quiet"]) == 1
+    assert main(["inspect", f"{f}:build", "--quiet"]) == 2
     _one_line_error(capsys, "ValueError: shape mismatch in my model (--debug shows the traceback)")
     assert main(["inspect", f"{f}:nope", "--quiet", "--debug"]) == 2
-    assert main(["inspect", f"{f}:build", "--quiet", "--debug"]) == 1
+    assert main(["inspect", f"{f}:build", "--quiet", "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("attnopt: error: the model failed")
 
