@@ -1,6 +1,7 @@
 """Shared test helpers."""
 
 import torch
+import torch.nn.functional as F
 
 import attnopt
 from attnopt.metrics import compare
@@ -33,3 +34,20 @@ def cuda_peak_bytes(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def attend_with_keep(q, k, v, keep, apply: str, additive_fill: float = float("-inf")):
+    """Attention under a bool keep mask, applied the ways models apply one: as SDPA's bool mask
+    ("sdpa_bool") or additive mask ("sdpa_additive", `additive_fill` where dropped), or by hand
+    with `where(keep, s, finfo.min)` ("where") or `masked_fill(~keep, -inf)` ("masked_fill")."""
+    if apply == "sdpa_bool":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    if apply == "sdpa_additive":
+        mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, additive_fill)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if apply == "where":
+        s = torch.where(keep, s, torch.finfo(s.dtype).min)
+    else:
+        s = s.masked_fill(~keep, float("-inf"))
+    return s.softmax(-1) @ v

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnopt
-from helpers import ALL_SITES, inspect, randn, rel_l1
+from helpers import ALL_SITES, attend_with_keep, inspect, randn, rel_l1
 
 B, H, N, D = 2, 4, 77, 64
 E2E_BOUND = 0.03
@@ -327,17 +327,7 @@ class SlicedCausal(nn.Module):
         kpos = torch.arange(nk, device=q.device)
         qpos = SLICES[self.slice_form](kpos, nq, nk)
         keep = kpos[None, :] <= qpos[:, None]
-        if self.apply == "sdpa_bool":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        if self.apply == "sdpa_additive":
-            mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, torch.finfo(q.dtype).min)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        if self.apply == "where":
-            s = torch.where(keep, s, torch.finfo(s.dtype).min)
-        else:
-            s = s.masked_fill(~keep, float("-inf"))
-        return s.softmax(-1) @ v
+        return attend_with_keep(q, k, v, keep, self.apply, additive_fill=torch.finfo(q.dtype).min)
 
 
 @pytest.mark.parametrize("slice_form", list(SLICES))

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnopt
-from helpers import ALL_SITES, inspect, randn, rel_l1
+from helpers import ALL_SITES, attend_with_keep, inspect, randn, rel_l1
 
 SETTINGS = settings(max_examples=14, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -267,18 +267,7 @@ class ShortQuery(nn.Module):
         nq, nk = q.shape[-2], k.shape[-2]
         if self.apply == "is_causal":  # SDPA's own rule: top-left aligned
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        keep = _keep_bottom_right(nq, nk, self.form)
-        if self.apply == "sdpa_bool":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        if self.apply == "sdpa_additive":
-            mask = torch.zeros(nq, nk, dtype=q.dtype).masked_fill(~keep, float("-inf"))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        if self.apply == "where":
-            s = torch.where(keep, s, torch.finfo(s.dtype).min)
-        else:
-            s = s.masked_fill(~keep, float("-inf"))
-        return s.softmax(-1) @ v
+        return attend_with_keep(q, k, v, _keep_bottom_right(nq, nk, self.form), self.apply)
 
 
 @small(10)
