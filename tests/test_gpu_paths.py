@@ -231,7 +231,7 @@ def test_emulated_arch_drives_formats_and_kernels(monkeypatch):
 
 
 def test_triton_impl_needs_the_interpreter_on_cpu(monkeypatch):
-    from attnopt.ops.attention import _use_triton
+    from attnopt.switches import use_triton as _use_triton
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -22,9 +22,6 @@ from .schema import attention_schema
 IMPLS = switches.IMPLS
 
 
-_use_triton = switches.use_triton
-
-
 @torch.library.triton_op("attnopt::attention", mutates_args=(),
                          schema=attention_schema("bool smooth_q", "str arch", "str impl", "float softcap=0."))
 def attention_op(
@@ -51,7 +48,7 @@ def attention_op(
     `softcap` > 0: logits soft-capped to softcap * tanh(scale * q.k / softcap) before masks (0: off).
     """
     check_attention_operands("attnopt::attention", q, k, v, attn_bias, keep_mask)
-    if _use_triton(q, arch, impl):
+    if switches.use_triton(q, arch, impl):
         from ..codegen.attention.launch import attention_triton
 
         return attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import sparse_ref as R
+from ..switches import use_triton as use_triton_for
 from .checks import check_attention_operands
 from .schema import attention_schema
 
@@ -82,9 +83,7 @@ def pv_thresholds(params: dict, hq: int, device) -> torch.Tensor | None:
 
 def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
                           smooth_k, arch, impl, params: dict, return_stats: bool = False, softcap: float = 0.0):
-    from .attention import _use_triton
-
-    use_triton = _use_triton(q, arch, impl)
+    use_triton = use_triton_for(q, arch, impl)
     block_keep = predict_block_mask(q, k, v, params, scale, is_causal, causal_offset, use_triton)
     lam = pv_thresholds(params, q.shape[1], q.device)
     if use_triton:
