@@ -120,8 +120,8 @@ def _bisect(search: SiteSearch, make, lo: float, hi: float, target: float, steps
 
 def search_site(search: SiteSearch, sp: dict, target: float, second_stage: bool = True) -> dict:
     """The calibrated plan entry of one site for method sp["method"]: per head, the sparsest
-    parameters under the budget (algorithms.md 2.1: a grid over theta, the sparsest tau or topk,
-    then the smallest second-stage lambda keeping the error there)."""
+    parameters under the budget: for Sparge a grid over theta, the sparsest tau or topk, then the
+    smallest second-stage lambda keeping the error there (docs/algorithms.md#sparse-attention-search)."""
     method = sp["method"]
     base = {k: v for k, v in sp.items() if k != "dense_heads"}
     h = search.heads

@@ -1,6 +1,6 @@
 """Accuracy metrics, always computed in float64 against a float64 reference.
 
-rel-L1 is primary: a per-row scale error hides from cosine (algorithms.md).
+rel-L1 is primary: a per-row scale error hides from cosine (docs/algorithms.md#accuracy-metrics).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""NVFP4 attention (algorithms.md 1.3): the format's arithmetic, the quantize kernels, the scaled
-dot's operand layout, and the attention kernel (interpreter) against the reference and float64.
+"""NVFP4 attention (docs/algorithms.md#nvfp4-microscaling): the format's arithmetic, the quantize
+kernels, the scaled dot's operand layout, and the attention kernel (interpreter) against the
+reference and float64.
 
 Blackwell runs `tl.dot_scaled` natively; here the interpreter checks the values it multiplies.
 """

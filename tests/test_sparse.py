@@ -157,8 +157,9 @@ def test_xattention_scores_match_their_definition(stride, causal):
 
 
 def brute_xattention_select(scores, tau, nq, nk, causal, offset=0):
-    """algorithms.md 2.2 step 3 by definition: block 0 and the diagonal blocks, then the others
-    by descending score until the kept mass (forced blocks included) reaches tau * row sum."""
+    """XAttention's selection by definition (docs/algorithms.md#xattention-antidiagonal-scoring, step
+    4): block 0 and the diagonal blocks, then the others by descending score until the kept mass
+    (forced blocks included) reaches tau * row sum."""
     b, h, nqb, nkb = scores.shape
     keep = torch.zeros(b, h, nqb, nkb, dtype=torch.bool)
     for bb in range(b):
@@ -222,10 +223,11 @@ def test_window_mask_matches_definition():
 
 
 def brute_radial(n, s, pre, dense, min_band):
-    """algorithms.md 2.3's radial mask, frame pair by frame pair: text rows/columns dense; frame
-    distance d <= dense: dense; else a band of width W = s / 2^floor(log2 d) (at least min_band)
-    around the same in-frame position, and when W is under one kv-block only every
-    ceil(block / W)-th frame distance. -> block mask [nqb, nkb] (a block with any kept pair)."""
+    """The radial mask (docs/algorithms.md#radial-attention), frame pair by frame pair: text
+    rows/columns dense; frame distance d <= dense: dense; else a band of width
+    W = s / 2^floor(log2 d) (at least min_band) around the same in-frame position, and when W is
+    under one kv-block only every ceil(block / W)-th frame distance. -> block mask [nqb, nkb] (a
+    block with any kept pair)."""
     m = torch.zeros(n, n, dtype=torch.bool)
     m[:pre], m[:, :pre] = True, True
     pos = torch.arange(s)

@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of attnopt's quantized attention (algorithms.md section 1).
+"""Pure-PyTorch reference of attnopt's quantized attention (what it computes, with the papers:
+docs/algorithms.md#quantized-attention).
 
 This is the CPU path of `torch.ops.attnopt.attention` and the ground truth the Triton kernels
 are tested against: the same quantization grid (per-block scales, K smoothing, scale*log2(e)
@@ -322,9 +323,10 @@ class Operands:
 
 
 def quantized_operands(q, k, v, scale: float, quant: str, pv: str, smooth_k: bool, smooth_q: bool) -> Operands:
-    """The quantization grid of algorithms.md 1.1-1.3 (inputs already finite): per-block INT8 / FP8
-    or NVFP4 Q (scale * log2(e) folded, optionally block-smoothed) and K (token mean subtracted);
-    V in 16 bits, or smoothed and per-channel scaled to FP8 / NVFP4."""
+    """The quantization grid (inputs already finite): per-block INT8 / FP8 or NVFP4 Q (scale * log2(e)
+    folded, optionally block-smoothed) and K (token mean subtracted); V in 16 bits, or smoothed and
+    per-channel scaled to FP8 / NVFP4. See docs/algorithms.md#q-and-k-quantization-int8-fp8,
+    docs/algorithms.md#pv-precision and docs/algorithms.md#nvfp4-microscaling."""
     nq, nk = q.shape[2], k.shape[2]
     qf = q.float() * (scale * LOG2E)
     kf = k.float()

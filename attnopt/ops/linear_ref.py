@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of attnopt's quantized linears (algorithms.md section 3).
+"""Pure-PyTorch reference of attnopt's quantized linears (what they compute, with the papers:
+docs/algorithms.md#quantized-linear-layers).
 
 The CPU path of the linear ops and what the Triton GEMMs are tested against:
 - W8A8: weights per output channel INT8 (s_w = max|W_row| / 127), activations per token INT8

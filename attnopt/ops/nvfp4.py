@@ -1,4 +1,5 @@
-"""NVFP4 microscaling arithmetic (algorithms.md 1.3): the reference of the FP4 attention variant.
+"""NVFP4 microscaling arithmetic (docs/algorithms.md#nvfp4-microscaling): the reference of the FP4
+attention variant.
 
 A quantized tensor keeps three numbers per element's worth of scale:
 - an fp32 outer scale per block of rows (applied outside the dot, like the INT8 block scales),

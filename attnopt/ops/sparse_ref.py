@@ -1,5 +1,6 @@
-"""Block-sparse attention in plain PyTorch: the predictors (algorithms.md section 2), the lookup
-table the kernel reads, and the reference arithmetic the block-sparse kernel is tested against.
+"""Block-sparse attention in plain PyTorch: the predictors, the lookup table the kernel reads, and
+the reference arithmetic the block-sparse kernel is tested against. What each predictor computes:
+docs/algorithms.md#block-sparse-attention.
 
 A block mask is [B, H, nqb, nkb] bool over tiles of BQ query rows x BK keys. Every method
 produces one; the kernel visits only the kept kv-blocks of each q-block, and still applies exact
