@@ -18,8 +18,9 @@ import torch
 from .config import ConfigError, Options, normalize_options
 from .logs import log
 from .passes.linear_pass import BAKED_META_KEY, copy_graph
-from .passes.manager import (PassContext, SiteInternalError, config_patches, needs_linear_pass,
-                             run_pre_inductor)
+from .ops import aot_inline
+from .passes.manager import (JointGraphFallback, PassContext, SiteInternalError, config_patches, needs_linear_pass, run_attention,
+                             run_linear)
 from .report import Recorder
 
 # keys torch.compile may leave in `options` that belong to torch, not to attnopt
@@ -64,7 +65,7 @@ class AttnoptBackend:
         if self.mode is not None:
             patches.update(list_mode_options(self.mode))
         patches.update(self.inductor_config)
-        patches.update(config_patches(self.ctx))
+        patches.update(config_patches(self.ctx, example_inputs))
         t0 = time.perf_counter()
         check_ops_registered()
         if self.progress:
@@ -72,9 +73,10 @@ class AttnoptBackend:
         self.ctx.current_graph = self.ctx.recorder.new_graph()
         pristine = _copy_graph_module(gm) if needs_linear_pass(self.ctx) else None
         try:
-            run_pre_inductor(self.ctx, gm, example_inputs)
+            run_linear(self.ctx, gm, example_inputs)
             baked = gm.meta.pop(BAKED_META_KEY, None)
-            fn = self._compile_fx(gm, example_inputs, patches)
+            graph = run_attention(self.ctx, gm, example_inputs)
+            fn = self._compile_fx(graph, example_inputs, patches)
             if not baked:
                 return fn
             return FreshWeights(self, fn, baked, pristine)
@@ -86,28 +88,44 @@ class AttnoptBackend:
                 self.progress(f"graph {self.graphs_compiled - 1} compiled in {dt:.1f}s")
 
     def _compile_fx(self, gm, example_inputs, patches: dict):
-        """compile_fx with attnopt's passes. A graph in which a site hit an internal error is never
-        stored in Inductor's FX graph cache nor AOTAutograd's cache: the pass aborts the compile
-        (SiteInternalError), and the frame is compiled again with both caches off and the failed
-        sites left as they were (their keys stay in the context, so later graphs skip them too)."""
+        """compile_fx on the rewritten graph, AOTAutograd tracing attnopt's ops by this backend's
+        inline mode. The caches key on that graph, so one that lacks a rewrite (a site left as it
+        was after an internal error) is never served for one that has it; after an internal error
+        they are skipped anyway, so such a graph is compiled afresh. Under JointGraphFallback an
+        internal error aborts the compile (SiteInternalError) and it is done again from a copy of
+        Dynamo's graph, the failed site left as it was."""
+        from torch._dynamo.utils import counters
+
+        gi = self.ctx.current_graph
+        fallback = isinstance(patches.get("joint_custom_pre_pass"), JointGraphFallback)
+        backup = _copy_graph_module(gm) if fallback else None  # the fallback pass edits gm in place
+        hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+        for attempt in range(64):  # each retry leaves at least one more site as it was
+            graph = gm if attempt == 0 else _copy_graph_module(backup)
+            try:
+                fn = self._compile_fx_once(graph, example_inputs, patches)
+                break
+            except Exception as e:  # noqa: BLE001 - only attnopt's own signal is handled
+                if backup is None or _site_failure(e) is None:
+                    raise
+                self.ctx.recorder.drop_sites(gi, kind="attention")
+        else:
+            raise RuntimeError("attnopt: internal errors kept recurring while compiling this graph")
+        now = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+        self.ctx.recorder.set_served(gi, "cache" if now > hits else "compiled")
+        return fn
+
+    def _compile_fx_once(self, gm, example_inputs, patches: dict):
         from torch._functorch import config as functorch_config
         from torch._inductor.compile_fx import compile_fx
 
-        gi = self.ctx.current_graph
-        backup = _copy_graph_module(gm)  # compile_fx's pre-grad passes edit the graph in place
-        for attempt in range(64):  # each retry leaves at least one more site alone
-            graph = gm if attempt == 0 else _copy_graph_module(backup)
-            cached = not (self.ctx.internal_errors or _linear_internal_error(self.ctx, gi))
-            try:
-                if cached:
-                    return compile_fx(graph, example_inputs, config_patches=patches)
-                with functorch_config.patch(enable_autograd_cache=False):
-                    return compile_fx(graph, example_inputs, config_patches={**patches, "fx_graph_cache": False})
-            except Exception as e:  # noqa: BLE001 - only attnopt's own signal is handled
-                if _site_failure(e) is None:
-                    raise
-                self.ctx.recorder.drop_sites(gi, kind="attention")
-        raise RuntimeError("attnopt: internal errors kept recurring while compiling this graph")
+        fresh = (self.ctx.internal_errors or _linear_internal_error(self.ctx, self.ctx.current_graph)
+                 or patches.get("fx_graph_cache") is False)
+        with aot_inline.inline_mode(self.ctx.inline_mode()):
+            if not fresh:
+                return compile_fx(gm, example_inputs, config_patches=patches)
+            with functorch_config.patch(enable_autograd_cache=False):
+                return compile_fx(gm, example_inputs, config_patches={**patches, "fx_graph_cache": False})
 
     def __repr__(self) -> str:
         return f"AttnoptBackend({self.options.to_json()}, mode={self.mode!r})"

@@ -85,7 +85,6 @@ class Recorder:
         self._frames: list = []  # distinct Dynamo frames, in order of first compile
 
     def new_graph(self) -> int:
-        self.settle(final=True)  # earlier graphs are done: resolve their cache state first
         frame = _dynamo_frame()
         with self._lock:
             if frame is not None and frame not in self._frames:
@@ -141,61 +140,23 @@ class Recorder:
             return [{"index": g["index"], "before": g.get("before"), "after": g.get("after")}
                     for g in self.graphs if "before" in g]
 
-    # -- graphs served from Inductor's caches (see passes/site_cache.py) --
-
-    def expect_cached(self, graph: int, path: str, records: list | None, hits: int) -> None:
-        """Before compile_fx: the records this graph had when last compiled (None: not known).
-        Their keys are claimed now, so the next graph's keys (and cache key) match the first run."""
-        with self._lock:
-            self.graphs[graph]["cache"] = {"path": path, "records": records, "hits": hits}
-            frame = self.graphs[graph]["frame"]
-            for r in records or []:
-                self._owner.setdefault(r.key, frame)
-
-    def cache_path(self, graph: int | None) -> str | None:
-        with self._lock:
-            if graph is None or graph >= len(self.graphs):
-                return None
-            return (self.graphs[graph].get("cache") or {}).get("path")
-
-    def settle(self, final: bool = False) -> None:
-        """Graphs whose compile ended without attnopt's pass running but with a cache hit were
-        served from Inductor's cache: reload their saved records (or say they are unavailable).
-        `final`: their compiles are over, so a graph with neither was compiled (nothing to do)."""
-        from . import logs
-        from .passes import site_cache
-
-        with self._lock:
-            waiting = [g for g in self.graphs if "cache" in g and "served" not in g]
-            for g in waiting:
-                if "attention" in g["pass_time_s"]:
-                    g["served"] = "compiled"
-                elif site_cache.hits() > g["cache"]["hits"]:
-                    self._reload(g, logs)
-                elif final:
-                    g["served"] = "compiled"
-            if all("served" in g for g in self.graphs if "cache" in g):
-                site_cache.unwatch(self)
-
-    def _reload(self, g: dict, logs) -> None:
-        records = g["cache"]["records"]
-        if records is None:
-            g["served"] = "cache, records unavailable"
-            logs.log.warning("graph %d served from Inductor's FX cache: site records unavailable "
-                             "(compiled before attnopt kept them; clear the cache to see them)", g["index"])
+    def add_note(self, graph: int | None, note: str) -> None:
+        """Something about a whole graph the user should see (e.g. why nothing in it was captured)."""
+        if graph is None:
             return
-        g["served"] = "cache, records reloaded"
-        for r in records:
-            self.add_site(g["index"], r)
-            logs.log.info("attention site %s: %s (%s) [from Inductor's FX cache]", r.key, r.status,
-                          r.reason or r.kernel)
-        logs.log.info("graph %d served from Inductor's FX cache: %d site record(s) reloaded",
-                      g["index"], len(records))
-        logs.trace_sites(g["index"], records)
+        with self._lock:
+            self.graphs[graph].setdefault("notes", []).append(note)
+
+    def set_served(self, graph: int | None, served: str) -> None:
+        """How compile_fx produced the graph's code: 'compiled' or 'cache' (Inductor's caches)."""
+        if graph is None:
+            return
+        with self._lock:
+            self.graphs[graph]["served"] = served
 
     def cache_report(self) -> list[dict]:
-        """How each compiled graph got its code: compiled here or served from Inductor's cache."""
-        self.settle()
+        """How each graph got its code: compiled by Inductor, or served from its caches. attnopt's
+        passes run before any cache lookup, so the site records are the same either way."""
         with self._lock:
             return [{"graph": g["index"], "served": g.get("served", "compiled")} for g in self.graphs]
 
@@ -210,7 +171,6 @@ class Recorder:
 
     def sites(self) -> list[SiteRecord]:
         """Latest record per site key (a recompile for new shapes re-records the same sites)."""
-        self.settle()
         with self._lock:
             seen: dict[str, SiteRecord] = {}
             for g in self.graphs:

@@ -86,15 +86,15 @@ def test_cache_never_serves_a_graph_compiled_under_other_options():
 
 def test_pass_uuid_covers_options_and_arch():
     from attnopt.config import normalize_options
-    from attnopt.passes.manager import AttentionPass, PassContext
+    from attnopt.passes.manager import CacheKeyPass, PassContext
 
-    a = AttentionPass(PassContext(normalize_options({}))).uuid()
-    assert a == AttentionPass(PassContext(normalize_options({}))).uuid()
-    assert a != AttentionPass(PassContext(normalize_options({"attention": {"pv": "fp8"}}))).uuid()
-    assert a != AttentionPass(PassContext(normalize_options({"arch": "sm90"}))).uuid()
+    a = CacheKeyPass(PassContext(normalize_options({}))).uuid()
+    assert a == CacheKeyPass(PassContext(normalize_options({}))).uuid()
+    assert a != CacheKeyPass(PassContext(normalize_options({"attention": {"pv": "fp8"}}))).uuid()
+    assert a != CacheKeyPass(PassContext(normalize_options({"arch": "sm90"}))).uuid()
     plans = [{"schema_version": 1, "sites": {"#0": {"kind": "attention", "sparsity": {"method": m}}}}
              for m in ("window", "radial")]
-    with_plan = [AttentionPass(PassContext(normalize_options({"plan": p}))).uuid() for p in plans]
+    with_plan = [CacheKeyPass(PassContext(normalize_options({"plan": p}))).uuid() for p in plans]
     assert len({a, *with_plan}) == 3, "another plan never reuses a cached graph"
 
 

@@ -13,36 +13,38 @@ from attnopt.ops.schema import ATTENTION_ARGS
 
 SHARED = [a.split()[-1] for a in ATTENTION_ARGS.split(", ")]
 OPS = {
-    "attention": (A, "attention_op", ["smooth_q", "arch", "impl", "softcap"]),
-    "sparse_attention": (S, "sparse_attention_op", ["arch", "impl", "sparsity", "softcap"]),
-    "attention_probe": (P, "attention_probe", ["smooth_q", "arch", "impl", "sparsity", "probe_key", "softcap"]),
+    # op: (module, the op's Python name, its body's function name, the op's own arguments)
+    "attention": (A, "attention_op", "_attention_body", ["smooth_q", "arch", "impl", "softcap"]),
+    "sparse_attention": (S, "sparse_attention_op", "_sparse_attention_body", ["arch", "impl", "sparsity", "softcap"]),
+    "attention_probe": (P, "attention_probe", "attention_probe",
+                        ["smooth_q", "arch", "impl", "sparsity", "probe_key", "softcap"]),
 }
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_op_schema_is_the_shared_prefix_then_its_own(name):
-    module, py_name, own = OPS[name]
+    module, py_name, body, own = OPS[name]
     schema = getattr(torch.ops.attnopt, name).default._schema
     names = [a.name for a in schema.arguments]
     assert names == SHARED + own
     assert str(schema).startswith(f"attnopt::{name}({ATTENTION_ARGS}, ")
     assert [a.default_value for a in schema.arguments if a.has_default_value()] == [0.0]  # softcap=0.
     # the Python body and the fake take exactly the schema's arguments, softcap defaulting to 0
-    defs = _defs(module, py_name)
+    defs = _defs(module, py_name, body)
     assert len(defs) == 2, [d.name for d in defs]  # the body, then its register_fake
     for d in defs:
         assert [a.arg for a in d.args.args] == names, d.name
         assert len(d.args.defaults) == 1 and ast.literal_eval(d.args.defaults[0]) == 0.0, d.name
 
 
-def _defs(module, op_name):
-    """The functions in `module` defining op `op_name`: decorated by a torch.library call, or by
+def _defs(module, op_name, body):
+    """The functions in `module` defining op `op_name`: its body, and the one decorated by
     `<op_name>.register_fake`."""
     out = []
     for node in ast.walk(ast.parse(inspect.getsource(module))):
-        if isinstance(node, ast.FunctionDef) and node.decorator_list:
-            src = ast.unparse(node.decorator_list[0])
-            if node.name == op_name or src == f"{op_name}.register_fake":
+        if isinstance(node, ast.FunctionDef):
+            src = ast.unparse(node.decorator_list[0]) if node.decorator_list else ""
+            if node.name == body or src == f"{op_name}.register_fake":
                 out.append(node)
     return out
 

@@ -138,6 +138,7 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     for s in sites:  # linear sites: the estimate from their shapes, so the JSON has it too
         s.flops = site_flops(s)
     warnings = _warnings(be.graphs_compiled, breaks)
+    warnings += [f"graph {g['index']}: {note}" for g in be.recorder.graphs for note in g.get("notes", [])]
     for w in warnings:
         log.warning("attnopt: %s", w)
     summary = {

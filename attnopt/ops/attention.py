@@ -1,9 +1,9 @@
 """`torch.ops.attnopt.attention`: the op every captured attention site becomes.
 
-Registered with `torch.library.triton_op`, so under torch.compile AOT decomposes it into its body:
-on CUDA that body launches the Triton kernels through `wrap_triton` (Inductor inlines them into
-its generated code); on other devices it is the pure-PyTorch reference, which computes the same
-quantized arithmetic (so CPU runs show the accuracy a GPU run gives).
+Registered with `torch.library.triton_op`. On CUDA its body launches the Triton kernels through
+`wrap_triton`, and AOTAutograd traces that body so Inductor inlines the kernels into its generated
+code (`ops/aot_inline.py` says when); on other devices the body is the pure-PyTorch reference,
+which computes the same quantized arithmetic (so CPU runs show the accuracy a GPU run gives).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .. import switches
+from . import aot_inline
 from ..codegen.arch import ARCHS, resolve_pv
 from .attention_ref import attention_reference
 from .checks import check_attention_operands
@@ -22,9 +23,7 @@ from .schema import attention_schema
 IMPLS = switches.IMPLS
 
 
-@torch.library.triton_op("attnopt::attention", mutates_args=(),
-                         schema=attention_schema("bool smooth_q", "str arch", "str impl", "float softcap=0."))
-def attention_op(
+def _attention_body(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -58,6 +57,12 @@ def attention_op(
         if q.shape[-1] <= max(ARCHS[arch].attn_tiles) else None
     return attention_reference(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
                                scale, quant, pv, smooth_k, smooth_q, block_n=block_n, softcap=softcap)
+
+
+attention_op = torch.library.triton_op(
+    "attnopt::attention", mutates_args=(),
+    schema=attention_schema("bool smooth_q", "str arch", "str impl", "float softcap=0."))(_attention_body)
+aot_inline.install(attention_op, _attention_body)
 
 
 @attention_op.register_fake

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from . import aot_inline
 from . import sparse_ref as R
 from ..switches import use_triton as use_triton_for
 from .checks import check_attention_operands
@@ -100,9 +101,7 @@ def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal
     return out
 
 
-@torch.library.triton_op("attnopt::sparse_attention", mutates_args=(),
-                         schema=attention_schema("str arch", "str impl", "str sparsity", "float softcap=0."))
-def sparse_attention_op(
+def _sparse_attention_body(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -126,6 +125,12 @@ def sparse_attention_op(
     check_attention_operands("attnopt::sparse_attention", q, k, v, attn_bias, keep_mask)
     return sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
                                  pv, smooth_k, arch, impl, json.loads(sparsity), softcap=softcap)
+
+
+sparse_attention_op = torch.library.triton_op(
+    "attnopt::sparse_attention", mutates_args=(),
+    schema=attention_schema("str arch", "str impl", "str sparsity", "float softcap=0."))(_sparse_attention_body)
+aot_inline.install(sparse_attention_op, _sparse_attention_body)
 
 
 @sparse_attention_op.register_fake

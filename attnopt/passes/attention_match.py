@@ -1,7 +1,7 @@
 """Where attention is matched: SDPA calls and hand-written matmul-softmax-matmul subgraphs.
 
-Runs on the aten-level graph Inductor hands to `joint_custom_pre_pass`, i.e. before Inductor's
-own SDPA fusion, so hand-written forms are still visible (tril / iota causal masks, repeat_kv,
+Runs on the aten graph `aten_capture.trace_to_aten` traces from Dynamo's graph (the forward graph
+AOTAutograd would build), i.e. before Inductor's own SDPA fusion, so hand-written forms are still visible (tril / iota causal masks, repeat_kv,
 fp32 softmax casts, einsum layouts) and user SDPA calls appear as their decomposed aten ops.
 
 `find_attention_sites(graph)` only reads the graph. It returns every candidate: a site that can

@@ -367,6 +367,7 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
             raise Reject(f"attention output of rank {len(anchor_shape)}")
         if final.meta["val"].dtype != site.anchor.meta["val"].dtype:
             final = b.call(torch.ops.prims.convert_element_type.default, final, site.anchor.meta["val"].dtype)
+        final = _in_anchor_layout(b, final, site.anchor.meta["val"])
     except Exception:
         for n in reversed(b.created):  # leave the graph as it was
             if not n.users:
@@ -377,6 +378,23 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
         for n in b.created:
             n.meta["attnopt_site"] = tag
     return out
+
+
+def _in_anchor_layout(b: GraphBuilder, out: fx.Node, want: torch.Tensor) -> fx.Node:
+    """`out` (contiguous) in the dim order of the value it replaces. SDPA's kernels return
+    [B, H, N, D] stored as [B, N, H, D], and the graph's later views were traced on that layout
+    (transpose(1, 2) then view is no copy there); AOTAutograd checks them again when it traces
+    the rewritten graph. One copy, where Inductor's view of a permuted tensor made one anyway."""
+    strides = [hint_int(s) for s in want.stride()]
+    if None in strides:
+        return out
+    order = sorted(range(want.dim()), key=lambda d: -strides[d])  # outermost stored dim first
+    if order == list(range(want.dim())) or want.dim() != out.meta["val"].dim():
+        return out
+    stored = b.call(aten.clone.default, b.call(aten.permute.default, out, order),
+                    memory_format=torch.contiguous_format)
+    back = sorted(range(len(order)), key=lambda d: order[d])
+    return b.call(aten.permute.default, stored, back)
 
 
 def site_flops(site: AttentionSite) -> int | None:

@@ -1,8 +1,10 @@
-"""attnopt's passes as Inductor custom graph passes, and the order they run in.
+"""attnopt's passes, the order they run in (PASS_ORDER), and the state they share (PassContext).
 
-Each pass is a `CustomGraphPass` whose uuid hashes attnopt's own source, the normalized options,
-torch / triton versions and the target arch, so Inductor's FX graph cache stays on and never
-serves a graph compiled under other options (torch-hooks.md).
+Every pass runs in the backend, before AOTAutograd (docs/design.md#how-a-graph-flows): the
+linear pass on Dynamo's graph, the attention pass on the aten graph traced from it. Inductor's
+caches key on the rewritten graph plus `CacheKeyPass`'s uuid (attnopt's source, options,
+torch / triton versions, arch, switches), so they stay on and never serve a graph compiled under
+other options or code.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from ..config import Options
 from ..logs import log
 from ..report import Recorder, SiteRecord
 from .attention_match import find_attention_sites
-from . import site_cache
 from .graph_snapshot import snapshot
 from ..logs import trace_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
-from .inline_ops import inline_op
+from .aten_capture import CaptureError, might_hold_attention, needs_autograd, trace_to_aten
 
 
 
@@ -138,39 +139,29 @@ class AttnoptWarning(UserWarning):
     """Something attnopt could not do, which the user should know about (the message says what)."""
 
 
-def _is_training_graph(graph: fx.Graph) -> bool:
-    return any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
-
-
-class AttentionPass(CustomGraphPass):
+class AttentionPass:
     """Capture every attention (SDPA and hand-written) and rewrite it into attnopt's op.
 
-    Runs as Inductor's `joint_custom_pre_pass`: after decomposition, before Inductor's own SDPA
-    fusion and before the SDPA calls are lowered to opaque extern kernels.
+    Runs on the aten graph `aten_capture.trace_to_aten` made from Dynamo's graph: the forward
+    graph AOTAutograd would trace, with Inductor's decompositions applied, before Inductor's own
+    SDPA fusion and before SDPA calls become opaque extern kernels. Returns whether it rewrote
+    anything. A site whose rewrite hits an internal error makes it raise SiteInternalError (the
+    caller traces again and leaves that site as it was).
     """
 
     name = "attention"
 
-    def __init__(self, ctx: PassContext):
+    def __init__(self, ctx: PassContext, training: bool = False):
         self.ctx = ctx
+        self.training = training  # the graph will be differentiated (AOTAutograd's own test)
 
-    def uuid(self) -> str:
-        """The context's uuid, plus the keys other frames took: they decide this graph's keys."""
-        base = self.ctx.uuid(self.name)
-        taken = self.ctx.recorder.keys_of_other_frames(self.ctx.current_graph)
-        if not taken:
-            return base
-        return hashlib.sha256("\0".join([base, *taken]).encode()).hexdigest()
-
-    def __call__(self, graph: fx.Graph) -> None:
+    def __call__(self, graph: fx.Graph) -> bool:
         t0 = time.perf_counter()
         ctx = self.ctx
         gi = ctx.current_graph if ctx.current_graph is not None else ctx.recorder.new_graph()
         spec = ctx.arch_for_graph(graph)
-        training = _is_training_graph(graph)
         per_module: dict[str, int] = {}
         changed = False
-        to_inline: list[fx.Node] = []
         records: list[SiteRecord] = []
         sites = find_attention_sites(graph)
         keys = []
@@ -181,7 +172,6 @@ class AttentionPass(CustomGraphPass):
             owner = {n: key for site, key in zip(sites, keys) for n in site.internal}
             ctx.recorder.set_snapshot(gi, "before", snapshot(graph, owner))
         failed: dict[str, str] = {}
-        inline = ctx.inline_mode()
         for site, key in zip(sites, keys):
             rec = SiteRecord(kind="attention", module=site.module, key=key, status="skipped",
                              pattern=site.pattern, source=site.source, module_type=site.module_type)
@@ -189,13 +179,10 @@ class AttentionPass(CustomGraphPass):
                 _describe(rec, site)
                 if key in ctx.internal_errors:  # failed in an earlier try: left as it was
                     raise Reject(f"internal error while rewriting (left as it was): {ctx.internal_errors[key]}")
-                params = decide(site, ctx.options, spec, training, key)
+                params = decide(site, ctx.options, spec, self.training, key)
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
                 op = rewrite(graph, site, params, probe, tag=key)
                 changed = True
-                dev = op.args[0].meta["val"].device.type
-                if probe is None and (inline == "always" or (inline == "auto" and dev == "cuda")):
-                    to_inline.append(op)
                 rec.status = "rewritten"
                 rec.op = "attnopt::sparse_attention" if params.sparsity else "attnopt::attention"
                 rec.kernel = params.kernel
@@ -218,21 +205,18 @@ class AttentionPass(CustomGraphPass):
             ctx.recorder.add_site(gi, rec)
             records.append(rec)
             log.info("attention site %s: %s (%s)", key, rec.status, rec.reason or rec.kernel)
-        if failed:  # abandon this compile before anything can cache it (see SiteInternalError)
+        ctx.recorder.add_pass_time(gi, self.name, time.perf_counter() - t0)
+        if failed:  # the graph may be half rewritten: the caller starts again from Dynamo's graph
             _warn_internal(failed)
             ctx.internal_errors.update(failed)
-            ctx.recorder.add_pass_time(gi, self.name, time.perf_counter() - t0)
             raise SiteInternalError(failed)
-        for op in to_inline:
-            inline_op(graph, op)
         if changed:
             graph.eliminate_dead_code()
             graph.lint()
-        ctx.recorder.add_pass_time(gi, self.name, time.perf_counter() - t0)
         if ctx.capture_graphs:
             ctx.recorder.set_snapshot(gi, "after", snapshot(graph))
         trace_sites(gi, records)
-        _keep_for_cache_hits(ctx, gi, records)
+        return changed
 
 
 def _warn_internal(failed: dict[str, str]) -> None:
@@ -240,32 +224,24 @@ def _warn_internal(failed: dict[str, str]) -> None:
 
     for key, err in failed.items():
         warnings.warn(f"attnopt: attention site {key} is left as it was after an internal error while rewriting "
-                      f"it ({err}); the graph is compiled again without Inductor's and AOTAutograd's caches, so "
-                      "the unrewritten graph is never cached. Please report it (TORCH_LOGS=+attnopt shows the "
-                      "traceback).", AttnoptWarning, stacklevel=2)
+                      f"it ({err}); the rest of the graph is rewritten and compiled as usual. Please report it "
+                      "(TORCH_LOGS=+attnopt shows the traceback).", AttnoptWarning, stacklevel=2)
 
 
-def _keep_for_cache_hits(ctx: PassContext, gi: int, records: list) -> None:
-    """Save the records where a later compile served from Inductor's cache will find them."""
-    path = ctx.recorder.cache_path(gi)
-    if path is not None and site_cache.caching_enabled():
-        site_cache.save(path, records)
+class CacheKeyPass(CustomGraphPass):
+    """Does nothing to the graph. Its uuid puts attnopt's state (source, options, versions, arch,
+    switches) into the keys of Inductor's FX graph cache and AOTAutograd's cache: the graph they
+    key on already holds attnopt's ops and their arguments, but what those ops trace into (kernel
+    source, the inline mode) is decided inside AOTAutograd, after a cache lookup."""
 
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
 
-def _expect_cache_hit(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
-    """Before compile_fx: find the records this graph had last time, in case the pass won't run."""
-    gi = ctx.current_graph
-    if gi is None:
-        return
-    path = site_cache.path_for(site_cache.graph_hash(AttentionPass(ctx).uuid(), gm, example_inputs))
-    ctx.recorder.expect_cached(gi, path, site_cache.load(path, SiteRecord.from_dict), site_cache.hits())
-    site_cache.watch(ctx.recorder)
+    def __call__(self, graph: fx.Graph) -> None:
+        return None
 
-
-# The order passes run in: (Inductor config slot, pass class). One table, one place.
-PASS_ORDER: tuple[tuple[str, type], ...] = (
-    ("joint_custom_pre_pass", AttentionPass),
-)
+    def uuid(self) -> str:
+        return self.ctx.uuid("attnopt")
 
 
 def needs_linear_pass(ctx: PassContext) -> bool:
@@ -275,12 +251,11 @@ def needs_linear_pass(ctx: PassContext) -> bool:
     return lin["quant"] != "none" or lin["smooth"] is not None or planned or ctx.capture_linears
 
 
-def run_pre_inductor(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
-    """Passes that need real parameter values: they run on Dynamo's graph before compile_fx."""
+def run_linear(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
+    """Linear sites, on Dynamo's graph (where parameters are the module's real tensors)."""
     from .linear_pass import run_linear_pass
 
     if not needs_linear_pass(ctx):
-        _expect_cache_hit(ctx, gm, example_inputs)
         return
     t0 = time.perf_counter()
     dev = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
@@ -289,9 +264,78 @@ def run_pre_inductor(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> No
     for rec in run_linear_pass(gm, example_inputs, ctx.options, spec, ctx.probe_sink, ctx.capture_linears):
         ctx.recorder.add_site(ctx.current_graph, rec)
     ctx.recorder.add_pass_time(ctx.current_graph, "linear", time.perf_counter() - t0)
-    _expect_cache_hit(ctx, gm, example_inputs)
 
 
-def config_patches(ctx: PassContext) -> dict:
-    """Inductor config patches installing attnopt's passes for one compile."""
-    return {slot: cls(ctx) for slot, cls in PASS_ORDER}
+def has_subclass_inputs(example_inputs) -> bool:
+    """Tensor-subclass inputs (DTensor under tensor parallel): AOTAutograd desugars them into their
+    inner tensors before tracing, which changes the graph's signature, so an aten graph traced here
+    could not stand in for Dynamo's. Such graphs take JointGraphFallback."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return any(is_traceable_wrapper_subclass(x) for x in example_inputs if isinstance(x, torch.Tensor))
+
+
+class JointGraphFallback(CustomGraphPass):
+    """The attention pass inside Inductor (`joint_custom_pre_pass`), for graphs with tensor-subclass
+    inputs only (see has_subclass_inputs): it rewrites the desugared graph AOTAutograd traced. The
+    ops it inserts come after AOT, so they stay extern calls (their Python body launches the
+    kernels) and a graph that needs grad keeps its sites. Its compiles skip Inductor's and AOT's
+    caches: a cache hit would skip the pass, and with it the site records."""
+
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+
+    def __call__(self, graph: fx.Graph) -> None:
+        training = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+        AttentionPass(self.ctx, training=training)(graph)  # SiteInternalError: the backend retries
+
+    def uuid(self) -> str:
+        return self.ctx.uuid("attnopt-joint-fallback")
+
+
+def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """Attention sites, on the aten graph traced from Dynamo's graph. Returns the graph to hand to
+    compile_fx: the rewritten aten graph, or Dynamo's own graph when nothing was rewritten (then
+    Inductor sees exactly what it would without attnopt) or when the graph takes
+    JointGraphFallback."""
+    gi = ctx.current_graph
+    if not might_hold_attention(gm) or has_subclass_inputs(example_inputs):
+        return gm
+    for _ in range(64):  # each retry leaves at least one more site as it was
+        t0 = time.perf_counter()
+        try:
+            aten = trace_to_aten(gm, example_inputs)
+        except CaptureError as e:
+            ctx.recorder.add_note(gi, f"attention not captured: Dynamo's graph could not be traced to aten ({e})")
+            log.warning("attnopt: graph %s left to Inductor as it was: could not trace it to aten (%s)", gi, e)
+            return gm
+        finally:
+            ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)
+        try:
+            changed = AttentionPass(ctx, training=needs_autograd(example_inputs))(aten.graph)
+        except SiteInternalError:
+            ctx.recorder.drop_sites(gi, kind="attention")
+            continue
+        if not changed:
+            return gm
+        aten.recompile()
+        return aten
+    raise RuntimeError("attnopt: internal errors kept recurring while rewriting this graph")
+
+
+# The passes, in the order they run on each graph Dynamo hands the backend:
+#   1. linear (passes/linear_pass.py), on Dynamo's graph: parameters are real tensors there;
+#   2. capture (passes/aten_capture.py): Dynamo's graph traced to a functional aten graph;
+#   3. attention (AttentionPass): matched and rewritten on that aten graph;
+#   4. Inductor's compile_fx (AOTAutograd, then Inductor) on the result, with CacheKeyPass
+#      installed in the one Inductor slot attnopt uses.
+# Graphs with tensor-subclass inputs skip 2 and 3, and JointGraphFallback takes CacheKeyPass's slot.
+PASS_ORDER: tuple[str, ...] = ("linear", "capture", "attention", "inductor")
+
+
+def config_patches(ctx: PassContext, example_inputs) -> dict:
+    """Inductor config patches for one compile: attnopt's state into its cache keys, or, for a
+    graph with tensor-subclass inputs, the fallback attention pass with the caches off."""
+    if has_subclass_inputs(example_inputs) and ctx.options["attention"]["enabled"]:
+        return {"joint_custom_pre_pass": JointGraphFallback(ctx), "fx_graph_cache": False}
+    return {"joint_custom_pre_pass": CacheKeyPass(ctx)}
