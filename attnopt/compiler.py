@@ -1,4 +1,4 @@
-"""The torch.compile entry point: options -> attnopt passes -> Inductor's compile_fx.
+"""The torch.compile entry point: options -> attnopt's passes (before AOTAutograd) -> Inductor's compile_fx.
 
 `torch.compile(model, backend="attnopt", options={...})` finds `attnopt_backend` through the
 `torch_dynamo_backends` entry point (no import needed). `attnopt.backend(options, mode=...)`
@@ -59,7 +59,6 @@ class AttnoptBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
 
         patches = {}
         if self.mode is not None:
