@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Iterable, Mapping
 
@@ -19,7 +20,7 @@ import torch
 
 from . import mixed_precision as MP
 from .compiler import AttnoptBackend
-from .config import normalize_options
+from .config import SparsityOptions, normalize_options
 from .ops import probe
 from .ops import sparse_ref as R
 from .ops.attention_ref import attention_exact
@@ -118,12 +119,12 @@ def _bisect(search: SiteSearch, make, lo: float, hi: float, target: float, steps
     return hi_t, ok, err_hi, sp_hi
 
 
-def search_site(search: SiteSearch, sp: dict, target: float, second_stage: bool = True) -> dict:
-    """The calibrated plan entry of one site for method sp["method"]: per head, the sparsest
+def search_site(search: SiteSearch, sp: SparsityOptions, target: float, second_stage: bool = True) -> dict:
+    """The calibrated plan entry of one site for method sp.method: per head, the sparsest
     parameters under the budget: for Sparge a grid over theta, the sparsest tau or topk, then the
     smallest second-stage lambda keeping the error there (docs/algorithms.md#sparse-attention-search)."""
-    method = sp["method"]
-    base = {k: v for k, v in sp.items() if k != "dense_heads"}
+    method = sp.method
+    base = sp.to_dict()  # the configured parameters, plain (lists), "method" included
     h = search.heads
     staged = method in ("sparge", "xattention")
     if staged and second_stage:
@@ -261,15 +262,14 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     budget = {"rel_l1": 0.05, "model_rel_l1": 0.05, "linear_rel_l1": None, **dict(budget or {})}
     example_batches = [b if isinstance(b, (Mapping, tuple, list)) else (b,) for b in example_batches]
     target = float(budget["rel_l1"]) * margin
-    sp = opts["attention"]["sparsity"]
-    want_linear = opts["linear"]["smooth"] is not None or mixed_precision
+    sp = opts.attention.sparsity
+    want_linear = opts.linear.smooth is not None or mixed_precision
     if sp is None and not want_linear:
         raise ValueError("nothing to calibrate: set attention.sparsity (e.g. {'method': 'sparge'}), "
                          "linear.smooth, or mixed_precision=True")
-    capture_opts = opts.to_dict()
-    capture_opts["linear"].update(quant="none", smooth=None)  # statistics of the original linears
-    if sp is None:
-        capture_opts["attention"]["enabled"] = False
+    capture_opts = dataclasses.replace(  # statistics of the original linears
+        opts, linear=dataclasses.replace(opts.linear, quant="none", smooth=None),
+        attention=opts.attention if sp is not None else dataclasses.replace(opts.attention, enabled=False))
     sink = f"calib{next(_IDS)}"
     be = AttnoptBackend(capture_opts, probe_sink=sink, inductor_config={"fx_graph_cache": False})
     be.ctx.capture_linears = want_linear
@@ -298,7 +298,7 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
         torch._dynamo.reset()
         bar.close()
     recs = {r.key: r for r in be.recorder.sites()}
-    plan = Plan(meta={"method": sp["method"] if sp else None, "budget": budget, "margin": margin,
+    plan = Plan(meta={"method": sp.method if sp else None, "budget": budget, "margin": margin,
                       "mixed_precision": mixed_precision, "options": opts.to_dict()})
     attention_keys = [k for k, calls in captured.items() if calls[0].get("kind") != "linear"]
     bar = Progress("calibrate: search", total=len(attention_keys), enabled=None if progress else False)
@@ -343,7 +343,7 @@ def _mixed_precision(model, batches, plan: Plan, captured: dict, budget: Mapping
             continue
         module, w = modules[key]
         x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
-        arch = opts["arch"] if opts["arch"] != "auto" else detect_arch(x.device)
+        arch = opts.arch if opts.arch != "auto" else detect_arch(x.device)
         fmts = [f for f in ("fp8", "w8a8", "w4a16") if f in ARCHS[arch].linear_formats]
         rows = max(c["x"].reshape(-1, c["x"].shape[-1]).shape[0] for c in calls)
         lin = MP.Linear(key, module, w.to(x.device), rows, float(x.shape[0] * w.shape[0] * w.shape[1]))
@@ -354,7 +354,7 @@ def _mixed_precision(model, batches, plan: Plan, captured: dict, budget: Mapping
     cap = budget.get("linear_rel_l1")
     cap = float(cap) * margin if cap is not None else float("inf")
     choice, meta = MP.choose_formats(model, batches, linears, fmts, float(budget["model_rel_l1"]) * margin, cap,
-                                     small_m=int(opts["linear"]["min_m"]) - 1, say=say)
+                                     small_m=int(opts.linear.min_m) - 1, say=say)
     for key, fmt in choice.items():
         lin = linears[key]
         plan.sites[key].update(quant=fmt, error={"rel_l1": lin.own_error},

@@ -1,5 +1,8 @@
 """`attnopt` command line: `attnopt demo` and `attnopt inspect TARGET`.
 
+`attnopt --options-help` lists every option key (default, allowed values, meaning), from the same
+schema that validates `--options` (attnopt/config.py); `demo --help` and `inspect --help` list the keys too.
+
 Exit codes: 0 success, 2 bad usage / TARGET / options, 1 the model failed to compile or run.
 Every error is one line on stderr naming what to fix; `--debug` adds the traceback.
 """
@@ -121,8 +124,30 @@ def cmd_inspect(args) -> int:
     return _run_inspect(model, inputs, kwargs, args, opts)
 
 
+def _options_epilog() -> str:
+    from .config import schema_text
+
+    return ("--options keys, each with its default and what it allows (in JSON they nest: "
+            "'{\"attention\": {\"quant\": \"fp8\"}}');\n`attnopt --options-help` also says what each means "
+            "and lists the sparse methods' parameters:\n" + schema_text(meanings=False))
+
+
+class _OptionsHelp(argparse.Action):
+    """--options-help: print every option key and exit, like --help."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .config import schema_text
+
+        print("attnopt options (--options JSON; nested tables: {\"attention\": {\"quant\": \"fp8\"}}):")
+        print(schema_text(meanings=True))
+        parser.exit(0)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--options", help="pass options as JSON text or a JSON file")
+    p.add_argument("--options", help="pass options as JSON text or a JSON file (keys listed below)")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--html", metavar="OUT", help="write a self-contained HTML view")
     p.add_argument("--quiet", action="store_true", help="no progress bar (drawn on a terminal only anyway)")
@@ -138,14 +163,17 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="attnopt", description=__doc__.splitlines()[0])
+    ap.add_argument("--options-help", action=_OptionsHelp,
+                    help="list every option key: default, allowed values, meaning; then exit")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    d = sub.add_parser("demo", help="compile the bundled demo model and print the report")
+    keys = dict(epilog=_options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = sub.add_parser("demo", help="compile the bundled demo model and print the report", **keys)
     d.add_argument("--size", choices=["tiny", "large"], default="tiny")
     d.add_argument("--device", default="cpu")
     d.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     _common(d)
     d.set_defaults(fn=cmd_demo)
-    i = sub.add_parser("inspect", help="compile a model from TARGET and report every candidate site")
+    i = sub.add_parser("inspect", help="compile a model from TARGET and report every candidate site", **keys)
     i.add_argument("target", help="path/to/file.py:factory or pkg.module:factory; factory() -> (model, inputs)")
     _common(i)
     i.set_defaults(fn=cmd_inspect)

@@ -1,21 +1,40 @@
-"""The pass-configuration dict: schema, defaults, validation and normalization.
+"""Pass options: frozen, typed option classes, and the schema that defaults, validates and documents them.
 
-Every key the passes read is declared here once, with its default and what it accepts, so that
-a bad value fails before anything is compiled (nothing is half-applied) and the README table can
-be generated from the same source. A calibration plan is an option's value, so the plan schema
-and its validation are here too (plan.py holds the Plan class that loads and saves one). Normalized options are plain JSON, hashed into the
-Inductor cache key of every attnopt pass.
+`normalize_options(dict)` checks a user's options dict and returns an `Options`, which the passes
+read by attribute: `opts.attention.quant`, `opts.attention.sparsity.method`, `opts.linear.min_m`,
+`opts.arch`, `opts.plan`. The classes, all frozen dataclasses:
+
+- `Options`: the top level (`attention`, `linear`, `arch`, `plan`);
+- `AttentionOptions` (`attention.*`), whose `sparsity` is None or a `SparsityOptions`: one class
+  per sparse method (`SpargeOptions`, ... listed in `SPARSITY_METHODS`), each with its `method`;
+- `LinearOptions` (`linear.*`), whose `smooth` is None or a `SmoothOptions`;
+- `PlanOptions`: a validated calibration plan, read-only (plan.py holds the `Plan` class that
+  calibrate returns and that loads and saves plan files).
+
+Every key is declared once, as a dataclass field: its default is the field's, and its metadata
+holds how a value is checked (`check`), what is allowed (`allowed`) and what it means (`doc`). The
+same fields drive validation (a `ConfigError` naming the key path, the value and what is allowed,
+with the closest key suggested for an unknown one), the README's option tables
+(`python -m attnopt.config` prints them) and the CLI's option help. Constructing any of the
+classes checks its values too, so a bad value fails before anything is compiled.
+
+Options are immutable and hashable: lists are tuples inside (plan entries read-only mappings);
+`to_dict()` gives plain JSON (lists) back, and `to_json()` is canonical (equal options, equal
+strings): it is hashed into the Inductor cache key of every attnopt pass. A calibration plan is an
+option's value, so the plan schema and its validation are here too.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import difflib
 import json
 import math
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from collections import abc
+from dataclasses import dataclass, fields
+from functools import cached_property
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 
 class ConfigError(ValueError):
@@ -30,15 +49,71 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Field specs: each knows its default, how to check a value, and how to describe what it allows.
+# Immutable values: lists become tuples, dicts read-only mappings; to_dict() turns them back.
 
 
-@dataclass(frozen=True)
-class Field:
-    default: Any
-    check: Callable[[str, Any], Any]  # (path, value) -> normalized value, or raises ConfigError
-    allowed: str
-    doc: str
+class FrozenDict(Mapping):
+    """A read-only dict (plan entries inside `PlanOptions`): hashable, picklable, no mutation."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, items: Mapping | None = None):
+        self._d = dict(items or {})
+
+    def __getitem__(self, key):
+        return self._d[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __hash__(self):
+        return hash(tuple(self._d.items()))
+
+    def __repr__(self):
+        return f"FrozenDict({self._d!r})"
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})  # (a plan holds millions of numbers: test these first)
+
+
+def _freeze(v):
+    if type(v) in _SCALARS:
+        return v
+    if isinstance(v, (list, tuple)):
+        return tuple([_freeze(x) for x in v])
+    if isinstance(v, abc.Mapping):
+        return FrozenDict({k: _freeze(x) for k, x in v.items()})
+    return v
+
+
+def _thaw(v):
+    """Lists for tuples and dicts for mappings, all the way down (a fresh copy: values a check
+    sees and to_dict() returns never alias the options' own or the caller's)."""
+    if type(v) in _SCALARS:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_thaw(x) for x in v]
+    if isinstance(v, abc.Mapping):
+        return {k: _thaw(x) for k, x in v.items()}
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# Field specs: each option is a dataclass field whose metadata knows how to check a value and how
+# to describe what it allows.
+
+
+def option(default: Any, check: Callable[[str, Any], Any], allowed: str, doc: str) -> Any:
+    """One option key as a dataclass field: `check(path, value)` returns the normalized value or
+    raises ConfigError; `allowed` and `doc` are what the README table and the CLI help show."""
+    return dataclasses.field(default=_freeze(default), metadata={"check": check, "allowed": allowed, "doc": doc})
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
 
 
 def _choice(*values: str) -> Callable[[str, Any], Any]:
@@ -99,97 +174,225 @@ def _per_head(inner: Callable[[str, Any], Any], allowed: str):
 
 
 # --------------------------------------------------------------------------------------------
-# Sparse-attention methods (issue: sparse attention). Each method has its own parameter table.
+# The option tables. A table's fields are its keys; constructing one checks every value.
 
-SPARSITY_METHODS: dict[str, dict[str, Field]] = {
-    "sparge": {
-        "tau": Field(0.9, _per_head(_number(0, 1, lo_open=True), "a number in (0, 1]"),
-                     "number in (0, 1] or per-head list",
-                     "cumulative mass of pooled attention each q-block row keeps"),
-        "theta": Field(0.3, _per_head(_number(-1, 1), "a number in [-1, 1]"),
-                       "number in [-1, 1] or per-head list",
-                       "block self-similarity below which a block is always kept"),
-        "topk": Field(None, _number(0, 1, lo_open=True, allow_none=True), "null or number in (0, 1]",
-                      "keep this fraction of kv-blocks per row instead of the tau rule"),
-        "pv_threshold": Field(None, _per_head(_number(0, math.inf, allow_none=True), "a number >= 0 or null"),
-                              "null, number >= 0 or per-head list",
-                              "second stage lambda: skip P.V of tiles whose row maxima trail the running max by more (log2 units)"),
-        "sink": Field(True, _bool, "true | false", "always keep the first kv-block"),
-    },
-    "xattention": {
-        "stride": Field(8, _choice(4, 8, 16), "4 | 8 | 16", "antidiagonal stride S"),
-        "tau": Field(0.9, _per_head(_number(0, 1, lo_open=True), "a number in (0, 1]"),
-                     "number in (0, 1] or per-head list", "block-score mass each row keeps"),
-        "pv_threshold": Field(None, _per_head(_number(0, math.inf, allow_none=True), "a number >= 0 or null"),
-                              "null, number >= 0 or per-head list", "second stage lambda (log2 units)"),
-    },
-    "window": {
-        "window": Field(None, _per_head(_number(1, math.inf, integer=True, allow_none=True), "an integer >= 1 or null"),
-                        "null, integer >= 1 or per-head list", "fixed span in tokens (overrides alpha/beta)"),
-        "alpha": Field(0.0, _per_head(_number(0), "a number >= 0"), "number >= 0 or per-head list",
-                       "span = alpha + beta * N"),
-        "beta": Field(0.25, _per_head(_number(0, 1), "a number in [0, 1]"), "number in [0, 1] or per-head list",
-                      "span = alpha + beta * N"),
-        "sinks": Field(64, _number(0, math.inf, integer=True), "integer >= 0", "leading tokens always kept"),
-        "causal_only": Field(False, _bool, "true | false",
-                             "window only looks back (true) or both ways (false, for non-causal sites)"),
-    },
-    "radial": {
-        "frame_tokens": Field(None, _number(1, math.inf, integer=True, allow_none=True),
-                              "integer >= 1 (required)", "tokens per video frame"),
-        "dense_frames": Field(1, _number(0, math.inf, integer=True), "integer >= 0",
-                              "frame distance up to which attention stays dense"),
-        "min_band": Field(128, _number(1, math.inf, integer=True), "integer >= 1", "narrowest band in tokens"),
-        "prefix_tokens": Field(0, _number(0, math.inf, integer=True), "integer >= 0",
-                               "tokens before the first frame (text), attended densely"),
-    },
-    "block": {
-        "mask": Field(None, lambda p, v: v, "nested list of booleans [nq][nk] or [H][nq][nk] (required)",
-                      "the kv-blocks each q-block keeps"),
-        "block_size": Field(64, _choice(64, 128), "64 | 128", "tokens per block (q and kv)"),
-    },
-    "svg": {
-        "frame_tokens": Field(None, _number(1, math.inf, integer=True, allow_none=True),
-                              "integer >= 1 (required)", "tokens per video frame"),
-        "spatial_frames": Field(1, _number(0, math.inf, integer=True), "integer >= 0",
-                                "frames on each side kept by the spatial pattern"),
-        "temporal_tokens": Field(64, _number(1, math.inf, integer=True), "integer >= 1",
-                                 "tokens around each position kept by the temporal pattern, per frame"),
-        "sample_rows": Field(32, _number(1, math.inf, integer=True), "integer >= 1",
-                             "query rows sampled to choose each head's pattern"),
-        "prefix_tokens": Field(0, _number(0, math.inf, integer=True), "integer >= 0",
-                               "tokens before the first frame (text), attended densely"),
-    },
+
+class _Table:
+    """Base of the option classes: frozen dataclasses whose fields are declared with `option()`.
+    `_path` is where the table sits in the options ('attention', 'linear.smooth', ...)."""
+
+    _path: ClassVar[str] = ""
+
+    def __post_init__(self):
+        values = {f.name: f.metadata["check"](_join(self._path, f.name), _thaw(getattr(self, f.name)))
+                  for f in fields(self)}
+        for name, v in self._finish(values).items():
+            object.__setattr__(self, name, _freeze(v))
+
+    def _finish(self, values: dict) -> dict:
+        """Checks across fields, after each field's own check (plain values: lists, dicts)."""
+        return values
+
+    @classmethod
+    def from_dict(cls, given: Mapping | None):
+        """The table from a user's dict (unknown keys raise ConfigError, missing ones default)."""
+        return cls(**_known_keys(cls, {} if given is None else given, cls._path))
+
+    def to_dict(self) -> dict:
+        """Plain JSON values: lists, dicts, None for an unset sub-table."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(v):
+    return v.to_dict() if isinstance(v, (_Table, PlanOptions)) else _thaw(v)
+
+
+def _known_keys(cls, given: Any, prefix: str) -> dict:
+    """`given` as keyword arguments of `cls`; a key that is not one of its fields raises
+    ConfigError with the closest key suggested."""
+    if not isinstance(given, Mapping):
+        raise ConfigError(prefix or "options", given, "a dict")
+    names = [f.name for f in fields(cls)]
+    for key in given:
+        if key not in names:
+            path = _join(prefix, str(key))
+            raise ConfigError(path, given[key], "one of " + ", ".join(sorted(names)), _suggest(str(key), names, path))
+    return {str(k): v for k, v in given.items()}
+
+
+def _checked_values(cls, given: Mapping, prefix: str) -> dict:
+    """`given` checked against `cls`'s fields under `prefix`, defaults filled in, as plain values
+    (no object made: the plan's per-site entries, which allow more than the options do)."""
+    given = _known_keys(cls, given, prefix)
+    return {f.name: f.metadata["check"](_join(prefix, f.name), _thaw(given[f.name])) if f.name in given
+            else _thaw(f.default) for f in fields(cls)}
+
+
+def _table_field(cls, doc: str) -> Any:
+    """A nested table (`attention`, `linear`): a dict of its keys, or null for all defaults."""
+
+    def check(path, v):
+        if v is None:
+            return cls()
+        if isinstance(v, cls):
+            return v
+        return cls.from_dict(v)
+
+    return dataclasses.field(default=cls(), metadata={"check": check, "allowed": "a dict", "doc": doc, "table": cls})
+
+
+# Sparse-attention methods (issue: sparse attention). Each method has its own class of parameters.
+
+
+def _min_seq_len() -> Any:
+    """Every sparse method's last parameter."""
+    return option(0, _number(0, math.inf, integer=True), "integer >= 0",
+                  "sites with fewer keys run dense quantized attention instead")
+
+
+class SparsityOptions(_Table):
+    """Base of the sparse methods' parameter classes (`attention.sparsity`); `method` names the
+    method, and `to_dict()` includes it: {"method": ..., <parameters>}."""
+
+    method: ClassVar[str] = ""
+    _path: ClassVar[str] = "attention.sparsity"
+    _required: ClassVar[tuple[str, ...]] = ()  # parameters that have no default
+
+    def _finish(self, values: dict) -> dict:
+        for name in self._required:
+            if values[name] is None:
+                spec = next(f for f in fields(self) if f.name == name)
+                raise ConfigError(f"{self._path}.{name}", None, spec.metadata["allowed"],
+                                  f"required by method {self.method!r}")
+        return values
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **super().to_dict()}
+
+
+@dataclass(frozen=True)
+class SpargeOptions(SparsityOptions):
+    """SpargeAttn: keep the kv-blocks holding most of each q-block's pooled attention mass."""
+
+    method: ClassVar[str] = "sparge"
+    tau: float | tuple[float, ...] = option(0.9, _per_head(_number(0, 1, lo_open=True), "a number in (0, 1]"),
+                                            "number in (0, 1] or per-head list",
+                                            "cumulative mass of pooled attention each q-block row keeps")
+    theta: float | tuple[float, ...] = option(0.3, _per_head(_number(-1, 1), "a number in [-1, 1]"),
+                                              "number in [-1, 1] or per-head list",
+                                              "block self-similarity below which a block is always kept")
+    topk: float | None = option(None, _number(0, 1, lo_open=True, allow_none=True), "null or number in (0, 1]",
+                                "keep this fraction of kv-blocks per row instead of the tau rule")
+    pv_threshold: float | None | tuple[float | None, ...] = option(
+        None, _per_head(_number(0, math.inf, allow_none=True), "a number >= 0 or null"),
+        "null, number >= 0 or per-head list",
+        "second stage lambda: skip P.V of tiles whose row maxima trail the running max by more (log2 units)")
+    sink: bool = option(True, _bool, "true | false", "always keep the first kv-block")
+    min_seq_len: int = _min_seq_len()
+
+
+@dataclass(frozen=True)
+class XAttentionOptions(SparsityOptions):
+    """XAttention: keep the kv-blocks with the most antidiagonal score mass."""
+
+    method: ClassVar[str] = "xattention"
+    stride: int = option(8, _choice(4, 8, 16), "4 | 8 | 16", "antidiagonal stride S")
+    tau: float | tuple[float, ...] = option(0.9, _per_head(_number(0, 1, lo_open=True), "a number in (0, 1]"),
+                                            "number in (0, 1] or per-head list", "block-score mass each row keeps")
+    pv_threshold: float | None | tuple[float | None, ...] = option(
+        None, _per_head(_number(0, math.inf, allow_none=True), "a number >= 0 or null"),
+        "null, number >= 0 or per-head list", "second stage lambda (log2 units)")
+    min_seq_len: int = _min_seq_len()
+
+
+@dataclass(frozen=True)
+class WindowOptions(SparsityOptions):
+    """A sliding window of keys around each query, plus leading sink tokens."""
+
+    method: ClassVar[str] = "window"
+    window: int | None | tuple[int | None, ...] = option(
+        None, _per_head(_number(1, math.inf, integer=True, allow_none=True), "an integer >= 1 or null"),
+        "null, integer >= 1 or per-head list", "fixed span in tokens (overrides alpha/beta)")
+    alpha: float | tuple[float, ...] = option(0.0, _per_head(_number(0), "a number >= 0"),
+                                              "number >= 0 or per-head list", "span = alpha + beta * N")
+    beta: float | tuple[float, ...] = option(0.25, _per_head(_number(0, 1), "a number in [0, 1]"),
+                                             "number in [0, 1] or per-head list", "span = alpha + beta * N")
+    sinks: int = option(64, _number(0, math.inf, integer=True), "integer >= 0", "leading tokens always kept")
+    causal_only: bool = option(False, _bool, "true | false",
+                               "window only looks back (true) or both ways (false, for non-causal sites)")
+    min_seq_len: int = _min_seq_len()
+
+
+@dataclass(frozen=True)
+class RadialOptions(SparsityOptions):
+    """Radial attention for video: dense between near frames, banded further away."""
+
+    method: ClassVar[str] = "radial"
+    _required: ClassVar[tuple[str, ...]] = ("frame_tokens",)
+    frame_tokens: int | None = option(None, _number(1, math.inf, integer=True, allow_none=True),
+                               "integer >= 1 (required)", "tokens per video frame")
+    dense_frames: int = option(1, _number(0, math.inf, integer=True), "integer >= 0",
+                               "frame distance up to which attention stays dense")
+    min_band: int = option(128, _number(1, math.inf, integer=True), "integer >= 1", "narrowest band in tokens")
+    prefix_tokens: int = option(0, _number(0, math.inf, integer=True), "integer >= 0",
+                                "tokens before the first frame (text), attended densely")
+    min_seq_len: int = _min_seq_len()
+
+
+@dataclass(frozen=True)
+class BlockOptions(SparsityOptions):
+    """A user-given block mask: which kv-blocks each q-block keeps."""
+
+    method: ClassVar[str] = "block"
+    _required: ClassVar[tuple[str, ...]] = ("mask",)
+    mask: tuple | None = option(None, lambda p, v: v, "nested list of booleans [nq][nk] or [H][nq][nk] (required)",
+                         "the kv-blocks each q-block keeps")
+    block_size: int = option(64, _choice(64, 128), "64 | 128", "tokens per block (q and kv)")
+    min_seq_len: int = _min_seq_len()
+
+    def _finish(self, values: dict) -> dict:
+        values = super()._finish(values)
+        values["mask"] = _block_mask(f"{self._path}.mask", values["mask"])
+        return values
+
+
+@dataclass(frozen=True)
+class SvgOptions(SparsityOptions):
+    """Sparse VideoGen: per head, a spatial (same frame) or a temporal (same position) pattern."""
+
+    method: ClassVar[str] = "svg"
+    _required: ClassVar[tuple[str, ...]] = ("frame_tokens",)
+    frame_tokens: int | None = option(None, _number(1, math.inf, integer=True, allow_none=True),
+                               "integer >= 1 (required)", "tokens per video frame")
+    spatial_frames: int = option(1, _number(0, math.inf, integer=True), "integer >= 0",
+                                 "frames on each side kept by the spatial pattern")
+    temporal_tokens: int = option(64, _number(1, math.inf, integer=True), "integer >= 1",
+                                  "tokens around each position kept by the temporal pattern, per frame")
+    sample_rows: int = option(32, _number(1, math.inf, integer=True), "integer >= 1",
+                              "query rows sampled to choose each head's pattern")
+    prefix_tokens: int = option(0, _number(0, math.inf, integer=True), "integer >= 0",
+                                "tokens before the first frame (text), attended densely")
+    min_seq_len: int = _min_seq_len()
+
+
+SPARSITY_METHODS: dict[str, type[SparsityOptions]] = {
+    cls.method: cls
+    for cls in (SpargeOptions, XAttentionOptions, WindowOptions, RadialOptions, BlockOptions, SvgOptions)
 }
-
-# Every method's own parameters, plus these.
-for _table in SPARSITY_METHODS.values():
-    _table["min_seq_len"] = Field(0, _number(0, math.inf, integer=True), "integer >= 0",
-                                  "sites with fewer keys run dense quantized attention instead")
-
-_REQUIRED_SPARSITY_PARAMS = {"radial": ("frame_tokens",), "block": ("mask",), "svg": ("frame_tokens",)}
+_METHOD_NAMES = " | ".join(repr(m) for m in SPARSITY_METHODS)
 
 
 def _sparsity(path, v):
-    if v is None:
-        return None
+    if v is None or isinstance(v, SparsityOptions):
+        return v
     if not isinstance(v, Mapping):
         raise ConfigError(path, v, "null or a dict with 'method'")
     if "method" not in v:
-        raise ConfigError(f"{path}.method", None, " | ".join(repr(m) for m in SPARSITY_METHODS))
+        raise ConfigError(f"{path}.method", None, _METHOD_NAMES)
     method = v["method"]
     if method not in SPARSITY_METHODS:
-        raise ConfigError(f"{path}.method", method, " | ".join(repr(m) for m in SPARSITY_METHODS))
-    out = {"method": method}
-    params = {k: x for k, x in v.items() if k != "method"}
-    out.update(_validate_table(SPARSITY_METHODS[method], params, path))
-    for name in _REQUIRED_SPARSITY_PARAMS.get(method, ()):
-        if out[name] is None:
-            raise ConfigError(f"{path}.{name}", None, SPARSITY_METHODS[method][name].allowed,
-                              f"required by method {method!r}")
-    if method == "block":
-        out["mask"] = _block_mask(f"{path}.mask", out["mask"])
-    return out
+        raise ConfigError(f"{path}.method", method, _METHOD_NAMES)
+    return SPARSITY_METHODS[method].from_dict({k: x for k, x in v.items() if k != "method"})
 
 
 def _block_mask(path, v):
@@ -206,20 +409,69 @@ def _block_mask(path, v):
                       "a nested list of booleans [nq][nk] or [H][nq][nk] of one shape")
 
 
-_SMOOTH_TABLE = {"alpha": Field(0.5, _number(0, 1), "number in [0, 1]", "migration strength")}
+
+@dataclass(frozen=True)
+class SmoothOptions(_Table):
+    """`linear.smooth`: SmoothQuant."""
+
+    _path: ClassVar[str] = "linear.smooth"
+    alpha: float = option(0.5, _number(0, 1), "number in [0, 1]", "migration strength")
 
 
 def _smooth(path, v):
-    if v is None:
-        return None
+    if v is None or isinstance(v, SmoothOptions):
+        return v
     if not isinstance(v, Mapping):
         raise ConfigError(path, v, "null or {'alpha': number in [0, 1]}")
-    return _validate_table(_SMOOTH_TABLE, v, path)
+    return SmoothOptions.from_dict(v)
+
+
+@dataclass(frozen=True, eq=False)
+class PlanOptions:
+    """A validated calibration plan as the passes read it. `sites`: site key -> its entry,
+    read-only (lists are tuples); `site(key)` gives one entry as a plain dict, `to_dict()` the
+    plan's JSON. Constructing one validates it (attnopt.plan.Plan is the mutable, savable form)."""
+
+    sites: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=FrozenDict)
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
+
+    def __post_init__(self):
+        self._set(validate_plan_dict({"schema_version": PLAN_SCHEMA_VERSION, "sites": _thaw(self.sites),
+                                      "meta": _thaw(self.meta)}))
+
+    def _set(self, checked: dict) -> None:
+        object.__setattr__(self, "sites", _freeze(checked["sites"]))
+        object.__setattr__(self, "meta", _freeze(checked["meta"]))
+
+    @classmethod
+    def from_dict(cls, d: Mapping, path: str = "plan") -> PlanOptions:
+        """A plan dict (as loaded from JSON, schema_version included), validated once."""
+        self = object.__new__(cls)
+        self._set(validate_plan_dict(d, path))
+        return self
+
+    def site(self, key: str) -> dict | None:
+        entry = self.sites.get(key)
+        return None if entry is None else _thaw(entry)
+
+    def to_dict(self) -> dict:
+        return {"schema_version": PLAN_SCHEMA_VERSION, "kind": PLAN_KIND, "sites": _thaw(self.sites),
+                "meta": _thaw(self.meta)}
+
+    @cached_property
+    def _json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def __eq__(self, other):
+        return isinstance(other, PlanOptions) and other._json == self._json
+
+    def __hash__(self):
+        return hash(self._json)
 
 
 def _plan(path, v):
-    if v is None:
-        return None
+    if v is None or isinstance(v, PlanOptions):
+        return v
     if isinstance(v, (str, os.PathLike)):
         p = os.fspath(v)
         try:
@@ -234,48 +486,87 @@ def _plan(path, v):
         v = v.to_dict()
     if not isinstance(v, Mapping):
         raise ConfigError(path, v, "null, a plan dict, or the path of a plan JSON file")
-    return validate_plan_dict(v, path)
+    return PlanOptions.from_dict(v, path)
 
 
 ARCHS = ("auto", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "cpu")
 
-SCHEMA: dict[str, dict[str, Field] | Field] = {
-    "attention": {
-        "enabled": Field(True, _bool, "true | false", "rewrite attention sites at all"),
-        "quant": Field("int8", _choice("int8", "fp8", "fp4", "none"), "'int8' | 'fp8' | 'fp4' | 'none'",
-                       "QK^T format ('fp4': NVFP4, sm100+); 'none' keeps 16-bit QK^T (useful with sparsity only)"),
-        "pv": Field("auto", _choice("fp16", "fp8", "fp4", "auto"), "'fp16' | 'fp8' | 'fp4' | 'auto'",
-                    "P.V format: 16-bit (the model's fp16/bf16), FP8 e4m3, NVFP4, or the arch default "
-                    "('fp4' with quant 'fp4')"),
-        "smooth_k": Field(True, _bool, "true | false", "subtract K's token mean before quantizing (exact)"),
-        "smooth_q": Field(False, _bool, "true | false",
-                          "subtract each Q block's mean and add its QK^T term back before softmax"),
-        "sparsity": Field(None, _sparsity, "null or {'method': " + " | ".join(repr(m) for m in SPARSITY_METHODS) + ", ...}",
-                          "block-sparse attention (see the sparsity table)"),
-        "min_seq_len": Field(128, _number(0, math.inf, integer=True), "integer >= 0",
-                             "sites whose key length is shorter stay as they were"),
-        "decode": Field(False, _bool, "true | false", "also rewrite sites with one query token (decode)"),
-        "allow_fp32": Field(False, _bool, "true | false",
-                            "also rewrite fp32 sites (P.V then runs in bf16)"),
-        "include": Field(["*"], _globs, "glob or list of globs", "module paths to rewrite"),
-        "exclude": Field([], _globs, "glob or list of globs", "module paths to leave alone"),
-    },
-    "linear": {
-        "quant": Field("none", _choice("none", "w8a8", "fp8", "w4a16"), "'none' | 'w8a8' | 'fp8' | 'w4a16'",
-                       "linear-layer format"),
-        "smooth": Field(None, _smooth, "null or {'alpha': number in [0, 1]}",
-                        "SmoothQuant scales folded into the preceding norm / linear (needs a calibrated plan)"),
-        "min_m": Field(17, _number(1, math.inf, integer=True), "integer >= 1",
-                       "rows below which a linear takes the small-M path or stays as it was"),
-        "include": Field(["*"], _globs, "glob or list of globs", "module paths to rewrite"),
-        "exclude": Field(["lm_head", "*.lm_head"], _globs, "glob or list of globs",
-                         "module paths to leave alone (output heads by default)"),
-    },
-    "arch": Field("auto", _choice(*ARCHS), " | ".join(repr(a) for a in ARCHS),
-                  "target architecture; 'auto' reads the device, 'cpu' forces the reference path"),
-    "plan": Field(None, _plan, "null, a plan dict, or a path to a plan JSON file",
-                  "calibrated per-site parameters from attnopt.calibrate"),
-}
+
+@dataclass(frozen=True)
+class AttentionOptions(_Table):
+    """`attention.*`: which attention sites are rewritten, and into what."""
+
+    _path: ClassVar[str] = "attention"
+    enabled: bool = option(True, _bool, "true | false", "rewrite attention sites at all")
+    quant: str = option("int8", _choice("int8", "fp8", "fp4", "none"), "'int8' | 'fp8' | 'fp4' | 'none'",
+                        "QK^T format ('fp4': NVFP4, sm100+); 'none' keeps 16-bit QK^T (useful with sparsity only)")
+    pv: str = option("auto", _choice("fp16", "fp8", "fp4", "auto"), "'fp16' | 'fp8' | 'fp4' | 'auto'",
+                     "P.V format: 16-bit (the model's fp16/bf16), FP8 e4m3, NVFP4, or the arch default "
+                     "('fp4' with quant 'fp4')")
+    smooth_k: bool = option(True, _bool, "true | false", "subtract K's token mean before quantizing (exact)")
+    smooth_q: bool = option(False, _bool, "true | false",
+                            "subtract each Q block's mean and add its QK^T term back before softmax")
+    sparsity: SparsityOptions | None = option(None, _sparsity, "null or {'method': " + _METHOD_NAMES + ", ...}",
+                                              "block-sparse attention (see the sparsity table)")
+    min_seq_len: int = option(128, _number(0, math.inf, integer=True), "integer >= 0",
+                              "sites whose key length is shorter stay as they were")
+    decode: bool = option(False, _bool, "true | false", "also rewrite sites with one query token (decode)")
+    allow_fp32: bool = option(False, _bool, "true | false", "also rewrite fp32 sites (P.V then runs in bf16)")
+    include: tuple[str, ...] = option(["*"], _globs, "glob or list of globs", "module paths to rewrite")
+    exclude: tuple[str, ...] = option([], _globs, "glob or list of globs", "module paths to leave alone")
+
+    def _finish(self, values: dict) -> dict:
+        if values["smooth_q"] and values["sparsity"] is not None:
+            raise ConfigError("attention.smooth_q", True, "false when attention.sparsity is set",
+                              "the block-sparse kernels do not apply Q smoothing")
+        return values
+
+
+@dataclass(frozen=True)
+class LinearOptions(_Table):
+    """`linear.*`: which linear layers are rewritten, and into what."""
+
+    _path: ClassVar[str] = "linear"
+    quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16"), "'none' | 'w8a8' | 'fp8' | 'w4a16'",
+                        "linear-layer format")
+    smooth: SmoothOptions | None = option(None, _smooth, "null or {'alpha': number in [0, 1]}",
+                                          "SmoothQuant scales folded into the preceding norm / linear "
+                                          "(needs a calibrated plan)")
+    min_m: int = option(17, _number(1, math.inf, integer=True), "integer >= 1",
+                        "rows below which a linear takes the small-M path or stays as it was")
+    include: tuple[str, ...] = option(["*"], _globs, "glob or list of globs", "module paths to rewrite")
+    exclude: tuple[str, ...] = option(["lm_head", "*.lm_head"], _globs, "glob or list of globs",
+                                      "module paths to leave alone (output heads by default)")
+
+
+@dataclass(frozen=True, eq=False)
+class Options(_Table):
+    """Validated, normalized pass options (what `normalize_options` returns): frozen, hashable,
+    read by attribute (`opts.attention.quant`). Equal options have equal `to_json()`."""
+
+    attention: AttentionOptions = _table_field(AttentionOptions, "the attention pass")
+    linear: LinearOptions = _table_field(LinearOptions, "the linear pass")
+    arch: str = option("auto", _choice(*ARCHS), " | ".join(repr(a) for a in ARCHS),
+                       "target architecture; 'auto' reads the device, 'cpu' forces the reference path")
+    plan: PlanOptions | None = option(None, _plan, "null, a plan dict, or a path to a plan JSON file",
+                                      "calibrated per-site parameters from attnopt.calibrate")
+
+    @cached_property
+    def _json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def to_json(self) -> str:
+        """Canonical JSON: equal options give equal strings (used in cache keys)."""
+        return self._json
+
+    def __eq__(self, other):
+        return isinstance(other, Options) and other._json == self._json
+
+    def __hash__(self):
+        return hash(self._json)
+
+    def __repr__(self):
+        return f"Options({self._json})"
 
 
 def _leaf_paths() -> list[str]:
@@ -283,17 +574,17 @@ def _leaf_paths() -> list[str]:
     (top-level 'quant') is found under its real parent ('attention.quant')."""
     out = []
 
-    def walk(table, prefix):
-        for key, spec in table.items():
-            path = f"{prefix}.{key}" if prefix else key
+    def walk(cls, prefix):
+        for f in fields(cls):
+            path = _join(prefix, f.name)
             out.append(path)
-            if isinstance(spec, Mapping):
-                walk(spec, path)
+            if "table" in f.metadata:
+                walk(f.metadata["table"], path)
 
-    walk(SCHEMA, "")
-    walk(_SMOOTH_TABLE, "linear.smooth")
-    for table in SPARSITY_METHODS.values():
-        walk(table, "attention.sparsity")
+    walk(Options, "")
+    walk(SmoothOptions, "linear.smooth")
+    for cls in SPARSITY_METHODS.values():
+        walk(cls, "attention.sparsity")
     return list(dict.fromkeys(out))
 
 
@@ -311,69 +602,8 @@ def _suggest(key: str, known, path: str = "") -> str:
                                          for n in names) + "?"
 
 
-def _validate_table(table: Mapping[str, Any], given: Mapping[str, Any], prefix: str) -> dict:
-    """Check every key of `given` against `table`; return the table's defaults filled in."""
-    if not isinstance(given, Mapping):
-        raise ConfigError(prefix or "options", given, "a dict")
-    for key in given:
-        if key not in table:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(path, given[key], "one of " + ", ".join(sorted(table)), _suggest(str(key), table, path))
-    out = {}
-    for key, spec in table.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(spec, Field):
-            out[key] = spec.check(path, copy.deepcopy(given[key])) if key in given else copy.deepcopy(spec.default)
-        else:
-            out[key] = _validate_table(spec, given.get(key, {}) if given.get(key) is not None else {}, path)
-    return out
-
-
-class Options(Mapping):
-    """Validated, normalized pass options. Read like a dict (`opts["attention"]["quant"]`)."""
-
-    __slots__ = ("_d", "_json")
-
-    def __init__(self, normalized: dict):
-        self._d = normalized
-        self._json = json.dumps(normalized, sort_keys=True, separators=(",", ":"))
-
-    def __getitem__(self, k):
-        return self._d[k]
-
-    def __iter__(self):
-        return iter(self._d)
-
-    def __len__(self):
-        return len(self._d)
-
-    def __eq__(self, other):
-        return isinstance(other, Options) and other._json == self._json
-
-    def __hash__(self):
-        return hash(self._json)
-
-    def __repr__(self):
-        return f"Options({self._json})"
-
-    @property
-    def attention(self) -> dict:
-        return self._d["attention"]
-
-    @property
-    def linear(self) -> dict:
-        return self._d["linear"]
-
-    def to_dict(self) -> dict:
-        return copy.deepcopy(self._d)
-
-    def to_json(self) -> str:
-        """Canonical JSON: equal options give equal strings (used in cache keys)."""
-        return self._json
-
-
 def normalize_options(options: Mapping | Options | None = None) -> Options:
-    """Validate a user options dict (None = all defaults) and fill in every default."""
+    """Validate a user options dict (None = all defaults), fill in every default -> Options."""
     if isinstance(options, Options):
         return options
     if options is None:
@@ -382,12 +612,7 @@ def normalize_options(options: Mapping | Options | None = None) -> Options:
         json.dumps(options, default=_json_default)
     except (TypeError, ValueError) as e:
         raise ConfigError("options", options, "a JSON-compatible dict", str(e)) from None
-    out = _validate_table(SCHEMA, options, "")
-    a = out["attention"]
-    if a["smooth_q"] and a["sparsity"] is not None:
-        raise ConfigError("attention.smooth_q", True, "false when attention.sparsity is set",
-                          "the block-sparse kernels do not apply Q smoothing")
-    return Options(out)
+    return Options.from_dict(options)
 
 
 def _json_default(o):
@@ -402,23 +627,33 @@ def _json_default(o):
 
 def default_options() -> dict:
     """All defaults, as a plain dict."""
-    return normalize_options(None).to_dict()
+    return Options().to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# The schema as documentation: the README's tables and the CLI's option help.
 
 
 def schema_rows() -> list[tuple[str, str, str, str]]:
     """(key, default, allowed, meaning) for every option: the README table is made from these."""
     rows = []
 
-    def walk(table, prefix):
-        for key, spec in table.items():
-            path = f"{prefix}.{key}" if prefix else key
-            if isinstance(spec, Field):
-                rows.append((path, json.dumps(spec.default), spec.allowed, spec.doc))
+    def walk(cls, prefix):
+        for f in fields(cls):
+            path = _join(prefix, f.name)
+            if "table" in f.metadata:
+                walk(f.metadata["table"], path)
             else:
-                walk(spec, path)
+                rows.append((path, json.dumps(_thaw(f.default)), f.metadata["allowed"], f.metadata["doc"]))
 
-    walk(SCHEMA, "")
+    walk(Options, "")
     return rows
+
+
+def sparsity_rows() -> list[tuple[str, str, str, str, str]]:
+    """(method, parameter, default, allowed, meaning) for every sparse method's parameter."""
+    return [(method, f.name, json.dumps(_thaw(f.default)), f.metadata["allowed"], f.metadata["doc"])
+            for method, cls in SPARSITY_METHODS.items() for f in fields(cls)]
 
 
 def schema_markdown() -> str:
@@ -430,9 +665,28 @@ def schema_markdown() -> str:
     lines += [f"| `{k}` | `{d}` | {esc(a)} | {esc(m)} |" for k, d, a, m in schema_rows()]
     lines += ["", "Sparsity methods (`attention.sparsity = {\"method\": ..., <parameters>}`):", "",
               "| method | parameter | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
-    for method, table in SPARSITY_METHODS.items():
-        for name, f in table.items():
-            lines.append(f"| `{method}` | `{name}` | `{json.dumps(f.default)}` | {esc(f.allowed)} | {esc(f.doc)} |")
+    lines += [f"| `{m}` | `{n}` | `{d}` | {esc(a)} | {esc(doc)} |" for m, n, d, a, doc in sparsity_rows()]
+    return "\n".join(lines)
+
+
+def schema_text(meanings: bool = True) -> str:
+    """The option keys as plain text, for the CLI: `key = default  allowed` per line (and what it
+    means, indented, with `meanings`); with meanings, the sparse methods' parameters too."""
+    rows = schema_rows()
+    width = max(len(f"{k} = {d}") for k, d, _, _ in rows) + 2
+    lines = []
+    for key, default, allowed, meaning in rows:
+        lines.append(f"  {f'{key} = {default}':<{width}}{allowed}")
+        if meanings:
+            lines.append(f"      {meaning}")
+    if meanings:
+        lines += ["", 'attention.sparsity = {"method": METHOD, PARAMETER: VALUE, ...}; each method\'s parameters:']
+        for method, cls in SPARSITY_METHODS.items():
+            lines.append(f"  {method}:")
+            for f in fields(cls):
+                default = json.dumps(_thaw(f.default))
+                lines.append(f"    {f'{f.name} = {default}':<{width - 2}}{f.metadata['allowed']}")
+                lines.append(f"        {f.metadata['doc']}")
     return "\n".join(lines)
 
 
@@ -471,7 +725,7 @@ def _validate_attention_site(path: str, entry: Mapping) -> dict:
                                   " | ".join(repr(m) for m in SPARSITY_METHODS))
             params = {k: x for k, x in val.items() if k not in ("method", "dense_heads")}
             topk = params.pop("topk") if isinstance(params.get("topk"), list) else None
-            checked = _validate_table(SPARSITY_METHODS[val["method"]], params, p)
+            checked = _checked_values(SPARSITY_METHODS[val["method"]], params, p)
             if topk is not None and "topk" in checked:
                 checked["topk"] = _PLAN_TOPK(f"{p}.topk", topk)
             elif topk is not None:

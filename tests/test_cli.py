@@ -239,3 +239,27 @@ def test_first_run_prints_no_warnings(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr == "", r.stderr[-3000:]
+
+
+def test_options_help_lists_every_key_from_the_schema(capsys):
+    """`attnopt --options-help` and the subcommands' --help list the option keys, made from the
+    same schema that validates --options (attnopt/config.py)."""
+    from attnopt.config import schema_rows, sparsity_rows
+
+    with pytest.raises(SystemExit) as e:
+        main(["--options-help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for key, default, allowed, meaning in schema_rows():
+        assert f"{key} = {default}" in out and allowed in out and meaning in out
+    for method, name, default, allowed, meaning in sparsity_rows():
+        assert f"  {method}:" in out and f"{name} = {default}" in out and meaning in out
+    for cmd in ("demo", "inspect"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        for key, default, allowed, _ in schema_rows():
+            line = next((x for x in out.splitlines() if x.strip().startswith(f"{key} = {default} ")), None)
+            assert line is not None and line.rstrip().endswith(allowed), (cmd, key)
+        assert "--options-help" in out

@@ -1,13 +1,18 @@
-"""The pass-configuration dict: defaults, validation errors, README table."""
+"""Pass options: typed frozen classes, defaults, validation errors, README table."""
 
+import copy
+import dataclasses
 import json
 import pathlib
+import pickle
 
 import pytest
 import torch
 
 import attnopt
-from attnopt.config import ConfigError, normalize_options, schema_markdown, schema_rows
+from attnopt.config import (SPARSITY_METHODS, AttentionOptions, BlockOptions, ConfigError, LinearOptions, Options,
+                            PlanOptions, SmoothOptions, SpargeOptions, WindowOptions, normalize_options,
+                            schema_markdown, schema_rows, sparsity_rows)
 
 
 def test_defaults_are_json_and_complete():
@@ -98,8 +103,10 @@ def test_bad_values_name_their_key_path(opts, path):
 
 def test_valid_sparsity_gets_method_defaults():
     o = normalize_options({"attention": {"sparsity": {"method": "sparge", "tau": [0.9, 0.95]}}})
-    sp = o["attention"]["sparsity"]
-    assert sp["method"] == "sparge" and sp["tau"] == [0.9, 0.95] and sp["theta"] == 0.3
+    sp = o.attention.sparsity
+    assert isinstance(sp, SpargeOptions) and sp.method == "sparge" and sp.tau == (0.9, 0.95) and sp.theta == 0.3
+    assert sp.to_dict() == {"method": "sparge", "tau": [0.9, 0.95], "theta": 0.3, "topk": None,
+                            "pv_threshold": None, "sink": True, "min_seq_len": 0}
 
 
 def test_options_hash_and_json_are_canonical():
@@ -107,6 +114,119 @@ def test_options_hash_and_json_are_canonical():
     b = normalize_options({"attention": {"pv": "fp16", "quant": "fp8"}})
     assert a == b and hash(a) == hash(b) and a.to_json() == b.to_json()
     assert a != normalize_options({})
+
+
+PLAN = {"schema_version": 1, "sites": {
+    "l.0.attn#0": {"kind": "attention", "sparsity": {"method": "sparge", "topk": [0.3, 0.4], "dense_heads": [1]},
+                   "error": {"rel_l1": [0.01, 0.02]}},
+    "l.0.mlp.up": {"kind": "linear", "quant": "w8a8", "act_absmax": [1.0, 2.5]}}, "meta": {"budget": {"rel_l1": 0.05}}}
+
+ROUND_TRIP = [
+    None,
+    {"attention": {"quant": "fp8", "pv": "fp16", "include": "blocks.*", "exclude": ["a", "b"], "decode": True}},
+    {"attention": {"sparsity": {"method": "sparge", "tau": [0.9, 1], "topk": 1, "pv_threshold": [None, 3]}}},
+    {"attention": {"sparsity": {"method": "window", "window": [64, 128], "sinks": 0}}},
+    {"attention": {"sparsity": {"method": "block", "mask": [[[True, False], [True, True]]]}}},
+    {"attention": {"sparsity": {"method": "svg", "frame_tokens": 64, "min_seq_len": 5}}},
+    {"linear": {"quant": "w8a8", "smooth": {"alpha": 1}, "min_m": 3}, "arch": "sm90"},
+    {"plan": PLAN},
+]
+
+
+def test_options_are_typed_and_read_by_attribute():
+    o = normalize_options({"attention": {"quant": "fp8", "sparsity": {"method": "window", "window": [64, 128]}},
+                           "linear": {"quant": "w8a8", "smooth": {}, "min_m": 5}, "arch": "sm90", "plan": PLAN})
+    assert isinstance(o, Options) and isinstance(o.attention, AttentionOptions)
+    assert isinstance(o.linear, LinearOptions) and isinstance(o.linear.smooth, SmoothOptions)
+    assert o.attention.quant == "fp8" and o.attention.pv == "auto" and o.attention.include == ("*",)
+    sp = o.attention.sparsity
+    assert isinstance(sp, WindowOptions) and sp.method == "window" and sp.window == (64, 128) and sp.sinks == 64
+    assert o.linear.min_m == 5 and o.linear.smooth.alpha == 0.5 and o.linear.exclude == ("lm_head", "*.lm_head")
+    assert o.arch == "sm90" and isinstance(o.plan, PlanOptions)
+    assert o.plan.sites["l.0.mlp.up"]["quant"] == "w8a8" and o.plan.site("nowhere") is None
+    assert o.plan.site("l.0.attn#0")["sparsity"]["topk"] == [0.3, 0.4]  # a plain dict: lists, as in the JSON
+    assert normalize_options(None).plan is None and normalize_options(None).attention.sparsity is None
+    with pytest.raises(TypeError):
+        o["attention"]  # no dict-style access: every reader uses attributes
+    assert set(SPARSITY_METHODS) == {"sparge", "xattention", "window", "radial", "block", "svg"}
+    assert all(cls.method == name for name, cls in SPARSITY_METHODS.items())
+
+
+def test_options_are_frozen():
+    o = normalize_options({"attention": {"sparsity": {"method": "sparge"}}, "plan": PLAN})
+    for obj, name in ((o, "arch"), (o.attention, "quant"), (o.linear, "min_m"), (o.attention.sparsity, "tau"),
+                      (o, "plan")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, None)
+    with pytest.raises(TypeError):
+        o.plan.sites["l.0.mlp.up"]["quant"] = "fp8"
+    with pytest.raises(AttributeError):
+        o.attention.include.append("x")  # a tuple
+    d = o.to_dict()
+    d["attention"]["include"].append("x")  # to_dict is a copy
+    assert o.attention.include == ("*",) and o.to_dict()["attention"]["include"] == ["*"]
+
+
+@pytest.mark.parametrize("given", ROUND_TRIP, ids=range(len(ROUND_TRIP)))
+def test_to_dict_round_trips_through_normalize_options(given):
+    o = normalize_options(given)
+    d = o.to_dict()
+    assert json.loads(json.dumps(d)) == d  # plain JSON: lists, dicts
+    again = normalize_options(d)
+    assert again == o and again.to_dict() == d and again.to_json() == o.to_json()
+    assert normalize_options(o) is o
+    assert Options.from_dict(d) == o
+    assert pickle.loads(pickle.dumps(o)) == o and copy.deepcopy(o) == o
+
+
+def test_equal_options_have_equal_json_and_hash():
+    spellings = [
+        {"attention": {"include": "blocks.*", "sparsity": {"method": "sparge", "tau": [1, 0.5]}}, "plan": PLAN},
+        {"attention": {"include": ["blocks.*"], "sparsity": {"method": "sparge", "tau": (1.0, 0.5), "sink": True}},
+         "plan": json.loads(json.dumps(PLAN))},
+        {"plan": attnopt.Plan.from_dict(PLAN),
+         "attention": {"sparsity": {"tau": [1.0, 0.5], "method": "sparge"}, "include": ("blocks.*",)}},
+    ]
+    opts = [normalize_options(x) for x in spellings]
+    assert len({x.to_json() for x in opts}) == 1 and len({hash(x) for x in opts}) == 1 and len(set(opts)) == 1
+    assert opts[0].attention == opts[1].attention and hash(opts[0].attention) == hash(opts[2].attention)
+    assert opts[0] != normalize_options({"attention": {"include": "blocks.*"}})
+
+
+def test_to_json_format_is_unchanged():
+    """to_json() is hashed into the cache keys: its format stays what it was (sorted keys, compact)."""
+    assert normalize_options(None).to_json() == (
+        '{"arch":"auto","attention":{"allow_fp32":false,"decode":false,"enabled":true,"exclude":[],"include":["*"],'
+        '"min_seq_len":128,"pv":"auto","quant":"int8","smooth_k":true,"smooth_q":false,"sparsity":null},'
+        '"linear":{"exclude":["lm_head","*.lm_head"],"include":["*"],"min_m":17,"quant":"none","smooth":null},'
+        '"plan":null}')
+    o = normalize_options({"attention": {"sparsity": {"method": "xattention", "tau": 1}}})
+    assert '"sparsity":{"method":"xattention","min_seq_len":0,"pv_threshold":null,"stride":8,"tau":1.0}' in o.to_json()
+
+
+def test_defaults_live_in_the_classes():
+    assert Options() == normalize_options(None) == normalize_options({})
+    assert attnopt.default_options() == Options().to_dict()
+    assert AttentionOptions().quant == "int8" and LinearOptions().min_m == 17 and SmoothOptions().alpha == 0.5
+    assert SpargeOptions().tau == 0.9 and SpargeOptions().min_seq_len == 0
+
+
+def test_constructing_or_replacing_checks_values():
+    with pytest.raises(ConfigError) as e:
+        AttentionOptions(quant="int4")
+    assert e.value.path == "attention.quant"
+    with pytest.raises(ConfigError) as e:
+        dataclasses.replace(normalize_options(None).linear, min_m=0)
+    assert e.value.path == "linear.min_m"
+    with pytest.raises(ConfigError) as e:
+        BlockOptions()
+    assert e.value.path == "attention.sparsity.mask" and "required by method 'block'" in str(e.value)
+    with pytest.raises(ConfigError, match="attention.smooth_q"):
+        AttentionOptions(smooth_q=True, sparsity=SpargeOptions())
+    o = Options(attention={"quant": "fp8"}, plan=PLAN)  # nested dicts are read as their tables
+    assert o == normalize_options({"attention": {"quant": "fp8"}, "plan": PLAN})
+    assert dataclasses.replace(o, arch="sm90").arch == "sm90" and o.arch == "auto"
+    assert WindowOptions(window=[8, 16]).window == (8, 16)
 
 
 def test_backend_validates_before_compiling():
@@ -137,6 +257,21 @@ def test_readme_option_table_matches_schema():
     assert table.strip() == schema_markdown().strip(), "regenerate with: python -m attnopt.config"
     for key, *_ in schema_rows():
         assert f"| `{key}` |" in table
+    for method, name, *_ in sparsity_rows():
+        assert f"| `{method}` | `{name}` |" in table
+
+
+def test_schema_rows_are_the_option_classes_fields():
+    """The README rows, the CLI help and validation all come from the dataclass fields."""
+    keys = [k for k, *_ in schema_rows()]
+    expected = ([f"attention.{f.name}" for f in dataclasses.fields(AttentionOptions)]
+                + [f"linear.{f.name}" for f in dataclasses.fields(LinearOptions)] + ["arch", "plan"])
+    assert keys == expected
+    assert [(m, n) for m, n, *_ in sparsity_rows()] == [
+        (m, f.name) for m, cls in SPARSITY_METHODS.items() for f in dataclasses.fields(cls)]
+    rows = {k: (d, a) for k, d, a, _ in schema_rows()}
+    assert rows["attention.quant"] == ('"int8"', "'int8' | 'fp8' | 'fp4' | 'none'")
+    assert rows["linear.exclude"][0] == '["lm_head", "*.lm_head"]'
 
 
 def test_ci_runs_the_readme_test_command():

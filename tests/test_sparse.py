@@ -455,7 +455,7 @@ def _site_search(q, k, v):
 
 
 def _configured(method, **params):
-    return attnopt.normalize_options({"attention": {"sparsity": {"method": method, **params}}})["attention"]["sparsity"]
+    return attnopt.normalize_options({"attention": {"sparsity": {"method": method, **params}}}).attention.sparsity
 
 
 @pytest.mark.parametrize("method", ["sparge", "xattention"])

@@ -3,7 +3,7 @@
 "How is sm90 chosen": `detect_arch()` maps the device's compute capability to a name; the
 `ARCHS` table below gives, for that name, the number formats the tensor cores run natively,
 the P.V default, whether loads go through tensor descriptors (TMA), and the kernel tile
-configurations (the first is the default, all are autotuned on a GPU). `options["arch"]`
+configurations (the first is the default, all are autotuned on a GPU). `options.arch`
 forces a row; "cpu" is the pure-PyTorch reference path, which emulates every format.
 """
 
@@ -156,7 +156,7 @@ def detect_arch(device: torch.device | str | None = None) -> str:
 
 
 def resolve_arch(option: str, device: torch.device | str | None = None) -> ArchSpec:
-    """options["arch"] ('auto' or a name) -> ArchSpec for tensors on `device`."""
+    """options.arch ('auto' or a name) -> ArchSpec for tensors on `device`."""
     name = detect_arch(device) if option == "auto" else option
     return ARCHS[name]
 

@@ -73,9 +73,8 @@ def sparsity_for(opts, key: str, heads: int) -> tuple[dict | None, str | None]:
     the config's. Parameters that do not fit the site (a plan made for another model, a per-head
     list of another length) fall back, with a note for the report, instead of losing the site:
     a plan entry to the config's defaults, the config's to dense (quantized) attention."""
-    default = opts["attention"]["sparsity"]
-    plan = opts["plan"]
-    entry = plan["sites"].get(key) if plan else None
+    default = opts.attention.sparsity.to_dict() if opts.attention.sparsity is not None else None
+    entry = opts.plan.site(key) if opts.plan is not None else None
     note = None
     if entry is not None and entry.get("kind") == "attention":
         if entry.get("dense"):
@@ -100,13 +99,13 @@ REQUIRES_GRAD = ("the graph requires grad (a training graph, or inference outsid
 
 def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str = "") -> SiteParams:
     """Raise Reject(reason) unless the site can be rewritten; return what it will run."""
-    a = opts["attention"]
-    if not a["enabled"]:
+    a = opts.attention
+    if not a.enabled:
         raise Reject("attention.enabled is false")
-    why = glob_selected(site.module, a["include"], a["exclude"])
+    why = glob_selected(site.module, list(a.include), list(a.exclude))
     if why:
         raise Reject(why)
-    if a["quant"] == "none" and a["sparsity"] is None:
+    if a.quant == "none" and a.sparsity is None:
         raise Reject("attention.quant is 'none' and no sparsity is configured: nothing to change")
     if training:  # checked before the matcher's reasons: a joint graph's saved tensors trip those
         raise Reject(REQUIRES_GRAD)
@@ -122,7 +121,7 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     if any(t.requires_grad for t in (q, k, v)):
         raise Reject("q/k/v require grad: quantized attention has no backward yet "
                      "(run under torch.no_grad() / torch.inference_mode() to rewrite)")
-    if q.dtype not in _DTYPES_16 and not (q.dtype == torch.float32 and a["allow_fp32"]):
+    if q.dtype not in _DTYPES_16 and not (q.dtype == torch.float32 and a.allow_fp32):
         raise Reject(f"dtype {q.dtype} (fp16/bf16 only; fp32 needs attention.allow_fp32)")
     if len({q.dtype, k.dtype, v.dtype}) != 1:
         raise Reject(f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
@@ -134,12 +133,12 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         if x > MAX_HEAD_DIM:
             raise Reject(f"{name} {x} > {MAX_HEAD_DIM}")
     nq, nk = _size(site.q.rows), _size(site.k.rows)
-    if isinstance(nq, int) and nq == 1 and not a["decode"]:
+    if isinstance(nq, int) and nq == 1 and not a.decode:
         raise Reject("decode (one query token): stays dense unless attention.decode is true")
-    if a["min_seq_len"] and not bool(nk >= a["min_seq_len"]):  # may guard on a symbolic length
-        raise Reject(f"key length {nk} < attention.min_seq_len ({a['min_seq_len']})")
-    quant = a["quant"]
-    pv = resolve_pv(a["pv"], quant, spec)
+    if a.min_seq_len and not bool(nk >= a.min_seq_len):  # may guard on a symbolic length
+        raise Reject(f"key length {nk} < attention.min_seq_len ({a.min_seq_len})")
+    quant = a.quant
+    pv = resolve_pv(a.pv, quant, spec)
     if quant == "none" and pv in ("fp8", "fp4"):
         raise Reject(f"pv {pv!r} needs a quantized QK^T (attention.quant)")
     why = spec.supports(quant, pv)
@@ -170,7 +169,7 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         kernel += f" +softcap {site.softcap:g}"
     if sparsity is not None:
         kernel += f" +{sparsity['method']}" + ("+pv-skip" if sparsity.get("pv_threshold") is not None else "")
-    return SiteParams(quant, pv, a["smooth_k"], a["smooth_q"] and sparsity is None, spec.name, kernel, sparsity,
+    return SiteParams(quant, pv, a.smooth_k, a.smooth_q and sparsity is None, spec.name, kernel, sparsity,
                       note)
 
 

@@ -620,11 +620,11 @@ def _v_to_o(v: LinearSite, by_x: dict) -> SmoothGroup | None:
 # ------------------------------------------------------------------------------------ decisions
 
 def _selected(path: str, opts) -> str | None:
-    lin = opts["linear"]
+    lin = opts.linear
     p = path or "<top>"
-    if not any(fnmatch.fnmatchcase(p, g) for g in lin["include"]):
-        return f"module {p!r} not matched by include {lin['include']}"
-    hit = next((g for g in lin["exclude"] if fnmatch.fnmatchcase(p, g)), None)
+    if not any(fnmatch.fnmatchcase(p, g) for g in lin.include):
+        return f"module {p!r} not matched by include {list(lin.include)}"
+    hit = next((g for g in lin.exclude if fnmatch.fnmatchcase(p, g)), None)
     return f"module {p!r} excluded by {hit!r}" if hit else None
 
 
@@ -665,7 +665,7 @@ def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
 
 def _choose_formats(sites, records, params, weights, opts, spec, plan_sites, capture_all) -> dict:
     """key -> format ('none' = rewrite only if smoothed / captured) or None (left as it is)."""
-    lin = opts["linear"]
+    lin = opts.linear
     grad = torch.is_grad_enabled()
     fmt_of = {}
     for s in sites:
@@ -675,7 +675,7 @@ def _choose_formats(sites, records, params, weights, opts, spec, plan_sites, cap
                       if isinstance(xe, torch.Tensor) else [], "w": list(w.shape)}
         rec.dtype = str(w.dtype).replace("torch.", "")
         entry = plan_sites.get(s.key, {})
-        fmt = entry.get("quant", lin["quant"]) if entry.get("kind") == "linear" else lin["quant"]
+        fmt = entry.get("quant", lin.quant) if entry.get("kind") == "linear" else lin.quant
         reason = _selected(s.module, opts)
         if reason is None and grad and params[s.weight].requires_grad:
             reason = ("weights require grad (a training graph, or inference outside torch.no_grad() / "
@@ -687,7 +687,7 @@ def _choose_formats(sites, records, params, weights, opts, spec, plan_sites, cap
         if reason:
             rec.reason = reason
             fmt = None
-        elif fmt == "none" and not (capture_all or lin["smooth"]):
+        elif fmt == "none" and not (capture_all or lin.smooth):
             rec.reason = "linear.quant is 'none'"
             fmt = None
         fmt_of[s.key] = fmt
@@ -965,10 +965,10 @@ def _apply(gm, folds, prepared, records, params, lin, spec, probe_sink, capture_
         if f.group.kind in ("rmsnorm", "layernorm"):
             _fold_norm(rw, f, params, baked)
         f.record.status = "rewritten"
-        f.record.details.update(alpha=lin["smooth"]["alpha"], scale_min=float(f.s.min()),
+        f.record.details.update(alpha=lin.smooth.alpha, scale_min=float(f.s.min()),
                                 scale_max=float(f.s.max()))
     for key, p in prepared.items():
-        _rewrite_linear(rw, p, lin["min_m"] - 1, spec, probe_sink, records[key], capture_all, baked)
+        _rewrite_linear(rw, p, lin.min_m - 1, spec, probe_sink, records[key], capture_all, baked)
         log.info("linear site %s: %s (%s)", key, records[key].status, records[key].reason or records[key].kernel)
 
 
@@ -976,8 +976,8 @@ def run_linear_pass(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec, pr
                     capture_all: bool = False) -> list[SiteRecord]:
     """Rewrite the linears of Dynamo's graph in place; return one record per candidate site.
     The parameters whose values the graph now holds copies of go to gm.meta[BAKED_META_KEY]."""
-    lin = opts["linear"]
-    plan_sites = (opts["plan"] or {}).get("sites", {})
+    lin = opts.linear
+    plan_sites = opts.plan.sites if opts.plan is not None else {}
     params, index = _params(gm, example_inputs)
     sites = find_linears(gm, params)
     if not sites:
@@ -987,8 +987,8 @@ def run_linear_pass(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec, pr
     weights = {s.key: _weight_nk(s, params[s.weight]).detach() for s in sites}
     fmt_of = _choose_formats(sites, records, params, weights, opts, spec, plan_sites, capture_all)
     stats = {k: v.get("act_absmax") for k, v in plan_sites.items() if v.get("kind") == "linear"}
-    groups = smooth_groups(sites, params) if lin["smooth"] is not None else []
-    alpha = float(lin["smooth"]["alpha"]) if lin["smooth"] is not None else 0.0
+    groups = smooth_groups(sites, params) if lin.smooth is not None else []
+    alpha = float(lin.smooth.alpha) if lin.smooth is not None else 0.0
     folds, norm_records = _accept_groups(groups, sites, fmt_of, records, weights, stats, alpha)
     prepared, folds = _prepare_all(sites, fmt_of, folds, weights, params, records)
     backup = copy_graph(gm.graph)

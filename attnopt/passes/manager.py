@@ -69,13 +69,13 @@ class PassContext:
         return self.inline or switches.inline_mode()
 
     def arch_key(self) -> str:
-        opt = self.options["arch"]
+        opt = self.options.arch
         if opt != "auto":
             return opt
         return detect_arch("cuda" if torch.cuda.is_available() else "cpu")
 
     def arch_for_graph(self, graph: fx.Graph) -> ArchSpec:
-        opt = self.options["arch"]
+        opt = self.options.arch
         if opt != "auto":
             return ARCHS[opt]
         for n in graph.nodes:
@@ -245,10 +245,10 @@ class CacheKeyPass(CustomGraphPass):
 
 
 def needs_linear_pass(ctx: PassContext) -> bool:
-    lin = ctx.options["linear"]
-    plan = ctx.options["plan"] or {}
-    planned = any(v.get("kind") == "linear" and v.get("quant", "none") != "none" for v in plan.get("sites", {}).values())
-    return lin["quant"] != "none" or lin["smooth"] is not None or planned or ctx.capture_linears
+    lin, plan = ctx.options.linear, ctx.options.plan
+    planned = plan is not None and any(v.get("kind") == "linear" and v.get("quant", "none") != "none"
+                                       for v in plan.sites.values())
+    return lin.quant != "none" or lin.smooth is not None or planned or ctx.capture_linears
 
 
 def run_linear(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
@@ -259,7 +259,7 @@ def run_linear(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
         return
     t0 = time.perf_counter()
     dev = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    opt = ctx.options["arch"]
+    opt = ctx.options.arch
     spec = ARCHS[opt] if opt != "auto" else ARCHS[detect_arch(dev)]
     for rec in run_linear_pass(gm, example_inputs, ctx.options, spec, ctx.probe_sink, ctx.capture_linears):
         ctx.recorder.add_site(ctx.current_graph, rec)
@@ -336,6 +336,6 @@ PASS_ORDER: tuple[str, ...] = ("linear", "capture", "attention", "inductor")
 def config_patches(ctx: PassContext, example_inputs) -> dict:
     """Inductor config patches for one compile: attnopt's state into its cache keys, or, for a
     graph with tensor-subclass inputs, the fallback attention pass with the caches off."""
-    if has_subclass_inputs(example_inputs) and ctx.options["attention"]["enabled"]:
+    if has_subclass_inputs(example_inputs) and ctx.options.attention.enabled:
         return {"joint_custom_pre_pass": JointGraphFallback(ctx), "fx_graph_cache": False}
     return {"joint_custom_pre_pass": CacheKeyPass(ctx)}
