@@ -17,7 +17,8 @@ import torch
 
 from .config import ConfigError, Options, normalize_options
 from .logs import log
-from .passes.linear_pass import BAKED_META_KEY, copy_graph
+from .passes.graph_utils import copy_graph
+from .passes.linear_rewrite import BAKED_META_KEY
 from .passes.manager import (PassContext, SiteInternalError, config_patches, needs_linear_pass,
                              run_pre_inductor)
 from .report import Recorder

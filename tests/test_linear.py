@@ -397,7 +397,8 @@ def test_failed_graph_edit_leaves_no_quantized_copies(monkeypatch):
     added, which AOT would otherwise lift as inputs and keep alive with the compiled graph."""
     from attnopt.codegen.arch import ARCHS
     from attnopt.config import normalize_options
-    from attnopt.passes import linear_pass as LP
+    from attnopt.passes import linear_rewrite
+    from attnopt.passes.linear_pipeline import run_linear_pass
 
     graphs = []
     model = Norms().eval()
@@ -407,15 +408,15 @@ def test_failed_graph_edit_leaves_no_quantized_copies(monkeypatch):
         torch.compile(model, backend=lambda gm, ex: graphs.append((gm, ex)) or gm)(x)
     gm, ex = graphs[0]
     before = set(dict(gm.named_buffers()))
-    real = LP._apply
+    real = linear_rewrite._edit_graph
 
     def half_then_fail(*args, **kw):
         real(*args, **kw)
         raise RuntimeError("planted failure after the edits")
 
-    monkeypatch.setattr(LP, "_apply", half_then_fail)
+    monkeypatch.setattr(linear_rewrite, "_edit_graph", half_then_fail)
     with torch.no_grad():
-        recs = LP.run_linear_pass(gm, ex, normalize_options({"linear": {"quant": "w8a8"}}), ARCHS["cpu"])
+        recs = run_linear_pass(gm, ex, normalize_options({"linear": {"quant": "w8a8"}}), ARCHS["cpu"])
     assert len(recs) == 6 and all(r.status == "skipped" and "planted" in r.reason for r in recs)
     assert set(dict(gm.named_buffers())) == before
     with torch.no_grad():

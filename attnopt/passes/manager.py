@@ -277,7 +277,7 @@ def needs_linear_pass(ctx: PassContext) -> bool:
 
 def run_pre_inductor(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
     """Passes that need real parameter values: they run on Dynamo's graph before compile_fx."""
-    from .linear_pass import run_linear_pass
+    from .linear_pipeline import run_linear_pass
 
     if not needs_linear_pass(ctx):
         _expect_cache_hit(ctx, gm, example_inputs)
