@@ -98,6 +98,24 @@ def test_pass_uuid_covers_options_and_arch():
     assert len({a, *with_plan}) == 3, "another plan never reuses a cached graph"
 
 
+def test_pass_order_lists_every_pass_where_it_runs():
+    """PASS_ORDER is the one list of attnopt's passes, in the order they run: the linear pass on
+    Dynamo's graph before compile_fx, then each Inductor pass in the config slot it names."""
+    from torch._inductor import config as inductor_config
+
+    from attnopt.config import normalize_options
+    from attnopt.passes.linear_pipeline import run_linear_pass
+    from attnopt.passes.manager import BEFORE_COMPILE_FX, PASS_ORDER, PassContext, config_patches
+
+    where = [w for w, _, _ in PASS_ORDER]
+    assert where == sorted(where, key=lambda w: w != BEFORE_COMPILE_FX), "passes before compile_fx come first"
+    assert [run for w, _, run in PASS_ORDER if w == BEFORE_COMPILE_FX] == [run_linear_pass]
+    slots = [w for w in where if w != BEFORE_COMPILE_FX]
+    patches = config_patches(PassContext(normalize_options({})))
+    assert list(patches) == slots and all(hasattr(inductor_config, s) for s in slots)
+    assert [type(p) for p in patches.values()] == [run for w, _, run in PASS_ORDER if w != BEFORE_COMPILE_FX]
+
+
 def _compiled_code(be, *inputs):
     from torch._inductor.utils import run_and_get_code
 

@@ -28,6 +28,7 @@ from .graph_snapshot import snapshot
 from ..logs import trace_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
 from .inline_ops import inline_op
+from .linear_pipeline import run_linear_pass
 
 
 
@@ -262,9 +263,15 @@ def _expect_cache_hit(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> N
     site_cache.watch(ctx.recorder)
 
 
-# The order passes run in: (Inductor config slot, pass class). One table, one place.
-PASS_ORDER: tuple[tuple[str, type], ...] = (
-    ("joint_custom_pre_pass", AttentionPass),
+# Where a pass runs: BEFORE_COMPILE_FX on Dynamo's graph, before compile_fx (run_pre_inductor),
+# where parameters are still real tensors; otherwise the Inductor config slot it is installed in
+# (config_patches).
+BEFORE_COMPILE_FX = "before compile_fx"
+
+# Every pass, in the order it runs: (where, its steps, what runs it). One table, one place.
+PASS_ORDER: tuple[tuple[str, str, object], ...] = (
+    (BEFORE_COMPILE_FX, "linear match -> smoothquant -> linear rewrite", run_linear_pass),
+    ("joint_custom_pre_pass", "attention match -> attention rewrite", AttentionPass),
 )
 
 
@@ -276,9 +283,7 @@ def needs_linear_pass(ctx: PassContext) -> bool:
 
 
 def run_pre_inductor(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
-    """Passes that need real parameter values: they run on Dynamo's graph before compile_fx."""
-    from .linear_pipeline import run_linear_pass
-
+    """The BEFORE_COMPILE_FX passes of PASS_ORDER: they need real parameter values."""
     if not needs_linear_pass(ctx):
         _expect_cache_hit(ctx, gm, example_inputs)
         return
@@ -294,4 +299,4 @@ def run_pre_inductor(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> No
 
 def config_patches(ctx: PassContext) -> dict:
     """Inductor config patches installing attnopt's passes for one compile."""
-    return {slot: cls(ctx) for slot, cls in PASS_ORDER}
+    return {where: cls(ctx) for where, _, cls in PASS_ORDER if where != BEFORE_COMPILE_FX}
