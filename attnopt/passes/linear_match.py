@@ -31,6 +31,9 @@ _QUANTIZABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass
 class LinearSite:
+    """One linear of the graph: its call, input, weight parameter and how it is stored, bias, the
+    module it belongs to, and the key its record goes by."""
+
     node: fx.Node
     x: fx.Node
     weight: fx.Node  # the parameter's node (placeholder or get_attr)
