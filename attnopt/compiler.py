@@ -17,10 +17,11 @@ import torch
 
 from .config import ConfigError, Options, normalize_options
 from .logs import log
-from .passes.linear_pass import BAKED_META_KEY, copy_graph
 from .ops import aot_inline
-from .passes.manager import (JointGraphFallback, PassContext, SiteInternalError, config_patches, needs_linear_pass, run_attention,
-                             run_linear)
+from .passes.graph_utils import copy_graph
+from .passes.linear_rewrite import BAKED_META_KEY
+from .passes.manager import (JointGraphFallback, PassContext, SiteInternalError, config_patches, needs_linear_pass,
+                             run_attention, run_linear)
 from .report import Recorder
 
 # keys torch.compile may leave in `options` that belong to torch, not to attnopt

@@ -21,6 +21,17 @@ def inspect(model, *inputs, options=None, **kw):
     return attnopt.inspect(model, *inputs, options=opts, **kw)
 
 
+def dynamo_graph(model, *inputs):
+    """(graph module, example inputs): the one graph Dynamo hands a backend for model(*inputs),
+    parameters lifted to inputs, as the linear pass sees it."""
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=lambda gm, ex: graphs.append((gm, ex)) or gm)(*inputs)
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+    return graphs[0]
+
+
 def randn(*shape, dtype=torch.bfloat16, scale=1.0):
     return (torch.randn(*shape) * scale).to(dtype)
 

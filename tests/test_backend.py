@@ -98,6 +98,25 @@ def test_pass_uuid_covers_options_and_arch():
     assert len({a, *with_plan}) == 3, "another plan never reuses a cached graph"
 
 
+def test_pass_order_lists_every_pass_where_it_runs():
+    """PASS_ORDER is the one list of attnopt's passes, in the order they run: everything that
+    rewrites runs in the backend (linears on Dynamo's graph, then capture and attention on the aten
+    graph), and the Inductor slots it names are exactly what config_patches installs."""
+    from torch._inductor import config as inductor_config
+
+    from attnopt.config import normalize_options
+    from attnopt.passes import manager as M
+
+    where = [w for w, _, _ in M.PASS_ORDER]
+    in_backend = (M.DYNAMO_GRAPH, M.ATEN_GRAPH)
+    assert where == sorted(where, key=lambda w: w not in in_backend), "the backend's passes come first"
+    assert [run for w, _, run in M.PASS_ORDER if w in in_backend] == [M.run_linear, M.trace_to_aten, M.AttentionPass]
+    slots = [w for w in where if w not in in_backend]
+    patches = M.config_patches(M.PassContext(normalize_options({})), [torch.randn(2)])
+    assert list(patches) == slots and all(hasattr(inductor_config, s) for s in slots)
+    assert [type(p) for p in patches.values()] == [run for w, _, run in M.PASS_ORDER if w in slots]
+
+
 def _compiled_code(be, *inputs):
     from torch._inductor.utils import run_and_get_code
 

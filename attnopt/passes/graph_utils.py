@@ -1,7 +1,9 @@
-"""Small helpers over aten-level FX graphs shared by the passes."""
+"""Small helpers over the FX graphs shared by the passes: Inductor's aten-level graph (meta['val'])
+and Dynamo's graph, which the linear passes read (meta['example_value'])."""
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import re
@@ -26,6 +28,27 @@ def val(node: Any):
 
 def shape(node: fx.Node) -> tuple:
     return tuple(node.meta["val"].shape)
+
+
+def example_value(node: fx.Node):
+    """The value Dynamo recorded for a node of its own graph (before Inductor: no meta['val'])."""
+    return node.meta.get("example_value")
+
+
+def example_shape(n) -> tuple:
+    """The example value's shape; () for anything that is not one tensor (split's tuple, SymInts)."""
+    ev = example_value(n) if isinstance(n, fx.Node) else None
+    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else ()
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of Dynamo's graph that AOT autograd still accepts: node metas (shallow) and the
+    placeholders' `_dynamo_source`, which deepcopy alone drops."""
+    new = copy.deepcopy(graph)
+    for old_n, new_n in zip(graph.nodes, new.nodes):
+        if hasattr(old_n, "_dynamo_source"):
+            new_n._dynamo_source = old_n._dynamo_source
+    return new
 
 
 def is_call(node: Any, *targets) -> bool:

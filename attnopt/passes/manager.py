@@ -29,6 +29,7 @@ from .graph_snapshot import snapshot
 from ..logs import trace_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
 from .aten_capture import CaptureError, might_hold_attention, needs_autograd, trace_to_aten
+from .linear_pipeline import run_linear_pass
 
 
 
@@ -253,8 +254,6 @@ def needs_linear_pass(ctx: PassContext) -> bool:
 
 def run_linear(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
     """Linear sites, on Dynamo's graph (where parameters are the module's real tensors)."""
-    from .linear_pass import run_linear_pass
-
     if not needs_linear_pass(ctx):
         return
     t0 = time.perf_counter()
@@ -323,14 +322,20 @@ def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> fx.Gr
     raise RuntimeError("attnopt: internal errors kept recurring while rewriting this graph")
 
 
-# The passes, in the order they run on each graph Dynamo hands the backend:
-#   1. linear (passes/linear_pass.py), on Dynamo's graph: parameters are real tensors there;
-#   2. capture (passes/aten_capture.py): Dynamo's graph traced to a functional aten graph;
-#   3. attention (AttentionPass): matched and rewritten on that aten graph;
-#   4. Inductor's compile_fx (AOTAutograd, then Inductor) on the result, with CacheKeyPass
-#      installed in the one Inductor slot attnopt uses.
-# Graphs with tensor-subclass inputs skip 2 and 3, and JointGraphFallback takes CacheKeyPass's slot.
-PASS_ORDER: tuple[str, ...] = ("linear", "capture", "attention", "inductor")
+# Where a pass runs. Everything attnopt rewrites, it rewrites in the backend before AOTAutograd
+# (docs/design.md#how-a-graph-flows); Inductor runs only CacheKeyPass, which edits nothing.
+DYNAMO_GRAPH = "backend, on Dynamo's graph"  # parameters are real tensors there
+ATEN_GRAPH = "backend, on the aten graph traced from it"
+
+# Every pass, in the order it runs on each graph Dynamo hands the backend: (where, its steps,
+# what runs it). Graphs with tensor-subclass inputs skip capture and attention here and take
+# JointGraphFallback in CacheKeyPass's slot instead.
+PASS_ORDER: tuple[tuple[str, str, object], ...] = (
+    (DYNAMO_GRAPH, "linear match -> smoothquant -> linear rewrite", run_linear),
+    (DYNAMO_GRAPH, "capture: trace to the aten graph AOTAutograd would build", trace_to_aten),
+    (ATEN_GRAPH, "attention match -> attention rewrite", AttentionPass),
+    ("joint_custom_pre_pass", "attnopt's state into Inductor's and AOTAutograd's cache keys", CacheKeyPass),
+)
 
 
 def config_patches(ctx: PassContext, example_inputs) -> dict:

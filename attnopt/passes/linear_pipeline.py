@@ -1,0 +1,38 @@
+"""The linear pass: linear match -> smoothquant -> linear rewrite, on Dynamo's graph.
+
+It runs before Inductor (manager.py lists where every pass runs): there the weights are real
+parameters (Dynamo hands the backend its example inputs), so they can be quantized and smoothed
+once and stored as constants of the graph module; Inductor's freezing, which would expose them
+later, cannot be switched on from a backend (Dynamo reads that flag while tracing).
+
+Every decision and every quantized tensor is computed before the graph is edited, and the edit is
+all or nothing (linear_rewrite.py), so a failure never leaves a half-folded model.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..codegen.arch import ArchSpec
+from ..report import SiteRecord
+from .linear_match import match_linears
+from .linear_rewrite import quantize_weights, rewrite_all_or_nothing
+from .smooth_match import smooth_groups
+from .smoothquant import accept_groups, planned_act_absmax
+
+
+def run_linear_pass(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec, probe_sink: str | None = None,
+                    capture_all: bool = False) -> list[SiteRecord]:
+    """Rewrite the linears of Dynamo's graph in place; return one record per candidate site (the
+    linears, then the smoothing groups). The parameters whose values the graph now holds copies
+    of go to gm.meta[linear_rewrite.BAKED_META_KEY]."""
+    matched = match_linears(gm, example_inputs, opts, spec, capture_all)
+    if matched is None:
+        return []
+    smooth = opts.linear.smooth
+    groups = smooth_groups(matched.sites, matched.params) if smooth is not None else []
+    alpha = float(smooth.alpha) if smooth is not None else 0.0
+    folds, norm_records = accept_groups(groups, matched, planned_act_absmax(opts), alpha)
+    prepared, folds = quantize_weights(matched, folds)
+    rewrite_all_or_nothing(gm, matched, folds, prepared, norm_records, opts, spec, probe_sink, capture_all)
+    return list(matched.records.values()) + norm_records
