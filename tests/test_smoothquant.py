@@ -120,7 +120,7 @@ def test_groups_that_cannot_fold_say_why():
     }
     plan = {"schema_version": 1, "sites": {"q": {"kind": "linear", "act_absmax": [1.0] * 32}}}
     m, groups, opts = _matched(model, (x,), {}, plan)
-    assert planned_act_absmax(opts) == {"q": [1.0] * 32}
+    assert {k: list(v) for k, v in planned_act_absmax(opts).items()} == {"q": [1.0] * 32}
     folds, records = accept_groups(groups, m, planned_act_absmax(opts), 0.5)
     assert folds == [] and all("no activation statistics" in r.reason for r in records)
     m, groups, _ = _matched(Attention(), (torch.randn(2, 9, 32), torch.randn(2, 2, 3, 8)), {})
