@@ -1,3 +1,5 @@
+"""`python -m attnopt`: the CLI (cli.py)."""
+
 import sys
 
 from .cli import main

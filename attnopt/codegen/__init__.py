@@ -1,0 +1,1 @@
+"""Triton kernels and the per-architecture table (arch.py) that picks their formats and tiles."""

@@ -1,0 +1,1 @@
+"""The torch.library ops the passes insert (attention.py, sparse.py, linear.py, probe.py), their pure-PyTorch references (*_ref.py) and when AOTAutograd traces an op into its kernels (aot_inline.py)."""
