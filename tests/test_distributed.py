@@ -29,7 +29,9 @@ def _run(mode: str) -> list[dict]:
            "--master_addr=127.0.0.1", str(WORKER), mode]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in r.stdout.splitlines() if "RESULT " in line]
+    # two ranks print to one pipe: their lines can run together, so read each object after "RESULT "
+    decoder = json.JSONDecoder()
+    results = [decoder.raw_decode(part)[0] for part in r.stdout.split("RESULT ")[1:]]
     assert len(results) == 2, r.stdout[-2000:]
     return results
 
