@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 REPORT_SCHEMA_VERSION = 1
@@ -49,12 +49,6 @@ class SiteRecord:
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SiteRecord":
-        """Inverse of to_dict (records saved beside Inductor's cache); unknown keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _dynamo_frame():
@@ -104,14 +98,6 @@ class Recorder:
             unique = f"{key}@g{self.graphs[graph]['ordinal']}"
             self._owner.setdefault(unique, frame)
             return unique
-
-    def keys_of_other_frames(self, graph: int) -> list[str]:
-        """Keys recorded by other frames: they decide this graph's keys, so its cache key hashes them."""
-        with self._lock:
-            if not self.graphs or graph is None:
-                return []
-            frame = self.graphs[graph]["frame"]
-            return sorted(k for k, f in self._owner.items() if f != frame and f is not None and frame is not None)
 
     def add_site(self, graph: int, rec: SiteRecord) -> None:
         with self._lock:

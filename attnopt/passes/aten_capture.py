@@ -24,9 +24,9 @@ class CaptureError(RuntimeError):
     """Dynamo's graph could not be traced to aten here: its attention sites stay as they were."""
 
 
-# Names that every attention holds one of (a softmax, its hand-written exp, or SDPA / flex):
-# a graph with none of them has no site, and skips the trace.
-_ATTENTION_WORDS = ("softmax", "exp", "scaled_dot_product", "flex_attention", "attention")
+# Names that every attention holds one of (a softmax, its hand-written exp, or SDPA /
+# flex_attention): a graph with none of them has no site, and skips the trace.
+_ATTENTION_WORDS = ("softmax", "exp", "attention")
 
 
 def might_hold_attention(gm: fx.GraphModule) -> bool:
