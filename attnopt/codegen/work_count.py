@@ -112,18 +112,20 @@ class _Launcher:
 
 
 def _real_wrap(kernel):
-    from torch.library import wrap_triton
+    from torch._library.triton import wrap_triton
 
     return wrap_triton(kernel)
 
 
 @contextlib.contextmanager
 def _count_launches(work: Work, timer: list):
-    """Every attnopt module launches through its own `wrap_triton` name: patch each for the call."""
+    """Every attnopt module launches through its own `wrap_triton` name: patch each for the call
+    (and torch.library's, for code that imports it at call time)."""
     from torch.library import wrap_triton
 
     patched = [m for name, m in list(sys.modules.items())
-               if name.startswith("attnopt.") and getattr(m, "wrap_triton", None) is wrap_triton]
+               if (name.startswith("attnopt.") or name == "torch.library")
+               and getattr(m, "wrap_triton", None) is wrap_triton]
     for m in patched:
         m.wrap_triton = lambda kernel: _Launcher(kernel, work, timer)
     try:
