@@ -26,17 +26,18 @@ OP_NAMES = {"w8a8": "attnopt::linear_8bit", "w4a16": "attnopt::linear_w4a16"}
 
 
 class LinearAndConv1D(nn.Module):
-    """nn.Linear (W [out, in]), ReLU, then HF Conv1D's addmm (W [in, out]). (Without the ReLU the
-    first linear would stay aten's: the second site's x still names the replaced node.)"""
+    """nn.Linear (W [out, in]), ReLU, then HF Conv1D's addmm (W [in, out])."""
 
-    def __init__(self):
+    def __init__(self, act=True):
         super().__init__()
         self.lin = nn.Linear(64, 48)
         self.w_kn = nn.Parameter(torch.randn(48, 40) / 7)
         self.b = nn.Parameter(torch.randn(40))
+        self.act = act
 
     def forward(self, x):
-        return torch.addmm(self.b, torch.relu(self.lin(x)), self.w_kn)
+        h = self.lin(x)
+        return torch.addmm(self.b, torch.relu(h) if self.act else h, self.w_kn)
 
 
 def _rewrite(gm, ex, opts, fold_stats=None):
@@ -55,9 +56,12 @@ def _consts(gm, node):
     return [getattr(gm, a.target) if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a for a in node.args]
 
 
+@pytest.mark.parametrize("act", [True, False], ids=["relu-between", "linear-feeds-linear"])
 @pytest.mark.parametrize("fmt", ["w8a8", "w4a16"])
-def test_each_linear_becomes_the_op_on_its_quantized_weight(fmt):
-    model = LinearAndConv1D().eval()
+def test_each_linear_becomes_the_op_on_its_quantized_weight(fmt, act):
+    """Also when one linear feeds the next directly (LoRA's down then up projection): the second
+    op reads the first op's output, so no float linear stays behind a 'rewritten' record."""
+    model = LinearAndConv1D(act).eval()
     x = torch.randn(33, 64).bfloat16() if fmt == "w4a16" else torch.randn(33, 64)
     model = model.to(x.dtype)
     with torch.no_grad():

@@ -119,6 +119,9 @@ class LinearRewriter:
         self.gm = gm
         self.fake_mode = detect_fake_mode([example_value(n) for n in gm.graph.nodes if example_value(n) is not None])
         self.count = 0
+        # linear node -> the call that replaced it: a site whose x is an earlier site's output
+        # (b(a(x)), LoRA's down/up) must read the replacement, or the old linear stays alive
+        self.replaced: dict[fx.Node, fx.Node] = {}
 
     def const(self, t: torch.Tensor, before: fx.Node, name: str) -> fx.Node:
         attr = f"_attnopt_{name}_{self.count}"
@@ -136,8 +139,9 @@ class LinearRewriter:
         return node
 
     def call(self, target, args, anchor: fx.Node) -> fx.Node:
+        args = tuple(self.replaced.get(a, a) if isinstance(a, fx.Node) else a for a in args)
         with self.gm.graph.inserting_before(anchor):
-            node = self.gm.graph.call_function(target, tuple(args))
+            node = self.gm.graph.call_function(target, args)
         for k in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if k in anchor.meta:
                 node.meta[k] = anchor.meta[k]
@@ -272,6 +276,7 @@ def _rewrite_linear(rw: LinearRewriter, p: _Prepared, small_m: int, spec: ArchSp
     else:
         new = _op_call(rw, p, bias, q, small_m, spec)
     s.node.replace_all_uses_with(new)
+    rw.replaced[s.node] = new
     if q is None and not p.changed:  # a calibration capture of an unchanged linear
         rec.reason = "linear.quant is 'none' (statistics captured)"
         return
