@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .. import switches
 from ..compiler import AttnoptBackend
 from ..logs import log
 from ..metrics import compare_outputs
@@ -111,7 +112,8 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     every site seen) in this call. `progress`: True draws a progress bar on stderr (on a terminal
     only: graph, measured site, elapsed, time left); a callable gets each step as a message.
     `timing_runs`: each rewritten site's original and rewritten op are timed on its inputs, median
-    of up to this many runs each (the site record's `timing`; 0: not timed; inspection/timing.py).
+    of up to this many runs each (the site record's `timing`; 0: not timed, nor under Triton's
+    interpreter, whose times mean nothing; inspection/timing.py).
     """
     bar = Progress("inspect") if progress and not callable(progress) else None  # stderr, on a terminal only
     say = progress if callable(progress) else (bar.note if bar else (lambda m: None))
@@ -132,6 +134,8 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     def timed(key: str, original: Callable, rewritten: Callable) -> None:
         be.recorder.set_timing(key, time_pair(original, rewritten, runs=timing_runs))
 
+    if switches.interpreted() and switches.impl() == "triton":
+        timing_runs = 0  # Triton's interpreter runs the kernels: their time says nothing
     probe.register_sink(sink_id, measured)
     if timing_runs > 0:
         probe.register_timer(sink_id, timed)
