@@ -38,13 +38,20 @@ for s in $STEPS; do
         exit 2
     fi
 done
+for s in $ALL_STEPS TOTAL; do
+    v=${LIMIT[$s]:-$TOTAL_S}
+    if [[ ! "$v" =~ ^[1-9][0-9]*$ ]]; then
+        echo "gpu_session.sh: the seconds for $s must be a positive integer, got '$v'" >&2
+        exit 2
+    fi
+done
 
 OUT=${OUT:-benchmarks/results/gpu}
 RUN=$OUT/results
 GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
 
 command_for() {  # command_for STEP LIMIT: the step's command line
-    local limit=$(($2 - 20))  # the benchmark's own clock starts after its imports and ends before its plot
+    local limit=$(($2 > 40 ? $2 - 20 : $2 / 2))  # the benchmark's clock starts after its imports, ends before its plot
     case $1 in
         tests) echo python3 -m pytest -m gpu -q -n 4 -p no:cacheprovider -rfEs $GPU_TESTS ;;
         attention) echo python3 benchmarks/attention.py --quick --rep-ms 50 --time-limit "$limit" --out-dir "$RUN" ;;
@@ -68,6 +75,7 @@ DEADLINE=$((SECONDS + TOTAL_S))
 mkdir -p "$RUN"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 LOG=$OUT/session.log
+: >"$LOG"
 STATUS=()  # one JSON object per step that ran
 
 step() {  # step NAME: run with its limit (cut to the time left), log its status

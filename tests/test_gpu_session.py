@@ -56,10 +56,12 @@ def test_steps_are_selectable_with_their_own_seconds():
     assert "--time-limit 57 " in steps["attention"][1]  # its own clock starts after its imports
 
 
-def test_unknown_step_is_refused_naming_the_known_ones():
+def test_unknown_step_or_bad_seconds_are_refused():
     r = _plan(STEPS="tests,atention")
     assert r.returncode == 2 and r.stdout == ""
     assert "unknown step 'atention'" in r.stderr and "tests, attention, budget, sparse, linear" in r.stderr
+    r = _plan(STEPS="sparse", SPARSE_S="1m")
+    assert r.returncode == 2 and "seconds for sparse must be a positive integer, got '1m'" in r.stderr
 
 
 def _benchmark(name: str):
