@@ -122,7 +122,10 @@ def parse_args(argv=None):
 def main() -> None:
     args = parse_args()
     common.require_cuda("benchmarks/attention.py")
-    torch._dynamo.config.recompile_limit = 64  # FlexAttention compiles once per shape (dynamic=False)
+    for knob in ("recompile_limit", "cache_size_limit"):  # FlexAttention compiles once per shape (dynamic=False)
+        if hasattr(torch._dynamo.config, knob):  # (the name torch versions before 2.6 use, second)
+            setattr(torch._dynamo.config, knob, 64)
+            break
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     arch = detect_arch("cuda")
     out_name = f"attention_{arch}_{torch.cuda.get_device_name().replace(' ', '_')}.json"
