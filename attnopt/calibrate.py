@@ -267,12 +267,13 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     if sp is None and not want_linear:
         raise ValueError("nothing to calibrate: set attention.sparsity (e.g. {'method': 'sparge'}), "
                          "linear.smooth, or mixed_precision=True")
-    capture_opts = dataclasses.replace(  # statistics of the original linears
-        opts, linear=dataclasses.replace(opts.linear, quant="none", smooth=None),
+    capture_opts = dataclasses.replace(  # statistics of the original linears; CPU sites too (on_cpu)
+        opts, on_cpu="emulate", linear=dataclasses.replace(opts.linear, quant="none", smooth=None),
         attention=opts.attention if sp is not None else dataclasses.replace(opts.attention, enabled=False))
     sink = f"calib{next(_IDS)}"
     be = AttnoptBackend(capture_opts, probe_sink=sink, inductor_config={"fx_graph_cache": False})
     be.ctx.capture_linears = want_linear
+    be.ctx.announce_cpu = False  # calibration is meant to measure, not to run fast
     captured: dict[str, list] = {}
 
     def capture(key: str, call: dict) -> None:

@@ -4,7 +4,7 @@
 read by attribute: `opts.attention.quant`, `opts.attention.sparsity.method`, `opts.linear.min_m`,
 `opts.arch`, `opts.plan`. The classes, all frozen dataclasses:
 
-- `Options`: the top level (`attention`, `linear`, `arch`, `plan`);
+- `Options`: the top level (`attention`, `linear`, `arch`, `on_cpu`, `plan`);
 - `AttentionOptions` (`attention.*`), whose `sparsity` is None or a `SparsityOptions`: one class
   per sparse method (`SpargeOptions`, ... listed in `SPARSITY_METHODS`), each with its `method`;
 - `LinearOptions` (`linear.*`), whose `smooth` is None or a `SmoothOptions`;
@@ -548,6 +548,10 @@ class Options(_Table):
     linear: LinearOptions = _table_field(LinearOptions, "the linear pass")
     arch: str = option("auto", _choice(*ARCHS), " | ".join(repr(a) for a in ARCHS),
                        "target architecture; 'auto' reads the device, 'cpu' forces the reference path")
+    on_cpu: str = option("emulate", _choice("emulate", "skip"), "'emulate' | 'skip'",
+                         "sites whose tensors are on the CPU: 'emulate' rewrites them into the pure-PyTorch "
+                         "emulation of the GPU arithmetic (for checking accuracy; slower than the original: about "
+                         "2x at 512 tokens, 6-8x at 2048), 'skip' leaves them as they were")
     plan: PlanOptions | None = option(None, _plan, "null, a plan dict, or a path to a plan JSON file",
                                       "calibrated per-site parameters from attnopt.calibrate")
 

@@ -4,6 +4,8 @@
   log channel registered with torch._logging.
 - With `TORCH_TRACE=<dir>`, each compiled graph's site records go into the structured compile
   trace as an `attnopt_sites` artifact, so tlparse shows them beside Inductor's output.
+- `warn_once` logs a warning the first time its topic comes up in the process (a fact about the
+  setup, such as CPU sites running the emulation, is said once, not per graph or per site).
 """
 
 from __future__ import annotations
@@ -12,10 +14,24 @@ import json
 import logging
 import os
 import sys
+import threading
 
 log = logging.getLogger("attnopt")
 
 _REGISTERED = False
+_WARNED: set[str] = set()  # warn_once topics already logged in this process
+_WARNED_LOCK = threading.Lock()
+
+
+def warn_once(topic: str, msg: str, *args) -> bool:
+    """Log `msg % args` as a warning unless `topic` was already warned about in this process;
+    True when it was logged now."""
+    with _WARNED_LOCK:
+        if topic in _WARNED:
+            return False
+        _WARNED.add(topic)
+    log.warning(msg, *args)
+    return True
 
 
 def _inside_torch_log_setup(internal) -> bool:

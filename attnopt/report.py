@@ -45,6 +45,7 @@ class SiteRecord:
     flops: int | None = None
     graph: int = 0  # which compiled graph (graph breaks split a model into several)
     error: dict | None = None  # {rel_l1, cos, max_abs, rmse, baseline_rel_l1} measured by inspect
+    timing: dict | None = None  # {original_ms, rewritten_ms, speedup, runs} measured by inspect
     module_type: str = ""
 
     def to_dict(self) -> dict:
@@ -154,6 +155,12 @@ class Recorder:
                 if "sparsity" in m:
                     rec.details["sparsity"] = m.pop("sparsity")
                 rec.error = m
+
+    def set_timing(self, key: str, timing: dict) -> None:
+        with self._lock:
+            rec = self._by_key.get(key)
+            if rec is not None:
+                rec.timing = dict(timing)
 
     def sites(self) -> list[SiteRecord]:
         """Latest record per site key (a recompile for new shapes re-records the same sites)."""

@@ -3,7 +3,10 @@ torch._int_mm and torch._scaled_mm, plus prefill and decode latency of a Llama-s
 (attention + MLP) compiled with and without attnopt, all in one run. Needs a CUDA GPU.
 Targets on H100: INT8 GEMM >= 1.5x bf16 at M, N, K >= 4096; W4A16 at M = 1 >= 2.5x bf16.
 
-    python benchmarks/linear.py [--quick]
+    python benchmarks/linear.py [--quick] [--time-limit S]
+
+--quick: the GEMMs at M = 1 and M = N = K = 4096 (what the session runs first: they are written
+before the Llama-block rows start), then the block at 1 and 2048 tokens as time allows.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ def bench(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
-def gemm_rows(shapes, arch):
+def gemm_rows(shapes, arch, limit: common.TimeLimit):
     rows = []
     bar = Progress("gemm", total=len(shapes))  # stderr, terminal only
     for m, n, k in shapes:
+        if not limit.allows():
+            break
         bar.note(f"{m}x{n}x{k}")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -55,24 +60,27 @@ def gemm_rows(shapes, arch):
                     xf, wf.T, scale_a=xfs[:, None], scale_b=wfs[None, :], out_dtype=torch.bfloat16)
         pk, sc, zr = L.quantize_weight_int4(w)
         fns["attnopt w4a16"] = lambda: linear_w4a16_triton(x, pk, sc, zr, None)
-        for name, fn in fns.items():
-            row = {"kind": "gemm", "M": m, "N": n, "K": k, "variant": name}
-            try:
-                t = bench(fn)
-                row.update(ms=t, tflops=flops / t / 1e9)
-            except Exception as e:
-                row["error"] = repr(e)[:200]
-            rows.append(row)
-            bar.write(json.dumps(row))
+        with limit.item():
+            for name, fn in fns.items():
+                row = {"kind": "gemm", "M": m, "N": n, "K": k, "variant": name}
+                try:
+                    t = bench(fn)
+                    row.update(ms=t, tflops=flops / t / 1e9)
+                except Exception as e:
+                    row["error"] = repr(e)[:200]
+                rows.append(row)
+                bar.write(json.dumps(row))
         bar.step()
     bar.close()
     return rows
 
 
-def block_rows(seq_lens):
-    import transformers
-
+def block_rows(seq_lens, limit: common.TimeLimit):
     rows = []
+    try:
+        import transformers
+    except ImportError as e:
+        return [{"kind": "llama-block", "error": f"transformers is not installed ({e})"}]
     cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
     model = transformers.LlamaModel(cfg).eval().to("cuda", torch.bfloat16)
@@ -84,15 +92,18 @@ def block_rows(seq_lens):
                               ("attnopt int8 attn", attnopt.backend({})),
                               ("attnopt int8 attn + w8a8", attnopt.backend({"linear": {"quant": "w8a8"}})),
                               ("attnopt w4a16", attnopt.backend({"linear": {"quant": "w4a16"}}))):
+            if not limit.allows():
+                break
             torch._dynamo.reset()
             row = {"kind": "llama-block", "seq": n, "variant": name}
-            try:  # one variant failing (a compile error, OOM) still leaves the others measured
-                f = model if backend is None else torch.compile(model, backend=backend)
-                with torch.no_grad():
-                    f(ids)
-                    row["ms"] = bench(lambda: f(ids))
-            except Exception as e:
-                row["error"] = repr(e)[:200]
+            with limit.item():
+                try:  # one variant failing (a compile error, OOM) still leaves the others measured
+                    f = model if backend is None else torch.compile(model, backend=backend)
+                    with torch.no_grad():
+                        f(ids)
+                        row["ms"] = bench(lambda: f(ids))
+                except Exception as e:
+                    row["error"] = repr(e)[:200]
             rows.append(row)
             bar.write(json.dumps(row))
         bar.step()
@@ -100,20 +111,30 @@ def block_rows(seq_lens):
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="two GEMM shapes, then the block at 1 and 2048 tokens")
     ap.add_argument("--out-dir", default=common.RESULTS)
-    args = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    common.add_time_limit(ap)
+    return ap.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    common.require_cuda("benchmarks/linear.py")
     arch = detect_arch("cuda")
+    out_name = f"linear_{arch}.json"
+    extra = {"what": __doc__.splitlines()[0], "arch": arch}
+    limit = common.TimeLimit(args.time_limit)
     shapes = [(1, 4096, 4096), (16, 4096, 4096), (4096, 4096, 4096), (8192, 8192, 8192), (1, 11008, 4096)]
     if args.quick:
-        shapes = [(1, 4096, 4096), (4096, 4096, 4096)]
-    rows = gemm_rows(shapes, arch)
-    rows += block_rows([1, 2048] if args.quick else [1, 512, 4096])
-    common.RESULTS = args.out_dir
-    print("wrote", common.write(f"linear_{arch}.json", rows, {"what": __doc__.splitlines()[0]}))
+        shapes = [(4096, 4096, 4096), (1, 4096, 4096)]
+    rows = gemm_rows(shapes, arch, limit)
+    common.write(out_name, rows, extra, out_dir=args.out_dir)  # kept if the block rows are cut short
+    rows += block_rows([1, 2048] if args.quick else [1, 512, 4096], limit)
+    print("wrote", common.write(out_name, rows, {**extra, "stopped_by_time_limit": limit.stopped},
+                                out_dir=args.out_dir))
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def test_to_json_format_is_unchanged():
         '{"arch":"auto","attention":{"allow_fp32":false,"decode":false,"enabled":true,"exclude":[],"include":["*"],'
         '"min_seq_len":128,"pv":"auto","quant":"int8","smooth_k":true,"smooth_q":false,"sparsity":null},'
         '"linear":{"exclude":["lm_head","*.lm_head"],"include":["*"],"min_m":17,"quant":"none","smooth":null},'
-        '"plan":null}')
+        '"on_cpu":"emulate","plan":null}')
     o = normalize_options({"attention": {"sparsity": {"method": "xattention", "tau": 1}}})
     assert '"sparsity":{"method":"xattention","min_seq_len":0,"pv_threshold":null,"stride":8,"tau":1.0}' in o.to_json()
 
@@ -265,7 +265,7 @@ def test_schema_rows_are_the_option_classes_fields():
     """The README rows, the CLI help and validation all come from the dataclass fields."""
     keys = [k for k, *_ in schema_rows()]
     expected = ([f"attention.{f.name}" for f in dataclasses.fields(AttentionOptions)]
-                + [f"linear.{f.name}" for f in dataclasses.fields(LinearOptions)] + ["arch", "plan"])
+                + [f"linear.{f.name}" for f in dataclasses.fields(LinearOptions)] + ["arch", "on_cpu", "plan"])
     assert keys == expected
     assert [(m, n) for m, n, *_ in sparsity_rows()] == [
         (m, f.name) for m, cls in SPARSITY_METHODS.items() for f in dataclasses.fields(cls)]

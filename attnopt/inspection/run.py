@@ -14,13 +14,16 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .. import switches
 from ..compiler import AttnoptBackend
 from ..logs import log
 from ..metrics import compare_outputs
 from ..ops import probe
+from ..passes import on_cpu
 from ..progress import Progress
 from ..report import Report
 from .table import site_flops
+from .timing import WHAT as TIMING_WHAT, time_pair
 
 _SINK_IDS = itertools.count()
 
@@ -89,9 +92,18 @@ def _env(inputs) -> dict:
             "device": str(dev), "device_name": name}
 
 
+def _cpu_emulation(sites) -> dict | None:
+    """The report header's statement when rewritten sites run attnopt's CPU emulation (else None)."""
+    cpu = on_cpu.emulated_sites(sites)
+    if not cpu:
+        return None
+    return {"sites": len(cpu), "keys": [s.key for s in cpu], "option": "on_cpu",
+            "message": f"{len(cpu)} rewritten site(s) run on the CPU: {on_cpu.COST}; {on_cpu.HOW_TO_SKIP}"}
+
+
 def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping | None = None,
             example_kwargs: Mapping[str, Any] | None = None, progress: bool | Callable[[str], None] = False,
-            dynamic: bool | None = None) -> Report:
+            dynamic: bool | None = None, timing_runs: int = 5) -> Report:
     """Compile `model` with attnopt under `options`, run it on the example inputs, and report.
 
     The report lists every candidate site (rewritten or skipped, with the reason), the error
@@ -99,6 +111,9 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     against the uncompiled model. Dynamo's caches are reset so that every graph is compiled (and
     every site seen) in this call. `progress`: True draws a progress bar on stderr (on a terminal
     only: graph, measured site, elapsed, time left); a callable gets each step as a message.
+    `timing_runs`: each rewritten site's original and rewritten op are timed on its inputs, median
+    of up to this many runs each (the site record's `timing`; 0: not timed, nor under Triton's
+    interpreter, whose times mean nothing; inspection/timing.py).
     """
     bar = Progress("inspect") if progress and not callable(progress) else None  # stderr, on a terminal only
     say = progress if callable(progress) else (bar.note if bar else (lambda m: None))
@@ -106,6 +121,7 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     sink_id = f"inspect{next(_SINK_IDS)}"
     be = AttnoptBackend(options, probe_sink=sink_id, inductor_config={"fx_graph_cache": False}, progress=say)
     be.ctx.capture_graphs = True
+    be.ctx.announce_cpu = False  # the report's header says it (summary["cpu_emulation"])
 
     def measured(key: str, metrics: dict) -> None:
         be.recorder.set_error(key, metrics)
@@ -115,7 +131,14 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
             return
         say(f"measured {key}: rel-L1 {metrics.get('rel_l1', float('nan')):.4g}")
 
+    def timed(key: str, original: Callable, rewritten: Callable) -> None:
+        be.recorder.set_timing(key, time_pair(original, rewritten, runs=timing_runs))
+
+    if switches.interpreted() and switches.impl() == "triton":
+        timing_runs = 0  # Triton's interpreter runs the kernels: their time says nothing
     probe.register_sink(sink_id, measured)
+    if timing_runs > 0:
+        probe.register_timer(sink_id, timed)
     try:
         torch._dynamo.reset()
         before = _break_counts()
@@ -154,6 +177,8 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
         "first_call_s": first_call,
         "pass_time_s": be.recorder.pass_time(),
         "e2e": e2e,
+        "cpu_emulation": _cpu_emulation(sites),
+        "site_timing": {"runs": timing_runs, "what": TIMING_WHAT} if timing_runs > 0 else None,
     }
     if callable(progress):
         progress(f"done: {summary['sites_rewritten']}/{summary['sites_total']} sites rewritten, "

@@ -240,9 +240,17 @@ def _default_width() -> int:
     return 240
 
 
+def header(report, width: int) -> list[str]:
+    """What must be read before the numbers: that rewritten sites run the CPU emulation."""
+    cpu = report.summary.get("cpu_emulation")
+    if not cpu:
+        return []
+    return textwrap.wrap(f"NOTE: {cpu['message']}", width, subsequent_indent="      ") + [""]
+
+
 def render_table(report, width: int | None = None) -> str:
     width = width or _default_width()
-    lines = _table(report.sites, width)
+    lines = header(report, width) + _table(report.sites, width)
     if report.sites:
         for ln in legend(report.sites):
             lines += textwrap.wrap(ln, width, initial_indent="", subsequent_indent="      ") if ln.startswith("  ") \

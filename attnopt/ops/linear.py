@@ -13,7 +13,7 @@ import torch
 
 from ..metrics import compare
 from . import linear_ref as L
-from .probe import _CAPTURES, _SINKS
+from .probe import _CAPTURES, _SINKS, _TIMERS
 
 
 from ..switches import use_triton as _triton
@@ -61,12 +61,17 @@ def linear_probe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """The quantized linear (or, fmt 'none', the original) plus, on the side, its error against
     float64 x W^T + b, and (calibration) per-input-channel max |x| and a sample of rows.
     weight is the original [N, K]; (q0, q1, q2) = (wq, ws, -) or (packed, scale, zero)."""
-    if fmt in ("w8a8", "fp8"):
-        out = linear_8bit(x, q0, q1, bias, "int8" if fmt == "w8a8" else "fp8", small_m, arch, "auto")
-    elif fmt == "w4a16":
-        out = linear_w4a16(x, q0, q1, q2, bias, L.W4_GROUP, arch, "auto")
-    else:
-        out = torch.nn.functional.linear(x, weight, bias)
+    def original():
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def rewritten():
+        if fmt in ("w8a8", "fp8"):
+            return linear_8bit(x, q0, q1, bias, "int8" if fmt == "w8a8" else "fp8", small_m, arch, "auto")
+        if fmt == "w4a16":
+            return linear_w4a16(x, q0, q1, q2, bias, L.W4_GROUP, arch, "auto")
+        return original()
+
+    out = rewritten()
     sink_id, _, key = probe_key.partition("/")
     capture: Callable | None = _CAPTURES.get(sink_id)
     if capture is not None:
@@ -79,6 +84,10 @@ def linear_probe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         with torch.no_grad():
             ref = x.double() @ weight.double().T + (bias.double() if bias is not None else 0)
             sink(key, compare(out, ref))
+    timer: Callable | None = _TIMERS.get(sink_id)
+    if timer is not None and fmt != "none":
+        with torch.no_grad():
+            timer(key, original, rewritten)
     return out.clone() if out is x else out
 
 

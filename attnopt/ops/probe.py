@@ -4,7 +4,8 @@ It returns exactly what the rewritten site computes (so the model downstream see
 rewritten numerics) and, on the side, measures that output against float64 attention and the
 original-dtype SDPA on the same inputs, handing the numbers (and, for sparse sites, the block
 sparsity) to the inspect session's sink. `attnopt.calibrate` uses a capture hook instead: it
-keeps each site's inputs to search per-head parameters on.
+keeps each site's inputs to search per-head parameters on. A timer hook (inspect's per-site
+timing) gets two calls to time on the site's own inputs: the original and the rewritten op.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .attention_ref import attention_exact, causal_keep
 
 _SINKS: dict[str, Callable[[str, dict], None]] = {}
 _CAPTURES: dict[str, Callable[[str, dict], None]] = {}  # calibration: the site's inputs themselves
+_TIMERS: dict[str, Callable[[str, Callable, Callable], None]] = {}  # inspect: (key, original(), rewritten())
 _LOCK = threading.Lock()
 
 
@@ -36,6 +38,13 @@ def unregister_sink(sink_id: str) -> None:
     with _LOCK:
         _SINKS.pop(sink_id, None)
         _CAPTURES.pop(sink_id, None)
+        _TIMERS.pop(sink_id, None)
+
+
+def register_timer(sink_id: str, fn: Callable[[str, Callable, Callable], None]) -> None:
+    """`fn(site_key, original, rewritten)`: two argument-less calls on the site's inputs to time."""
+    with _LOCK:
+        _TIMERS[sink_id] = fn
 
 
 def register_capture(sink_id: str, fn: Callable[[str, dict], None]) -> None:
@@ -46,6 +55,16 @@ def register_capture(sink_id: str, fn: Callable[[str, dict], None]) -> None:
 def _baseline(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale, softcap=0.0):
     """torch SDPA in the inputs' own dtype with the same mask: what the unmodified model computes
     (soft-capped logits: the eager matmul-tanh-softmax-matmul, in the inputs' dtype)."""
+    return baseline_call(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale, softcap)()
+
+
+def baseline_call(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale, softcap=0.0):
+    """`_baseline` as an argument-less call, its masks built beforehand: what timing runs as the
+    original. A site with no mask but SDPA's own causal rule passes `is_causal` instead of a mask,
+    as the original SDPA call did (torch picks its fused kernels then); GQA goes through enable_gqa."""
+    if not softcap and bias is None and keep is None and (not is_causal or causal_offset == 0):
+        gqa = q.shape[1] != k.shape[1]
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     g = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     nq, nk = q.shape[2], k.shape[2]
@@ -58,9 +77,12 @@ def _baseline(q, k, v, bias, keep, masked_value, is_causal, causal_offset, scale
     if bias is not None:
         mask = torch.where(allowed, mask + bias.to(mask.dtype), mask)
     if softcap:
-        s = torch.tanh(torch.matmul(q, kk.transpose(-1, -2)) * scale / softcap) * softcap
-        return torch.matmul(torch.softmax(s + mask, dim=-1), vv)
-    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
+        def capped():
+            s = torch.tanh(torch.matmul(q, kk.transpose(-1, -2)) * scale / softcap) * softcap
+            return torch.matmul(torch.softmax(s + mask, dim=-1), vv)
+
+        return capped
+    return lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
 
 
 @torch.library.custom_op("attnopt::attention_probe", mutates_args=(),
@@ -94,9 +116,17 @@ def attention_probe(
         out, stats = sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
                                            scale, quant, pv, smooth_k, arch, impl, json.loads(sparsity),
                                            return_stats=True, softcap=softcap)
+
+        def rewritten():
+            return torch.ops.attnopt.sparse_attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal,
+                                                      causal_offset, scale, quant, pv, smooth_k, arch, impl,
+                                                      sparsity, softcap)
     else:
-        out = torch.ops.attnopt.attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                                          scale, quant, pv, smooth_k, smooth_q, arch, impl, softcap)
+        def rewritten():
+            return torch.ops.attnopt.attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
+                                               scale, quant, pv, smooth_k, smooth_q, arch, impl, softcap)
+
+        out = rewritten()
     sink_id, _, site_key = probe_key.partition("/")
     capture = _CAPTURES.get(sink_id)
     if capture is not None:
@@ -115,6 +145,11 @@ def attention_probe(
             except RuntimeError:
                 m["baseline_rel_l1"] = math.nan
         sink(site_key, m)
+    timer = _TIMERS.get(sink_id)
+    if timer is not None:
+        with torch.no_grad():
+            timer(site_key, baseline_call(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
+                                          scale, softcap), rewritten)
     return out.clone() if out is q else out
 
 

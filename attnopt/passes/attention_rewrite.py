@@ -17,6 +17,7 @@ import torch.fx as fx
 from ..codegen.arch import ArchSpec, resolve_pv
 from ..codegen.attention.describe import describe_attention_kernel
 from ..logs import log
+from . import on_cpu
 from .attention_match import AttentionSite, FillBias, Operand, QkBias
 from .graph_utils import GraphBuilder, aten, hint_int, known_eq, known_one, shape, static_int
 
@@ -141,7 +142,7 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     pv = resolve_pv(a.pv, quant, spec)
     if quant == "none" and pv in ("fp8", "fp4"):
         raise Reject(f"pv {pv!r} needs a quantized QK^T (attention.quant)")
-    why = spec.supports(quant, pv)
+    why = spec.supports(quant, pv) or on_cpu.skip_reason(q.device.type, opts)
     if why:
         raise Reject(why)
     heads = static_int(site.heads) if site.heads is not None else static_int(_size(site.q.batch[-1:]))

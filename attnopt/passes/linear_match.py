@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from ..codegen.arch import ArchSpec
 from ..report import SiteRecord
+from . import on_cpu
 from .graph_utils import example_shape, example_value, module_class, module_path, source_line
 
 LINEAR_FNS = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -175,6 +176,7 @@ def _record_shapes(rec: SiteRecord, s: LinearSite, w: torch.Tensor) -> None:
     rec.shapes = {"x": [int(d) if isinstance(d, int) else str(d) for d in xe.shape]
                   if isinstance(xe, torch.Tensor) else [], "w": list(w.shape)}
     rec.dtype = str(w.dtype).replace("torch.", "")
+    rec.details["device"] = (xe if isinstance(xe, torch.Tensor) else w).device.type
 
 
 def planned_sites(opts) -> dict:
@@ -233,6 +235,9 @@ def _choose_formats(sites, records, params, weights, opts, spec, plan_sites, cap
             fmt = None
         elif fmt == "none" and not (capture_all or lin.smooth):
             rec.reason = "linear.quant is 'none'"
+            fmt = None
+        elif on_cpu.skip_reason(rec.details["device"], opts):
+            rec.reason = on_cpu.skip_reason(rec.details["device"], opts)
             fmt = None
         formats[s.key] = fmt
     return formats

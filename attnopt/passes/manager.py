@@ -30,6 +30,7 @@ from ..logs import trace_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
 from .aten_capture import CaptureError, might_hold_attention, needs_autograd, trace_to_aten
 from .linear_pipeline import run_linear_pass
+from . import on_cpu
 
 
 
@@ -62,6 +63,7 @@ class PassContext:
     inline: str | None = None  # "auto" (CUDA only) | "always" | "never"; None: the ATTNOPT_INLINE switch
     capture_graphs: bool = False  # keep before/after snapshots of each graph (the HTML view)
     capture_linears: bool = False  # calibration: every selected linear becomes a probe
+    announce_cpu: bool = True  # warn (once per process) when a CPU site is rewritten; inspect's report says it instead
     current_graph: int | None = None  # recorder index of the graph being compiled
     # sites whose rewrite hit an internal error (key -> error): kept as they were from then on
     internal_errors: dict[str, str] = field(default_factory=dict)
@@ -124,6 +126,7 @@ def _describe(rec: SiteRecord, site) -> None:
                   "out": _shape_list(site.anchor)}
     rec.details["layout"] = "q/k/v: [batch..., heads, tokens, features]; size-1 dims and GQA's repeat left out"
     rec.dtype = str(site.q.traced.src.meta["val"].dtype).replace("torch.", "")
+    rec.details["device"] = site.q.traced.src.meta["val"].device.type
 
 
 class SiteInternalError(RuntimeError):
@@ -197,6 +200,8 @@ class AttentionPass:
                                    kv_heads=k4.shape[1],
                                    mask=("causal" if op.args[6] else "") + ("+bias" if op.args[3] is not None else "")
                                    + ("+keep" if op.args[4] is not None else ""))
+                if ctx.announce_cpu:
+                    on_cpu.announce(q4.device.type)
             except Reject as e:
                 rec.reason = str(e)
             except Exception as e:  # never break the user's compile: leave the site as it was
@@ -262,6 +267,8 @@ def run_linear(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
     spec = ARCHS[opt] if opt != "auto" else ARCHS[detect_arch(dev)]
     for rec in run_linear_pass(gm, example_inputs, ctx.options, spec, ctx.probe_sink, ctx.capture_linears):
         ctx.recorder.add_site(ctx.current_graph, rec)
+        if ctx.announce_cpu and rec.status == "rewritten":
+            on_cpu.announce(rec.details.get("device", ""))
     ctx.recorder.add_pass_time(ctx.current_graph, "linear", time.perf_counter() - t0)
 
 
