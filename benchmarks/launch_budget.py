@@ -99,7 +99,7 @@ def attention_case(phase: str, quant: str, pv: str, arch: str, sparsity: str | N
     return fn, args, q.numel(), config
 
 
-def linear_case(phase: str, quant: str, device):
+def linear_case(phase: str, quant: str, device, arch: str = "sm90"):
     """(body, args, full_size, config) for one linear row (weights quantized once, as at compile time)."""
     from attnopt.ops import linear_ref as L
 
@@ -108,7 +108,6 @@ def linear_case(phase: str, quant: str, device):
     x = torch.randn(s["m"], s["k"], generator=g).to(device, torch.float16)
     w = torch.randn(s["n"], s["k"], generator=g) / math.sqrt(s["k"])
     bias = torch.randn(s["n"], generator=g).to(device, torch.float16)
-    arch = "sm90"
     if quant == "w4a16":
         from attnopt.codegen.linear.w4a16 import linear_w4a16_triton
 
@@ -123,15 +122,32 @@ def linear_case(phase: str, quant: str, device):
     return fn, args, x.numel(), {"quant": quant, "phase": phase, "arch": arch}
 
 
+def _device_arch(device) -> str | None:
+    """On a GPU its own arch row (formats it lacks are left out); on a CPU None: each row names
+    the arch whose kernel variant it runs under the interpreter."""
+    if torch.device(device).type != "cuda":
+        return None
+    from attnopt.codegen.arch import resolve_arch
+
+    return resolve_arch("auto", torch.device(device)).name
+
+
 def cases(device, shapes: dict = SHAPES):
     """Every (op, body, args, full_size, config), in table order."""
+    from attnopt.codegen.arch import ARCHS
+
+    gpu = _device_arch(device)
     for phase in shapes:
         for quant, pv, arch in DENSE:
-            yield ("attention", *attention_case(phase, quant, pv, arch, None, device, shapes))
+            if gpu is not None and (quant not in ARCHS[gpu].qk_formats or pv not in ARCHS[gpu].pv_formats):
+                continue
+            yield ("attention", *attention_case(phase, quant, pv, gpu or arch, None, device, shapes))
         for method in SPARSE:
-            yield ("attention", *attention_case(phase, "int8", "fp16", "sm80", method, device, shapes))
+            yield ("attention", *attention_case(phase, "int8", "fp16", gpu or "sm80", method, device, shapes))
         for quant in LINEAR:
-            yield ("linear", *linear_case(phase, quant, device))
+            if gpu is not None and quant == "fp8" and "fp8" not in ARCHS[gpu].qk_formats:
+                continue
+            yield ("linear", *linear_case(phase, quant, device, gpu or "sm90"))
 
 
 def _kernel_times(fn, args) -> dict:
@@ -164,15 +180,14 @@ def measure(op, fn, args, full_size, config, gpu_times: bool = False) -> dict:
     return row
 
 
-def run(device=None, only: str | None = None, gpu_times: bool = False, shapes: dict = SHAPES) -> list[dict]:
+def run(device=None, only: str | None = None, gpu_times: bool = False, shapes: dict = SHAPES):
+    """Measured rows, one at a time (a caller writing them as they come keeps what a cut-short run did)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
     for op, fn, args, full_size, config in cases(device, shapes):
         label = f"{op} {config}"
         if only and only not in label:
             continue
-        rows.append(measure(op, fn, args, full_size, config, gpu_times))
-    return rows
+        yield measure(op, fn, args, full_size, config, gpu_times)
 
 
 def _name(row: dict) -> str:
@@ -206,12 +221,14 @@ def main(argv=None) -> int:
               "interpreter)", file=sys.stderr)
         return 2
     os.environ.setdefault("ATTNOPT_IMPL", "triton")
-    rows = run(only=a.only, gpu_times=a.gpu_times)
-    if a.out:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from common import env, write_text
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import env, write_text
 
-        write_text(a.out, json.dumps({"env": env(), "rows": rows}, indent=1))
+    rows = []
+    for row in run(only=a.only, gpu_times=a.gpu_times):
+        rows.append(row)
+        if a.out:  # rewritten after every row
+            write_text(a.out, json.dumps({"env": env(), "rows": rows}, indent=1))
     print(json.dumps(rows, indent=1) if a.json else table(rows))
     return 0 if all(r["within_budget"] for r in rows) else 1
 
