@@ -338,6 +338,13 @@ def block_mask_to_lut(keep: torch.Tensor, nq: int, nk: int, is_causal: bool, cau
     return lut.contiguous(), counts.contiguous()
 
 
+def lut_to_block_mask(lut: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(lut, counts) -> the block mask [B, H, nqb, nkb] they list (block_mask_to_lut's inverse on
+    the causally visible blocks)."""
+    listed = torch.arange(lut.shape[-1], device=lut.device) < counts[..., 1:2]
+    return torch.zeros(lut.shape, dtype=torch.bool, device=lut.device).scatter(-1, lut.long(), listed)
+
+
 def expand_block_mask(keep: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
     """[B, H, nqb, nkb] -> element keep mask [B, H, nq, nk]."""
     e = keep.repeat_interleave(BQ, dim=2)[:, :, :nq].repeat_interleave(BK, dim=3)[..., :nk]
