@@ -9,7 +9,6 @@ keeps each site's inputs to search per-head parameters on.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from typing import Callable, Optional
@@ -90,9 +89,10 @@ def attention_probe(
     stats = {}
     if sparsity:
         from .sparse import sparse_attention_impl
+        from .sparse_params import parse
 
         out, stats = sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                                           scale, quant, pv, smooth_k, arch, impl, json.loads(sparsity),
+                                           scale, quant, pv, smooth_k, arch, impl, parse(sparsity),
                                            return_stats=True, softcap=softcap)
     else:
         out = torch.ops.attnopt.attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
