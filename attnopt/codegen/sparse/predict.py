@@ -8,7 +8,10 @@ Q / K (/ V) straight to the lookup table and counts the block-sparse attention k
   At = Qt Kt^T * scale / S, their row softmax summed per (q-block, kv-block) tile, then the
   selection and LUT rows. The At dots run on tensor cores in the inputs' own precision (fp16 /
   bf16 operands, fp32 accumulation: the inputs' values and their products are exact, so only the
-  summation order differs from an fp32 matmul).
+  summation order differs from an fp32 matmul). Two passes over the At tiles (row max and sum,
+  then the normalized block sums): each costs 1/S of QK^T's FLOPs; one pass would instead keep
+  every row's per-kv-block partial sums, nq nk / (64 S) floats per head (4 GB for 32 heads at
+  128k tokens), so the recompute is the cheaper side.
 - `_svg_lut_kernel` (one program per head): dense, spatial-masked and temporal-masked attention
   of a few sampled query rows, over every batch; the pattern that errs less is chosen and its
   (cached, precomputed) LUT copied into the head's rows.
