@@ -88,7 +88,7 @@ def test_changed_plan_never_reuses_a_cached_mask(causal, offset):
     assert torch.equal(predict_lut(q, k, v, parse(json.dumps(plans[0])), 0.125, causal, offset)[1], seen[0])
 
 
-def test_cache_is_bounded_and_keyed_by_shape():
+def test_cache_is_bounded_and_keyed_by_shape(monkeypatch):
     q, k, v = _qkv(1, 64)
     sparse_cache.clear()
     p = parse(json.dumps({"method": "window", "window": 32, "sinks": 0}))
@@ -97,6 +97,9 @@ def test_cache_is_bounded_and_keyed_by_shape():
         lut, counts = predict_lut(qq, kk, v[:, :, :n], p, 0.125, True, 0)
         assert lut.shape[-1] == R.n_blocks(n, R.BK)
         assert sparse_cache.entries() <= sparse_cache.MAX_ENTRIES
+    monkeypatch.setattr(sparse_cache, "MAX_BYTES", 3 * sparse_cache.held_bytes() // sparse_cache.entries())
+    predict_lut(q, k, v, parse(json.dumps({"method": "window", "window": 16, "sinks": 0})), 0.125, True, 0)
+    assert sparse_cache.entries() <= 3 and sparse_cache.held_bytes() <= sparse_cache.MAX_BYTES  # bounded in bytes
 
 
 def test_sparsity_json_is_parsed_once(monkeypatch):

@@ -24,11 +24,12 @@ from typing import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 MAX_ENTRIES = 48  # a model's distinct (site parameters, shape) pairs; calibration's plans cycle through
+MAX_BYTES = 1 << 30  # a LUT at 128k tokens and 32 heads is 256 MiB: entries are bounded by size too
 
-_CACHE: OrderedDict = OrderedDict()
+_CACHE: OrderedDict = OrderedDict()  # key -> (value, bytes)
 
 
 def clear() -> None:
@@ -39,15 +40,23 @@ def entries() -> int:
     return len(_CACHE)
 
 
+def held_bytes() -> int:
+    return sum(n for _, n in _CACHE.values())
+
+
+def _nbytes(value) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
 def _lookup(key, build: Callable):
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
-        return hit
+        return hit[0]
     value = build()
-    _CACHE[key] = value
-    if len(_CACHE) > MAX_ENTRIES:
-        _CACHE.popitem(last=False)
+    _CACHE[key] = (value, _nbytes(value))
+    while len(_CACHE) > 1 and (len(_CACHE) > MAX_ENTRIES or held_bytes() > MAX_BYTES):
+        _CACHE.popitem(last=False)  # the least recently used (never the entry just built)
     return value
 
 
