@@ -30,7 +30,7 @@ import torch
 # The tensor-core instruction families worth naming in the report.
 _MMA = re.compile(r"\b((?:tcgen05\.mma|wgmma\.mma_async|mma\.sync)[\w:.]*)")
 
-_PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8",
+_PTR = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8",
         torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv", torch.bool: "i1"}
 
 
@@ -143,9 +143,18 @@ def drive(arch: str, cap: _Capture) -> None:
     attn("block-sparse, second stage", quant=base, lut=lut, counts=counts, pv_threshold=torch.full((4,), 4.0))
 
     cap.label = "sparse predictors"
-    predict.predict_sparge_triton(q, k, 0.1, 0.9, 0.3, is_causal=True)
+    tau, dense = torch.full((4,), 0.9, dtype=torch.float64), torch.zeros(4, dtype=torch.int8)
+    theta = torch.full((4,), 0.3)
+    predict.sparge_lut_triton(q, k, 0.1, tau, theta, None, dense, True, True, 0)
+    predict.sparge_lut_triton(q, k, 0.1, tau, theta, tau, dense, False, False, 0)  # top-k, no sink
     for stride in (4, 8, 16):
-        predict.predict_xattention_triton(q, k, 0.1, stride, 0.9, is_causal=True)
+        predict.xattention_lut_triton(q, k, 0.1, stride, tau, dense, is_causal=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        qs, ks, vs = _qkv(4, 2, n, 64, dtype)
+        pats = torch.zeros(3, n_blocks(n, BQ), n_blocks(n, BK), dtype=torch.int32)
+        predict.svg_lut_triton(qs, ks, vs, 0.125, {"frame_tokens": 64, "prefix_tokens": 8, "spatial_frames": 1,
+                                                   "temporal_tokens": 32}, torch.arange(32, dtype=torch.int32),
+                               pats, torch.zeros(3, n_blocks(n, BQ), 2, dtype=torch.int32), dense, True, 0)
     cap.label = "structured masks"
     masks.window_mask_triton(4, n, n, {"window": 64, "sinks": 64}, True, 0, "cpu")
     masks.radial_mask_triton(n, n, {"frame_tokens": 64, "prefix_tokens": 0, "dense_frames": 1, "min_band": 128},

@@ -10,7 +10,6 @@ timing) gets two calls to time on the site's own inputs: the original and the re
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from typing import Callable, Optional
@@ -112,9 +111,10 @@ def attention_probe(
     stats = {}
     if sparsity:
         from .sparse import sparse_attention_impl
+        from .sparse_params import parse
 
         out, stats = sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                                           scale, quant, pv, smooth_k, arch, impl, json.loads(sparsity),
+                                           scale, quant, pv, smooth_k, arch, impl, parse(sparsity),
                                            return_stats=True, softcap=softcap)
 
         def rewritten():

@@ -7,56 +7,163 @@ as Triton kernels; elsewhere the same arithmetic runs in plain PyTorch (ops/spar
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import torch
 
 from . import aot_inline
 from . import sparse_ref as R
-from ..switches import use_triton as use_triton_for
 from .checks import check_attention_operands
 from .schema import attention_schema
+from .sparse_cache import built_once
+from .sparse_params import Params, freeze, parse
+from ..switches import use_triton as use_triton_for
+
+STATIC_METHODS = ("window", "radial", "block")  # masks from the parameters and shapes alone
 
 
-def predict_block_mask(q, k, v, params: dict, scale: float, is_causal: bool, causal_offset: int,
-                       use_triton: bool) -> torch.Tensor:
-    """[B, Hq, nqb, nkb] kept blocks for `params["method"]` (dense heads keep everything)."""
-    b, hq, nq, _ = q.shape
-    nk = k.shape[2]
+def head_tensors(params: Params, hq: int, device) -> dict:
+    """Per-head parameter tensors the predictor kernels read: tau / topk float64 (the user's
+    decimals, as sparse_ref's selection), theta float32, dense int8 [Hq] (1: keep every block)."""
+    dense = torch.zeros(hq, dtype=torch.int8)
+    dense[list(params.get("dense_heads") or ())] = 1
+    out = {"dense": dense.to(device)}
+    if "tau" in params:
+        out["tau"] = R.per_head(params["tau"], hq, device, torch.float64).contiguous()
+    if params.get("theta") is not None:
+        out["theta"] = R.per_head(params["theta"], hq, device).contiguous()
+    if params.get("topk") is not None:
+        out["topk"] = R.per_head(params["topk"], hq, device, torch.float64).contiguous()
+    lam = pv_thresholds(params, hq, device)
+    if lam is not None:
+        out["pv_threshold"] = lam.contiguous()
+    return out
+
+
+def _heads(q, params: Params) -> dict:
+    hq = q.shape[1]
+    return built_once(q, ("heads", params, hq, q.device), lambda: head_tensors(params, hq, q.device), hq)
+
+
+def _with_dense_heads(keep: torch.Tensor, params: Params, hq: int) -> torch.Tensor:
+    """[Hm, nqb, nkb] (Hm 1 or hq) -> with the dense heads' rows all kept ([hq, ...] then)."""
+    dense = list(params.get("dense_heads") or ())
+    if not dense:
+        return keep
+    keep = keep.expand(hq, -1, -1).clone()
+    keep[dense] = True
+    return keep
+
+
+def _static_mask_build(params: Params, hq, nq, nk, is_causal, causal_offset, device, use_triton):
     method = params["method"]
-    if method == "sparge":
-        fn = R.predict_sparge
-        if use_triton:
-            from ..codegen.sparse.predict import predict_sparge_triton as fn
-        keep = fn(q, k, scale, params["tau"], params["theta"], params.get("topk"), params.get("sink", True),
-                  is_causal, causal_offset)
-    elif method == "xattention":
-        fn = R.predict_xattention
-        if use_triton:
-            from ..codegen.sparse.predict import predict_xattention_triton as fn
-        keep = fn(q, k, scale, int(params["stride"]), params["tau"], is_causal, causal_offset)
-    elif method in ("window", "radial", "block", "svg"):
-        if use_triton:
-            from ..codegen.sparse import masks as M
+    if use_triton:
+        from ..codegen.sparse import masks as M
 
-            window, radial, user, svg = (M.window_mask_triton, M.radial_mask_triton, M.user_block_mask_triton,
-                                         M.svg_masks_triton)
-        else:
-            window, radial, user, svg = R.window_mask, R.radial_mask, R.user_block_mask, None
-        if method == "window":
-            keep = window(hq, nq, nk, params, is_causal, causal_offset, q.device).expand(b, -1, -1, -1)
-        elif method == "radial":
-            keep = radial(nq, nk, params, q.device).expand(b, hq, -1, -1)
-        elif method == "block":
-            keep = user(params["mask"], int(params["block_size"]), nq, nk, hq, q.device).expand(b, -1, -1, -1)
-        else:
-            pre = svg(nq, nk, params, q.device) if svg is not None else None
-            keep, _ = R.predict_svg(q, k, v, scale, params, is_causal, causal_offset, masks=pre)
+        window, radial, user = M.window_mask_triton, M.radial_mask_triton, M.user_block_mask_triton
     else:
+        window, radial, user = R.window_mask, R.radial_mask, R.user_block_mask
+    if method == "window":
+        keep = window(hq, nq, nk, params, is_causal, causal_offset, device)
+    elif method == "radial":
+        keep = radial(nq, nk, params, device)[None]
+    else:
+        keep = user(params["mask"], int(params["block_size"]), nq, nk, hq, device)
+    return _with_dense_heads(keep, params, hq)
+
+
+def _static_key(kind, q, k, params, is_causal, causal_offset, use_triton):
+    return (kind, params, q.shape[1], q.shape[2], k.shape[2], bool(is_causal), causal_offset, q.device,
+            bool(use_triton))
+
+
+def static_mask(q, k, params: Params, is_causal, causal_offset, use_triton) -> torch.Tensor:
+    """[Hm, nqb, nkb] (Hm: 1 or Hq) block mask of a window / radial / block site; shared, read-only."""
+    hq, nq, nk = q.shape[1], q.shape[2], k.shape[2]
+    return built_once(q, _static_key("mask", q, k, params, is_causal, causal_offset, use_triton),
+                      lambda: _static_mask_build(params, hq, nq, nk, is_causal, causal_offset, q.device, use_triton),
+                      hq, nq, nk, causal_offset)
+
+
+def static_lut(q, k, params: Params, is_causal, causal_offset):
+    """(lut, counts) [1, Hm, ...] of a static mask; shared, read-only."""
+    hq, nq, nk = q.shape[1], q.shape[2], k.shape[2]
+
+    def build():
+        keep = _static_mask_build(params, hq, nq, nk, is_causal, causal_offset, q.device, True)
+        return R.block_mask_to_lut(keep[None], nq, nk, is_causal, causal_offset)
+
+    return built_once(q, _static_key("lut", q, k, params, is_causal, causal_offset, True), build,
+                      hq, nq, nk, causal_offset)
+
+
+def _svg_static_build(params: Params, hq, nq, nk, is_causal, causal_offset, device, use_triton):
+    """SVG's two patterns [2, nqb, nkb], its sampled rows, and (Triton) the LUTs of the spatial,
+    temporal and all-blocks masks [3, nqb, nkb] with their counts."""
+    if not use_triton:
+        return {"masks": R.svg_masks(nq, nk, params, device)}
+    from ..codegen.sparse import masks as M
+
+    pats = M.svg_masks_triton(nq, nk, params, device)
+    lut, counts = R.block_mask_to_lut(torch.cat([pats, torch.ones_like(pats[:1])])[None], nq, nk, is_causal,
+                                      causal_offset)
+    return {"masks": pats, "rows": R.svg_rows(nq, params, device).to(torch.int32), "lut": lut[0].contiguous(),
+            "counts": counts[0].contiguous()}
+
+
+def svg_static(q, k, params: Params, is_causal, causal_offset, use_triton) -> dict:
+    hq, nq, nk = q.shape[1], q.shape[2], k.shape[2]
+    return built_once(q, _static_key("svg", q, k, params, is_causal, causal_offset, use_triton),
+                      lambda: _svg_static_build(params, hq, nq, nk, is_causal, causal_offset, q.device, use_triton),
+                      hq, nq, nk, causal_offset)
+
+
+def predict_lut(q, k, v, params: Params, scale: float, is_causal: bool, causal_offset: int):
+    """The Triton path's (lut [B, Hq, nqb, nkb], counts [B, Hq, nqb, 2]) for any method: a static
+    mask's cached LUT, or one predictor launch that writes it."""
+    from ..codegen.sparse import predict as P
+
+    b, hq = q.shape[0], q.shape[1]
+    method = params["method"]
+    if method in STATIC_METHODS:
+        lut, counts = static_lut(q, k, params, is_causal, causal_offset)
+        return lut.expand(b, hq, -1, -1), counts.expand(b, hq, -1, -1)
+    heads = _heads(q, params)
+    if method == "sparge":
+        return P.sparge_lut_triton(q, k, scale, heads["tau"], heads["theta"], heads.get("topk"), heads["dense"],
+                                   params.get("sink", True), is_causal, causal_offset)
+    if method == "xattention":
+        return P.xattention_lut_triton(q, k, scale, int(params["stride"]), heads["tau"], heads["dense"], is_causal,
+                                       causal_offset)
+    if method == "svg":
+        st = svg_static(q, k, params, is_causal, causal_offset, True)
+        return P.svg_lut_triton(q, k, v, scale, params, st["rows"], st["lut"], st["counts"], heads["dense"],
+                                is_causal, causal_offset)
+    raise ValueError(f"unknown sparsity method {method!r}")
+
+
+def predict_block_mask(q, k, v, params, scale: float, is_causal: bool, causal_offset: int,
+                       use_triton: bool) -> torch.Tensor:
+    """[B, Hq, nqb, nkb] kept blocks for `params["method"]` (dense heads keep everything); a
+    fresh tensor the caller may write."""
+    params = freeze(params)
+    b, hq = q.shape[0], q.shape[1]
+    method = params["method"]
+    if method in STATIC_METHODS:
+        return static_mask(q, k, params, is_causal, causal_offset, use_triton).expand(b, hq, -1, -1).clone()
+    if method not in ("sparge", "xattention", "svg"):
         raise ValueError(f"unknown sparsity method {method!r}")
-    keep = keep.clone()
-    dense = params.get("dense_heads") or []
+    if use_triton:
+        return R.lut_to_block_mask(*predict_lut(q, k, v, params, scale, is_causal, causal_offset))
+    if method == "sparge":
+        keep = R.predict_sparge(q, k, scale, params["tau"], params["theta"], params.get("topk"),
+                                params.get("sink", True), is_causal, causal_offset)
+    elif method == "xattention":
+        keep = R.predict_xattention(q, k, scale, int(params["stride"]), params["tau"], is_causal, causal_offset)
+    else:
+        masks = svg_static(q, k, params, is_causal, causal_offset, False)["masks"]
+        keep = R.predict_svg(q, k, v, scale, params, is_causal, causal_offset, masks=masks)[0].clone()
+    dense = list(params.get("dense_heads") or ())
     if dense:
         keep[:, dense] = True
     return keep
@@ -69,13 +176,21 @@ def block_sparsity(keep: torch.Tensor, nq: int, nk: int, is_causal: bool, causal
     return 1.0 - (keep & valid).sum().item() / max(total, 1)
 
 
-def pv_thresholds(params: dict, hq: int, device) -> torch.Tensor | None:
+def lut_sparsity(counts: torch.Tensor, nq: int, nk: int, is_causal: bool, causal_offset: int) -> float:
+    """block_sparsity from a LUT's counts (they list the kept, causally visible blocks)."""
+    valid = R.causal_blocks(nq, nk, causal_offset, counts.device) if is_causal else torch.ones(
+        R.n_blocks(nq, R.BQ), R.n_blocks(nk, R.BK), dtype=torch.bool, device=counts.device)
+    total = valid.sum().item() * counts.shape[0] * counts.shape[1]
+    return 1.0 - counts[..., 1].sum().item() / max(total, 1)
+
+
+def pv_thresholds(params, hq: int, device) -> torch.Tensor | None:
     """The second stage's lambda per head [Hq] (None: off). A head without one, or a dense head,
     never skips (1e30)."""
     lam = params.get("pv_threshold")
-    if not isinstance(lam, list):
+    if not isinstance(lam, (list, tuple)):
         lam = [lam] * hq
-    dense = set(params.get("dense_heads") or [])
+    dense = set(params.get("dense_heads") or ())
     lam = [None if h in dense else x for h, x in enumerate(lam)]
     if all(x is None for x in lam):
         return None
@@ -83,21 +198,29 @@ def pv_thresholds(params: dict, hq: int, device) -> torch.Tensor | None:
 
 
 def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
-                          smooth_k, arch, impl, params: dict, return_stats: bool = False, softcap: float = 0.0):
+                          smooth_k, arch, impl, params, return_stats: bool = False, softcap: float = 0.0):
+    params = freeze(params)
     use_triton = use_triton_for(q, arch, impl)
-    block_keep = predict_block_mask(q, k, v, params, scale, is_causal, causal_offset, use_triton)
-    lam = pv_thresholds(params, q.shape[1], q.device)
+    nq, nk = q.shape[2], k.shape[2]
     if use_triton:
         from ..codegen.attention.launch import attention_triton
 
-        lut, counts = R.block_mask_to_lut(block_keep, q.shape[2], k.shape[2], is_causal, causal_offset)
+        lut, counts = predict_lut(q, k, v, params, scale, is_causal, causal_offset)
+        lam = _heads(q, params).get("pv_threshold")
         out = attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
                                pv, smooth_k, False, arch, lut=lut, counts=counts, pv_threshold=lam, softcap=softcap)
+        if return_stats:
+            return out, {"sparsity": lut_sparsity(counts, nq, nk, is_causal, causal_offset)}
+        return out
+    if params["method"] in STATIC_METHODS:
+        block_keep = static_mask(q, k, params, is_causal, causal_offset, False).expand(q.shape[0], q.shape[1], -1, -1)
     else:
-        out = R.sparse_attention_reference(q, k, v, block_keep, attn_bias, keep_mask, masked_value, is_causal,
-                                           causal_offset, scale, quant, pv, smooth_k, pv_threshold=lam, softcap=softcap)
+        block_keep = predict_block_mask(q, k, v, params, scale, is_causal, causal_offset, False)
+    lam = pv_thresholds(params, q.shape[1], q.device)
+    out = R.sparse_attention_reference(q, k, v, block_keep, attn_bias, keep_mask, masked_value, is_causal,
+                                       causal_offset, scale, quant, pv, smooth_k, pv_threshold=lam, softcap=softcap)
     if return_stats:
-        return out, {"sparsity": block_sparsity(block_keep, q.shape[2], k.shape[2], is_causal, causal_offset)}
+        return out, {"sparsity": block_sparsity(block_keep, nq, nk, is_causal, causal_offset)}
     return out
 
 
@@ -124,7 +247,7 @@ def _sparse_attention_body(
     the cap is monotonic, so the blocks they rank highest stay the highest)."""
     check_attention_operands("attnopt::sparse_attention", q, k, v, attn_bias, keep_mask)
     return sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
-                                 pv, smooth_k, arch, impl, json.loads(sparsity), softcap=softcap)
+                                 pv, smooth_k, arch, impl, parse(sparsity), softcap=softcap)
 
 
 sparse_attention_op = torch.library.triton_op(

@@ -273,12 +273,8 @@ def user_block_mask(mask, block_size: int, nq: int, nk: int, h: int, device) -> 
                                            device) for mm in m])
 
 
-def predict_svg(q, k, v, scale: float, params: dict, is_causal: bool, causal_offset: int, masks=None):
-    """Sparse VideoGen: per head, the spatial (nearby frames) or temporal (same position across
-    frames) mask, whichever errs less on a few sampled query rows. -> [B, H, nqb, nkb], choice [H]."""
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    dev = q.device
+def _svg_patterns(params: dict):
+    """SVG's element predicates: spatial (nearby frames) and temporal (same in-frame position)."""
     s, pre = int(params["frame_tokens"]), int(params["prefix_tokens"])
     sf, tt = int(params["spatial_frames"]), int(params["temporal_tokens"])
 
@@ -293,7 +289,26 @@ def predict_svg(q, k, v, scale: float, params: dict, is_causal: bool, causal_off
         (_, pi), (_, pj) = frames(i), frames(j)
         return (i < pre) | (j < pre) | ((pi - pj).abs() * 2 < tt)
 
-    rows = torch.linspace(0, nq - 1, min(int(params["sample_rows"]), nq), device=dev).round().long()
+    return spatial, temporal
+
+
+def svg_masks(nq: int, nk: int, params: dict, device) -> torch.Tensor:
+    """[2, nqb, nkb]: SVG's spatial and temporal block masks."""
+    return torch.stack([_element_to_blocks(fn, nq, nk, device) for fn in _svg_patterns(params)])
+
+
+def svg_rows(nq: int, params: dict, device) -> torch.Tensor:
+    """The query rows SVG samples to choose a head's pattern."""
+    return torch.linspace(0, nq - 1, min(int(params["sample_rows"]), nq), device=device).round().long()
+
+
+def predict_svg(q, k, v, scale: float, params: dict, is_causal: bool, causal_offset: int, masks=None):
+    """Sparse VideoGen: per head, the spatial (nearby frames) or temporal (same position across
+    frames) mask, whichever errs less on a few sampled query rows. -> [B, H, nqb, nkb], choice [H]."""
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    dev = q.device
+    rows = svg_rows(nq, params, dev)
     g = hq // k.shape[1]
     kk, vv = finite_or_zero(k).repeat_interleave(g, 1), finite_or_zero(v).repeat_interleave(g, 1)
     logit = torch.matmul(finite_or_zero(q)[:, :, rows], kk.transpose(-1, -2)) * scale  # [B, H, R, nk]
@@ -303,13 +318,13 @@ def predict_svg(q, k, v, scale: float, params: dict, is_causal: bool, causal_off
         allowed = j <= rows[:, None] + causal_offset
     dense = torch.matmul(torch.softmax(logit.masked_fill(~allowed, -math.inf), -1), vv)
     errs = []
-    for fn in (spatial, temporal):
+    for fn in _svg_patterns(params):
         m = fn(rows[:, None], j) & allowed
         o = torch.matmul(torch.softmax(logit.masked_fill(~m, -math.inf), -1).nan_to_num(0), vv)
         errs.append(((o - dense).abs().sum((0, 2, 3)) / dense.abs().sum((0, 2, 3)).clamp_min(1e-12)))
     choice = (errs[1] < errs[0]).long()  # [H]: 0 spatial, 1 temporal
-    if masks is None:  # (the GPU path passes them in, from codegen/sparse/masks.py)
-        masks = torch.stack([_element_to_blocks(spatial, nq, nk, dev), _element_to_blocks(temporal, nq, nk, dev)])
+    if masks is None:  # (the op passes them in, built once: ops/sparse.py)
+        masks = svg_masks(nq, nk, params, dev)
     return masks[choice].expand(b, hq, *masks.shape[1:]), choice
 
 
@@ -336,6 +351,13 @@ def block_mask_to_lut(keep: torch.Tensor, nq: int, nk: int, is_causal: bool, cau
     lut = rank.argsort(dim=-1).to(torch.int32)
     counts = torch.stack([full.sum(-1), keep.sum(-1)], dim=-1).to(torch.int32)
     return lut.contiguous(), counts.contiguous()
+
+
+def lut_to_block_mask(lut: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(lut, counts) -> the block mask [B, H, nqb, nkb] they list (block_mask_to_lut's inverse on
+    the causally visible blocks)."""
+    listed = torch.arange(lut.shape[-1], device=lut.device) < counts[..., 1:2]
+    return torch.zeros(lut.shape, dtype=torch.bool, device=lut.device).scatter(-1, lut.long(), listed)
 
 
 def expand_block_mask(keep: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
