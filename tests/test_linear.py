@@ -104,7 +104,8 @@ def test_w4a16_reference_and_kernel(dtype, m):
 
 @pytest.mark.parametrize("m", [3, 40])
 def test_w4a16_kernel_with_bias(m):
-    """M <= 16 splits K (fp32 partials summed on the host); larger M adds the bias in the kernel."""
+    """M <= 16 splits K (fp32 partials added up by each tile's last split, bias included); larger M
+    adds the bias in the kernel."""
     x = torch.randn(m, 1024).bfloat16()
     w, b = torch.randn(72, 1024) * 0.05, torch.randn(72).bfloat16()
     pk, sc, zr = L.quantize_weight_int4(w)

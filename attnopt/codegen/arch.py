@@ -145,6 +145,11 @@ if tuple(a for a in ARCHS if a != "cpu") != switches.GPU_ARCHS:
     raise ImportError(f"attnopt.switches.GPU_ARCHS {switches.GPU_ARCHS} must list codegen/arch.py's GPU rows")
 
 
+# 8-bit GEMM-path rows up to which the activation is quantized in the GEMM's prologue (one launch)
+# rather than by a pre-kernel: codegen/linear/w8a8.py's docstring says why
+FUSED_QUANT_MAX_M = 64
+
+
 def arch_for_capability(major: int, minor: int) -> str:
     """Compute capability -> table row (the nearest row at or below it)."""
     if major >= 12:

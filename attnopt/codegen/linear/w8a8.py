@@ -33,13 +33,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import casts
-from ..arch import ARCHS, GemmTile, autotune_bucket
+from ..arch import ARCHS, FUSED_QUANT_MAX_M, GemmTile, autotune_bucket
 from ..casts import to_16bit, to_e4m3
 from ...switches import interpreted
 from .splitk import publish_partial, split_count, store_output, sum_partials, tile_counters
-
-FUSED_QUANT_MAX_M = 64  # GEMM-path rows up to which the activation is quantized in the GEMM's prologue
-
 
 @triton.jit
 def _row_scale(amax, FMT: tl.constexpr):
