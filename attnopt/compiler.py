@@ -234,10 +234,11 @@ class FreshWeights:
         self._pick = (operator.itemgetter(*positions) if len(positions) > 1
                       else (lambda args, i=positions[0]: (args[i],)) if positions else (lambda args: ()))
         self._baked_inputs = tuple(t for i, t, *_ in self.checks if i is not None)
-        self._held = tuple(t for _, t, *_ in self.checks)
-        self._ptrs = tuple(ptr for *_, ptr, _ in self.checks)
-        self._versioned = tuple(t for _, t, v, *_ in self.checks if v is not None)
-        self._versions = tuple(v for _, _, v, *_ in self.checks if v is not None)
+        once = list({id(t): (t, v, ptr) for _, t, v, ptr, _ in self.checks}.values())  # a tensor baked twice: once
+        self._held = tuple(t for t, _, _ in once)
+        self._ptrs = tuple(ptr for _, _, ptr in once)
+        self._versioned = tuple(t for t, v, _ in once if v is not None)
+        self._versions = tuple(v for _, v, _ in once if v is not None)
 
     def _stale(self, args) -> bool:
         """Whether any baked parameter changed: `_changed`'s loop for a few (cheaper than setting
