@@ -144,11 +144,11 @@ def test_public_function_picks_the_kernels():
 
 
 @pytest.mark.parametrize("fmt", [f for f in ("int8", "fp8") if ("w8a8" if f == "int8" else "fp8") in SPEC.linear_formats])
-@pytest.mark.parametrize("m,k", [(1, 1000), (16, 4096), (77, 1000), (4096, 4096), (300, 11008)])
+@pytest.mark.parametrize("m,k", [(1, 1000), (16, 4096), (40, 4096), (77, 1000), (4096, 4096), (300, 11008)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_8bit_gemm(fmt, m, k, dtype):
     """Autotuned (every tile timed, then the winner), then each tile forced; activation rows of
-    one block (<= 8192) and of several."""
+    one block (<= 8192) and of several; M = 40 quantizes x in the GEMM's prologue."""
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     w = torch.randn(3000, k, device="cuda") * 0.05
     b = torch.randn(3000, device="cuda", dtype=dtype)
@@ -168,8 +168,30 @@ def test_w4a16_gemm(m, dtype):
     w = torch.randn(3000, 1024, device="cuda") * 0.05
     b = torch.randn(3000, device="cuda", dtype=dtype)
     pk, sc, zr = L.quantize_weight_int4(w)
-    for bias in (None, b):  # M <= 16: K split, host-side sum; larger M: the kernel's epilogue
-        out = linear_w4a16_triton(x, pk, sc, zr, bias)
-        assert out.dtype == dtype and not torch.isnan(out).any()
-        assert rel_l1(out, L.linear_w4a16_ref(x, pk, sc, zr, bias)) <= 2e-3
+    tiles = SPEC.w4_decode_tiles if m <= 16 else SPEC.w4_tiles
+    for bias in (None, b):  # M <= 16: K split, the last split of a tile adds the partials up
+        for tile in (None, *tiles):  # autotuned, then each tile of the table forced
+            out = linear_w4a16_triton(x, pk, sc, zr, bias, arch=ARCH, tile=tile)
+            assert out.dtype == dtype and not torch.isnan(out).any()
+            assert rel_l1(out, L.linear_w4a16_ref(x, pk, sc, zr, bias)) <= 2e-3, tile
     assert rel_l1(out, x.double() @ w.double().T + b.double()) <= 0.12
+
+
+def test_split_k_reduction_is_deterministic_on_the_gpu():
+    """Split-K programs finish in any order on a GPU; the last one adds the partials in split
+    order, so repeated calls agree bit for bit and the ticket counters end at zero."""
+    from attnopt.codegen.linear import splitk
+
+    x = torch.randn(4, 8192, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3000, 8192, device="cuda") * 0.05
+    wq, ws = L.quantize_weight(w, "int8")
+    pk, sc, zr = L.quantize_weight_int4(w)
+    first8 = linear_8bit_triton(x, wq, ws, None, "int8", ARCH)
+    first4 = linear_w4a16_triton(x, pk, sc, zr, None, arch=ARCH)
+    for _ in range(20):
+        assert torch.equal(linear_8bit_triton(x, wq, ws, None, "int8", ARCH), first8)
+        assert torch.equal(linear_w4a16_triton(x, pk, sc, zr, None, arch=ARCH), first4)
+    assert rel_l1(first8, L.linear_w8a8_ref(x, wq, ws, None, "int8")) <= 2e-3
+    assert rel_l1(first4, L.linear_w4a16_ref(x, pk, sc, zr, None)) <= 2e-3
+    torch.cuda.synchronize()
+    assert not splitk.tile_counters(x, 1).any()

@@ -104,7 +104,8 @@ def test_w4a16_reference_and_kernel(dtype, m):
 
 @pytest.mark.parametrize("m", [3, 40])
 def test_w4a16_kernel_with_bias(m):
-    """M <= 16 splits K (fp32 partials summed on the host); larger M adds the bias in the kernel."""
+    """M <= 16 splits K (fp32 partials added up by each tile's last split, bias included); larger M
+    adds the bias in the kernel."""
     x = torch.randn(m, 1024).bfloat16()
     w, b = torch.randn(72, 1024) * 0.05, torch.randn(72).bfloat16()
     pk, sc, zr = L.quantize_weight_int4(w)
@@ -557,3 +558,32 @@ def test_small_m_path_is_reported_per_site():
     assert notes["w8a8", 128][0] == "gemm" and "per-token INT8" in notes["w8a8", 128][1]
     assert notes["w4a16", 1][0] == "small-m" and "split-K" in notes["w4a16", 1][1]
     assert notes["w4a16", 128][0] == "gemm" and "M=128" in notes["w4a16", 128][1]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 50])
+@pytest.mark.parametrize("change", ["none", "mul_", "swapped_data", "new_input", "get_attr_mul_"])
+def test_fresh_weights_check_sees_every_kind_of_change(n, change):
+    """The per-call staleness check (the loop for a few parameters, the C-level sweeps from
+    FreshWeights.SWEEP_FROM on) sees in-place writes, swapped .data and replaced inputs, for
+    parameters passed as graph inputs and held as get_attr constants, and nothing else."""
+    from attnopt.compiler import FreshWeights
+
+    ts = [nn.Parameter(torch.randn(3, 3)) for _ in range(n)]
+    k = (n + 1) // 2  # the first half are graph inputs (after one activation), the rest get_attr
+    args = [torch.randn(2)] + ts[:k]
+    baked = [(1 + j, t, f"in{j}") for j, t in enumerate(ts[:k])] + [(None, t, f"attr{j}") for j, t in enumerate(ts[k:])]
+    fw = FreshWeights(None, lambda *a: None, baked, None)
+    assert not fw._stale(args) and fw._changed(args) is None
+    last = k - 1  # the last graph input: the sweep's final element
+    with torch.no_grad():
+        if change == "mul_":
+            ts[last].mul_(2)
+        elif change == "swapped_data":
+            ts[last].data = torch.randn(3, 3)
+        elif change == "new_input":
+            args[1 + last] = nn.Parameter(ts[last].detach().clone())
+        elif change == "get_attr_mul_" and n > 1:
+            ts[-1].add_(1)
+    stale = change != "none" and not (change == "get_attr_mul_" and n == 1)
+    assert fw._stale(args) == stale
+    assert (fw._changed(args) is not None) == stale

@@ -55,6 +55,10 @@ class ArchSpec:
     attn_tiles: dict[int, tuple[Tile, ...]] = field(default_factory=dict)
     gemm_tiles: tuple[GemmTile, ...] = ()
     linear_formats: tuple[str, ...] = ("w8a8", "w4a16")
+    # W4A16 tiles (BLOCK_K divides the 128-wide quantization group): M > 16, and decode
+    # (M <= 16, split K); the first of each is the default
+    w4_tiles: tuple[GemmTile, ...] = ()
+    w4_decode_tiles: tuple[GemmTile, ...] = ()
 
     def attention_tiles(self, head_dim: int) -> tuple[Tile, ...]:
         for bucket in sorted(self.attn_tiles):
@@ -106,27 +110,44 @@ _GEMM_DEFAULT = (
     GemmTile(64, 64, 128, 4, 3), GemmTile(128, 256, 64, 8, 3),
 )
 
+# W4A16 dequantizes in registers: a stage holds BLOCK_M x BLOCK_K 16-bit x and BLOCK_N x BLOCK_K / 2
+# packed bytes, so every tile here fits the consumer parts' ~100 KB too.
+_W4_TILES = (
+    GemmTile(64, 64, 64, 4, 3), GemmTile(128, 128, 64, 8, 3), GemmTile(128, 64, 64, 4, 4),
+    GemmTile(64, 128, 128, 4, 3),
+)
+_W4_DECODE_TILES = (  # one row-tile of 16; a wider or deeper weight tile per program
+    GemmTile(16, 64, 64, 4, 3), GemmTile(16, 128, 64, 4, 3), GemmTile(16, 64, 128, 4, 4),
+    GemmTile(16, 32, 128, 2, 4),
+)
+_W4 = dict(w4_tiles=_W4_TILES, w4_decode_tiles=_W4_DECODE_TILES)
+
 ARCHS: dict[str, ArchSpec] = {
     # name     capability  QK^T formats      P.V formats       pv auto  fp4    tma    smem
     "sm80": ArchSpec("sm80", (8, 0), ("int8",), ("fp16",), "fp16", False, False, 163,
-                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16")),
+                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16"), **_W4),
     "sm86": ArchSpec("sm86", (8, 6), ("int8",), ("fp16",), "fp16", False, False, 99,
-                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16")),
+                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16"), **_W4),
     "sm89": ArchSpec("sm89", (8, 9), ("int8", "fp8"), ("fp16", "fp8"), "fp8", False, False, 99,
-                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
     "sm90": ArchSpec("sm90", (9, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", False, True, 227,
-                     _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+                     _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
     "sm100": ArchSpec("sm100", (10, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp8", True, True, 227,
-                      _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+                      _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
     "sm120": ArchSpec("sm120", (12, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp8", True, True, 99,
-                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
     # The reference path emulates every format; pv "auto" follows the Ampere default.
     "cpu": ArchSpec("cpu", None, ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp16", True, False, 0,
-                    _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16")),
+                    _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
 }
 
 if tuple(a for a in ARCHS if a != "cpu") != switches.GPU_ARCHS:
     raise ImportError(f"attnopt.switches.GPU_ARCHS {switches.GPU_ARCHS} must list codegen/arch.py's GPU rows")
+
+
+# 8-bit GEMM-path rows up to which the activation is quantized in the GEMM's prologue (one launch)
+# rather than by a pre-kernel: codegen/linear/w8a8.py's docstring says why
+FUSED_QUANT_MAX_M = 64
 
 
 def arch_for_capability(major: int, minor: int) -> str:

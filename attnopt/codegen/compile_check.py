@@ -168,17 +168,22 @@ def drive(arch: str, cap: _Capture) -> None:
     w = torch.randn(256, 512) * 0.05
     for fmt in [f for f in ("int8", "fp8") if {"int8": "w8a8", "fp8": "fp8"}[f] in spec.linear_formats]:
         wq, ws = quantize_weight(w, fmt)
-        for m in (64, 4):
+        for m in (200, 40, 4):  # pre-quantized GEMM, GEMM quantizing in its prologue, split-K weight-only
             cap.label = f"linear {fmt} M={m}"
             linear_8bit_triton(torch.randn(m, 512, dtype=torch.bfloat16), wq, ws, torch.randn(256), fmt, arch)
         for t in spec.gemm_tiles[1:]:  # the GPU autotunes over every tile of the table
-            cap.label = f"linear {fmt} M=64 tile {t.block_m}x{t.block_n}x{t.block_k}"
-            linear_8bit_triton(torch.randn(64, 512, dtype=torch.bfloat16), wq, ws, None, fmt, arch, tile=t)
+            for m in (200, 40):
+                cap.label = f"linear {fmt} M={m} tile {t.block_m}x{t.block_n}x{t.block_k}"
+                linear_8bit_triton(torch.randn(m, 512, dtype=torch.bfloat16), wq, ws, None, fmt, arch, tile=t)
     pk, sc, zr = quantize_weight_int4(w)
     for dtype in (torch.float16, torch.bfloat16):
-        for m in (64, 1):
+        for m in (64, 1):  # one K split; split K
             cap.label = f"linear w4a16 {str(dtype)[6:]} M={m}"
-            linear_w4a16_triton(torch.randn(m, 512, dtype=dtype), pk, sc, zr, torch.randn(256, dtype=dtype))
+            linear_w4a16_triton(torch.randn(m, 512, dtype=dtype), pk, sc, zr, torch.randn(256, dtype=dtype), arch=arch)
+    for m, tiles in ((64, spec.w4_tiles), (1, spec.w4_decode_tiles)):
+        for t in tiles[1:]:  # autotuned on the GPU too
+            cap.label = f"linear w4a16 M={m} tile {t.block_m}x{t.block_n}x{t.block_k}"
+            linear_w4a16_triton(torch.randn(m, 512, dtype=torch.bfloat16), pk, sc, zr, None, arch=arch, tile=t)
 
 
 # ------------------------------------------------------------------------------ compiling

@@ -42,7 +42,7 @@ def linear_w4a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     if _triton(x, arch, impl):
         from ..codegen.linear.w4a16 import linear_w4a16_triton
 
-        return linear_w4a16_triton(x, packed, scale, zero, bias, group)
+        return linear_w4a16_triton(x, packed, scale, zero, bias, group, arch)
     return L.linear_w4a16_ref(x, packed, scale, zero, bias, group)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from ..codegen.arch import ArchSpec
+from ..codegen.arch import FUSED_QUANT_MAX_M, ArchSpec
 from ..logs import log
 from ..ops import linear_ref as L
 from ..report import SiteRecord
@@ -191,10 +191,11 @@ def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
         act = "INT8" if fmt == "w8a8" else "FP8"
         if m is None:
             return "dynamic", (f"M known at run time: M<={small_m} weight-only split-K GEMV (16-bit x), "
-                               f"else per-token {act} GEMM")
+                               f"else per-token {act} GEMM (x quantized in its prologue up to M={FUSED_QUANT_MAX_M})")
         if m <= small_m:
             return "small-m", f"M={m}<={small_m}: weight-only split-K GEMV, activations stay 16-bit"
-        return "gemm", f"M={m}: per-token {act} activations, 8-bit GEMM"
+        where = "in the GEMM's prologue (one launch)" if m <= FUSED_QUANT_MAX_M else "by a pre-kernel"
+        return "gemm", f"M={m}: per-token {act} activations quantized {where}, 8-bit GEMM"
     if fmt == "w4a16":
         if m is None:
             return "dynamic", "M known at run time: M<=16 split-K (BLOCK_M 16), else tiled GEMM"

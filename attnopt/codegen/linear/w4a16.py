@@ -1,10 +1,16 @@
 """Where the W4A16 linear kernel is: int4 weights (groups of 128 along K, asymmetric), two per
 byte, dequantized in registers inside the GEMM; 16-bit activations (fp16 or bf16) and fp32
-accumulation. One kernel for every M; small M (decode) takes BLOCK_M = 16 and splits K across
-programs so that a single row still fills the GPU. The arithmetic is ops/linear_ref's.
+accumulation. One kernel and one launch for every M: small M (decode, M <= 16) takes the arch
+table's decode tiles (BLOCK_M 16) and splits K across programs so that a single row still
+fills the GPU, the last split of each tile adding the partials up in the kernel (splitk.py).
+On a GPU the tiles are autotuned over the arch table's list for the M regime; under the
+interpreter and on CPU tensors (compile checks) the list's first runs. The arithmetic is
+ops/linear_ref's.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -12,16 +18,22 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import casts
-from ..casts import store_cast, to_16bit
+from ..arch import ARCHS, GemmTile, autotune_bucket
+from ..casts import to_16bit
+from ...switches import interpreted
+from .splitk import publish_partial, split_count, store_output, sum_partials, tile_counters
+
+SMALL_M = 16  # rows up to which K is split (decode)
 
 
 @triton.jit
-def _w4a16_kernel(X, stride_xm, stride_xk, PK, stride_pn, stride_pk, S, Z, stride_sn, stride_sg, OUT, stride_os,
-                  stride_om, BIAS, M, N, K, K_PER_SPLIT, GROUP: tl.constexpr, ACT: tl.constexpr, EMULATE: tl.constexpr,
-                  EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """EPILOGUE (one K split): bias added and the result stored in OUT's dtype; otherwise each
-    split stores its fp32 partial sum, which the host adds up."""
+def _w4a16_kernel(X, stride_xm, stride_xk, PK, stride_pn, stride_pk, S, Z, stride_sn, stride_sg, OUT, stride_om,
+                  stride_on, P, stride_ps, stride_pm, CNT, BIAS, M, N, K, K_PER_SPLIT, SPLITS, M_BUCKET,
+                  GROUP: tl.constexpr, ACT: tl.constexpr, EMULATE: tl.constexpr, SPLIT: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K split of one output tile. Without SPLIT the tile is stored with its bias; with it
+    each split stores its fp32 partial and the last to finish adds them up (splitk.py).
+    BLOCK_K divides GROUP, so one block reads one group's scale and zero."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -42,41 +54,73 @@ def _w4a16_kernel(X, stride_xm, stride_xk, PK, stride_pn, stride_pk, S, Z, strid
         z = tl.load(Z + offs_n * stride_sn + g * stride_sg, mask=offs_n < N, other=0.0)
         w = to_16bit((q - z[:, None]) * s[:, None], ACT, EMULATE)
         acc = tl.dot(to_16bit(x, ACT, EMULATE), tl.trans(w), acc)
-    if EPILOGUE:
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        out = store_cast(acc, OUT.dtype.element_ty, EMULATE)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    out_ptrs = OUT + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT:
+        part = P + offs_m[:, None] * stride_pm + offs_n[None, :]
+        counter = CNT + pid_m * tl.num_programs(1) + pid_n
+        if publish_partial(acc, part + split * stride_ps, mask, counter) == SPLITS - 1:
+            acc = sum_partials(part, stride_ps, mask, SPLITS, counter, BLOCK_M, BLOCK_N)
+            store_output(acc, out_ptrs, mask, BIAS, offs_n, N, HAS_BIAS, EMULATE)
     else:
-        out = acc
-    tl.store(OUT + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], out,
-             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        store_output(acc, out_ptrs, mask, BIAS, offs_n, N, HAS_BIAS, EMULATE)
+
+
+def w4a16_tiles(arch: str, m: int) -> tuple[GemmTile, ...]:
+    """The arch table's W4A16 tiles for this M: decode tiles (BLOCK_M 16) up to SMALL_M rows."""
+    spec = ARCHS[arch]
+    return spec.w4_decode_tiles if m <= SMALL_M else spec.w4_tiles
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned_w4a16(arch: str, decode: bool):
+    """_w4a16_kernel autotuned over the arch table's tiles for one M regime, per M bucket."""
+    tiles = w4a16_tiles(arch, 1 if decode else SMALL_M + 1)
+    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
+                             num_warps=t.warps, num_stages=t.stages) for t in tiles]
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "SPLITS", "GROUP", "ACT", "HAS_BIAS"])(
+        _w4a16_kernel)
 
 
 def linear_w4a16_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                        bias: torch.Tensor | None, group: int = 128) -> torch.Tensor:
+                        bias: torch.Tensor | None, group: int = 128, arch: str = "cpu",
+                        tile: GemmTile | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x dequant(W)^T + b in one launch; `tile` forces a config (else autotuned on a GPU,
+    the table's first elsewhere); `out` [M, N] lets tests pass a poisoned buffer."""
     shape = x.shape
     k = shape[-1]
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], packed.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
-        return x.new_empty(*shape[:-1], n)
-    block_k = min(group, 64)
-    small = m <= 16
-    block_m, block_n = (16, 64) if small else (64, 64)
-    splits = max(1, min(16, k // (4 * block_k))) if small else 1
-    per_split = triton.cdiv(triton.cdiv(k, splits), group) * group  # a split never cuts a group
-    splits = triton.cdiv(k, per_split)
-    direct = splits == 1
-    part = torch.empty(splits, m, n, dtype=x.dtype if direct else torch.float32, device=x.device)
+        return out.reshape(*shape[:-1], n)
+    decode = m <= SMALL_M
+    tiles = w4a16_tiles(arch, m)
+    if tile is None and (interpreted() or x.device.type != "cuda"):
+        tile = tiles[0]
+    # the split count is fixed per shape (not per tile): a split never cuts a group
+    splits, per_split = split_count(k, tiles[0].block_k, group) if decode else (1, k)
+    if splits > 1:
+        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        smallest = (tile,) if tile is not None else tiles
+        counters = tile_counters(x2, max(triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n) for t in smallest))
+    else:
+        part, counters = out, out  # unused
     act = tl.float16 if x.dtype == torch.float16 else tl.bfloat16
-    wrap_triton(_w4a16_kernel)[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
-        x2, x2.stride(0), x2.stride(1), packed, packed.stride(0), packed.stride(1), scale, zero, scale.stride(0),
-        scale.stride(1), part, part.stride(0), part.stride(1), bias if bias is not None else scale,
-        m, n, k, per_split, GROUP=group, ACT=act, EMULATE=casts.EMULATE, EPILOGUE=direct,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    if direct:
-        return part[0].reshape(*shape[:-1], n)
-    y = part.sum(dim=0)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*shape[:-1], n)
+    args = (x2, x2.stride(0), x2.stride(1), packed, packed.stride(0), packed.stride(1), scale, zero, scale.stride(0),
+            scale.stride(1), out, out.stride(0), out.stride(1), part, part.stride(0), part.stride(1), counters,
+            bias if bias is not None else scale, m, n, k, per_split, splits, autotune_bucket(m))
+    consts = dict(GROUP=group, ACT=act, EMULATE=casts.EMULATE, SPLIT=splits > 1, HAS_BIAS=bias is not None)
+    if tile is None:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits)
+
+        wrap_triton(autotuned_w4a16(arch, decode))[grid](*args, **consts)
+    else:
+        if group % tile.block_k:
+            raise ValueError(f"W4A16 BLOCK_K {tile.block_k} must divide the group ({group})")
+        grid = (triton.cdiv(m, tile.block_m), triton.cdiv(n, tile.block_n), splits)
+        wrap_triton(_w4a16_kernel)[grid](*args, **consts, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                         BLOCK_K=tile.block_k, num_warps=tile.warps, num_stages=tile.stages)
+    return out.reshape(*shape[:-1], n)
