@@ -17,8 +17,11 @@ Variants are constexpr switches, chosen per architecture in codegen/arch.py:
   USE_TMA  Q/K/V tiles through tensor descriptors (TMA on sm90+; 4-D, so a tile past the end of
            one head reads zeros, and an unpadded head dim is zero-filled too; not with NVFP4)
   SOFTCAP  logit soft-capping (Gemma 2, Grok): after QK^T, logits (log2 units, K smoothing's
-           per-row shift QKM added back first: tanh is not shift-invariant) become
+           per-row shift added back first: tanh is not shift-invariant) become
            CAP2 * tanh(s / CAP2) with CAP2 = softcap * log2(e), before bias and masks
+  ROW_DOT  QKM holds each Q row's dot with K's mean (quantize kernel): K smoothing shifted the
+           row's logits by -qk_scale times it; SOFTCAP adds that back before tanh, else HAS_LSE
+           adds sm_scale times it to the LSE in the epilogue
   SPARSE   visit only the kv-blocks a predictor kept (a LUT per q-block: full tiles, then those
            needing element masks); HAS_LAMBDA adds the second stage (skip exp and P.V of tiles
            whose row maxima trail the running maxima by more than lambda)
@@ -28,9 +31,10 @@ FILL (log2 units), keys past the end never count, rows with no kept key give 0 (
 or the plain mean of V (finite FILL, as eager softmax over equal logits).
 
 Non-finite inputs (attention_ref.poisoned_rows): operands arrive with them zeroed (quantize
-kernels; the 16-bit Q / K / V are zeroed on load), a NaN / +inf bias counts as 0, and BAD flags
-each key whose K or V row held one, BADQ each query row. A row that attends such a key unmasked (or a NaN / +inf
-bias) is stored as NaN; every other row is computed as if the values were 0.
+kernels; the 16-bit Q / K / V are zeroed on load), a NaN / +inf bias counts as 0, BAD flags
+each key whose K or V row held one (statistics kernel), BADQ each quantized query row (quantize
+kernel; a 16-bit Q tile is checked here). A row that attends such a key unmasked (or a NaN /
++inf bias) is stored as NaN; every other row is computed as if the values were 0.
 """
 
 from __future__ import annotations
@@ -386,8 +390,8 @@ def _attn_fwd(
         no_key = m_i == float("-inf")
         o = tl.where(no_key[:, None], 0.0, o)
         lse = tl.where(no_key, float("-inf"), lse)
-    if ROW_DOT:  # undo K smoothing's shift of the row's logits (-inf stays -inf)
-        lse = lse + qkm * sm_scale
+    if ROW_DOT and not SOFTCAP:  # undo K smoothing's shift of the row's logits (-inf stays -inf);
+        lse = lse + qkm * sm_scale  # soft-capped logits had it added back before tanh
     o = tl.where(bad_i[:, None] != 0, float("nan"), o)
     lse = tl.where(bad_i != 0, float("nan"), lse)
     out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od

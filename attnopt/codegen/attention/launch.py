@@ -1,4 +1,7 @@
-"""Host side of the attention kernels: quantize, pick the arch's tile configs, launch.
+"""Host side of the attention kernels: statistics, quantize, pick the arch's tile configs, launch.
+
+At most three launches and no full-size torch op per call: the K / V statistics (stats.py), Q, K
+and V quantized together (quantize.py; none for 16-bit Q, K and V), the attention kernel.
 
 Every launch goes through `torch.library.wrap_triton`, so inside torch.compile the op's body
 traces into Inductor's graph and Inductor inlines the kernels into its generated code. On a GPU

@@ -1,13 +1,15 @@
-"""Fused quantize kernels for attention: Q and K to per-block INT8 / FP8 / NVFP4, V to
-per-channel FP8 or NVFP4.
+"""Quantize kernels for attention: Q and K to per-block INT8 / FP8 / NVFP4, V to per-channel FP8
+or NVFP4, all three in one launch (`quantize_qkv`, after `kv_stats`: the op's second launch).
 
 Q: `scale * log2(e)` folded in (the attention kernel works in the exp2 domain), optionally each
 block's mean subtracted (Q smoothing; the means are written out for the kernel's correction
-term). K: its token mean subtracted first (K smoothing, exact under softmax). Outputs are padded
+term), its non-finite rows flagged and (soft-capping, LSE) each row's dot with K's mean stored.
+K: its token mean subtracted first (K smoothing, exact under softmax). Outputs are padded
 to BLOCK_D columns with zeros, head dim contiguous (K-major for the QK^T dot), and never alias
 the caller's tensors. The arithmetic is exactly attention_ref.quantize_rows (INT8 / FP8) and
 nvfp4.quantize_rows (NVFP4: packed e2m1 codes [.., N, BLOCK_D / 2] and e4m3 group scales
-[.., N, BLOCK_D / 16] beside the per-block fp32 scale).
+[.., N, BLOCK_D / 16] beside the per-block fp32 scale); the means and V's scales come from
+stats.py, which sums in another order than torch (the last bit of a mean may differ).
 """
 
 from __future__ import annotations
