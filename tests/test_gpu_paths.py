@@ -397,4 +397,4 @@ def test_triton_bodies_inline_into_the_graph(tmp_path):
     assert got["statuses"] == ["rewritten"] * 3
     assert got["attnopt_ops"] == []  # nothing left as an extern call
     assert got["kernels"].count("_attn_fwd") == 3  # one attention kernel per site
-    assert {"_quant_rows_kernel", "_quant_v_kernel", "_pool_kernel", "_mask_kernel"} <= set(got["kernels"])
+    assert {"_kv_stats_kernel", "_quant_qkv_kernel", "_pool_kernel", "_mask_kernel"} <= set(got["kernels"])

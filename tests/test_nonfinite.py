@@ -235,6 +235,57 @@ def test_kernel_poisons_only_the_rows_that_see_the_value(fmt, shape, causal, mas
     assert rel_l1(out[fin], want[fin]) <= 1e-4
 
 
+FUSED_CASES = [  # (quant, pv, shape, causal, mask, target, value, options): the 16-bit Q checked in the
+    # attention kernel, V flagged by the statistics kernel for every P.V format, the row dots soft-capping
+    # and the LSE read, a finite fill's mean of V, GQA
+    ("none", "fp16", "square", True, "bool", "q", "nan", {}),
+    ("none", "fp16", "offset", True, None, "k", "+inf", {"softcap": 30.0, "lse": True}),
+    ("fp4", "fp4", "offset", True, "bias", "v", "nan", {"lse": True}),
+    ("int8", "fp8", "square", False, "bool", "q", "-inf", {"softcap": 20.0, "lse": True}),
+    ("fp8", "fp16", "offset", True, "bool", "k", "-inf", {"fill": -3.0e38, "lse": True}),
+    ("int8", "fp16", "square", True, None, "v", "+inf", {"softcap": 30.0, "smooth_q": True}),
+]
+
+
+@pytest.mark.parametrize("quant,pv,shape,causal,mask,target,value,opts", FUSED_CASES)
+def test_fused_launches_poison_only_the_rows_that_see_the_value(quant, pv, shape, causal, mask, target, value,
+                                                                opts):
+    """The statistics / fused quantize / attention launches: NaN rows exactly where the reference
+    has them (LSE too), every other row bit for bit the zero-replaced call's, and every element of
+    a poisoned output buffer written."""
+    c = make_case(shape, causal, mask)
+    bad, clean, must, may = inject(c, target, VALUES[value])
+    fill, cap, lse = opts.get("fill", -math.inf), opts.get("softcap", 0.0), opts.get("lse", False)
+    smooth_q = opts.get("smooth_q", False)
+
+    def call(x, fn):
+        return fn(x["q"], x["k"], x["v"], x["bias"], x["keep"], fill, x["causal"], x["offset"], SCALE, quant, pv,
+                  True, smooth_q)
+
+    def kern(x):
+        out = torch.full((1, HQ, x["q"].shape[2], D), -math.inf, dtype=x["q"].dtype)
+        got = call(x, lambda *a: attention_triton(*a, "cpu", out=out, return_lse=lse, softcap=cap))
+        o = got[0] if lse else got
+        assert o is out and not torch.isneginf(o).any(), "the kernel left elements unwritten"
+        return got
+
+    got, got_clean = kern(bad), kern(clean)
+    want = call(bad, lambda *a: attention_reference(*a, return_lse=lse, block_n=BLOCK_N, softcap=cap))
+    if lse:
+        (got, got_lse), (got_clean, _), (want, want_lse) = got, got_clean, want
+        assert torch.equal(torch.isnan(got_lse), torch.isnan(got).any(-1))
+        assert torch.equal(torch.isnan(got_lse), torch.isnan(want_lse))
+        fin = torch.isfinite(want_lse)
+        assert torch.equal(fin, torch.isfinite(got_lse))
+        assert (got_lse[fin] - want_lse[fin]).abs().max() < 1e-3
+    nan_rows = torch.isnan(got[0]).any(-1)
+    assert torch.equal(nan_rows, must), f"NaN rows {nan_rows.nonzero().tolist()} != {must.nonzero().tolist()}"
+    assert torch.equal(got[0][~may], got_clean[0][~may]), "a row that does not see the bad value changed"
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    fin = ~torch.isnan(want).any(-1)
+    assert rel_l1(got[fin], want[fin]) <= 1e-4
+
+
 # ------------------------------------------------------------------------------------ sparse
 
 SPARGE = {"method": "sparge", "tau": 0.5, "theta": 0.3, "topk": None, "sink": True}

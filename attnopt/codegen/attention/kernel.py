@@ -17,8 +17,11 @@ Variants are constexpr switches, chosen per architecture in codegen/arch.py:
   USE_TMA  Q/K/V tiles through tensor descriptors (TMA on sm90+; 4-D, so a tile past the end of
            one head reads zeros, and an unpadded head dim is zero-filled too; not with NVFP4)
   SOFTCAP  logit soft-capping (Gemma 2, Grok): after QK^T, logits (log2 units, K smoothing's
-           per-row shift QKM added back first: tanh is not shift-invariant) become
+           per-row shift added back first: tanh is not shift-invariant) become
            CAP2 * tanh(s / CAP2) with CAP2 = softcap * log2(e), before bias and masks
+  ROW_DOT  QKM holds each Q row's dot with K's mean (quantize kernel): K smoothing shifted the
+           row's logits by -qk_scale times it; SOFTCAP adds that back before tanh, else HAS_LSE
+           adds sm_scale times it to the LSE in the epilogue
   SPARSE   visit only the kv-blocks a predictor kept (a LUT per q-block: full tiles, then those
            needing element masks); HAS_LAMBDA adds the second stage (skip exp and P.V of tiles
            whose row maxima trail the running maxima by more than lambda)
@@ -28,9 +31,10 @@ FILL (log2 units), keys past the end never count, rows with no kept key give 0 (
 or the plain mean of V (finite FILL, as eager softmax over equal logits).
 
 Non-finite inputs (attention_ref.poisoned_rows): operands arrive with them zeroed (quantize
-kernels; the 16-bit Q / K / V are zeroed on load), a NaN / +inf bias counts as 0, and BAD flags
-each key whose K or V row held one, BADQ each query row. A row that attends such a key unmasked (or a NaN / +inf
-bias) is stored as NaN; every other row is computed as if the values were 0.
+kernels; the 16-bit Q / K / V are zeroed on load), a NaN / +inf bias counts as 0, BAD flags
+each key whose K or V row held one (statistics kernel), BADQ each quantized query row (quantize
+kernel; a 16-bit Q tile is checked here). A row that attends such a key unmasked (or a NaN /
++inf bias) is stored as NaN; every other row is computed as if the values were 0.
 """
 
 from __future__ import annotations
@@ -235,14 +239,14 @@ def _attn_fwd(
     LAM,
     QKM, stride_qkmb, stride_qkmh, CAP2,
     NB, HQ, HKV, NPAD,
-    Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, N_BUCKET,
+    Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, sm_scale, N_BUCKET,
     QK_FMT: tl.constexpr, PV_FP8: tl.constexpr, PV_FP4: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KEEP: tl.constexpr, FINITE_FILL: tl.constexpr, SMOOTH_Q: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr, SPARSE: tl.constexpr, SPARSE_BQ: tl.constexpr,
     HAS_LAMBDA: tl.constexpr,
     Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, ROW_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, query head) against all its keys."""
@@ -279,16 +283,19 @@ def _attn_fwd(
             q = tl.load(q_ptrs, mask=mvalid[:, None] & dvalid[None, :], other=0.0)
         else:
             q = tl.load(q_ptrs, mask=mvalid[:, None], other=0.0 if QK_FMT == 1 else 0)
-    if QK_FMT == 2:  # the caller's Q: a non-finite value counts as 0 (the op marks its row)
-        q = tl.where((q == q) & (tl.abs(q.to(tl.float32)) != float("inf")), q, 0.0)
+    if QK_FMT == 2:  # the caller's Q: a non-finite value counts as 0 and marks its row
+        q_fin = (q == q) & (tl.abs(q.to(tl.float32)) != float("inf"))
+        bad_i = tl.max(tl.where(q_fin, 0, 1), 1)
+        q = tl.where(q_fin, q, 0.0)
         qs = qk_scale
-    else:
+    else:  # the quantize kernel marked Q's rows
+        bad_i = tl.load(BADQ + b * stride_bqb + h * stride_bqh + offs_m, mask=mvalid, other=0).to(tl.int32)
         qs = tl.load(QS + b * stride_qsb + h * stride_qsh + offs_m // Q_GRAN, mask=mvalid, other=1.0)
     qbar = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kmean = tl.zeros([BLOCK_D], dtype=tl.float32)
     qkm = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if SOFTCAP:  # per row: scale * log2(e) * q . mean(K), what K smoothing took off the logits
-        qkm = tl.load(QKM + b * stride_qkmb + h * stride_qkmh + offs_m, mask=mvalid, other=0.0)
+    if ROW_DOT:  # per row: q . mean(K) (fp32, from the quantize kernel); K smoothing took
+        qkm = tl.load(QKM + b * stride_qkmb + h * stride_qkmh + offs_m, mask=mvalid, other=0.0)  # scale * it off
     if SMOOTH_Q:
         qbar = tl.load(QBAR + b * stride_qbb + h * stride_qbh + (offs_m // Q_GRAN)[:, None] * stride_qbn
                        + offs_d[None, :], mask=mvalid[:, None], other=0.0)
@@ -327,8 +334,7 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # 1: the row's query, or an input it attends, is non-finite
-    bad_i = tl.load(BADQ + b * stride_bqb + h * stride_bqh + offs_m, mask=mvalid, other=0).to(tl.int32)
+    # bad_i (set above from the query row; the steps add the keys attended): 1 = output row is NaN
 
     lam = 0.0
     if HAS_LAMBDA:
@@ -351,15 +357,16 @@ def _attn_fwd(
             end = Nk
             split = nk_full
         lut = LUT  # not read
+    qkm2 = qkm * qk_scale  # the shift in log2 units (attention_ref.softcap_row_shift)
     acc, l_i, m_i, bad_i = _attn_range(
-        acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
+        acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm2, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
         VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
         b, hk, 0, split, lut, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
         stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
         QK_FMT, PV_FP8, PV_FP4, BLOCK_M, False, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SMOOTH_Q, EVEN_D, USE_TMA, HAS_LAMBDA,
         K_GRAN, BLOCK_N, BLOCK_D, BLOCK_DV, PV_DTYPE, EMULATE, SOFTCAP, SPARSE)
     acc, l_i, m_i, bad_i = _attn_range(
-        acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
+        acc, l_i, m_i, bad_i, q, qs, qbar, qg, qkm2, CAP2, K_src, KS_ptrs, K16_ptrs, KG_ptrs, kmean, V_src,
         VG_ptrs, BIAS_ptrs, KEEP_ptrs, BAD_ptrs,
         b, hk, split, end, lut, offs_m, offs_n, mvalid, dvalid, dvvalid, Nk, causal_offset, FILL, lam,
         stride_kn, stride_k16n, stride_kgn, stride_vn, stride_biasn, stride_keepn,
@@ -383,6 +390,8 @@ def _attn_fwd(
         no_key = m_i == float("-inf")
         o = tl.where(no_key[:, None], 0.0, o)
         lse = tl.where(no_key, float("-inf"), lse)
+    if ROW_DOT and not SOFTCAP:  # undo K smoothing's shift of the row's logits (-inf stays -inf);
+        lse = lse + qkm * sm_scale  # soft-capped logits had it added back before tanh
     o = tl.where(bad_i[:, None] != 0, float("nan"), o)
     lse = tl.where(bad_i != 0, float("nan"), lse)
     out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od

@@ -1,4 +1,7 @@
-"""Host side of the attention kernels: quantize, pick the arch's tile configs, launch.
+"""Host side of the attention kernels: statistics, quantize, pick the arch's tile configs, launch.
+
+At most three launches and no full-size torch op per call: the K / V statistics (stats.py), Q, K
+and V quantized together (quantize.py; none for 16-bit Q, K and V), the attention kernel.
 
 Every launch goes through `torch.library.wrap_triton`, so inside torch.compile the op's body
 traces into Inductor's graph and Inductor inlines the kernels into its generated code. On a GPU
@@ -16,15 +19,15 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops.attention_ref import (K_GRAN, LOG2E, Q_GRAN, _log2_logit, finite_or_zero, nonfinite_rows,
-                                      softcap_row_shift)
+from ...ops.attention_ref import FP8_MAX, K_GRAN, LOG2E, Q_GRAN, _log2_logit
+from ...ops.nvfp4 import P_SCALE
 from ...ops.sparse_ref import BK as SPARSE_BK
 from ...ops.sparse_ref import BQ as SPARSE_BQ
 from .. import casts
 from ...switches import interpreted
 from ..arch import ARCHS, Tile, autotune_bucket, fp4_tiles
 from .kernel import _attn_fwd
-from .quantize import fp4_head_dim, padded_head_dim, quantize_qk, quantize_v_fp4, quantize_v_fp8
+from .quantize import fp4_head_dim, kv_stats, padded_head_dim, quantize_qkv
 
 QK_FORMATS = {"int8": 0, "fp8": 1, "none": 2, "fp4": 3}
 
@@ -109,33 +112,31 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     block_d = fp4_head_dim(d) if quant == "fp4" else padded_head_dim(d)
     block_dv = fp4_head_dim(dv) if pv == "fp4" else padded_head_dim(dv)
     smooth_q = smooth_q and quant != "none"
-    qg = kg = vg = out  # NVFP4 group scales (unused placeholders otherwise)
-    # Non-finite inputs: rows of Q, K holding one (flagged by the quantize kernels), and of V
-    if quant == "none":
-        qbuf, kbuf, qs, ks, qbar, kmean = q, k, out, out, out, None
-        bad_q, bad_k = nonfinite_rows(q).to(torch.uint8), nonfinite_rows(k).to(torch.uint8)
-    else:
-        bad_q = torch.empty(b, hq, nq, dtype=torch.uint8, device=q.device)
-        bad_k = torch.empty(b, hkv, nk, dtype=torch.uint8, device=q.device)
-        qbuf, qs, qbar, kbuf, ks, kmean = quantize_qk(q, k, scale, quant, smooth_k, smooth_q, bad_q, bad_k)
-        qbar = qbar if qbar is not None else out
-        if quant == "fp4":
-            (qbuf, qg), (kbuf, kg) = qbuf, kbuf
-    if kmean is None:
-        kmean = torch.zeros(b, hkv, d, dtype=torch.float32, device=q.device)
-    if pv == "fp4":
-        vbuf, vg, vsc, vmean = quantize_v_fp4(v, block_dv)
-        v_strides = (vbuf.stride(0), vbuf.stride(1), 1, vbuf.stride(2))
-    elif pv == "fp8":
-        vbuf, vsc, vmean = quantize_v_fp8(v)
-        v_strides = (vbuf.stride(0), vbuf.stride(1), 1, vbuf.stride(2))
-    else:
-        vbuf, vsc, vmean = v, kmean, kmean
-        v_strides = tuple(v.stride())
-    bad_kv = (bad_k | nonfinite_rows(v).to(torch.uint8)).contiguous()  # [B, Hkv, Nk]: the kernel marks rows
+    softcap = float(softcap or 0.0)
     finite_fill = masked_value != -math.inf
-    vall = finite_or_zero(v).mean(dim=-2).contiguous() if finite_fill else (vsc if pv in ("fp8", "fp4") else kmean)
-    vc = vsc if pv in ("fp8", "fp4") else vall
+    # the logits K smoothing shifted by -scale * q . mean(K): soft-capping adds the shift back
+    # before tanh, the LSE after the softmax (both from each Q row's dot with K's mean)
+    row_dot = quant != "none" and smooth_k and (bool(softcap) or return_lse)
+    # launch 1: K's mean, V's mean / scale, the non-finite key rows; launch 2: Q, K, V quantized
+    v_qmax = {"fp8": FP8_MAX, "fp4": P_SCALE}.get(pv)
+    kmean, vmean, vscale, bad_kv = kv_stats(k, v, quant != "none" and smooth_k, finite_fill, v_qmax)
+    ops = quantize_qkv(q, k, v, kmean, vmean, vscale, scale, quant, pv, smooth_k, smooth_q, row_dot,
+                       block_d, block_dv)
+    qbuf, kbuf, vbuf = ops.q, ops.k, ops.v
+    qs = ops.qs if ops.qs is not None else out
+    ks = ops.ks if ops.ks is not None else out
+    qbar = ops.qbar if ops.qbar is not None else out
+    qg = ops.qg if ops.qg is not None else out
+    kg = ops.kg if ops.kg is not None else out
+    vg = ops.vg if ops.vg is not None else out
+    bad_q = ops.bad_q if ops.bad_q is not None else bad_kv  # quant "none": the kernel checks its Q tile
+    qkm = ops.qkm if ops.qkm is not None else out
+    if pv in ("fp8", "fp4"):
+        v_strides = (vbuf.stride(0), vbuf.stride(1), 1, vbuf.stride(2))
+    else:
+        v_strides = tuple(v.stride())
+    vc = vmean if vmean is not None else kmean  # V's per-channel vectors share their strides
+    vsc = vscale if vscale is not None else vc
     bias = _mask4d(attn_bias, b, hq, nq, nk)
     keep = _mask4d(keep_mask, b, hq, nq, nk)
     bias_t = bias if bias is not None else out
@@ -150,13 +151,6 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     if use_tma:
         _ensure_allocator()
     lse_t = lse if lse is not None else out
-    softcap = float(softcap or 0.0)
-    qkm = out  # placeholder unless soft-capping
-    if softcap:
-        if quant != "none" and smooth_k:
-            qkm = softcap_row_shift(finite_or_zero(q).to(q.dtype), kmean, scale).contiguous()
-        else:  # logits not shifted
-            qkm = torch.zeros(b, hq, nq, dtype=torch.float32, device=q.device)
 
     args = (
         qbuf, *q_s,
@@ -170,8 +164,9 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         qg, *((qg.stride(0), qg.stride(1), qg.stride(2)) if quant == "fp4" else (0, 0, 0)),
         kg, *((kg.stride(0), kg.stride(1), kg.stride(2)) if quant == "fp4" else (0, 0, 0)),
         vg, *((vg.stride(0), vg.stride(1), vg.stride(2)) if pv == "fp4" else (0, 0, 0)),
-        vsc, vmean, vall, vc.stride(0), vc.stride(1),
-        bad_kv, bad_kv.stride(0), bad_kv.stride(1), bad_q, bad_q.stride(0), bad_q.stride(1),
+        vsc, vc, vc, vc.stride(0), vc.stride(1),
+        bad_kv, bad_kv.stride(0), bad_kv.stride(1), bad_q,
+        *((bad_q.stride(0), bad_q.stride(1)) if ops.bad_q is not None else (0, 0)),
         bias_t, *bias_s,
         keep_t, *keep_s,
         out, *out.stride(),
@@ -179,9 +174,9 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         lut if lut is not None else out, *(tuple(lut.stride()[:3]) if lut is not None else (0, 0, 0)),
         counts if counts is not None else out, *(tuple(counts.stride()[:3]) if counts is not None else (0, 0, 0)),
         pv_threshold if pv_threshold is not None else out,
-        qkm, *((qkm.stride(0), qkm.stride(1)) if softcap else (0, 0)), softcap * LOG2E if softcap else 1.0,
+        qkm, *((qkm.stride(0), qkm.stride(1)) if row_dot else (0, 0)), softcap * LOG2E if softcap else 1.0,
         b, hq, hkv, vbuf.shape[-1] if pv == "fp8" else nk,
-        nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E,
+        nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E, scale,
         autotune_bucket(nk),
     )
     consts = dict(QK_FMT=QK_FORMATS[quant], PV_FP8=pv == "fp8", PV_FP4=pv == "fp4", IS_CAUSAL=bool(is_causal),
@@ -190,7 +185,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
                   USE_TMA=use_tma, SPARSE=lut is not None, SPARSE_BQ=SPARSE_BQ,
                   HAS_LAMBDA=pv_threshold is not None,
                   Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(v.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
-                  EMULATE=casts.EMULATE, SOFTCAP=bool(softcap))
+                  EMULATE=casts.EMULATE, SOFTCAP=bool(softcap), ROW_DOT=row_dot)
     if tile is None and (interpreted() or q.device.type != "cuda"):
         tile = spec.default_tile(block_d, quant, pv)
     if tile is not None and lut is not None:
@@ -208,10 +203,4 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         mode = "dense" if lut is None else ("sparse2" if pv_threshold is not None else "sparse")
         mode = "fp4" if fp4 and mode == "dense" else mode
         wrap_triton(autotuned_kernel(arch, block_d, mode))[grid](*args, **consts)
-    if lse is None:
-        return out
-    if quant != "none" and smooth_k and not softcap:  # the kernel's logits were shifted by -scale * q . kmean per row
-        km = kmean.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, D]
-        lse = lse + scale * torch.matmul(finite_or_zero(q), km[..., None]).squeeze(-1)
-    return out, lse
-
+    return (out, lse) if return_lse else out
