@@ -32,6 +32,7 @@ LINEAR_SHAPES = {"prefill": dict(m=256, k=512, n=384), "decode": dict(m=4, k=512
 # the test's shapes: the same structure (GQA, several sparse blocks, decode) at half the work
 SMALL_SHAPES = {"prefill": dict(b=1, hq=2, hkv=1, nq=200, nk=200, d=64),
                 "decode": dict(b=2, hq=2, hkv=1, nq=1, nk=200, d=64)}
+SMALL_LINEAR_SHAPES = {"prefill": dict(m=96, k=256, n=128), "decode": dict(m=4, k=256, n=128)}
 
 # (quant, pv, arch): the dense formats, on an arch that runs them natively
 DENSE = (("int8", "fp16", "sm80"), ("int8", "fp8", "sm90"), ("fp8", "fp8", "sm90"), ("fp4", "fp4", "sm100"))
@@ -99,11 +100,11 @@ def attention_case(phase: str, quant: str, pv: str, arch: str, sparsity: str | N
     return fn, args, q.numel(), config
 
 
-def linear_case(phase: str, quant: str, device, arch: str = "sm90"):
+def linear_case(phase: str, quant: str, device, arch: str = "sm90", shapes: dict = LINEAR_SHAPES):
     """(body, args, full_size, config) for one linear row (weights quantized once, as at compile time)."""
     from attnopt.ops import linear_ref as L
 
-    s = LINEAR_SHAPES[phase]
+    s = shapes[phase]
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(s["m"], s["k"], generator=g).to(device, torch.float16)
     w = torch.randn(s["n"], s["k"], generator=g) / math.sqrt(s["k"])
@@ -132,7 +133,7 @@ def _device_arch(device) -> str | None:
     return resolve_arch("auto", torch.device(device)).name
 
 
-def cases(device, shapes: dict = SHAPES):
+def cases(device, shapes: dict = SHAPES, linear_shapes: dict = LINEAR_SHAPES):
     """Every (op, body, args, full_size, config), in table order."""
     from attnopt.codegen.arch import ARCHS
 
@@ -147,7 +148,7 @@ def cases(device, shapes: dict = SHAPES):
         for quant in LINEAR:
             if gpu is not None and quant == "fp8" and "fp8" not in ARCHS[gpu].qk_formats:
                 continue
-            yield ("linear", *linear_case(phase, quant, device, gpu or "sm90"))
+            yield ("linear", *linear_case(phase, quant, device, gpu or "sm90", linear_shapes))
 
 
 def _kernel_times(fn, args) -> dict:
