@@ -1,23 +1,84 @@
-"""Every Triton kernel variant compiles for the GPU architectures of the arch table.
+"""Every Triton kernel variant compiles for the GPU architectures of the arch table, and can
+launch there.
 
 The other kernel tests run through Triton's interpreter, which runs code the compiler would
 reject; this compiles each launch attnopt makes for the target (PTX and cubin, no GPU needed)
-and checks it fits the arch's shared memory. A subprocess, since the interpreter must be off.
+and checks its registers and shared memory against the arch's limits (codegen/launch_limits).
+A subprocess, since the interpreter must be off. The fast tests compile one config of each
+kernel for one arch and an impossible config; the slow ones every launched variant for each
+arch (`python -m attnopt.codegen.compile_check` widens those to every autotune config:
+benchmarks/results/compile_check.json).
 """
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+from attnopt.codegen.arch import ARCHS
+from attnopt.codegen.launch_limits import launch_problems, regs_per_block
+
+_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def _compile_check(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "attnopt.codegen.compile_check", *args],
+                          capture_output=True, text=True, env=_ENV, timeout=timeout)
+
+
+def test_launch_limits_flag_what_cannot_launch():
+    sm89, sm90 = ARCHS["sm89"], ARCHS["sm90"]
+    assert launch_problems(sm90, 255, 8, 227 * 1024, 512) == []  # every limit reached, none passed
+    assert regs_per_block(255, 8) == 65536  # 255 x 32 rounds up to 8192 per warp
+    assert any("registers per thread" in p for p in launch_problems(sm90, 256, 4, 0))
+    assert any("registers per block" in p for p in launch_problems(sm90, 200, 16, 0))
+    assert any("threads per block" in p for p in launch_problems(sm90, 32, 33, 0))
+    assert any("shared memory" in p for p in launch_problems(sm89, 32, 4, 100 * 1024))
+    assert launch_problems(sm90, 32, 4, 100 * 1024) == []
+    assert any("tensor-memory" in p for p in launch_problems(ARCHS["sm100"], 32, 4, 0, 513))
+
+
+def test_one_config_of_each_kernel_compiles_and_fits_sm89(tmp_path):
+    """sm89 (99 KB of shared memory, FP8 but no TMA): the first config of each kernel except
+    the XAttention scorer (slow to compile; the slow tests cover it)."""
+    report = tmp_path / "report.json"
+    proc = _compile_check("--arch", "sm89", "--per-kernel", "1", "--kernel", "^(?!_xattn)",
+                          "--json", str(report), timeout=600)
+    rows = json.loads(report.read_text())["rows"]
+    assert proc.returncode == 0, "\n".join(l for l in proc.stdout.splitlines() if " FAIL " in l) + proc.stderr[-2000:]
+    kernels = {r["kernel"] for r in rows}
+    assert {"_attn_fwd", "_quant_rows_kernel", "_quant_v_kernel", "_pool_kernel", "_mask_kernel",
+            "_quant_act_kernel", "_gemm_8bit_kernel", "_wonly_kernel", "_w4a16_kernel"} <= kernels
+    for r in rows:
+        assert r["ok"] and r["arch"] == "sm89" and r["regs"] and 0 < r["regs"] <= 255, r
+        assert r["spills"] is not None and r["seconds"] > 0, r
+    attn = [r for r in rows if r["kernel"] == "_attn_fwd"]
+    assert all(any("mma.sync" in m for m in r["mma"]) for r in attn)  # tensor cores, not FMA loops
+
+
+def test_an_impossible_config_is_flagged():
+    """A GEMM tile needing 112 KB of shared memory on sm89 (99 KB): compiles, cannot launch."""
+    code = """
+import json
+from attnopt.codegen import compile_check as cc
+from attnopt.codegen.arch import ARCHS
+launch = [l for l in cc.capture("sm89", ["linear 8-bit"]) if l.kernel.__name__ == "_gemm_8bit_kernel"][0]
+launch.kwargs.update(BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=8)
+print(json.dumps(cc.compile_launch(launch, ARCHS["sm89"]).row()))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not row["ok"] and row["shared"] > 99 * 1024 and "shared memory" in row["error"], row
+    assert row["regs"] and "compile" not in row["error"], row  # it compiled: the limit check caught it
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm80", "sm90", "sm100", "sm120"])
 def test_every_kernel_variant_compiles(arch):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "attnopt.codegen.compile_check", "--arch", arch],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = _compile_check("--arch", arch, "--configs", "launched")
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, "\n".join([l for l in lines if " FAIL " in l] or lines[-20:]) + proc.stderr[-2000:]
     compiled = [l for l in lines if l.startswith(arch)]

@@ -79,6 +79,7 @@ class Result:
     shared: int = 0
     tmem: int | None = None
     warps: int = 4
+    constants: dict = field(default_factory=dict)  # the launch's keyword constexprs: which variant
     mma: list = field(default_factory=list)
     error: str = ""  # compile error, or why the config cannot launch
 
@@ -387,7 +388,9 @@ def compile_launch(launch: Launch, spec) -> Result:
 
     name = _kernel_name(launch.kernel)
     warps = launch.kwargs.get("num_warps") or 4
-    res = Result(spec.name, launch.label, name, launch.config or _config_name(launch.kwargs), False, 0.0, warps=warps)
+    res = Result(spec.name, launch.label, name, launch.config or _config_name(launch.kwargs), False, 0.0, warps=warps,
+                 constants={k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in launch.kwargs.items()
+                            if k not in ("num_warps", "num_stages", "num_ctas", "maxnreg")})
     t0 = time.perf_counter()
     try:
         target = _target(spec)
