@@ -88,3 +88,15 @@ def test_every_kernel_variant_compiles(arch):
     assert all(mma in l for l in attn), "\n".join(attn)  # every attention variant runs on tensor cores
     if arch in ("sm100", "sm120"):
         assert any("fp4/fp4" in l and "mxf4nvf4" in l for l in attn)  # NVFP4 lowers to block-scaled MMA
+
+
+def test_a_driver_that_raises_is_a_failed_row(monkeypatch):
+    """A launch path broken on the host is reported, not a crash that hides the other kernels."""
+    from attnopt.codegen import compile_check
+
+    def broken(arch, spec, cap):
+        raise ValueError("no such head dim")
+
+    monkeypatch.setitem(compile_check.DRIVERS, "broken", broken)
+    rows = compile_check.check("sm89", drivers=["broken"])
+    assert len(rows) == 1 and not rows[0].ok and "no such head dim" in rows[0].error

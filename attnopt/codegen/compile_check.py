@@ -255,13 +255,19 @@ def drive_w4a16(arch, spec, cap):
             linear_w4a16_triton(torch.randn(m, 512, dtype=dtype), pk, sc, zr, torch.randn(256, dtype=dtype))
 
 
-def drive(arch: str, cap: _Capture, drivers=None) -> None:
-    """Run every registered launch path (or those named in `drivers`) for `arch`."""
+def drive(arch: str, cap: _Capture, drivers=None) -> dict[str, str]:
+    """Run every registered launch path (or those named in `drivers`) for `arch`; returns the
+    error of each driver that raised (its launches before the error are kept)."""
     from .arch import ARCHS
 
+    errors = {}
     for name, fn in DRIVERS.items():
         if drivers is None or name in drivers:
-            fn(arch, ARCHS[arch], cap)
+            try:
+                fn(arch, ARCHS[arch], cap)
+            except Exception as e:  # noqa: BLE001 - a launch path that breaks on the host is a finding too
+                errors[name] = f"{type(e).__name__}: {e}"[:300]
+    return errors
 
 
 # ------------------------------------------------------------------------------ autotune spaces
@@ -417,9 +423,12 @@ def compile_launch(launch: Launch, spec) -> Result:
     return res
 
 
-def capture(arch: str, drivers=None) -> list[Launch]:
+def capture(arch: str, drivers=None, errors: dict | None = None) -> list[Launch]:
+    """The launches the drivers make for `arch`; `errors` collects the drivers that raised."""
     with capturing() as cap:
-        drive(arch, cap, drivers)
+        failed = drive(arch, cap, drivers)
+    if errors is not None:
+        errors.update(failed)
     return cap.launches
 
 
@@ -430,18 +439,23 @@ def check(arch: str, all_configs: bool = True, kernels: str | None = None, per_k
     from .arch import ARCHS
 
     spec = ARCHS[arch]
-    seen, results, counts = set(), [], {}
-    for captured in capture(arch, drivers):
+    seen, results, counts, errors = set(), [], {}, {}
+    captured_launches = capture(arch, drivers, errors)
+    for name, error in errors.items():
+        results.append(Result(arch, f"driver {name!r}", "-", "-", False, 0.0, error="host code raised " + error))
+        if progress:
+            progress(results[-1])
+    for captured in captured_launches:
         name = _kernel_name(captured.kernel)
         if kernels and not re.search(kernels, name):
             continue
-        launches = widen(arch, captured, all_configs)
+        configs = widen(arch, captured, all_configs)
         if name in AUTOTUNE_SPACES and all_configs:  # the config the CPU path picked must be one the GPU tunes
             own = _config_name(captured.kwargs)
-            if own not in {l.config for l in launches}:
+            if own not in {c.config for c in configs}:
                 results.append(Result(arch, captured.label, name, own, False, 0.0,
                                       error="launched config is not in the kernel's autotune space"))
-        for launch in launches:
+        for launch in configs:
             try:
                 key = (name, repr(specialize(launch, _target(spec))))
             except Exception:  # noqa: BLE001 - compile_launch reports it
