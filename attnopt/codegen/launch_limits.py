@@ -5,18 +5,23 @@ A GPU refuses such a launch (Triton raises OutOfResources when it loads the kern
 autotuner then silently drops the config). Checking the compiler's numbers here finds that on a
 CPU, before a GPU is lent.
 
-The limits, from NVIDIA's documentation (CUDA C++ Programming Guide, "Compute Capabilities",
-technical specifications table, docs.nvidia.com/cuda/cuda-programming-guide/05-appendices/
-compute-capabilities.html; and the per-architecture tuning guides):
+The limits, from NVIDIA's documentation:
 - 64K 32-bit registers per block and at most 255 per thread, on every compute capability from
-  8.0 to 12.0; at most 1024 threads per block. Registers are handed out per warp in units of
-  256 (the CUDA occupancy calculator's "register allocation unit size").
-- Shared memory per block (opt-in, dynamic) is the arch table's `smem_kb` (codegen/arch.py):
-  the SM's largest carve-out minus the 1 KB the system reserves per block. 8.0 (A100): 164 KB
-  carve-out -> 163 KB (Ampere tuning guide, "Unified Shared Memory/L1/Texture Cache");
-  8.6 / 8.9: 100 KB -> 99 KB (Ampere and Ada tuning guides); 9.0 (H100): 228 KB -> 227 KB
-  (Hopper tuning guide); 10.0 (B200): 228 KB -> 227 KB (Blackwell tuning guide); 12.0: 99 KB
-  (the programming guide's table).
+  8.0 to 12.0; at most 1024 threads per block (CUDA C++ Programming Guide, "Compute
+  Capabilities", technical specifications table: docs.nvidia.com/cuda/cuda-programming-guide/
+  05-appendices/compute-capabilities.html). Registers are handed out per warp in units of 256
+  (the occupancy calculator's register allocation unit).
+- Shared memory per block (dynamic, opt-in) is the arch table's `smem_kb` (codegen/arch.py):
+  the SM's largest shared-memory carve-out less the 1 KB the system reserves per block ("The
+  1 KB of shared memory not made available to a thread block is reserved for system use",
+  programming guide, shared memory of compute capability 8.x).
+  8.0 (A100): carve-out up to 164 KB -> 163 KB (docs.nvidia.com/cuda/ampere-tuning-guide/,
+  "Unified Shared Memory/L1/Texture Cache"); 8.6 and 8.9: up to 100 KB -> 99 KB ("allows a
+  single thread block to address up to 99 KB", programming guide 8.x; Ada tuning guide,
+  docs.nvidia.com/cuda/ada-tuning-guide/); 9.0 (H100): 228 KB -> 227 KB
+  (docs.nvidia.com/cuda/hopper-tuning-guide/); 10.0 (B200): 228 KB -> 227 KB
+  (docs.nvidia.com/cuda/blackwell-tuning-guide/); 12.0: 99 KB (the technical specifications
+  table).
 - Tensor memory (10.0): 512 columns of 128 lanes x 32 bits per SM (PTX ISA, "Tensor Memory";
   Triton's loader checks the same 512).
 """
