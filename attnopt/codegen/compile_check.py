@@ -8,7 +8,8 @@ different types, a tensor descriptor reaching a pointer-only path, a format the 
 and never learns what a config costs on the chip. This module drives each launch path on CPU
 tensors with `wrap_triton` launches captured instead of run (`DRIVERS`), widens each captured
 launch to the configs a GPU autotunes it over (`AUTOTUNE_SPACES`), then compiles each for the
-target with `triton.compile` (TTGIR, PTX, and cubin through the ptxas that ships with Triton).
+target with `triton.compile` (TTGIR, PTX, and cubin through the ptxas that ships with Triton),
+specialized by the kernel's own JIT binder as a GPU launch would be.
 Per config it reports registers per thread, spilled bytes, shared and tensor memory (ptxas's
 and Triton's numbers), the tensor-core instructions it uses and, against codegen/launch_limits,
 whether it can launch.
@@ -44,9 +45,6 @@ import torch
 
 # The tensor-core instruction families worth naming in the report.
 _MMA = re.compile(r"\b((?:tcgen05\.mma|wgmma\.mma_async|mma\.sync)[\w:.]*)")
-
-_PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8",
-        torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv", torch.bool: "i1"}
 
 DEFAULT_ARCHS = ("sm80", "sm89", "sm90", "sm100")
 
@@ -507,7 +505,9 @@ def main(argv=None) -> int:
             json.dump({"command": "python -m attnopt.codegen.compile_check " + " ".join(argv or sys.argv[1:]),
                        "triton": __import__("triton").__version__, "rows": rows}, f, indent=1)
             f.write("\n")
-    print(f"compile_check: {len(rows)} compiled, {failed} failed")
+    spilling = sum(1 for r in rows if r["spills"])
+    print(f"compile_check: {len(rows)} compiled, {failed} failed (cannot launch or did not compile), "
+          f"{spilling} spill registers to local memory")
     return 1 if failed else 0
 
 
