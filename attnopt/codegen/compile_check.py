@@ -80,13 +80,19 @@ class Result:
     constants: dict = field(default_factory=dict)  # the launch's keyword constexprs: which variant
     mma: list = field(default_factory=list)
     error: str = ""  # compile error, or why the config cannot launch
+    dropped: bool = False  # cannot launch, but another config of its autotuned launch can: Triton's
+    #                        autotuner drops it (OutOfResources), so it is a warning, not a failure
+
+    @property
+    def failed(self) -> bool:
+        return not self.ok and not self.dropped
 
     @property
     def spills(self) -> int | None:
         return None if self.spill_stores is None else self.spill_stores + self.spill_loads
 
     def row(self) -> dict:
-        return dict(asdict(self), spills=self.spills, seconds=round(self.seconds, 2))
+        return dict(asdict(self), spills=self.spills, failed=self.failed, seconds=round(self.seconds, 2))
 
 
 class _Capture:
@@ -359,11 +365,16 @@ _PTXAS = {"regs": re.compile(r"Used (\d+) registers"), "stack": re.compile(r"(\d
           "static_smem": re.compile(r"(\d+) bytes smem")}
 
 
-def _ptxas_numbers(log: str) -> dict:
-    """Registers, stack and spills from ptxas -v (Triton runs ptxas with -v)."""
+def _ptxas_numbers(log: str, name: str) -> dict:
+    """Registers, stack and spills of entry function `name` from ptxas -v (Triton runs ptxas with
+    -v): the lines from its "Function properties" to the next function's."""
+    start = log.find(f"Function properties for {name}")
+    section = log[start:] if start >= 0 else log
+    end = re.search(r"Compiling entry function|Function properties for (?!" + re.escape(name) + r"\b)", section[1:])
+    section = section[:end.start() + 1] if end else section
     out = {}
     for key, pattern in _PTXAS.items():
-        m = pattern.search(log)
+        m = pattern.search(section)
         out[key] = int(m.group(1)) if m else None
     return out
 
@@ -407,7 +418,7 @@ def compile_launch(launch: Launch, spec) -> Result:
         res.error = "compile: " + ((msg[-1] if msg else repr(e))[:300])
         return res
     res.seconds = time.perf_counter() - t0
-    nums = _ptxas_numbers(log.getvalue())
+    nums = _ptxas_numbers(log.getvalue(), compiled.metadata.name)
     res.regs, res.stack = nums["regs"], nums["stack"]
     res.spill_stores, res.spill_loads = nums["spill_stores"], nums["spill_loads"]
     res.shared = int(compiled.metadata.shared) + (nums["static_smem"] or 0)
@@ -433,43 +444,60 @@ def capture(arch: str, drivers=None, errors: dict | None = None) -> list[Launch]
 def check(arch: str, all_configs: bool = True, kernels: str | None = None, per_kernel: int | None = None,
           drivers=None, progress: Callable | None = None) -> list[Result]:
     """Capture every launch for `arch`, widen it to its autotune configs and compile each distinct
-    one. `kernels`: a regex on kernel names; `per_kernel`: at most this many per kernel name."""
+    one (`all_configs` False: for an autotuned kernel, the launched config, or while it cannot
+    launch the next, as the autotuner would). `kernels`: a regex on kernel names; `per_kernel`:
+    at most this many compiles per kernel name."""
+    from triton.runtime.autotuner import Autotuner
+
     from .arch import ARCHS
 
     spec = ARCHS[arch]
-    seen, results, counts, errors = set(), [], {}, {}
+    results, counts, errors, compiled = [], {}, {}, {}
+
+    def report(r: Result) -> None:
+        results.append(r)
+        if progress:
+            progress(r)
+
     captured_launches = capture(arch, drivers, errors)
     for name, error in errors.items():
-        results.append(Result(arch, f"driver {name!r}", "-", "-", False, 0.0, error="host code raised " + error))
-        if progress:
-            progress(results[-1])
+        report(Result(arch, f"driver {name!r}", "-", "-", False, 0.0, error="host code raised " + error))
     for captured in captured_launches:
         name = _kernel_name(captured.kernel)
         if kernels and not re.search(kernels, name):
             continue
-        configs = widen(arch, captured, all_configs)
-        if name in AUTOTUNE_SPACES and all_configs:  # the config the CPU path picked must be one the GPU tunes
-            own = _config_name(captured.kwargs)
-            if own not in {c.config for c in configs}:
-                results.append(Result(arch, captured.label, name, own, False, 0.0,
-                                      error="launched config is not in the kernel's autotune space"))
-        for launch in configs:
+        space = widen(arch, captured, True)
+        autotuned = name in AUTOTUNE_SPACES or isinstance(captured.kernel, Autotuner)
+        own = _config_name(captured.kwargs)
+        if autotuned and not isinstance(captured.kernel, Autotuner) and own not in {c.config for c in space}:
+            report(Result(arch, captured.label, name, own, False, 0.0,
+                          error="the launched config is not in the kernel's autotune space"))
+        if not all_configs:
+            space.sort(key=lambda c: c.config != own)  # the launched config first
+        tried = []
+        for launch in space:
             try:
                 key = (name, repr(specialize(launch, _target(spec))))
             except Exception:  # noqa: BLE001 - compile_launch reports it
                 key = (name, id(launch))
-            if key in seen or (per_kernel is not None and counts.get(name, 0) >= per_kernel):
-                continue
-            seen.add(key)
-            counts[name] = counts.get(name, 0) + 1
-            results.append(compile_launch(launch, spec))
-            if progress:
-                progress(results[-1])
+            if key not in compiled:
+                if per_kernel is not None and counts.get(name, 0) >= per_kernel:
+                    break
+                counts[name] = counts.get(name, 0) + 1
+                compiled[key] = compile_launch(launch, spec)
+                report(compiled[key])
+            tried.append(compiled[key])
+            if not all_configs and tried[-1].ok:
+                break
+        if autotuned and any(r.ok for r in tried):
+            for r in tried:
+                if not r.ok and not r.error.startswith("compile"):
+                    r.dropped = True
     return results
 
 
 def _line(r: Result) -> str:
-    status = "ok  " if r.ok else "FAIL"
+    status = "ok  " if r.ok else ("over" if r.regs is not None else "FAIL")  # over: compiled, cannot launch
     regs = "-" if r.regs is None else r.regs
     spills = "-" if r.spills is None else r.spills
     detail = f"{r.shared / 1024:5.1f} KB smem {regs:>3} regs {spills:>4} spilled  {', '.join(r.mma) or '-'}"
@@ -496,10 +524,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows, failed = [], 0
     for arch in args.arch or DEFAULT_ARCHS:
-        for r in check(arch, args.configs == "all", args.kernel, args.per_kernel, args.driver,
-                       progress=lambda r: print(_line(r), flush=True)):
-            rows.append(r.row())
-            failed += not r.ok
+        results = check(arch, args.configs == "all", args.kernel, args.per_kernel, args.driver,
+                        progress=lambda r: print(_line(r), flush=True))
+        rows += [r.row() for r in results]
+        failed += sum(r.failed for r in results)
+        for r in results:
+            if r.dropped:
+                print(f"dropped {arch} {r.kernel} {r.config} ({r.label}): {r.error}; another config of the "
+                      "launch fits, and the autotuner drops this one")
+        for r in results:
+            if r.failed:
+                print(f"FAILED {arch} {r.kernel} {r.config} ({r.label}): {r.error}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "python -m attnopt.codegen.compile_check " + " ".join(argv or sys.argv[1:]),
