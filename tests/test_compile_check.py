@@ -40,6 +40,24 @@ def test_launch_limits_flag_what_cannot_launch():
     assert any("tensor-memory" in p for p in launch_problems(ARCHS["sm100"], 32, 4, 0, 513))
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "cpu"])
+def test_the_cpu_paths_launch_configs_the_gpu_autotunes_over(arch, monkeypatch):
+    """What a launch on CPU tensors runs (the table's first tile; forced tiles) is among the
+    configs the GPU's autotuner tries for the same launch (capture only: nothing is compiled or
+    run; the interpreter's own small GEMM tile, a deliberate speed choice, is switched off)."""
+    from attnopt.codegen import compile_check
+
+    for module in compile_check._launching_modules():
+        if hasattr(module, "interpreted"):
+            monkeypatch.setattr(module, "interpreted", lambda: False)
+    launches = compile_check.capture(arch)
+    tuned = [l for l in launches if compile_check._kernel_name(l.kernel) in compile_check.AUTOTUNE_SPACES]
+    assert {compile_check._kernel_name(l.kernel) for l in tuned} == set(compile_check.AUTOTUNE_SPACES)
+    drifted = [f"{l.label}: {compile_check._config_name(l.kwargs)}" for l in tuned
+               if compile_check.outside_autotune_space(l, compile_check.widen(arch, l))]
+    assert not drifted, drifted
+
+
 def test_one_config_of_each_kernel_compiles_and_fits_sm89(tmp_path):
     """sm89 (99 KB of shared memory, FP8 but no TMA): the first config of each kernel except
     the XAttention scorer (slow to compile; the slow tests cover it)."""
