@@ -546,11 +546,11 @@ def main(argv=None) -> int:
         for r in results:
             if r.failed:
                 print(f"FAILED {arch} {r.kernel} {r.config} ({r.label}): {r.error}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": "python -m attnopt.codegen.compile_check " + " ".join(argv or sys.argv[1:]),
-                       "triton": __import__("triton").__version__, "rows": rows}, f, indent=1)
-            f.write("\n")
+        if args.json:  # after each arch: a long run stopped early keeps what it finished
+            with open(args.json, "w") as f:
+                json.dump({"command": "python -m attnopt.codegen.compile_check " + " ".join(argv or sys.argv[1:]),
+                           "triton": __import__("triton").__version__, "rows": rows}, f, indent=1)
+                f.write("\n")
     spilling = sum(1 for r in rows if r["spills"])
     print(f"compile_check: {len(rows)} compiled, {failed} failed (cannot launch or did not compile), "
           f"{spilling} spill registers to local memory")
