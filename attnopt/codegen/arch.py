@@ -50,7 +50,7 @@ class ArchSpec:
     pv_auto: str  # P.V format chosen by pv="auto" with a quantized QK^T
     fp4: bool  # NVFP4 (tl.dot_scaled with e4m3 group scales) runs natively
     tma: bool  # tensor descriptors lowered to TMA
-    smem_kb: int  # shared memory per block, for stage counts
+    smem_kb: int  # shared memory a block may use (opt-in maximum; sources in launch_limits.py)
     # attention tiles per head-dim bucket (padded head dim <= key); first entry is the default
     attn_tiles: dict[int, tuple[Tile, ...]] = field(default_factory=dict)
     gemm_tiles: tuple[GemmTile, ...] = ()

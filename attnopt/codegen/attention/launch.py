@@ -43,7 +43,7 @@ def _sparse_tile(t: Tile, second_stage: bool = False) -> Tile:
 def autotuned_kernel(arch: str, block_d: int, mode: str = "dense"):
     """_attn_fwd autotuned over the arch table's tiles for this head-dim bucket."""
     tiles = ARCHS[arch].attention_tiles(block_d)
-    if mode != "dense":
+    if mode in ("sparse", "sparse2"):  # not "fp4": dense NVFP4 keeps the table's BLOCK_N (at least 64)
         tiles = tuple(dict.fromkeys(_sparse_tile(t, mode == "sparse2") for t in tiles))
     if mode == "fp4":
         tiles = fp4_tiles(tiles)
