@@ -103,6 +103,8 @@ def drive(arch: str, cap: _Capture) -> None:
     from ..ops.sparse_ref import BK, BQ, block_mask_to_lut, n_blocks
     from .arch import ARCHS
     from .attention.launch import attention_triton
+    from .attention.quantize import kv_stats
+    from .attention.stats import STATS_CHUNK
     from .linear.w4a16 import linear_w4a16_triton
     from .linear.w8a8 import linear_8bit_triton
     from .sparse import masks, predict
@@ -141,6 +143,8 @@ def drive(arch: str, cap: _Capture) -> None:
     lut, counts = block_mask_to_lut(keep, n, n, True, 0)
     attn("block-sparse", quant=base, lut=lut, counts=counts)
     attn("block-sparse, second stage", quant=base, lut=lut, counts=counts, pv_threshold=torch.full((4,), 4.0))
+    cap.label = "kv statistics, key chunks"  # long keys: partials merged by each head's last chunk
+    kv_stats(*_qkv(1, 2, 2 * STATS_CHUNK + 1, 128)[1:], True, True, 448.0)
 
     cap.label = "sparse predictors"
     tau, dense = torch.full((4,), 0.9, dtype=torch.float64), torch.zeros(4, dtype=torch.int8)
