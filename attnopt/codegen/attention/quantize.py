@@ -288,9 +288,10 @@ class Quantized(NamedTuple):
 
 
 def kv_stats(k: torch.Tensor, v: torch.Tensor, k_mean: bool, v_mean: bool, v_qmax: float | None):
-    """One launch over K and V (key chunks in parallel at long lengths, stats.py) -> (kmean [B, Hkv, D] (zeros without `k_mean`), vmean [B, Hkv, Dv]
+    """One launch over K and V -> (kmean [B, Hkv, D] (zeros without `k_mean`), vmean [B, Hkv, Dv]
     or None, vscale [B, Hkv, Dv] (max |V - mean| / v_qmax) or None, bad_kv uint8 [B, Hkv, Nk]).
-    Each non-finite value counts as 0; bad_kv flags the keys whose K or V row holds one."""
+    Each non-finite value counts as 0; bad_kv flags the keys whose K or V row holds one. Long
+    keys run as several chunks per (batch, kv head), merged in the launch (stats.py)."""
     b, h, n, d = k.shape
     dv = v.shape[3]
     v_mean = v_mean or v_qmax is not None
