@@ -195,3 +195,43 @@ def test_split_k_reduction_is_deterministic_on_the_gpu():
     assert rel_l1(first4, L.linear_w4a16_ref(x, pk, sc, zr, None)) <= 2e-3
     torch.cuda.synchronize()
     assert not splitk.tile_counters(x, 1).any()
+
+
+def test_chunked_kv_statistics_on_the_gpu(monkeypatch):
+    """Long keys: the statistics launch runs several chunks per kv head, finishing in any order;
+    the last merges the partials in chunk order, so repeated calls agree bit for bit, match one
+    chunk per head and float64, flag non-finite rows at the chunk edges, and leave the counters
+    at zero."""
+    from attnopt.codegen.attention import stats
+    from attnopt.codegen.attention.quantize import kv_stats
+    from attnopt.codegen.linear import splitk
+    from attnopt.ops.attention_ref import FP8_MAX
+
+    n = 32768 + 77
+    k = torch.randn(2, 4, n, 128, device="cuda", dtype=torch.bfloat16) + 0.5
+    v = torch.randn(2, 4, n, 96, device="cuda", dtype=torch.bfloat16) * 3 + 1
+    block_n = stats.stats_block_n(padded_head_dim(128), padded_head_dim(96))
+    chunks, per = stats.stats_chunks(n, block_n)
+    assert chunks > 1
+    edges = [per - 1, per, 2 * per, n - 1]
+    for i, row in enumerate(edges):
+        (k if i % 2 else v)[1, 3, row, 7] = float("nan") if i % 3 else float("-inf")
+    first = kv_stats(k, v, True, True, FP8_MAX)
+    for _ in range(20):
+        again = kv_stats(k, v, True, True, FP8_MAX)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    torch.cuda.synchronize()
+    assert not splitk.tile_counters(k, 8).any()
+    monkeypatch.setattr(stats, "STATS_CHUNK", 1 << 30)
+    one = kv_stats(k, v, True, True, FP8_MAX)
+    kf = torch.where(k.isfinite(), k.double(), 0.0)
+    vf = torch.where(v.isfinite(), v.double(), 0.0)
+    vmean = vf.mean(-2)
+    amax = (vf - vmean[..., None, :]).abs().amax(-2)
+    exact = (kf.mean(-2), vmean, amax / FP8_MAX)
+    for got, single, want in zip(first[:3], one[:3], exact):
+        torch.testing.assert_close(got, single, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    bad = torch.zeros(2, 4, n, dtype=torch.uint8, device="cuda")
+    bad[1, 3, edges] = 1
+    assert torch.equal(first[3], bad) and torch.equal(one[3], bad)

@@ -165,6 +165,8 @@ def drive_attention(arch, spec, cap):
     pair the arch runs, each head-dim bucket and each feature flag that changes its code."""
     from ..ops.sparse_ref import BK, BQ, block_mask_to_lut, n_blocks
     from .attention.launch import attention_triton
+    from .attention.quantize import kv_stats
+    from .attention.stats import STATS_CHUNK
 
     n = _N
     q, k, v = _qkv(4, 2, n, 128)
@@ -198,6 +200,8 @@ def drive_attention(arch, spec, cap):
     lut, counts = block_mask_to_lut(keep, n, n, True, 0)
     attn("block-sparse", quant=base, lut=lut, counts=counts)
     attn("block-sparse, second stage", quant=base, lut=lut, counts=counts, pv_threshold=torch.full((4,), 4.0))
+    cap.label = "kv statistics, key chunks"  # long keys: partials merged by each head's last chunk
+    kv_stats(*_qkv(1, 2, 2 * STATS_CHUNK + 1, 128)[1:], True, True, 448.0)
 
 
 

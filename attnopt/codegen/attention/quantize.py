@@ -26,7 +26,8 @@ from ...ops.nvfp4 import P_SCALE
 from .. import casts
 from ..casts import to_e4m3
 from ..microscaling import quantize_groups
-from .stats import _kv_stats_kernel, stats_block_n
+from ..linear.splitk import tile_counters
+from .stats import _kv_stats_kernel, stats_block_n, stats_chunks
 
 FMT_INT8, FMT_FP8, FMT_FP4 = 0, 1, 2
 FORMATS = {"int8": FMT_INT8, "fp8": FMT_FP8, "fp4": FMT_FP4}
@@ -289,7 +290,8 @@ class Quantized(NamedTuple):
 def kv_stats(k: torch.Tensor, v: torch.Tensor, k_mean: bool, v_mean: bool, v_qmax: float | None):
     """One launch over K and V -> (kmean [B, Hkv, D] (zeros without `k_mean`), vmean [B, Hkv, Dv]
     or None, vscale [B, Hkv, Dv] (max |V - mean| / v_qmax) or None, bad_kv uint8 [B, Hkv, Nk]).
-    Each non-finite value counts as 0; bad_kv flags the keys whose K or V row holds one."""
+    Each non-finite value counts as 0; bad_kv flags the keys whose K or V row holds one. Long
+    keys run as several chunks per (batch, kv head), merged in the launch (stats.py)."""
     b, h, n, d = k.shape
     dv = v.shape[3]
     v_mean = v_mean or v_qmax is not None
@@ -299,14 +301,22 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, k_mean: bool, v_mean: bool, v_qma
     bad_kv = torch.empty(b, h, n, dtype=torch.uint8, device=k.device)
     vc = vmean if vmean is not None else kmean
     bd, bdv = padded_head_dim(d), padded_head_dim(dv)
-    wrap_triton(_kv_stats_kernel)[(h, b)](
+    block_n = stats_block_n(bd, bdv)
+    chunks, chunk_len = stats_chunks(n, block_n)
+    if chunks > 1:  # each chunk's partials (stats.py) and a ticket counter per (batch, kv head)
+        part = torch.empty(b * h * chunks * (bd + 3 * bdv), dtype=torch.float32, device=k.device)
+        counters = tile_counters(k, b * h)
+    else:
+        part = counters = kmean  # unused
+    wrap_triton(_kv_stats_kernel)[(chunks, h, b)](
         k, *k.stride(), v, *v.stride(),
         kmean, kmean.stride(0), kmean.stride(1),
         vc, vscale if vscale is not None else vc, vc.stride(0), vc.stride(1),
         bad_kv, bad_kv.stride(0), bad_kv.stride(1),
-        n, d, dv, float(v_qmax or 1.0),
-        K_MEAN=bool(k_mean), V_MEAN=bool(v_mean), V_SCALE=v_qmax is not None,
-        BLOCK_N=stats_block_n(bd, bdv), BLOCK_D=bd, BLOCK_DV=bdv,
+        part, counters,
+        n, d, dv, float(v_qmax or 1.0), chunk_len, chunks,
+        K_MEAN=bool(k_mean), V_MEAN=bool(v_mean), V_SCALE=v_qmax is not None, CHUNKED=chunks > 1,
+        BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv,
     )
     return kmean, vmean, vscale, bad_kv
 

@@ -1,5 +1,6 @@
 """Split-K partial sums added up inside the kernel, deterministically, by the last program to
-finish a tile (shared by the small-M paths of the 8-bit and W4A16 linears).
+finish a tile (shared by the small-M paths of the 8-bit and W4A16 linears; the attention
+statistics' key chunks take their tickets with the same helpers).
 
 Why: summing the partials on the host (`part.sum(0)`, a bias add, a cast) costs three aten
 launches and a pass over splits x M x N floats; float atomics would make the output depend on
@@ -43,11 +44,23 @@ def tile_counters(like: torch.Tensor, tiles: int) -> torch.Tensor:
 
 
 @triton.jit
+def take_ticket(counter):
+    """After this program's partial stores: how many programs of the group were done before it."""
+    tl.debug_barrier()  # every thread's stores precede the (released) ticket
+    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def reset_counter(counter):
+    """The group's last program: the counter back to 0 for the next launch."""
+    tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
 def publish_partial(acc, part_ptrs, mask, counter):
     """Store this split's partial, then take a ticket: how many splits of the tile were done before."""
     tl.store(part_ptrs, acc, mask=mask)
-    tl.debug_barrier()  # every thread's stores precede the (released) ticket
-    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    return take_ticket(counter)
 
 
 @triton.jit
@@ -57,7 +70,7 @@ def sum_partials(first_ptrs, stride_split, mask, splits, counter, BLOCK_M: tl.co
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(0, splits):
         total += tl.load(first_ptrs + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
-    tl.atomic_xchg(counter, 0)
+    reset_counter(counter)
     return total
 
 
