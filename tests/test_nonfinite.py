@@ -391,12 +391,13 @@ def test_quantize_kernel_counts_a_bad_value_as_zero_and_flags_its_row(fmt):
 
 @pytest.mark.parametrize("target", ["q", "k"])
 def test_triton_predictors_read_a_bad_value_as_zero(target):
-    from attnopt.codegen.sparse.predict import pool_blocks, xattention_scores_triton
+    from attnopt.codegen.sparse.predict import predict_sparge_triton, xattention_scores_triton
 
     c = sparse_case(True, None)
     bad, clean, _, _ = inject(c, target, float("nan"))
+    # the sparge kernel pools, scores and selects in one launch: its kept blocks are what it read
     for fn in (lambda x: xattention_scores_triton(x["q"], x["k"], SCALE, 8, True, 60),
-               lambda x: pool_blocks(x[target], R.BQ if target == "q" else R.BK)):
+               lambda x: predict_sparge_triton(x["q"], x["k"], SCALE, 0.9, 0.3, None, True, True, 60)):
         for g, w in zip(torch.utils._pytree.tree_leaves(fn(bad)), torch.utils._pytree.tree_leaves(fn(clean))):
             assert torch.equal(g, w)
     assert torch.equal(blocks_for(bad, XATTN, True), blocks_for(clean, XATTN, True))

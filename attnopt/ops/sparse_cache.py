@@ -11,7 +11,8 @@ costs launches, argsorts and host-to-device copies, so:
 - a body traced into a graph (ops/aot_inline.py) with static shapes builds them for real at
   trace time and lifts each tensor into the graph as its own constant (`lift_fresh_copy`, as
   `torch.tensor` does): AOT names every constant of a graph uniquely, so two sites never share
-  one by position. Under symbolic shapes the build is traced and runs per call.
+  one by position. Under symbolic shapes, or where nothing can run at trace time (a Triton
+  build traced for a GPU on a machine without one), the build is traced and runs per call.
 
 Cached tensors are shared: callers must never write to them.
 """
@@ -25,6 +26,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves, tree_map
+
+from ..logs import log
 
 MAX_ENTRIES = 48  # a model's distinct (site parameters, shape) pairs; calibration's plans cycle through
 MAX_BYTES = 1 << 30  # a LUT at 128k tokens and 32 heads is 256 MiB: entries are bounded by size too
@@ -75,6 +78,10 @@ def built_once(like: torch.Tensor, key: tuple, build: Callable, *dims):
         return _lookup(key, build)
     if not _concrete(*dims):
         return build()
-    with _disable_current_modes():  # the real tensors, outside fake and functional modes
-        value = _lookup(key, build)
+    try:
+        with _disable_current_modes():  # the real tensors, outside fake and functional modes
+            value = _lookup(key, build)
+    except Exception as e:  # noqa: BLE001 - no device to build on at trace time: build it per call instead
+        log.debug("attnopt: %s not built at trace time (%r); traced to run per call", key[0], e)
+        return build()
     return tree_map(_lift, value)
