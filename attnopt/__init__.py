@@ -15,7 +15,7 @@ from .ops import linear as _linear_op  # noqa: E402,F401
 from .ops.attention import attention  # noqa: E402
 from .compiler import AttnoptBackend, backend  # noqa: E402
 from .inspection.run import inspect  # noqa: E402
-from .calibrate import calibrate  # noqa: E402
+from .calibration import calibrate  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .report import Report, SiteRecord  # noqa: E402
 

@@ -42,7 +42,7 @@ def test_formats_follow_sensitivity_and_the_compiled_model_meets_the_budget():
 
 
 def test_allocation_is_greedy_in_saving_per_squared_error():
-    from attnopt.mixed_precision import Linear, allocate
+    from attnopt.calibration.linear_formats import Linear, allocate
 
     def lin(key, flops, s8, s4):
         x = Linear(key, torch.nn.Identity(), torch.zeros(1, 1), rows=64, calls_flops=flops)

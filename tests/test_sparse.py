@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import attnopt
-from attnopt.calibrate import SiteSearch, search_site
+from attnopt.calibration.site_search import SiteSearch, search_site
 from attnopt.codegen.arch import Tile
 from attnopt.codegen.attention.launch import attention_triton
 from attnopt.codegen.sparse.predict import predict_sparge_triton, predict_xattention_triton, xattention_scores_triton

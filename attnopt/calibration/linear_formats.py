@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .metrics import compare_outputs
-from .ops import linear_ref as L
+from ..metrics import compare_outputs
+from ..ops import linear_ref as L
 
 # relative time of a linear per format (1 = the 16-bit GEMM): large M is compute-bound, small M
 # (decode) memory-bound. Used to pick the cheapest formats that stay under the error budget.
