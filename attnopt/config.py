@@ -703,6 +703,8 @@ if __name__ == "__main__":
 PLAN_SCHEMA_VERSION = 1
 PLAN_KIND = "attnopt-plan"
 LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16")
+QUANT_FORMATS = ("int8", "fp8", "fp4", "none")  # a plan's per-site attention formats (attention.quant / pv)
+PV_FORMATS = ("fp16", "fp8", "fp4")
 # calibration tunes topk per head; the config takes one value (a list would be per head there too)
 _PLAN_TOPK = _per_head(_number(0, 1, lo_open=True), "a number in (0, 1]")
 
@@ -740,14 +742,22 @@ def _validate_attention_site(path: str, entry: Mapping) -> dict:
                 raise ConfigError(f"{p}.dense_heads", dense, "a list of head indices (integers >= 0)")
             checked["dense_heads"] = list(dense)
             out["sparsity"] = checked
-        elif key == "dense":
+        elif key in ("dense", "original"):
             if not isinstance(val, bool):
                 raise ConfigError(p, val, "true | false")
-            out["dense"] = val
+            out[key] = val
+        elif key == "quant":
+            if val not in QUANT_FORMATS:
+                raise ConfigError(p, val, " | ".join(repr(f) for f in QUANT_FORMATS))
+            out[key] = val
+        elif key == "pv":
+            if val not in PV_FORMATS:
+                raise ConfigError(p, val, " | ".join(repr(f) for f in PV_FORMATS))
+            out[key] = val
         elif key in ("error", "stats"):
             out[key] = val  # informational, written by calibrate
         else:
-            raise ConfigError(p, val, "one of kind, sparsity, dense, error, stats")
+            raise ConfigError(p, val, "one of kind, sparsity, dense, original, quant, pv, error, stats")
     return out
 
 

@@ -450,7 +450,8 @@ def test_calibrate_progress_bar_per_site(monkeypatch):
     monkeypatch.setattr(sys, "stderr", tty)
     x = torch.randn(1, 2, 256, 32, dtype=torch.bfloat16)
     attnopt.calibrate(M(), [(x,)], options={"attention": {"min_seq_len": 0, "sparsity": {"method": "sparge"}}},
-                      progress=True)
+                      progress=True, cache_dir=False)
     monkeypatch.undo()
     assert "calibrate: capture [##########] 1/1 batch 1" in tty.text
     assert "calibrate: search [##########] 1/1 searching #0 (2 heads)" in tty.text and "elapsed" in tty.text
+    assert "calibrate: sensitivity [##########] 1/1 #0" in tty.text

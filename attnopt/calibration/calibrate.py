@@ -1,171 +1,336 @@
-"""`attnopt.calibrate`: choose per-site, per-head parameters under an error budget -> a Plan.
+"""`attnopt.calibrate`: per-site choices under one budget on the model's output -> a Plan.
 
-1. Run the model on the example batches with every site rewritten into a probe that keeps its
-   inputs (q, k, v, masks) while returning the rewritten output.
-2. For every site and head, search the configured sparse method's parameters for the most
-   sparsity whose rel-L1 (against float64 dense attention, on all the batches) stays under the
-   budget (times a safety margin, so held-out inputs of the same kind stay under it too).
-3. Return a Plan (versioned JSON, no pickle); `options={"plan": plan_or_path}` applies it.
+1. Capture (capture.py): the model runs once on the calibration batches, compiled with a probe at
+   every site that keeps the site's inputs.
+2. Candidates per site: attention keeps its original form, runs dense in a quantized format, or
+   runs a sparse method whose per-head parameters are searched (site_search.py) at a ladder of
+   site-error targets; a linear keeps 16 bits or takes one of the arch's formats. Each has an
+   estimated time (cost_model.py) and its site's own error against float64.
+3. Sensitivity: the model re-runs (no recompile: evaluate.py) with one anchor candidate per site
+   and kind applied, which turns each candidate's site error into a predicted model-output error.
+4. Allocation (planner.py): the fastest set of candidates whose predicted error fits
+   `budget["model_rel_l1"]`, measured end to end on the calibration batches and rescaled until
+   the measured error, with the spread across batches, fits; `holdout` batches are then measured
+   and the plan tightened while they fail.
+5. The Plan (versioned JSON): per-site entries, the predicted and measured errors, the
+   speed-versus-error front explored (front.py), and what calibration cost.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
+import time
 from typing import Iterable, Mapping
 
 import torch
 
-from . import linear_formats as MP
+from . import planner as P
+from .capture import Captured, capture
+from .cost_model import CostModel
+from .evaluate import ORIGINAL, ModelRunner, attention_output
+from .linear_formats import linear_errors
 from .site_search import SiteSearch, search_site
-from ..compiler import AttnoptBackend
-from ..config import normalize_options
-from ..ops import probe
+from ..codegen.arch import ARCHS, resolve_pv
+from ..config import SparsityOptions, normalize_options
+from ..metrics import compare
+from ..ops.attention_ref import attention_exact
 from ..plan import Plan
 from ..progress import Progress
 
-_IDS = itertools.count()
-
-
-def _linear_errors(x: torch.Tensor, w: torch.Tensor, fmts) -> dict[str, float]:
-    """rel-L1 of each format's linear on captured rows x against float64 x W^T."""
-    from ..metrics import compare
-    from ..ops import linear_ref as L
-
-    ref = x.double() @ w.double().T
-    out = {"none": compare(torch.nn.functional.linear(x, w.to(x.dtype)), ref)["rel_l1"]}
-    for fmt in fmts:
-        if fmt in ("w8a8", "fp8"):
-            wq, ws = L.quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
-            y = L.linear_w8a8_ref(x, wq, ws, None, "int8" if fmt == "w8a8" else "fp8", small_m=0)
-        else:
-            pk, sc, zr = L.quantize_weight_int4(w)
-            y = L.linear_w4a16_ref(x, pk, sc, zr, None)
-        out[fmt] = compare(y, ref)["rel_l1"]
-    return out
+# site-error targets the sparse search is run at, as multiples of the model budget (a site's
+# error reaches the output damped or amplified: the sensitivity step measures by how much)
+LADDER = (0.25, 1.0, 4.0)
+SEARCHES = ("sparsity", "all")
+ALL_METHODS = ("sparge", "xattention", "window")  # methods search="all" tries (no user input needed)
+DENSE_FORMATS = (("int8", "fp16"), ("int8", "fp8"), ("fp8", "fp8"), ("fp4", "fp4"))
 
 
 def calibrate(model, example_batches: Iterable, options: Mapping | None = None, budget: Mapping | None = None,
-              *, margin: float = 0.8, mixed_precision: bool = False, second_stage: bool = True,
+              *, search: str = "sparsity", holdout=None, margin: float = 0.8, mixed_precision: bool = False,
+              second_stage: bool = True, cost: str | None = None, cache_dir: str | None = None,
               progress: bool = False) -> Plan:
     """Calibrate attnopt on example batches and return a Plan.
 
-    - attention.sparsity set: per-site, per-head sparse parameters keeping each site's rel-L1
-      (against float64 dense attention) under `budget["rel_l1"] * margin`. With second_stage
-      (sparge, xattention) a per-head lambda too, where it skips tiles within the budget;
-      second_stage=False keeps the configured pv_threshold instead.
-    - linear.smooth set: each linear's per-channel max |activation| (SmoothQuant's statistic).
-    - mixed_precision: each linear's format (none / fp8 / w8a8 / w4a16, those the target arch
-      runs), chosen from each (linear, format)'s measured effect on the model's output to save
-      the most estimated time while the model's output rel-L1 (all chosen linears quantized at
-      once, measured) stays under `budget["model_rel_l1"] * margin` (default 0.05);
-      `budget["linear_rel_l1"]`, if given, also caps each linear's own output error.
+    budget:
+    - "model_rel_l1" (default 0.05): the model's output (every floating tensor it returns) may
+      differ from the unmodified model's by this rel-L1, for everything calibrated together,
+      checked end to end on the batches with their spread (planner.upper).
+    - "rel_l1" (optional): a cap on each attention site's own rel-L1 against float64 attention
+      (times `margin`); "linear_rel_l1" (optional): the same for each linear.
+    search:
+    - "sparsity" (default): attention sites choose between their original form, the configured
+      format dense, and the configured sparse method (attention.sparsity) at searched per-head
+      parameters; with mixed_precision=True linears choose among the arch's formats too.
+    - "all": attention sites also choose among every format the target arch runs and the sparse
+      methods sparge / xattention / window (plus the configured one); linears among their formats.
+    holdout: a batch (or list of batches) never used for choosing; measured, and the plan
+    tightened while its error is over budget.
+    cost: a GPU benchmark results JSON whose measured times replace the analytical cost model.
+    cache_dir: where captured site inputs are kept (default ~/.cache/attnopt/calibration), keyed
+    by model weights, batches and options: another budget or method does not re-run the capture.
+    linear.smooth set: each linear's per-channel max |activation| (SmoothQuant's statistic).
 
-    `example_batches`: an iterable of input tuples (or kwargs dicts) for `model`.
+    `example_batches`: an iterable of input tuples (or kwargs dicts) for `model`; sequence
+    lengths may differ between batches.
     """
-    bar = Progress("calibrate: capture", enabled=None if progress else False)  # on a terminal only
+    t_start = time.perf_counter()
+    if search not in SEARCHES:
+        from ..config import ConfigError
+
+        raise ConfigError("calibrate.search", search, " | ".join(repr(s) for s in SEARCHES))
     user = dict(options or {})
     user.pop("plan", None)  # a new plan is being made: the old one must not steer the search
     opts = normalize_options(user)
-    budget = {"rel_l1": 0.05, "model_rel_l1": 0.05, "linear_rel_l1": None, **dict(budget or {})}
-    example_batches = [b if isinstance(b, (Mapping, tuple, list)) else (b,) for b in example_batches]
-    target = float(budget["rel_l1"]) * margin
+    budget = {"model_rel_l1": 0.05, "rel_l1": None, "linear_rel_l1": None, **dict(budget or {})}
+    batches = [b if isinstance(b, (Mapping, tuple, list)) else (b,) for b in example_batches]
+    held = [] if holdout is None else [b if isinstance(b, (Mapping, tuple, list)) else (b,)
+                                       for b in (holdout if isinstance(holdout, list) else [holdout])]
     sp = opts.attention.sparsity
-    want_linear = opts.linear.smooth is not None or mixed_precision
-    if sp is None and not want_linear:
+    attention = sp is not None or search == "all"
+    formats = mixed_precision or search == "all"
+    if not attention and not formats and opts.linear.smooth is None:
         raise ValueError("nothing to calibrate: set attention.sparsity (e.g. {'method': 'sparge'}), "
-                         "linear.smooth, or mixed_precision=True")
-    capture_opts = dataclasses.replace(  # statistics of the original linears; CPU sites too (on_cpu)
-        opts, on_cpu="emulate", linear=dataclasses.replace(opts.linear, quant="none", smooth=None),
-        attention=opts.attention if sp is not None else dataclasses.replace(opts.attention, enabled=False))
-    sink = f"calib{next(_IDS)}"
-    be = AttnoptBackend(capture_opts, probe_sink=sink, inductor_config={"fx_graph_cache": False})
-    be.ctx.capture_linears = want_linear
-    be.ctx.announce_cpu = False  # calibration is meant to measure, not to run fast
-    captured: dict[str, list] = {}
+                         "linear.smooth, mixed_precision=True or search='all'")
+    def bar(stage: str, total: int | None = None) -> Progress:  # on a terminal only, unless progress=True
+        return Progress(f"calibrate: {stage}", total=total, enabled=None if progress else False)
 
-    def capture(key: str, call: dict) -> None:
-        captured.setdefault(key, []).append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
-                                             for k, v in call.items()})
-
-    probe.register_sink(sink, lambda key, metrics: None)
-    probe.register_capture(sink, capture)
-    try:
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend=be)
-        with torch.no_grad(), torch._functorch.config.patch(enable_autograd_cache=False):
-            bar.note("compiling", total=len(example_batches))
-            for i, batch in enumerate(example_batches):
-                bar.note(f"batch {i + 1}")
-                if isinstance(batch, Mapping):
-                    compiled(**batch)
-                else:
-                    compiled(*batch)
-                bar.step()
-    finally:
-        probe.unregister_sink(sink)
-        torch._dynamo.reset()
-        bar.close()
-    recs = {r.key: r for r in be.recorder.sites()}
-    plan = Plan(meta={"method": sp.method if sp else None, "budget": budget, "margin": margin,
-                      "mixed_precision": mixed_precision, "options": opts.to_dict()})
-    attention_keys = [k for k, calls in captured.items() if calls[0].get("kind") != "linear"]
-    bar = Progress("calibrate: search", total=len(attention_keys), enabled=None if progress else False)
-    for key, calls in captured.items():
-        if calls[0].get("kind") == "linear":
-            absmax = torch.stack([c["absmax"] for c in calls]).amax(dim=0)
-            plan.sites[key] = {"kind": "linear", "act_absmax": absmax.tolist()}
-            continue
-        d = recs[key].details
-        search = SiteSearch(key, calls, d["quant"], d["pv"], d["smooth_k"], d["arch"])
-        bar.note(f"searching {key} ({search.heads} heads)")
-        plan.sites[key] = search_site(search, sp, target, second_stage)
-        bar.step()
-    bar.close()
-    if mixed_precision:
-        with Progress("calibrate: mixed precision", enabled=None if progress else False) as bar:
-            _mixed_precision(model, example_batches, plan, captured, budget, margin, opts, bar.note)
+    with bar("capture", len(batches)) as say:
+        cap = capture(model, batches, opts, attention=attention, linears=formats or opts.linear.smooth is not None,
+                      cache_dir=cache_dir, say=say)
+    plan = _plan(model, batches, held, opts, budget, cap, search, margin, formats, second_stage, cost, bar)
+    plan.meta["calibration"]["seconds"] = time.perf_counter() - t_start
     return plan
 
 
-def _linear_modules(model) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
-    """module path -> (module, weight [N, K]) of every Linear (and HF Conv1D) in the model."""
-    out = {}
-    for name, m in model.named_modules() if isinstance(model, torch.nn.Module) else ():
-        w = getattr(m, "weight", None)
-        if isinstance(m, torch.nn.Linear):
-            out[name] = (m, w.detach())
-        elif type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
-            out[name] = (m, w.detach().t())
-    return out
+def _plan(model, batches, held, opts, budget, cap: Captured, search, margin, formats, second_stage, cost,
+          bar) -> Plan:
+    model_budget = float(budget["model_rel_l1"])
+    site_cap = float(budget["rel_l1"]) * margin if budget["rel_l1"] is not None else float("inf")
+    lin_cap = float(budget["linear_rel_l1"]) * margin if budget["linear_rel_l1"] is not None else float("inf")
+    runner = ModelRunner(model, cap.compiled, cap.sink, cap.sites, small_m=int(opts.linear.min_m) - 1)
+    plan = Plan(meta={"search": search, "budget": budget, "margin": margin, "mixed_precision": formats,
+                      "options": opts.to_dict(), "calibration": {"site_seconds": {}, "captured_from_cache":
+                                                                 cap.from_cache}})
+    sites: list[P.Site] = []
+    with bar("search", len(cap.calls)) as say:
+        for key, calls in cap.calls.items():
+            t0 = time.perf_counter()
+            if calls[0].get("kind") == "linear":
+                absmax = torch.stack([c["absmax"] for c in calls]).amax(dim=0)
+                plan.sites[key] = {"kind": "linear", "act_absmax": absmax.tolist()}
+                if formats and key in cap.weights:
+                    say.note(f"formats of {key}")
+                    sites.append(_linear_site(key, calls, cap, opts, lin_cap))
+            else:
+                say.note(f"searching {key} ({calls[0]['q'].shape[1]} heads)")
+                sites.append(_attention_site(key, calls, cap.sites[key], opts, budget, model_budget, site_cap,
+                                             search, second_stage, cost))
+            plan.meta["calibration"]["site_seconds"][key] = time.perf_counter() - t0
+            say.step()
+    if not sites:
+        runner.close()
+        return plan
+    with bar("sensitivity", len(sites)) as say:
+        _sensitivities(sites, runner, batches, say)
+    say = bar("budget check")
+    chosen, tried = _fit(sites, runner, batches, model_budget, say)
+    checked = {"budget": model_budget, "tightened": 0}
+    while held and chosen is not None:  # held-out batches: tighten while they fail
+        errs = runner.errors(P.choices(sites, chosen.pick), held)
+        checked.update(errors=errs, passed=max(errs) <= model_budget)
+        if checked["passed"] or checked["tightened"] >= 3:
+            break
+        checked["tightened"] += 1
+        scale = 0.9 * model_budget / max(max(errs), 1e-12)
+        chosen, more = _fit(sites, runner, batches, chosen.upper * scale, say)
+        tried += more
+    runner.close()
+    say.close()
+    if chosen is None:  # nothing measured fits: every site as it was
+        chosen = P.Checked({s.key: 0 for s in sites}, 0.0, 0.0, [0.0] * len(batches), 0.0,
+                           P.total_time(sites, {s.key: 0 for s in sites}))
+    for s in sites:
+        c = s.candidates[chosen.pick[s.key]]
+        plan.sites[s.key] = {**plan.sites.get(s.key, {}), **c.entry}
+    plan.meta["model_error"] = {"budget": model_budget, "predicted": chosen.predicted, "measured": chosen.errors,
+                                "upper": chosen.upper, "rule": "max(largest, mean + 2 sd) over the calibration "
+                                "batches (one batch: 1.25x its error)"}
+    if held:
+        plan.meta["model_error"]["holdout"] = checked
+    if formats:  # the linear part, as mixed_precision=True reported it before
+        plan.meta["mixed_precision"] = {"budget": model_budget, "predicted_rel_l1": chosen.predicted,
+                                        "measured_rel_l1": max(chosen.errors) if chosen.errors else 0.0}
+    plan.meta["front"] = _front(sites, tried, chosen, model_budget, cap.arch, cost)
+    plan.meta["calibration"]["model_runs"] = runner.runs
+    return plan
 
 
-def _mixed_precision(model, batches, plan: Plan, captured: dict, budget: Mapping, margin: float, opts, say) -> None:
-    """Each captured linear's format, chosen by its measured effect on the model's output
-    (calibration/linear_formats.py); written into the plan's linear entries."""
-    from ..codegen.arch import ARCHS, detect_arch
+def _fit(sites, runner, batches, budget, say):
+    return P.fit(sites, budget, lambda ch: runner.errors(ch, batches), say=say.note)
 
-    modules = _linear_modules(model)
-    linears = {}
-    for key, calls in captured.items():
-        if calls[0].get("kind") != "linear" or key not in modules:
+
+def _sensitivities(sites: list[P.Site], runner: ModelRunner, batches, say) -> None:
+    """Each candidate's predicted model error. Linears: measured per format (one run each).
+    Attention: per kind (dense formats, sparse), the candidate with the largest site error is
+    measured; the model error / site error ratio it shows scales that kind's other candidates."""
+    for s in sites:
+        say.note(s.key)
+        say.step()
+        if s.kind == "linear":
+            for c in s.candidates[1:]:
+                c.model_error = max(runner.errors({s.key: c.choice}, batches))
             continue
-        module, w = modules[key]
-        x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
-        arch = opts.arch if opts.arch != "auto" else detect_arch(x.device)
-        fmts = [f for f in ("fp8", "w8a8", "w4a16") if f in ARCHS[arch].linear_formats]
-        rows = max(c["x"].reshape(-1, c["x"].shape[-1]).shape[0] for c in calls)
-        lin = MP.Linear(key, module, w.to(x.device), rows, float(x.shape[0] * w.shape[0] * w.shape[1]))
-        lin.own_error = _linear_errors(x, lin.weight, fmts)
-        linears[key] = lin
-    if not linears:
-        return
-    cap = budget.get("linear_rel_l1")
-    cap = float(cap) * margin if cap is not None else float("inf")
-    choice, meta = MP.choose_formats(model, batches, linears, fmts, float(budget["model_rel_l1"]) * margin, cap,
-                                     small_m=int(opts.linear.min_m) - 1, say=say)
-    for key, fmt in choice.items():
-        lin = linears[key]
-        plan.sites[key].update(quant=fmt, error={"rel_l1": lin.own_error},
-                               sensitivity={"model_rel_l1": lin.sensitivity})
-    plan.meta["mixed_precision"] = meta
+        for kind in ("dense", "sparse"):
+            group = [c for c in s.candidates[1:] if c.entry.get("dense", False) == (kind == "dense")]
+            if not group:
+                continue
+            anchor = max(group, key=lambda c: c.site_error)
+            anchor.model_error = max(runner.errors({s.key: anchor.choice}, batches))
+            ratio = anchor.model_error / anchor.site_error if anchor.site_error > 0 else 0.0
+            for c in group:
+                if c is not anchor:
+                    c.model_error = ratio * c.site_error
+
+
+# ------------------------------------------------------------------------------ attention
+
+
+def _shape(call: Mapping) -> tuple:
+    q, k = call["q"], call["k"]
+    return (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], bool(call["is_causal"]))
+
+
+def _attention_site(key, calls, site, opts, budget, model_budget, site_cap, search, second_stage, cost) -> P.Site:
+    arch = site["arch"]
+    cm = CostModel(arch, measured=cost)
+    shapes = [_shape(c) for c in calls]
+    n = len(calls)
+
+    def t_original():
+        return sum(cm.original_attention_time(*s) for s in shapes) / n
+
+    def t_run(quant, pv, kept=1.0, method=None):
+        return sum(cm.attention_time(*s, quant=quant, pv=pv, kept=kept, method=method) for s in shapes) / n
+
+    refs = None
+
+    def site_error(choice) -> float:
+        nonlocal refs
+        if refs is None:
+            refs = [attention_exact(c["q"], c["k"], c["v"], c["attn_bias"], c["keep_mask"], c["masked_value"],
+                                    c["is_causal"], c["causal_offset"], c["scale"], softcap=c.get("softcap", 0.0))
+                    for c in calls]
+        return max(compare(attention_output(c, choice, site), r)["rel_l1"] for c, r in zip(calls, refs))
+
+    cands = [P.Candidate("original", ORIGINAL, t_original(), entry={"kind": "attention", "original": True})]
+    spec = ARCHS[arch]
+    a = opts.attention
+    base_q = a.quant if a.quant != "none" or search != "all" else "int8"
+    base_pv = resolve_pv(a.pv, base_q, spec)
+    formats = [(base_q, base_pv)]
+    if search == "all":
+        formats += [f for f in DENSE_FORMATS if f not in formats and spec.supports(*f) is None]
+    for quant, pv in formats:
+        if quant == "none" and pv == "fp16":
+            continue
+        choice = {"quant": quant, "pv": pv, "sparsity": None}
+        err = site_error(choice)
+        if err <= site_cap:
+            cands.append(P.Candidate(f"{quant}/{pv}", choice, t_run(quant, pv), err,
+                                     entry={"kind": "attention", "dense": True, "quant": quant, "pv": pv,
+                                            "error": {"rel_l1": err}}))
+    methods = []
+    if a.sparsity is not None:
+        methods.append(a.sparsity)
+    if search == "all":
+        methods += [SparsityOptions.from_dict({"method": m}) for m in ALL_METHODS
+                    if a.sparsity is None or m != a.sparsity.method]
+    search_obj = SiteSearch(key, calls, base_q, base_pv, bool(site["smooth_k"]), arch)
+    targets = sorted({min(site_cap, model_budget * f) for f in LADDER})
+    seen = set()
+    for sp in methods:
+        for target in targets:
+            entry = search_site(search_obj, sp, target, second_stage)
+            if entry.get("dense"):
+                continue
+            sig = repr(entry["sparsity"])
+            if sig in seen:
+                if max(entry["error"]["rel_l1"]) < 0.5 * target:
+                    break  # saturated: the same parameters however much room there is
+                continue
+            seen.add(sig)
+            choice = {"quant": base_q, "pv": base_pv, "sparsity": entry["sparsity"]}
+            err = site_error(choice)
+            if err > site_cap:
+                continue
+            if err < 0.5 * target and target > targets[0]:
+                saturated = True  # the search had room it could not use: larger targets find no more
+            else:
+                saturated = False
+            stats = entry.get("stats", {})
+            heads = len(stats.get("sparsity", [])) or 1
+            skipped = [1 - (1 - s) * (1 - p) for s, p in zip(stats.get("sparsity", [0.0]),
+                                                            stats.get("pv_skipped", [0.0] * heads))]
+            kept = 1 - sum(skipped) / len(skipped)
+            label = f"{sp.method}@{target:.3g}"
+            cands.append(P.Candidate(label, choice, t_run(base_q, base_pv, kept, sp.method), err,
+                                     entry={**entry, "quant": base_q, "pv": base_pv,
+                                            "error": {**entry["error"], "site_rel_l1": err}}))
+            if saturated:
+                break
+    return P.Site(key, "attention", cands)
+
+
+# ------------------------------------------------------------------------------ linears
+
+
+def _linear_site(key, calls, cap: Captured, opts, lin_cap) -> P.Site:
+    w, _bias = cap.weights[key]
+    arch = cap.arch
+    cm = CostModel(arch)
+    fmts = [f for f in ("fp8", "w8a8", "w4a16") if f in ARCHS[arch].linear_formats]
+    x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
+    own = linear_errors(x, w.to(x.device), fmts)
+    rows = [int(c.get("rows", c["x"].reshape(-1, c["x"].shape[-1]).shape[0])) for c in calls]
+    n_out, k_in = w.shape
+
+    def t(fmt):
+        return sum(cm.linear_time(m, n_out, k_in, fmt) for m in rows) / len(rows)
+
+    cands = [P.Candidate("none", "none", t("none"), own["none"], entry={"kind": "linear", "quant": "none"})]
+    for fmt in fmts:
+        if own[fmt] <= lin_cap:
+            cands.append(P.Candidate(fmt, fmt, t(fmt), own[fmt], entry={"kind": "linear", "quant": fmt}))
+    site = P.Site(key, "linear", cands)
+    site.own_error = own
+    return site
+
+
+def _front(sites, tried, chosen, budget, arch, cost) -> dict:
+    """The speed-versus-error points explored: every measured allocation, and allocations at
+    other targets (predicted only)."""
+    baseline = P.total_time(sites, {s.key: 0 for s in sites})
+    points, seen = [], set()
+    for c in tried:
+        sig = tuple(sorted(c.pick.items()))
+        seen.add(sig)
+        points.append({"time": c.time, "error": c.predicted, "measured_error": c.upper,
+                       "chosen": c.pick == chosen.pick, "label": _describe(sites, c.pick)})
+    for f in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0):
+        pick = P.allocate(sites, budget * f)
+        sig = tuple(sorted(pick.items()))
+        if sig in seen:
+            continue
+        seen.add(sig)
+        points.append({"time": P.total_time(sites, pick), "error": P.predicted(sites, pick), "measured_error": None,
+                       "chosen": False, "label": _describe(sites, pick)})
+    return {"arch": arch, "cost_model": f"measured: {cost}" if cost else "analytical", "baseline_time": baseline,
+            "budget": budget, "points": sorted(points, key=lambda p: p["error"])}
+
+
+def _describe(sites, pick) -> str:
+    counts: dict[str, int] = {}
+    for s in sites:
+        label = s.candidates[pick[s.key]].label.split("@")[0]
+        if label not in ("original", "none"):
+            counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{n}x {k}" for k, n in sorted(counts.items())) or "unchanged"

@@ -13,7 +13,7 @@ import torch
 
 from ..metrics import compare
 from . import linear_ref as L
-from .probe import _CAPTURES, _SINKS, _TIMERS
+from .probe import _CAPTURES, _OVERRIDES, _SINKS, _TIMERS
 
 
 from ..switches import use_triton as _triton
@@ -71,13 +71,18 @@ def linear_probe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             return linear_w4a16(x, q0, q1, q2, bias, L.W4_GROUP, arch, "auto")
         return original()
 
-    out = rewritten()
     sink_id, _, key = probe_key.partition("/")
+    override = _OVERRIDES.get(sink_id)
+    if override is not None:
+        out = override(key, {"kind": "linear", "x": x, "weight": weight, "bias": bias})
+        if out is not None:
+            return out
+    out = rewritten()
     capture: Callable | None = _CAPTURES.get(sink_id)
     if capture is not None:
         x2 = x.detach().reshape(-1, x.shape[-1])
         idx = torch.randperm(x2.shape[0], device=x.device)[:_CAPTURE_ROWS] if x2.shape[0] > _CAPTURE_ROWS else None
-        capture(key, {"kind": "linear", "absmax": x2.abs().amax(dim=0).float(),
+        capture(key, {"kind": "linear", "absmax": x2.abs().amax(dim=0).float(), "rows": x2.shape[0],
                       "x": (x2 if idx is None else x2[idx]).clone()})
     sink = _SINKS.get(sink_id)
     if sink is not None:

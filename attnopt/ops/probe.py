@@ -4,7 +4,9 @@ It returns exactly what the rewritten site computes (so the model downstream see
 rewritten numerics) and, on the side, measures that output against float64 attention and the
 original-dtype SDPA on the same inputs, handing the numbers (and, for sparse sites, the block
 sparsity) to the inspect session's sink. `attnopt.calibrate` uses a capture hook instead: it
-keeps each site's inputs to search per-head parameters on. A timer hook (inspect's per-site
+keeps each site's inputs to search per-head parameters on, and an override hook replaces a
+site's output with what a candidate choice would compute (calibration's model-level error,
+without recompiling per candidate). A timer hook (inspect's per-site
 timing) gets two calls to time on the site's own inputs: the original and the rewritten op.
 """
 
@@ -25,6 +27,8 @@ from .attention_ref import attention_exact, causal_keep
 _SINKS: dict[str, Callable[[str, dict], None]] = {}
 _CAPTURES: dict[str, Callable[[str, dict], None]] = {}  # calibration: the site's inputs themselves
 _TIMERS: dict[str, Callable[[str, Callable, Callable], None]] = {}  # inspect: (key, original(), rewritten())
+# calibration: (key, the site's inputs) -> the output a candidate choice computes, or None (as compiled)
+_OVERRIDES: dict[str, Callable[[str, dict], Optional[torch.Tensor]]] = {}
 _LOCK = threading.Lock()
 
 
@@ -38,6 +42,15 @@ def unregister_sink(sink_id: str) -> None:
         _SINKS.pop(sink_id, None)
         _CAPTURES.pop(sink_id, None)
         _TIMERS.pop(sink_id, None)
+        _OVERRIDES.pop(sink_id, None)
+
+
+def register_override(sink_id: str, fn: Callable[[str, dict], Optional[torch.Tensor]]) -> None:
+    """`fn(site_key, inputs)` -> the site's output (same shape and dtype), or None to compute it
+    as compiled. `inputs` holds the op's tensors and flags by name (attention: q, k, v, attn_bias,
+    ...; linear: kind="linear", x, weight, bias)."""
+    with _LOCK:
+        _OVERRIDES[sink_id] = fn
 
 
 def register_timer(sink_id: str, fn: Callable[[str, Callable, Callable], None]) -> None:
@@ -109,6 +122,14 @@ def attention_probe(
 ) -> torch.Tensor:
     """`sparsity` is "" for dense sites, else the sparse op's JSON parameters."""
     stats = {}
+    sink_id, _, site_key = probe_key.partition("/")
+    override = _OVERRIDES.get(sink_id)
+    if override is not None:
+        out = override(site_key, dict(q=q, k=k, v=v, attn_bias=attn_bias, keep_mask=keep_mask,
+                                      masked_value=masked_value, is_causal=is_causal, causal_offset=causal_offset,
+                                      scale=scale, softcap=softcap))
+        if out is not None:
+            return out
     if sparsity:
         from .sparse import sparse_attention_impl
         from .sparse_params import parse
@@ -127,7 +148,6 @@ def attention_probe(
                                                scale, quant, pv, smooth_k, smooth_q, arch, impl, softcap)
 
         out = rewritten()
-    sink_id, _, site_key = probe_key.partition("/")
     capture = _CAPTURES.get(sink_id)
     if capture is not None:
         capture(site_key, dict(q=q, k=k, v=v, attn_bias=attn_bias, keep_mask=keep_mask, masked_value=masked_value,

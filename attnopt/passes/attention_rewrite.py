@@ -138,8 +138,13 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         raise Reject("decode (one query token): stays dense unless attention.decode is true")
     if a.min_seq_len and not bool(nk >= a.min_seq_len):  # may guard on a symbolic length
         raise Reject(f"key length {nk} < attention.min_seq_len ({a.min_seq_len})")
-    quant = a.quant
-    pv = resolve_pv(a.pv, quant, spec)
+    entry = opts.plan.site(key) if opts.plan is not None else None
+    entry = entry if entry is not None and entry.get("kind") == "attention" else {}
+    if entry.get("original"):
+        raise Reject("the calibrated plan keeps this site as it was (its error budget is spent elsewhere, "
+                     "or no rewrite met it)")
+    quant = entry.get("quant", a.quant)
+    pv = entry.get("pv") or resolve_pv(a.pv, quant, spec)
     if quant == "none" and pv in ("fp8", "fp4"):
         raise Reject(f"pv {pv!r} needs a quantized QK^T (attention.quant)")
     why = spec.supports(quant, pv) or on_cpu.skip_reason(q.device.type, opts)
