@@ -41,6 +41,9 @@ def test_quantized_prefill_attention_beats_16_bit_and_dense_16_bit_is_the_origin
     int8 = C.attention_time("sm90", **PREFILL, quant="int8", pv="fp16")
     fp8pv = C.attention_time("sm90", **PREFILL, quant="int8", pv="fp8")
     assert fp8pv < int8 < orig
+    assert C.attention_time("sm90", **PREFILL, quant="int8", pv="auto") == fp8pv  # sm90's P.V default
+    assert C.CostModel("sm80").attention_time(**PREFILL, quant="int8", pv="auto") == \
+        C.attention_time("sm80", **PREFILL, quant="int8", pv="fp16")
     # QK^T at twice the 16-bit rate, P.V at the same: 2 / 1.5 = 1.33x at most (plus the passes)
     assert 1.15 < orig / int8 < 4 / 3
     assert C.attention_time("sm90", **PREFILL, quant="none", pv="fp16") == orig  # nothing to quantize: 1 launch

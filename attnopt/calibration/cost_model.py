@@ -64,7 +64,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..codegen.arch import ARCHS, FUSED_QUANT_MAX_M
+from ..codegen.arch import ARCHS, FUSED_QUANT_MAX_M, resolve_pv
 
 LAUNCH_S = 4e-6  # fixed cost per kernel launch (host dispatch and GPU launch latency, a few us)
 BQ, BK = 128, 64  # the block grid causal and sparse attention is counted on (ops/sparse_ref.py's)
@@ -116,7 +116,7 @@ THROUGHPUT: dict[str, Throughput] = {
     "sm120": Throughput("RTX 5090", 209.5 * T, 838 * T, 419 * T, 1676 * T, 1792e9),
     # No GPU: plan as for an A100 (sm80's rates), so CPU calibration ranks candidates as a GPU
     # would. The CPU reference emulates every format; FP8 gets the INT8 rate and FP4 twice it, the
-    # ratios every arch that has them runs (sm89 / sm90 / sm100, and sm100 / sm120).
+    # ratios of the datacenter parts that have them (FP8 = INT8 on sm89 / sm90 / sm100, FP4 = 2x on sm100).
     "cpu": Throughput("cpu (planned as an A100 SXM 80GB)", 312 * T, 624 * T, 624 * T, 1248 * T, 2039e9),
 }
 
@@ -219,6 +219,7 @@ def attention_phases(arch: str, batch: int, q_heads: int, kv_heads: int, q_len: 
                      params: dict | None = None) -> list[Phase]:
     """attnopt attention's launches, each with its compute and memory seconds (analytical)."""
     tp = _row(arch)
+    pv = resolve_pv(pv, quant, ARCHS[arch])
     _check_attention(arch, quant, pv)
     if not 0.0 <= kept <= 1.0:
         raise ValueError(f"kept must be in [0, 1], got {kept}")
@@ -251,7 +252,8 @@ def attention_time(arch: str, batch: int, q_heads: int, kv_heads: int, q_len: in
                    causal: bool, quant: str, pv: str, kept: float = 1.0, method: str | None = None,
                    params: dict | None = None) -> float:
     """Estimated seconds of one attnopt attention call on `arch` (analytical; see the module
-    docstring). `kept`: fraction of the (causal) blocks a sparse site visits; `method`: the sparse
+    docstring). `pv` may be 'auto' (the arch's default, as the attention pass resolves it).
+    `kept`: fraction of the (causal) blocks a sparse site visits; `method`: the sparse
     method (its predictor's cost), `params` its options (xattention's `stride`, svg's
     `sample_rows`; defaults 8 and 32)."""
     return _analytical_attention(arch, batch, q_heads, kv_heads, q_len, k_len, head_dim, causal, quant, pv, kept,
@@ -382,6 +384,7 @@ class CostModel:
     def attention_time(self, batch: int, q_heads: int, kv_heads: int, q_len: int, k_len: int, head_dim: int,
                        causal: bool, quant: str, pv: str, kept: float = 1.0, method: str | None = None,
                        params: dict | None = None) -> float:
+        pv = resolve_pv(pv, quant, ARCHS[self.arch])
         shape = (self.arch, batch, q_heads, kv_heads, q_len, k_len, head_dim, causal)
         t = _analytical_attention(*shape, quant, pv, kept, method, params)
         ratio = self.attention_ratio(head_dim, causal, k_len, quant, pv) if q_len > DECODE_ROWS else None

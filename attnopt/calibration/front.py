@@ -155,22 +155,22 @@ def front_svg(front: Mapping, width: int = 640, height: int = 380) -> str:
     out = [f'<svg class="front" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
            f'<text x="{width / 2}" y="16" text-anchor="middle">{esc(_title(front))}</text>',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" style="fill:none;stroke:#888"/>']
     for t in _ticks(0.0, x_hi):
-        out.append(f'<line x1="{X(t):.1f}" y1="{top}" x2="{X(t):.1f}" y2="{top + ph}" stroke="#eee"/>'
+        out.append(f'<line x1="{X(t):.1f}" y1="{top}" x2="{X(t):.1f}" y2="{top + ph}" style="stroke:#eee"/>'
                    f'<text x="{X(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{t:.3g}</text>')
     for t in _ticks(y_lo, y_hi):
-        out.append(f'<line x1="{left}" y1="{Y(t):.1f}" x2="{left + pw}" y2="{Y(t):.1f}" stroke="#eee"/>'
+        out.append(f'<line x1="{left}" y1="{Y(t):.1f}" x2="{left + pw}" y2="{Y(t):.1f}" style="stroke:#eee"/>'
                    f'<text x="{left - 5}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:.3g}x</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">predicted model output rel-L1</text>'
                f'<text transform="translate(14,{top + ph / 2}) rotate(-90)" text-anchor="middle">'
                f'estimated speedup</text>')
     if y_lo <= 1.0 <= y_hi:
         out.append(f'<line class="baseline" x1="{left}" y1="{Y(1):.1f}" x2="{left + pw}" y2="{Y(1):.1f}" '
-                   f'stroke="#bbb"/>')
+                   f'style="stroke:#bbb"/>')
     if budget is not None:
         out.append(f'<line class="budget" x1="{X(budget):.1f}" y1="{top}" x2="{X(budget):.1f}" y2="{top + ph}" '
-                   f'stroke="#555" stroke-dasharray="5,4"><title>budget {budget:.4g}</title></line>'
+                   f'style="stroke:#555;stroke-dasharray:5,4"><title>budget {budget:.4g}</title></line>'
                    f'<text x="{X(budget) + 4:.1f}" y="{top + 12}">budget {budget:.3g}</text>')
     line = pareto(pts)
     if line:  # a staircase: each Pareto point's speed holds until the next, more error-tolerant one
@@ -179,7 +179,7 @@ def front_svg(front: Mapping, width: int = 640, height: int = 380) -> str:
             xy.append((X(a["error"]), Y(speedup(front, a))))
             if b is not None:
                 xy.append((X(b["error"]), Y(speedup(front, a))))
-        out.append('<polyline class="pareto" fill="none" stroke="#1f77b4" stroke-width="1.5" points="'
+        out.append('<polyline class="pareto" style="fill:none;stroke:#1f77b4;stroke-width:1.5" points="'
                    + " ".join(f"{x:.1f},{y:.1f}" for x, y in xy) + '"/>')
     on_front = {id(p) for p in line}
     for p in pts:
@@ -190,11 +190,11 @@ def front_svg(front: Mapping, width: int = 640, height: int = 380) -> str:
         if p.get("chosen"):
             cls, fill, r = cls + " chosen", "#d62728", 7
         out.append(f'<circle class="{cls}" cx="{X(p["error"]):.1f}" cy="{Y(speedup(front, p)):.1f}" r="{r}" '
-                   f'fill="{fill}"><title>{esc(tip)}</title></circle>')
+                   f'style="fill:{fill}"><title>{esc(tip)}</title></circle>')
     best = chosen(front)
     if best is not None and best.get("measured_error") is not None:
         out.append(f'<circle class="measured" cx="{X(best["measured_error"]):.1f}" '
-                   f'cy="{Y(speedup(front, best)):.1f}" r="7" fill="none" stroke="#d62728">'
+                   f'cy="{Y(speedup(front, best)):.1f}" r="7" style="fill:none;stroke:#d62728">'
                    f'<title>chosen, measured rel-L1 {best["measured_error"]:.4g}</title></circle>')
     out.append("</svg>")
     return "".join(out)
