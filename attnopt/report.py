@@ -199,6 +199,14 @@ class Report:
         with open(path, "w") as f:
             f.write(self.to_json())
 
+    @property
+    def plan_meta(self) -> dict:
+        """The applied calibration plan's meta (its front, budget, errors: calibrate writes them),
+        from the options the model was compiled with; {} without a plan."""
+        plan = (self.options or {}).get("plan")
+        meta = plan.get("meta") if isinstance(plan, dict) else None
+        return meta if isinstance(meta, dict) else {}
+
     def rewritten(self, kind: str | None = None) -> list[SiteRecord]:
         return [s for s in self.sites if s.status == "rewritten" and (kind is None or s.kind == kind)]
 

@@ -346,6 +346,46 @@ def test_table_shows_orig_error_sparsity_reasons_and_a_legend():
     assert "0 all kept" in page and "int8qk-bf16pv" in page and "pure-PyTorch emulation" in page
 
 
+def _plan_with_front(tmp_path=None):
+    from attnopt.calibration.front import make_front
+
+    pts = [{"time": 1.0, "error": 0.0, "label": "unchanged"},
+           {"time": 0.6, "error": 0.012, "measured_error": 0.014, "chosen": True, "label": "int8 QK, fp8 PV"},
+           {"time": 0.7, "error": 0.02, "label": "int8 QK <dominated>"},
+           {"time": 0.4, "error": 0.09, "label": "fp4 everywhere"}]
+    front = make_front("sm90", "analytical", 1.0, pts, budget=0.05)
+    return {"schema_version": 1, "kind": "attnopt-plan", "sites": {}, "meta": {"front": front}}
+
+
+def test_html_calibration_section_shows_the_plans_front():
+    """A plan whose meta holds a front: the page gets a Calibration section with the budget, the
+    chosen point's predicted and measured error, the chart and every point; without one, none."""
+    import xml.etree.ElementTree as ET
+
+    from attnopt.config import normalize_options
+
+    opts = normalize_options({"plan": _plan_with_front()}).to_dict()  # as inspect records them
+    rep = attnopt.Report(sites=[], summary={"graphs": 1, "graph_breaks": []}, options=opts, env={})
+    assert rep.plan_meta["front"]["arch"] == "sm90"
+    page = render_html(rep)
+    section = page.split("<details id='calibration' open>", 1)[1].split("</details>", 1)[0]
+    summary = section.split("</summary>", 1)[0]
+    assert "budget (model output rel-L1) 0.05" in summary and "predicted 0.012" in summary
+    assert "measured 0.014" in summary and "estimated speedup 1.67x" in summary and "cost model: analytical" in summary
+    ET.fromstring(section.split("<div class='body'>", 1)[1].split("<div class='points'>", 1)[0])  # the chart
+    table = section.split("<table id='front-points'>", 1)[1]
+    assert table.count("<tr class=") == 4 and table.count("<tr class='pareto chosen'>") == 1
+    assert "int8 QK &lt;dominated&gt;" in table and "<tr class=''><td>int8 QK &lt;" in table
+    for options in ({}, normalize_options({}).to_dict(),
+                    {"plan": {"schema_version": 1, "sites": {}, "meta": {"budget": 0.05}}}):
+        rep = attnopt.Report(sites=[], summary={"graphs": 1, "graph_breaks": []}, options=options, env={})
+        assert "id='calibration'" not in render_html(rep)
+    broken = {"plan": {"meta": {"front": {"arch": "sm90", "points": []}}}}
+    rep = attnopt.Report(sites=[], summary={"graphs": 1, "graph_breaks": []}, options=broken, env={})
+    page = render_html(rep)
+    assert "front is unreadable: front: missing &#x27;cost_model&#x27;" in page
+
+
 def test_table_legend_wraps_to_the_width_and_names_gpu_kernels():
     from attnopt.inspection.table import render_table
 

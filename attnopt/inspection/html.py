@@ -17,6 +17,7 @@ import re
 
 import networkx as nx
 
+from ..calibration.front import check_front, chosen, front_svg, pareto, speedup
 from ..report import Report
 from .table import _fmt_flops, kernel_parts, legend, natural_key, shapes_text, site_flops, sparsity_text
 
@@ -275,6 +276,11 @@ tr.site:hover{background:#eef;cursor:pointer}
 #tables{max-height:130px;overflow:auto;padding:4px 16px}
 .warning{color:#fca5a5;font-weight:bold;margin-top:4px}
 .expl{color:#555;margin-left:12px}
+#calibration{padding:4px 16px;border-top:1px solid #ccc}
+#calibration summary{cursor:pointer;font-weight:bold}
+#calibration .body{display:flex;gap:16px;align-items:flex-start}
+#calibration .points{max-height:380px;overflow:auto}
+tr.chosen{background:#fee2e2;font-weight:bold}tr.pareto td:first-child{color:#1f77b4}
 """
 
 _JS = """
@@ -402,6 +408,41 @@ def _breaks_list(sm: dict) -> str:
     return f"<h3>Graph breaks</h3><ul id='graph-breaks'>{''.join(items) or '<li>none</li>'}</ul>"
 
 
+def _calibration(report: Report) -> str:
+    """The applied plan's calibration: budget, predicted and measured model error, the
+    speed-versus-error front it explored (chart and points); '' when the plan has no front."""
+    meta = report.plan_meta
+    front = meta.get("front")
+    if not front:
+        return ""
+    try:
+        check_front(front)
+    except (ValueError, TypeError, AttributeError) as e:
+        return (f"<details id='calibration' open><summary>Calibration</summary>"
+                f"the plan's front is unreadable: {_esc(e)}</details>")
+    best = chosen(front)
+    budget = front.get("budget")
+    if budget is None and isinstance(meta.get("budget"), dict):
+        budget = meta["budget"].get("model_rel_l1")
+    facts = [f"budget (model output rel-L1) {_fmt(budget)}"]
+    if best is not None:
+        facts += [f"predicted {_fmt(best['error'])}", f"measured {_fmt(best.get('measured_error'))}",
+                  f"estimated speedup {speedup(front, best):.3g}x"]
+    facts += [f"{len(front['points'])} points explored on {front['arch']}", f"cost model: {front['cost_model']}"]
+    on_front = {id(p) for p in pareto(front["points"])}
+    head = "".join(f"<th>{h}</th>" for h in ("point", "est. ms", "speedup", "predicted rel-L1", "measured rel-L1",
+                                               "Pareto", "chosen"))
+    rows = [f"<table id='front-points'><tr>{head}</tr>"]
+    for p in sorted(front["points"], key=lambda p: (p["error"], p["time"])):
+        cls = " ".join(c for c, on in (("pareto", id(p) in on_front), ("chosen", p.get("chosen"))) if on)
+        cells = (p.get("label", ""), f"{p['time'] * 1e3:.4g}", f"{speedup(front, p):.3g}x", _fmt(p["error"]),
+                 _fmt(p.get("measured_error")), "yes" if id(p) in on_front else "", "yes" if p.get("chosen") else "")
+        rows.append(f"<tr class='{cls}'>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+    rows.append("</table>")
+    return (f"<details id='calibration' open><summary>Calibration: {_esc(' · '.join(facts))}</summary>"
+            f"<div class='body'>{front_svg(front)}<div class='points'>{''.join(rows)}</div></div></details>")
+
+
 def render_html(report: Report) -> str:
     d = report.to_dict()
     sites = {s["key"]: s for s in d["sites"]}
@@ -419,6 +460,7 @@ def render_html(report: Report) -> str:
         + "".join(f"<div class='warning'>warning: {_esc(w)}</div>" for w in sm.get("warnings", []))
         + "</header>")
     parts.append(f"<div id='tables'>{_site_table(report)}{_breaks_list(sm)}</div>")
+    parts.append(_calibration(report))
     graphs = report.graphs or []
     total_nodes = sum(len(g.get("after") or []) for g in graphs)
     default_level = "ops" if total_nodes <= 1500 else "layers"
