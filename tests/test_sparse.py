@@ -417,29 +417,11 @@ class Attn(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-@pytest.mark.parametrize("method", ["sparge", "xattention", "window"])
-def test_calibration_meets_budget_on_held_out_and_finds_sparsity(method, tmp_path):
-    opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": method}}}
-    plan = attnopt.calibrate(Attn(), [local_qkv(1, 4, 512, 64), local_qkv(1, 4, 512, 64)], options=opts,
-                             budget={"rel_l1": 0.05})
-    (entry,) = plan.sites.values()
-    assert not entry.get("dense") and entry["sparsity"]["dense_heads"] == []
-    path = tmp_path / "plan.json"
-    plan.save(path)
-    assert attnopt.Plan.load(path).sites == json.loads(path.read_text())["sites"]
-    held_out = local_qkv(1, 4, 512, 64)
-    report = attnopt.inspect(Attn(), *held_out, options={**opts, "plan": str(path)})
-    (site,) = report.sites
-    assert site.status == "rewritten" and site.op == "attnopt::sparse_attention"
-    assert site.error["rel_l1"] <= 0.05
-    assert site.details["sparsity"] > 0.3
-
-
 @pytest.mark.parametrize("method", ["sparge", "xattention"])
 def test_calibration_keeps_unstructured_heads_dense(method):
     opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": method}}}
-    rnd = [tuple(torch.randn(1, 4, 1024, 64, dtype=torch.bfloat16) for _ in range(3))]
-    plan = attnopt.calibrate(Attn(), rnd, options=opts)
+    rnd = [tuple(torch.randn(1, 4, 768, 64, dtype=torch.bfloat16) for _ in range(3)) for _ in range(2)]
+    plan = attnopt.calibrate(Attn(), rnd, options=opts, cache_dir=False)
     (entry,) = plan.sites.values()
     assert entry.get("dense") or entry.get("original") or len(entry["sparsity"]["dense_heads"]) == 4
     report = attnopt.inspect(Attn(), *rnd[0], options={**opts, "plan": plan.to_dict()})

@@ -26,21 +26,17 @@ import torch
 from . import planner as P
 from .capture import Captured, capture
 from .cost_model import CostModel, attention_phases, linear_phases
-from .evaluate import ORIGINAL, ModelRunner, attention_output
+from .evaluate import ORIGINAL, ModelRunner
 from .front import make_front, write_png
 from .linear_formats import linear_errors
 from .site_search import SiteSearch, search_site
 from ..codegen.arch import ARCHS, resolve_pv
-from ..config import SparsityOptions, normalize_options
-from ..metrics import compare
-from ..ops.attention_ref import attention_exact
+from ..config import normalize_options
 from ..plan import Plan
 from ..progress import Progress
 
-# site-error targets the sparse search is run at, as multiples of the model budget (a site's
-# error reaches the output damped or amplified: the sensitivity step measures by how much)
-LADDER = (0.25, 1.0, 4.0)
 SEARCHES = ("sparsity", "all")
+MAX_SITE_ERROR = 0.5  # no sparse search aims past this site rel-L1, however damped the site is
 ALL_METHODS = ("sparge", "xattention", "window")  # methods search="all" tries (no user input needed)
 DENSE_FORMATS = (("int8", "fp16"), ("int8", "fp8"), ("fp8", "fp8"), ("fp4", "fp4"))
 
@@ -48,7 +44,7 @@ DENSE_FORMATS = (("int8", "fp16"), ("int8", "fp8"), ("fp8", "fp8"), ("fp4", "fp4
 def calibrate(model, example_batches: Iterable, options: Mapping | None = None, budget: Mapping | None = None,
               *, search: str = "sparsity", holdout=None, margin: float = 0.8, mixed_precision: bool = False,
               second_stage: bool = True, cost: str | None = None, cache_dir: str | None = None,
-              plot: str | None = None, progress: bool = False) -> Plan:
+              plot: str | None = None, max_rows: int = 2048, progress: bool = False) -> Plan:
     """Calibrate attnopt on example batches and return a Plan.
 
     budget:
@@ -66,6 +62,9 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     holdout: a batch (or list of batches) never used for choosing; measured, and the plan
     tightened while its error is over budget.
     cost: a GPU benchmark results JSON whose measured times replace the analytical cost model.
+    max_rows: query rows per call the attention search measures against float64 attention; longer
+    calls are measured on evenly spaced 128-row blocks adding up to about this many (memory stays
+    bounded at long sequence lengths; the end-to-end checks still run whole batches).
     plot: a path: the speed-versus-error front (plan.meta["front"]) drawn there as a PNG.
     cache_dir: where captured site inputs are kept (default ~/.cache/attnopt/calibration), keyed
     by model weights, batches and options: another budget or method does not re-run the capture.
@@ -98,7 +97,7 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     with bar("capture", len(batches)) as say:
         cap = capture(model, batches, opts, attention=attention, linears=formats or opts.linear.smooth is not None,
                       cache_dir=cache_dir, say=say)
-    plan = _plan(model, batches, held, opts, budget, cap, search, margin, formats, second_stage, cost, bar)
+    plan = _plan(model, batches, held, opts, budget, cap, search, margin, formats, second_stage, cost, bar, max_rows)
     plan.meta["calibration"]["seconds"] = time.perf_counter() - t_start
     if plot is not None and "front" in plan.meta:
         write_png(plan.meta["front"], plot)
@@ -106,7 +105,7 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
 
 
 def _plan(model, batches, held, opts, budget, cap: Captured, search, margin, formats, second_stage, cost,
-          bar) -> Plan:
+          bar, max_rows) -> Plan:
     model_budget = float(budget["model_rel_l1"])
     site_cap = float(budget["rel_l1"]) * margin if budget["rel_l1"] is not None else float("inf")
     lin_cap = float(budget["linear_rel_l1"]) * margin if budget["linear_rel_l1"] is not None else float("inf")
@@ -115,6 +114,7 @@ def _plan(model, batches, held, opts, budget, cap: Captured, search, margin, for
                       "options": opts.to_dict(), "calibration": {"site_seconds": {}, "captured_from_cache":
                                                                  cap.from_cache}})
     sites: list[P.Site] = []
+    n_attention = sum(1 for c in cap.calls.values() if c[0].get("kind") != "linear")
     with bar("search", len(cap.calls)) as say:
         for key, calls in cap.calls.items():
             t0 = time.perf_counter()
@@ -123,11 +123,11 @@ def _plan(model, batches, held, opts, budget, cap: Captured, search, margin, for
                 plan.sites[key] = {"kind": "linear", "act_absmax": absmax.tolist()}
                 if formats and key in cap.weights:
                     say.note(f"formats of {key}")
-                    sites.append(_linear_site(key, calls, cap, opts, lin_cap, search))
+                    sites.append(_linear_site(key, calls, cap, opts, lin_cap, search, cost))
             else:
                 say.note(f"searching {key} ({calls[0]['q'].shape[1]} heads)")
-                sites.append(_attention_site(key, calls, cap.sites[key], opts, budget, model_budget, site_cap,
-                                             search, second_stage, cost))
+                sites.append(_attention_site(key, calls, cap.sites[key], opts, model_budget, site_cap,
+                                             search, second_stage, cost, max_rows, runner, batches, n_attention))
             plan.meta["calibration"]["site_seconds"][key] = time.perf_counter() - t0
             say.step()
     if not sites:
@@ -191,10 +191,11 @@ def _sensitivities(sites: list[P.Site], runner: ModelRunner, batches, say) -> No
             if not group:
                 continue
             anchor = max(group, key=lambda c: c.site_error)
-            anchor.model_error = max(runner.errors({s.key: anchor.choice}, batches))
+            if not anchor.measured:
+                anchor.model_error, anchor.measured = max(runner.errors({s.key: anchor.choice}, batches)), True
             ratio = anchor.model_error / anchor.site_error if anchor.site_error > 0 else 0.0
             for c in group:
-                if c is not anchor:
+                if not c.measured:
                     c.model_error = ratio * c.site_error
 
 
@@ -206,20 +207,25 @@ def _shape(call: Mapping) -> tuple:
     return (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], bool(call["is_causal"]))
 
 
-def _attention_site(key, calls, site, opts, budget, model_budget, site_cap, search, second_stage, cost) -> P.Site:
+def _attention_site(key, calls, site, opts, model_budget, site_cap, search, second_stage, cost, max_rows,
+                    runner: ModelRunner, batches, n_attention: int) -> P.Site:
+    """The site's candidates. The sparse searches aim at site errors that reach the model's
+    output as the whole budget, and as a 1/sqrt(n) share of it (n attention sites adding in
+    quadrature): how a site error reaches the output is measured first, on the dense candidate."""
     arch = site["arch"]
     cm = CostModel(arch, measured=cost)
     shapes = [_shape(c) for c in calls]
     n = len(calls)
 
     def kernel_only(s, quant, pv, kept=1.0):
-        """The attention kernel's own roofline time: what formats and skipped blocks cut."""
+        """The attention kernel's tensor-core time: what formats and skipped blocks cut."""
         (ph,) = [p for p in attention_phases(arch, *s, quant=quant, pv=pv, kept=kept) if p.name == "attention"]
-        return max(ph.compute_s, ph.memory_s)
+        return ph.compute_s
 
-    # search="sparsity" honours the configured rewrite: candidates are ranked by the kernel's own
-    # work; the overheads around it (statistics, quantize and predictor launches) are weighed by
-    # search="all", which may find a short site faster left as it was
+    # search="sparsity" honours the configured rewrite: candidates are ranked by the attention
+    # kernel's tensor-core work (formats and skipped blocks); memory traffic and the launches
+    # around it (statistics, quantize, predictor) are weighed by search="all", which may find a
+    # short site faster left as it was
     def t_original():
         if search != "all":
             return sum(kernel_only(s, "none", "fp16") for s in shapes) / n
@@ -230,21 +236,15 @@ def _attention_site(key, calls, site, opts, budget, model_budget, site_cap, sear
             return sum(kernel_only(s, quant, pv, kept) for s in shapes) / n
         return sum(cm.attention_time(*s, quant=quant, pv=pv, kept=kept, method=method) for s in shapes) / n
 
-    refs = None
-
     def site_error(choice) -> float:
-        nonlocal refs
-        if refs is None:
-            refs = [attention_exact(c["q"], c["k"], c["v"], c["attn_bias"], c["keep_mask"], c["masked_value"],
-                                    c["is_causal"], c["causal_offset"], c["scale"], softcap=c.get("softcap", 0.0))
-                    for c in calls]
-        return max(compare(attention_output(c, choice, site), r)["rel_l1"] for c, r in zip(calls, refs))
+        return search_obj.site_error(choice, site)
 
     cands = [P.Candidate("original", ORIGINAL, t_original(), entry={"kind": "attention", "original": True})]
     spec = ARCHS[arch]
     a = opts.attention
     base_q = a.quant if a.quant != "none" or search != "all" else "int8"
     base_pv = resolve_pv(a.pv, base_q, spec)
+    search_obj = SiteSearch(key, calls, base_q, base_pv, bool(site["smooth_k"]), arch, max_rows=max_rows)
     formats = [(base_q, base_pv)]
     if search == "all":
         formats += [f for f in DENSE_FORMATS if f not in formats and spec.supports(*f) is None]
@@ -261,10 +261,14 @@ def _attention_site(key, calls, site, opts, budget, model_budget, site_cap, sear
     if a.sparsity is not None:
         methods.append(a.sparsity)
     if search == "all":
-        methods += [SparsityOptions.from_dict({"method": m}) for m in ALL_METHODS
-                    if a.sparsity is None or m != a.sparsity.method]
-    search_obj = SiteSearch(key, calls, base_q, base_pv, bool(site["smooth_k"]), arch)
-    targets = sorted({min(site_cap, model_budget * f) for f in LADDER})
+        methods += [normalize_options({"attention": {"sparsity": {"method": m}}}).attention.sparsity
+                    for m in ALL_METHODS if a.sparsity is None or m != a.sparsity.method]
+    dense = cands[1] if len(cands) > 1 else None
+    amp = 1.0
+    if dense is not None and dense.site_error > 0:
+        dense.model_error, dense.measured = max(runner.errors({key: dense.choice}, batches)), True
+        amp = max(dense.model_error / dense.site_error, 0.05)
+    targets = sorted({min(site_cap, MAX_SITE_ERROR, model_budget / amp * f) for f in (1.0, n_attention ** -0.5)})
     seen = set()
     for sp in methods:
         for target in targets:
@@ -302,10 +306,10 @@ def _attention_site(key, calls, site, opts, budget, model_budget, site_cap, sear
 # ------------------------------------------------------------------------------ linears
 
 
-def _linear_site(key, calls, cap: Captured, opts, lin_cap, search) -> P.Site:
+def _linear_site(key, calls, cap: Captured, opts, lin_cap, search, cost) -> P.Site:
     w, _bias = cap.weights[key]
     arch = cap.arch
-    cm = CostModel(arch)
+    cm = CostModel(arch, measured=cost)
     fmts = [f for f in ("fp8", "w8a8", "w4a16") if f in ARCHS[arch].linear_formats]
     x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
     own = linear_errors(x, w.to(x.device), fmts)

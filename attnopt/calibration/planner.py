@@ -17,6 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
+# a move must save this share of its site's original time to spend any error (a launch-bound
+# site gains nothing from a format or sparsity the cost model prices as a rounding error)
+MIN_SAVING = 0.02
+
+
 @dataclass
 class Candidate:
     """One choice at one site."""
@@ -27,6 +32,7 @@ class Candidate:
     site_error: float = 0.0  # the site's own output rel-L1 (against float64)
     model_error: float = 0.0  # predicted model-output rel-L1 with only this candidate applied
     entry: dict = field(default_factory=dict)  # the plan entry it writes
+    measured: bool = False  # model_error was measured end to end (not predicted from a ratio)
 
 
 @dataclass
@@ -53,7 +59,8 @@ def upper(errors: Sequence[float]) -> float:
 
 def allocate(sites: Sequence[Site], target: float) -> dict[str, int]:
     """Greedy: per site a candidate index, the root of the summed squared predicted errors
-    within `target`, taking the most time saved per unit of added squared error first."""
+    within `target`, taking the most time saved per unit of added squared error first (moves
+    saving under MIN_SAVING of the site's original time are not worth any error)."""
     pick = {s.key: 0 for s in sites}
     spent, allowed = 0.0, target * target
     while True:
@@ -62,7 +69,7 @@ def allocate(sites: Sequence[Site], target: float) -> dict[str, int]:
             cur = s.candidates[pick[s.key]]
             for i, c in enumerate(s.candidates):
                 gain = cur.time - c.time
-                if gain <= 0:
+                if gain <= MIN_SAVING * s.candidates[0].time:
                     continue
                 added = c.model_error ** 2 - cur.model_error ** 2
                 if spent + added > allowed:

@@ -27,50 +27,111 @@ def _per_head_rel_l1(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (o - r).abs().sum(dim=(0, 2, 3)), r.abs().sum(dim=(0, 2, 3))
 
 
-class SiteSearch:
-    """One site's captured inputs, and its error / sparsity under candidate parameters."""
+def row_chunks(nq: int, max_rows: int, block: int = 128) -> list[tuple[int, int]]:
+    """The query rows a search measures: all of them up to `max_rows`, else evenly spaced whole
+    128-row blocks (the first and last included) adding up to about `max_rows` (SpargeAttn's tuner
+    samples query rows the same way: exact attention on every row is what costs memory)."""
+    if nq <= max_rows:
+        return [(0, nq)]
+    nqb = -(-nq // block)
+    want = max(2, max_rows // block)
+    picks = sorted({round(i * (nqb - 1) / (want - 1)) for i in range(want)})
+    return [(b * block, min(nq, (b + 1) * block)) for b in picks]
 
-    def __init__(self, key: str, calls: list[dict], quant: str, pv: str, smooth_k: bool, arch: str):
+
+def _rows(c: dict, r0: int, r1: int) -> dict:
+    """The call restricted to query rows [r0, r1): masks sliced where they have a row axis, the
+    causal offset moved so each row sees the keys it saw."""
+    nq = c["q"].shape[2]
+
+    def cut(t):
+        return t[..., r0:r1, :] if t is not None and t.dim() >= 2 and t.shape[-2] == nq else t
+
+    return {**c, "q": c["q"][:, :, r0:r1], "attn_bias": cut(c["attn_bias"]), "keep_mask": cut(c["keep_mask"]),
+            "causal_offset": int(c["causal_offset"]) + r0}
+
+
+class SiteSearch:
+    """One site's captured inputs, and its error / sparsity under candidate parameters.
+    Errors are measured on `row_chunks` of each call's queries (all rows up to `max_rows`)."""
+
+    def __init__(self, key: str, calls: list[dict], quant: str, pv: str, smooth_k: bool, arch: str,
+                 max_rows: int = 2048):
         self.key, self.calls = key, calls
         self.quant, self.pv, self.smooth_k, self.arch = quant, pv, smooth_k, arch
         self.heads = calls[0]["q"].shape[1]
-        self.refs = [attention_exact(c["q"], c["k"], c["v"], c["attn_bias"], c["keep_mask"], c["masked_value"],
-                                     c["is_causal"], c["causal_offset"], c["scale"], softcap=c.get("softcap", 0.0))
-                     for c in calls]
+        self.chunks = [row_chunks(c["q"].shape[2], max_rows) for c in calls]
+        self.refs = [[_exact(_rows(c, r0, r1)) for r0, r1 in chunks] for c, chunks in zip(calls, self.chunks)]
+
+    def _outputs(self, c: dict, chunks, keep: torch.Tensor, quant: str, pv: str, lam):
+        """The rewritten site's output on each chunk of rows, blocks chosen on the whole call."""
+        for r0, r1 in chunks:
+            yield _run(_rows(c, r0, r1), keep[:, :, r0 // 128:-(-r1 // 128)], quant, pv, self.smooth_k, self.arch, lam)
 
     def evaluate(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(rel-L1 [H], block sparsity [H]) of the rewritten site under `params`."""
         num = den = 0
         sparsity = torch.zeros(self.heads, dtype=torch.float64)
-        for c, ref in zip(self.calls, self.refs):
-            use_triton = c["q"].device.type == "cuda" and self.arch != "cpu"
-            keep = predict_block_mask(c["q"], c["k"], c["v"], params, c["scale"], c["is_causal"],
-                                      c["causal_offset"], use_triton)
-            out = _run(c, keep, self.quant, self.pv, self.smooth_k, self.arch,
-                       pv_thresholds(params, self.heads, c["q"].device))
-            n, d = _per_head_rel_l1(out, ref)
-            num, den = num + n, den + d
+        for c, chunks, refs in zip(self.calls, self.chunks, self.refs):
+            keep = self._keep(c, params)
+            lam = pv_thresholds(params, self.heads, c["q"].device)
+            for out, ref in zip(self._outputs(c, chunks, keep, self.quant, self.pv, lam), refs):
+                n, d = _per_head_rel_l1(out, ref)
+                num, den = num + n, den + d
             nq, nk = c["q"].shape[2], c["k"].shape[2]
             for h in range(self.heads):
                 sparsity[h] += block_sparsity(keep[:, h:h + 1], nq, nk, c["is_causal"], c["causal_offset"])
         return (num / den.clamp_min(1e-30)).float(), (sparsity / len(self.calls)).float()
 
+    def _keep(self, c: dict, params: dict) -> torch.Tensor:
+        use_triton = c["q"].device.type == "cuda" and self.arch != "cpu"
+        return predict_block_mask(c["q"], c["k"], c["v"], params, c["scale"], c["is_causal"], c["causal_offset"],
+                                  use_triton)
+
+    def site_error(self, choice: dict, site: dict) -> float:
+        """The site's rel-L1 (all heads) on its worst call under an attention choice
+        (evaluate.attention_output's: dense through the op itself, sparse with its blocks chosen on
+        the whole call); `site`: the compiled site's fixed settings."""
+        from .evaluate import attention_output
+
+        worst = 0.0
+        params = choice.get("sparsity")
+        for c, chunks, refs in zip(self.calls, self.chunks, self.refs):
+            if params is None:
+                outs = (attention_output(_rows(c, r0, r1), choice, site) for r0, r1 in chunks)
+            else:
+                outs = self._outputs(c, chunks, self._keep(c, params), choice["quant"], choice["pv"],
+                                     pv_thresholds(params, self.heads, c["q"].device))
+            num = den = 0.0
+            for out, ref in zip(outs, refs):
+                n, d = _per_head_rel_l1(out, ref)
+                num, den = num + float(n.sum()), den + float(d.sum())
+            worst = max(worst, num / max(den, 1e-30))
+        return worst
+
     def skipped_share(self, params: dict) -> list[float]:
         """Per head, the share of visited tiles the second stage skips under `params` (measured
         with the reference, which counts them; the kernel does not)."""
         visited, skipped = [0] * self.heads, [0] * self.heads
-        for c in self.calls:
+        for c, chunks in zip(self.calls, self.chunks):
             keep = predict_block_mask(c["q"], c["k"], c["v"], params, c["scale"], c["is_causal"], c["causal_offset"],
                                       False)
-            stats = {}
-            R.sparse_attention_reference(c["q"], c["k"], c["v"], keep, c["attn_bias"], c["keep_mask"],
-                                         c["masked_value"], c["is_causal"], c["causal_offset"], c["scale"], self.quant,
-                                         self.pv, self.smooth_k, pv_threshold=pv_thresholds(params, self.heads,
-                                                                                            c["q"].device),
-                                         stats=stats, softcap=c.get("softcap", 0.0))
-            visited = [a + b for a, b in zip(visited, stats["visited"])]
-            skipped = [a + b for a, b in zip(skipped, stats["skipped"])]
+            lam = pv_thresholds(params, self.heads, c["q"].device)
+            for r0, r1 in chunks:
+                sub, stats = _rows(c, r0, r1), {}
+                R.sparse_attention_reference(sub["q"], sub["k"], sub["v"], keep[:, :, r0 // 128:-(-r1 // 128)],
+                                             sub["attn_bias"], sub["keep_mask"], sub["masked_value"],
+                                             sub["is_causal"], sub["causal_offset"], sub["scale"], self.quant,
+                                             self.pv, self.smooth_k, pv_threshold=lam, stats=stats,
+                                             softcap=sub.get("softcap", 0.0))
+                visited = [a + b for a, b in zip(visited, stats["visited"])]
+                skipped = [a + b for a, b in zip(skipped, stats["skipped"])]
         return [s / max(v, 1) for s, v in zip(skipped, visited)]
+
+
+def _exact(c: dict) -> torch.Tensor:
+    return attention_exact(c["q"], c["k"], c["v"], c["attn_bias"], c["keep_mask"], c["masked_value"],
+                           c["is_causal"], c["causal_offset"], c["scale"], softcap=c.get("softcap", 0.0))
 
 
 def _run(c: dict, keep, quant, pv, smooth_k, arch, lam_t):
