@@ -270,3 +270,13 @@ def test_fit_rescales_until_the_measured_error_fits():
     assert best is not None and best.upper <= 0.05
     assert tried[0].upper > 0.05  # quadrature alone over-promised
     assert best.time < 4.0
+
+
+@pytest.mark.parametrize("kwargs,path", [({"budget": {"model_rel_l1": 0}}, "budget.model_rel_l1"),
+                                         ({"budget": {"rel": 0.1}}, "budget.rel"),
+                                         ({"budget": {"rel_l1": "x"}}, "budget.rel_l1"),
+                                         ({"search": "everything"}, "calibrate.search")])
+def test_bad_budget_or_search_names_the_key(kwargs, path):
+    opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window"}}}
+    with pytest.raises(attnopt.ConfigError, match=path.replace(".", r"\.")):
+        attnopt.calibrate(Attn(), [structured_qkv(1, n=128)], options=opts, cache_dir=False, **kwargs)

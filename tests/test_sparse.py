@@ -1,7 +1,6 @@
 """Sparse attention: predictors against brute-force definitions, the block-sparse kernel against
 the dense reference under the same mask, calibration, plans."""
 
-import json
 import math
 
 import pytest

@@ -81,7 +81,7 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     user = dict(options or {})
     user.pop("plan", None)  # a new plan is being made: the old one must not steer the search
     opts = normalize_options(user)
-    budget = {"model_rel_l1": 0.05, "rel_l1": None, "linear_rel_l1": None, **dict(budget or {})}
+    budget = _checked_budget(budget)
     batches = [b if isinstance(b, (Mapping, tuple, list)) else (b,) for b in example_batches]
     held = [] if holdout is None else [b if isinstance(b, (Mapping, tuple, list)) else (b,)
                                        for b in (holdout if isinstance(holdout, list) else [holdout])]
@@ -102,6 +102,25 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     if plot is not None and "front" in plan.meta:
         write_png(plan.meta["front"], plot)
     return plan
+
+
+BUDGET_KEYS = {"model_rel_l1": 0.05, "rel_l1": None, "linear_rel_l1": None}
+
+
+def _checked_budget(budget: Mapping | None) -> dict:
+    """The budget with its defaults; an unknown key or a value that is not a positive number
+    raises ConfigError naming it."""
+    from ..config import ConfigError
+
+    out = dict(BUDGET_KEYS)
+    for key, val in dict(budget or {}).items():
+        if key not in BUDGET_KEYS:
+            raise ConfigError(f"budget.{key}", val, " | ".join(BUDGET_KEYS))
+        ok = isinstance(val, (int, float)) and not isinstance(val, bool) and 0 < val < float("inf")
+        if not ok and not (val is None and key != "model_rel_l1"):
+            raise ConfigError(f"budget.{key}", val, "a number > 0" + ("" if key == "model_rel_l1" else " or None"))
+        out[key] = val
+    return out
 
 
 def _plan(model, batches, held, opts, budget, cap: Captured, search, margin, formats, second_stage, cost,
