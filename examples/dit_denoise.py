@@ -68,7 +68,7 @@ def main():
     options = {"attention": {"min_seq_len": 0, "sparsity": {"method": "sparge"}}}
     # per-layer calibration on three timesteps of this trajectory; the plan then serves every step
     batches = [dict(hidden_states=latents, encoder_hidden_states=text, timestep=t[None]) for t in timesteps[::2][:3]]
-    plan = attnopt.calibrate(model, batches, options=options, budget={"rel_l1": 0.05})
+    plan = attnopt.calibrate(model, batches, options=options, budget={"model_rel_l1": 0.05})
     path = plan_path(args.plan)
     plan.save(path)
     print(f"calibrated {len(plan.sites)} attention sites; plan written to {path}")
