@@ -148,6 +148,87 @@ def diagnose(sites, scale: float, seq: int) -> list[dict]:
     return rows
 
 
+def query_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query rows, the position of the pair each one recalls) of a [1, N] recall sequence."""
+    parts = recall_model._token_parts()[tokens[0]]
+    rows = (parts[:, 0] == 2).nonzero().flatten()
+    pairs = (parts[:, 0] == 1).nonzero().flatten()
+    key_at = {int(parts[j, 2]): int(j) for j in pairs}
+    return rows, torch.tensor([key_at[int(parts[i, 2])] for i in rows])
+
+
+def peak_hits(sites, tokens, scale: float, seq: int) -> list[dict]:
+    """Per site, head and predictor setting: block sparsity, and the share of query rows whose
+    recalled pair's kv-block the mask keeps (a sharp long-range peak: does the predictor see it?),
+    beside how much attention those rows give that pair."""
+    from attnopt.ops.sparse import block_sparsity
+
+    rows, cols = query_targets(tokens)
+    out = []
+    settings = [("sparge", {"theta": th, "tau": t}) for th in (-1.0, 0.1) for t in (0.3, 0.6, 0.9)]
+    settings += [("xattention", {"stride": st, "tau": t}) for st in (8, 4) for t in (0.3, 0.6, 0.9)]
+    settings += [("window", {"window": int(f * seq)}) for f in (0.125, 0.25, 0.5)]
+    for layer, (q, k, v) in enumerate(sites):
+        mass = torch.stack([exact_probs(q[0, h], k[0, h], scale)[rows, cols] for h in range(q.shape[1])])
+        for method, prm in settings:
+            if method == "sparge":
+                keep = R.predict_sparge(q, k, scale, prm["tau"], prm["theta"], is_causal=True)
+            elif method == "xattention":
+                keep = R.predict_xattention(q, k, scale, prm["stride"], prm["tau"], is_causal=True)
+            else:
+                keep = R.window_mask(q.shape[1], seq, seq, {"window": prm["window"], "sinks": 64}, True, 0,
+                                     "cpu")[None]
+            hit = keep[0][:, rows // R.BQ, cols // R.BK].float()  # [H, queries]
+            for h in range(q.shape[1]):
+                out.append({"seq": seq, "layer": layer, "head": h, "method": method, **prm,
+                            "sparsity": block_sparsity(keep[:, h:h + 1], seq, seq, True, 0),
+                            "query_pair_kept": hit[h].mean().item(),
+                            "query_pair_attention": mass[h].mean().item()})
+    return out
+
+
+def window_like(n_blocks: int, seq: int) -> torch.Tensor:
+    """The causal window (64 sink tokens) keeping the fewest blocks at least n_blocks: [nqb, nkb]."""
+    lo, hi = 1, seq
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if R.window_mask(1, seq, seq, {"window": mid, "sinks": 64}, True, 0, "cpu")[0].sum().item() >= n_blocks:
+            hi = mid
+        else:
+            lo = mid + 1
+    return R.window_mask(1, seq, seq, {"window": lo, "sinks": 64}, True, 0, "cpu")[0]
+
+
+def mass_capture(sites, scale: float, seq: int, tau: float = 0.6) -> list[dict]:
+    """Per site and head, at sparge (theta -1, the similarity rule off) / xattention (stride 8)
+    with `tau`, and a window of the same block count: the share of blocks kept, and the attention
+    mass captured (mean over rows, and the worst row), beside the best possible blocks: per
+    q-block, the same number of blocks ranked by their true mass (the pooled-score quality)."""
+    out = []
+    valid = R.causal_blocks(seq, seq, 0, "cpu")
+    for layer, (q, k, _) in enumerate(sites):
+        masks = {"sparge": R.predict_sparge(q, k, scale, tau, -1.0, is_causal=True),
+                 "xattention": R.predict_xattention(q, k, scale, 8, tau, True)}
+        for h in range(q.shape[1]):
+            p = exact_probs(q[0, h], k[0, h], scale)
+            bm = F.pad(p, (0, 0, 0, -seq % R.BQ)).reshape(-1, R.BQ, seq).sum(1)  # [nqb, N]
+            bm = F.pad(bm, (0, -seq % R.BK)).reshape(bm.shape[0], -1, R.BK).sum(-1)  # true q-block mass
+            for name, keep in masks.items():
+                kh = keep[0, h] & valid
+                n_keep = kh.sum(-1)
+                rank = bm.masked_fill(~valid, -1).argsort(-1, descending=True).argsort(-1)
+                best = (rank < n_keep[:, None]) & valid
+                win = window_like(kh.sum().item(), seq)
+                row = {"seq": seq, "layer": layer, "head": h, "method": name, "tau": tau,
+                       "kept": kh.sum().item() / valid.sum().item()}
+                for label, m in (("predictor", kh), ("true_top_blocks", best), ("window", win & valid)):
+                    cap = (p * R.expand_block_mask(m[None, None], seq, seq)[0, 0]).sum(-1)
+                    row[label] = {"kept": m.sum().item() / valid.sum().item(), "mass_mean": cap.mean().item(),
+                                  "mass_min": cap.min().item()}
+                out.append(row)
+    return out
+
+
 def mean_sparsity(plan) -> float:
     """The plan's block sparsity averaged over attention sites and heads (dense heads: 0)."""
     vals = []
@@ -187,14 +268,28 @@ def run_plan(model, opts: dict, plan, batches) -> tuple[float, float]:
     return num / den, hit / max(tot, 1)
 
 
+@contextlib.contextmanager
+def theta_grid(thetas):
+    """Calibration's sparge theta grid replaced while inside (None: as it is)."""
+    from attnopt.calibration import site_search
+
+    old = site_search.THETAS
+    site_search.THETAS = old if thetas is None else tuple(thetas)
+    try:
+        yield
+    finally:
+        site_search.THETAS = old
+
+
 def calibrate_row(model, spec: str, budget: float, seq: int, calib, held) -> dict:
-    """spec: a method name, or method:select (e.g. sparge:error)."""
-    method, _, select = spec.partition(":")
-    extra = {"select": select} if select else {}
-    sp = {"method": method, **extra}
+    """spec: a method name, or sparge:theta-off (calibration's theta grid with -1 added: the
+    self-similarity rule off, each head choosing)."""
+    method, _, variant = spec.partition(":")
+    sp = {"method": method}
     opts = {"attention": {"min_seq_len": 0, "allow_fp32": True, "sparsity": sp}}
     t0 = time.time()
-    plan = attnopt.calibrate(model, calib, options=opts, budget={"rel_l1": budget}, second_stage=False)
+    with theta_grid((-1.0,) + THETAS if variant == "theta-off" else None):
+        plan = attnopt.calibrate(model, calib, options=opts, budget={"rel_l1": budget}, second_stage=False)
     t1 = time.time()
     err, acc = run_plan(model, opts, plan, held)
     return {"seq": seq, "method": spec, "budget_rel_l1": budget,
@@ -222,11 +317,12 @@ def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
     model = recall_model.load_recall_model(args.weights)
-    rows, diag_rows = [], []
+    rows, diag_rows, peak_rows, mass_rows = [], [], [], []
     extra = {"what": __doc__.splitlines()[0], "oracle_mass": ORACLE_MASS}
 
     def save():
-        common.write(args.out, rows, {**extra, "diagnosis": diag_rows}, args.out_dir)
+        common.write(args.out, rows, {**extra, "diagnosis": diag_rows, "peaks": peak_rows,
+                                              "mass": mass_rows}, args.out_dir)
 
     for seq in args.seqs:
         calib = recall_model.recall_batches(2, seq, seed=100 + seq)
@@ -239,7 +335,10 @@ def main() -> None:
         if not args.skip_diagnosis:
             with captured_attention() as sites, torch.no_grad():
                 model(held[0][0])
-            diag_rows += diagnose(sites, 1 / math.sqrt(sites[0][0].shape[-1]), seq)
+            scale = 1 / math.sqrt(sites[0][0].shape[-1])
+            diag_rows += diagnose(sites, scale, seq)
+            peak_rows += peak_hits(sites, held[0][0], scale, seq)
+            mass_rows += mass_capture(sites, scale, seq)
             save()
         if args.skip_calibration:
             continue
