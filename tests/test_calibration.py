@@ -88,6 +88,33 @@ def test_plan_holds_on_batches_it_never_saw(method, tmp_path):
         assert report.sites[0].details["sparsity"] > 0.25
 
 
+def _recall_model():
+    """The trained recall model (benchmarks/recall_model.py: sharp long-range and local heads)."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    from recall_model import load_recall_model, recall_batches
+
+    return load_recall_model().eval(), recall_batches
+
+
+@pytest.mark.parametrize("method,n", [("window", 512), pytest.param("sparge", 1024, marks=pytest.mark.slow),
+                                      pytest.param("xattention", 1024, marks=pytest.mark.slow)])
+def test_plan_holds_on_the_trained_model(method, n):
+    """Two sites of a trained model (fp32, so allow_fp32): calibrated on two batches, checked on
+    a third; the model's logits stay within the budget and the plan skips blocks."""
+    model, batches = _recall_model()
+    opts = {"attention": {"min_seq_len": 0, "allow_fp32": True, "sparsity": {"method": method}}}
+    plan = attnopt.calibrate(model, batches(2, n, seed=0), options=opts, budget={"model_rel_l1": BUDGET},
+                             cache_dir=False)
+    assert plan.meta["model_error"]["upper"] <= BUDGET
+    err, report = _e2e(model, batches(1, n, seed=9)[0], plan, opts)
+    assert err <= BUDGET
+    sparse = [s for s in report.sites if s.op == "attnopt::sparse_attention"]
+    assert sparse and max(s.details["sparsity"] for s in sparse) > 0.05
+
+
 def test_model_budget_bounds_the_sum_of_sites():
     """Three sites calibrated together: the output error, not each site's, meets the budget, on
     the calibration batches (measured, with their spread) and on a new one."""

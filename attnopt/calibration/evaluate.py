@@ -75,7 +75,7 @@ class ModelRunner:
     """The calibration-compiled model, run under a per-site choice.
 
     `choice`: site key -> attention choice dict (see attention_output) or linear format string;
-    sites missing from it compute what they were compiled to (the configured options)."""
+    sites missing from it run as they were (original attention, 16-bit linears)."""
 
     def __init__(self, model, compiled, sink: str, sites: Mapping[str, Mapping], small_m: int):
         self.model, self.compiled, self.sink, self.sites = model, compiled, sink, sites
@@ -92,10 +92,9 @@ class ModelRunner:
 
     def outputs(self, choice: Mapping[str, object], batches: Sequence) -> list:
         def override(key: str, call: dict):
-            ch = choice.get(key)
-            if ch is None:
-                return None
-            if call.get("kind") == "linear":
+            linear = call.get("kind") == "linear"
+            ch = choice.get(key, "none" if linear else ORIGINAL)
+            if linear:
                 out = self.linears.output(key, ch, call["x"], call["weight"], call["bias"])
             else:
                 out = attention_output(call, ch, self.sites[key])
