@@ -275,8 +275,13 @@ def _compiled_vs_float64(fn, *inputs):
     return rel_l1(out.double(), fn(*(t.double() if t.is_floating_point() else t for t in inputs)))
 
 
-@pytest.mark.parametrize("b, hq", [(b, hq) for b in (1, 2, 3, 4) for hq in (2, 4)] + [(1, 1)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# every batch / query-head relation in bf16; fp16 (the same matching) on a few of them
+ONE_KV_HEAD_CASES = ([(torch.bfloat16, b, hq) for b in (1, 2, 3, 4) for hq in (2, 4)] + [(torch.bfloat16, 1, 1)]
+                     + [(torch.float16, b, hq) for b, hq in ((4, 2), (3, 4), (1, 1))])
+
+
+@pytest.mark.parametrize("dtype, b, hq", ONE_KV_HEAD_CASES,
+                         ids=[f"dtype{int(d is torch.float16)}-{b}-{hq}" for d, b, hq in ONE_KV_HEAD_CASES])
 def test_sdpa_enable_gqa_with_one_kv_head(b, hq, dtype):
     """k / v [B, 1, N, D]: the size-1 head dim has no batch atom; B must stay the batch (not heads)."""
     q, k, v = randn(b, hq, N, D, dtype=dtype), randn(b, 1, N, D, dtype=dtype), randn(b, 1, N, D, dtype=dtype)
@@ -330,9 +335,15 @@ class SlicedCausal(nn.Module):
         return attend_with_keep(q, k, v, keep, self.apply, additive_fill=torch.finfo(q.dtype).min)
 
 
-@pytest.mark.parametrize("slice_form", list(SLICES))
-@pytest.mark.parametrize("apply", ["where", "masked_fill", "sdpa_bool", "sdpa_additive"])
-@pytest.mark.parametrize("nq, nk", [(64, 128), (33, 77)])
+APPLIES = ["where", "masked_fill", "sdpa_bool", "sdpa_additive"]
+SLICE_SHAPES = [(64, 128), (33, 77)]  # k - q equal to q; and not (a start read as -q would be wrong)
+# every slice form with every way of applying the mask, once each; the two shapes alternate, so
+# each slice form and each way of applying meets both shapes (pairwise, not the full 48)
+SLICED_CASES = [(*SLICE_SHAPES[(i + j) % 2], apply, form) for i, form in enumerate(SLICES)
+                for j, apply in enumerate(APPLIES)]
+
+
+@pytest.mark.parametrize("nq, nk, apply, slice_form", SLICED_CASES)
 def test_causal_mask_from_sliced_query_positions(slice_form, apply, nq, nk):
     q, k, v = randn(B, H, nq, D), randn(B, H, nk, D), randn(B, H, nk, D)
     m = SlicedCausal(slice_form, apply)
@@ -433,9 +444,17 @@ def test_causal_where_then_additive_mask_left_padding_keeps_eager_fully_masked_r
     _rewritten_and_exact(fn, q, k, v, pad, exact=eager_fp32)
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.float32, torch.float16])
-@pytest.mark.parametrize("how", ["add", "masked_fill", "bmm_add", "sdpa"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+MASK_DTYPES = [torch.bool, torch.int32, torch.float32, torch.float16]
+# a float mask promotes bf16 and fp16 scores differently, so those meet both; a bool or int mask
+# adds to either dtype alike (the scores' own dtype): bf16 only
+ANOTHER_DTYPE_CASES = [(dtype, how, mask_dtype) for dtype in (torch.bfloat16, torch.float16)
+                       for how in ("add", "masked_fill", "bmm_add", "sdpa") for mask_dtype in MASK_DTYPES
+                       if dtype is torch.bfloat16 or mask_dtype.is_floating_point]
+
+
+@pytest.mark.parametrize("dtype, how, mask_dtype", ANOTHER_DTYPE_CASES,
+                         ids=[f"dtype{int(d is torch.float16)}-{h}-mask_dtype{MASK_DTYPES.index(m)}"
+                              for d, h, m in ANOTHER_DTYPE_CASES])
 def test_masks_of_another_dtype(mask_dtype, how, dtype):
     """Eager type promotion decides the softmax input (bf16 scores + an fp32 mask softmax in fp32;
     a bool or int mask added is 0/1 or its integers); the rewrite computes the same function."""
@@ -475,9 +494,13 @@ def _bloom(q, k, v, alibi, beta=1.0):
     return torch.bmm(p.view(b * h, n, -1), v.flatten(0, 1)).view(b, h, n, d)
 
 
-@pytest.mark.parametrize("beta", [1.0, 0.5])
-@pytest.mark.parametrize("alibi_shape", ["bloom", "full"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# each beta with each ALiBi shape once; the dtypes alternate, so each beta and each shape meets both
+ALIBI_CASES = [(torch.bfloat16, "bloom", 1.0), (torch.float16, "bloom", 0.5), (torch.float16, "full", 1.0),
+               (torch.bfloat16, "full", 0.5)]
+
+
+@pytest.mark.parametrize("dtype, alibi_shape, beta", ALIBI_CASES,
+                         ids=[f"dtype{int(d is torch.float16)}-{s}-{b}" for d, s, b in ALIBI_CASES])
 def test_alibi_through_baddbmm(beta, alibi_shape, dtype):
     q, k, v = (randn(B, H, N, D, dtype=dtype) for _ in range(3))
     slopes = torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)])

@@ -258,8 +258,8 @@ def test_smoothing_lowers_w8a8_error_with_activation_outliers():
 
 # ------------------------------------------------------------------------------ real models
 
-def _llama():
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+def _llama(layers=2):
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     return transformers.LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
 
@@ -316,7 +316,7 @@ def test_mixed_precision_plan_picks_formats_under_budget():
 
 
 def test_training_leaves_linears_alone():
-    model = _llama().float()
+    model = _llama(layers=1).float()  # forward and backward compiled: one layer shows every linear kind
     be = attnopt.backend({"linear": {"quant": "w8a8"}}, inductor_config={"fx_graph_cache": False})
     torch._dynamo.reset()
     with torch._functorch.config.patch(enable_autograd_cache=False):

@@ -41,13 +41,24 @@ def _steady(fn, *args, full_size):
     return count_work(fn, *args, full_size=full_size)[1]
 
 
+def _head(q, k, v):
+    return (q, k, v, None, None, -math.inf, True, 0, D ** -0.5, "int8", "fp16", True)
+
+
+@pytest.fixture(scope="module")
+def dense_work():
+    """The dense body's steady-state work at the test shape, counted once for every method (what
+    it launches and runs depends on shapes and formats, not on values)."""
+    q, k, v = _qkv()
+    return _steady(_attention_body, *_head(q, k, v), False, "sm90", "triton", full_size=q.numel())
+
+
 @pytest.mark.parametrize("method", list(PARAMS))
-def test_sparse_call_budget(method):
+def test_sparse_call_budget(method, dense_work):
     """Second call of a shape: the dense attention's work, plus one launch for a predictor (it
     writes the LUT itself) and nothing for a static mask: no aten pass of ours, full-size or not."""
     q, k, v = _qkv()
-    head = (q, k, v, None, None, -math.inf, True, 0, D ** -0.5, "int8", "fp16", True)
-    dense = _steady(_attention_body, *head, False, "sm90", "triton", full_size=q.numel())
+    head, dense = _head(q, k, v), dense_work
     sparse = _steady(_sparse_attention_body, *head, "sm90", "triton", json.dumps(PARAMS[method]), full_size=q.numel())
     ours = list(sparse.launches)
     for name in dense.launches:
@@ -125,16 +136,16 @@ def _with_dense(keep, dense):
     return keep
 
 
-@pytest.mark.parametrize("causal,offset,nq", [(True, 0, 300), (False, 0, 333), (True, 100, 200)])
-def test_predictor_luts_equal_the_reference_selection(causal, offset, nq):
+@pytest.mark.parametrize("causal,offset,nq,b", [(True, 0, 300, 1), (False, 0, 333, 1), (True, 100, 200, 2)])
+def test_predictor_luts_equal_the_reference_selection(causal, offset, nq, b):
     """The kernels' LUT rows and counts are block_mask_to_lut's for the reference's selection:
     sparge against the reference predictor (pooled statistics in fp32 on both sides); XAttention
     on the block scores the kernel computed (its At dots run in fp16 on tensor cores, so a score
     may differ from the fp32 reference in the last bits: the scores themselves are checked
     against their float64 definition in test_sparse.py)."""
     nk = nq + offset
-    q = torch.randn(2, 4, nq, D).half()
-    k, v = torch.randn(2, 2, nk, D).half(), torch.randn(2, 2, nk, D).half()  # GQA
+    q = torch.randn(b, 4, nq, D).half()  # one case with a second batch: the kernels' batch strides
+    k, v = torch.randn(b, 2, nk, D).half(), torch.randn(b, 2, nk, D).half()  # GQA
     p = parse(json.dumps(PARAMS["sparge"] | {"tau": [0.9, 0.5, 0.8, 0.7], "dense_heads": [2]}))
     got = predict_lut(q, k, v, p, 0.125, causal, offset)
     keep = _with_dense(R.predict_sparge(q, k, 0.125, list(p["tau"]), p["theta"], None, True, causal, offset), [2])
