@@ -363,7 +363,7 @@ def _front(sites, tried, chosen, budget, arch, cost) -> dict:
         seen.add(sig)
         points.append({"time": c.time, "error": c.predicted, "measured_error": c.upper,
                        "chosen": c.pick == chosen.pick, "label": _describe(sites, c.pick)})
-    for f in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0):
+    for f in (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0):  # 0: every site as it was
         pick = P.allocate(sites, budget * f)
         sig = tuple(sorted(pick.items()))
         if sig in seen:
