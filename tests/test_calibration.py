@@ -307,3 +307,24 @@ def test_bad_budget_or_search_names_the_key(kwargs, path):
     opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window"}}}
     with pytest.raises(attnopt.ConfigError, match=path.replace(".", r"\.")):
         attnopt.calibrate(Attn(), [structured_qkv(1, n=128)], options=opts, cache_dir=False, **kwargs)
+
+
+def test_plan_entries_choose_each_sites_format_or_leave_it():
+    """A plan's attention entries: `original` leaves the site as it was, with the reason;
+    `quant` / `pv` pick the site's formats (refused with the reason where the arch lacks them)."""
+    batch = structured_qkv(1, n=256)
+    opts = {"arch": "sm90", "attention": {"min_seq_len": 0}}
+
+    def site(entry, arch="sm90"):
+        plan = {"schema_version": 1, "sites": {"#0": {"kind": "attention", **entry}}}
+        (rec,) = attnopt.inspect(Attn(), *batch, options={**opts, "arch": arch, "plan": plan}).sites
+        return rec
+
+    rec = site({"original": True})
+    assert rec.status == "skipped" and "calibrated plan keeps this site as it was" in rec.reason
+    rec = site({"dense": True, "quant": "fp8", "pv": "fp8"})
+    assert rec.status == "rewritten" and (rec.details["quant"], rec.details["pv"]) == ("fp8", "fp8")
+    rec = site({"dense": True, "quant": "fp8", "pv": "fp8"}, arch="sm80")
+    assert rec.status == "skipped" and "sm89+" in rec.reason
+    with pytest.raises(attnopt.ConfigError, match=r"plan\.sites\.#0\.quant"):
+        site({"quant": "int9"})
