@@ -231,10 +231,12 @@ def theta_grid(thetas):
 
 
 def calibrate_row(model, spec: str, budget: float, seq: int, calib, held) -> dict:
-    """spec: a method name, or sparge:theta-off (calibration's theta grid with -1 added: the
-    self-similarity rule off, each head choosing)."""
-    method, _, variant = spec.partition(":")
-    sp = {"method": method}
+    """spec: a method name, then optionally `:theta-off` (sparge: calibration's theta grid with -1
+    added, the self-similarity rule off where a head is sparser so) and/or `:local` (local_keys
+    64: the block before each q-block kept), e.g. sparge:theta-off:local."""
+    method, *variants = spec.split(":")
+    variant = "theta-off" if "theta-off" in variants else ""
+    sp = {"method": method, **({"local_keys": 64} if "local" in variants else {})}
     opts = {"attention": {"min_seq_len": 0, "allow_fp32": True, "sparsity": sp}}
     t0 = time.time()
     with theta_grid((-1.0,) + THETAS if variant == "theta-off" else None):
