@@ -11,10 +11,15 @@ at 1K / 2K / 4K tokens.
    block, against its sparsity; the attention mass each predictor's blocks capture, against the
    truly heaviest blocks of the same count and a window of the same count.
 
-    python benchmarks/sparse_predictors.py                  # everything (tens of minutes on 2 cores)
+    python benchmarks/sparse_predictors.py                  # everything (hours on 2 busy cores)
     python benchmarks/sparse_predictors.py --seqs 1024 --skip-calibration
+    python benchmarks/sparse_predictors.py --seqs 4096 --batches 1 --budgets 0.05 \
+        --methods window sparge:theta-off:local --skip-diagnosis --out x.json
 
-Writes benchmarks/results/sparse_predictors_cpu.json (after every row).
+Methods: window, sparge, xattention; `:theta-off` (sparge: -1 added to calibration's theta grid)
+and `:local` (local_keys 64) variants. Writes benchmarks/results/sparse_predictors_cpu.json (after
+every row). The shipped file merges such runs: 1K on 2 batches with budgets 0.03 / 0.05 / 0.08,
+2K and 4K on 1 batch with 0.05 (and window at more budgets, to compare at equal error).
 """
 
 from __future__ import annotations
@@ -254,8 +259,9 @@ def calibrate_row(model, spec: str, budget: float, seq: int, calib, held) -> dic
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05])
-    ap.add_argument("--methods", nargs="+", default=["window", "sparge", "xattention"])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.03, 0.05, 0.08])
+    ap.add_argument("--methods", nargs="+", default=["window", "sparge", "sparge:theta-off", "sparge:theta-off:local",
+                                                     "xattention", "xattention:local"])
     ap.add_argument("--weights", default=recall_model.WEIGHTS)
     ap.add_argument("--batches", type=int, default=2, help="calibration batches (and as many held out)")
     ap.add_argument("--skip-calibration", action="store_true")
