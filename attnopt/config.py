@@ -288,6 +288,9 @@ class SpargeOptions(SparsityOptions):
         "null, number >= 0 or per-head list",
         "second stage lambda: skip P.V of tiles whose row maxima trail the running max by more (log2 units)")
     sink: bool = option(True, _bool, "true | false", "always keep the first kv-block")
+    local_keys: int = option(0, _number(0, math.inf, integer=True), "integer >= 0",
+                             "also always keep the kv-blocks holding this many keys before each q-block's "
+                             "first row (local heads' first rows need them)")
     min_seq_len: int = _min_seq_len()
 
 
@@ -302,6 +305,9 @@ class XAttentionOptions(SparsityOptions):
     pv_threshold: float | None | tuple[float | None, ...] = option(
         None, _per_head(_number(0, math.inf, allow_none=True), "a number >= 0 or null"),
         "null, number >= 0 or per-head list", "second stage lambda (log2 units)")
+    local_keys: int = option(0, _number(0, math.inf, integer=True), "integer >= 0",
+                             "also always keep the kv-blocks holding this many keys before each q-block's "
+                             "first row (local heads' first rows need them)")
     min_seq_len: int = _min_seq_len()
 
 

@@ -106,7 +106,7 @@ def test_valid_sparsity_gets_method_defaults():
     sp = o.attention.sparsity
     assert isinstance(sp, SpargeOptions) and sp.method == "sparge" and sp.tau == (0.9, 0.95) and sp.theta == 0.3
     assert sp.to_dict() == {"method": "sparge", "tau": [0.9, 0.95], "theta": 0.3, "topk": None,
-                            "pv_threshold": None, "sink": True, "min_seq_len": 0}
+                            "pv_threshold": None, "sink": True, "local_keys": 0, "min_seq_len": 0}
 
 
 def test_options_hash_and_json_are_canonical():
@@ -201,7 +201,8 @@ def test_to_json_format_is_unchanged():
         '"linear":{"exclude":["lm_head","*.lm_head"],"include":["*"],"min_m":17,"quant":"none","smooth":null},'
         '"on_cpu":"emulate","plan":null}')
     o = normalize_options({"attention": {"sparsity": {"method": "xattention", "tau": 1}}})
-    assert '"sparsity":{"method":"xattention","min_seq_len":0,"pv_threshold":null,"stride":8,"tau":1.0}' in o.to_json()
+    assert ('"sparsity":{"local_keys":0,"method":"xattention","min_seq_len":0,"pv_threshold":null,"stride":8,'
+            '"tau":1.0}') in o.to_json()
 
 
 def test_defaults_live_in_the_classes():

@@ -34,15 +34,15 @@ RM = _recall_module()
 
 
 @pytest.fixture(scope="module")
-def layer0():
-    """(q, k) of the trained model's first attention at 1K tokens, and the scale."""
+def sites():
+    """(q, k, v) of the trained model's two attention sites at 1K tokens."""
     model = RM.load_recall_model()
     (tokens,) = RM.recall_batches(1, SEQ, seed=0)[0]
     got = []
     orig = torch.nn.functional.scaled_dot_product_attention
 
     def grab(q, k, v, *a, **kw):
-        got.append((q, k))
+        got.append((q, k, v))
         return orig(q, k, v, *a, **kw)
 
     torch.nn.functional.scaled_dot_product_attention = grab
@@ -51,7 +51,13 @@ def layer0():
             model(tokens)
     finally:
         torch.nn.functional.scaled_dot_product_attention = orig
-    q, k = got[0]
+    return got
+
+
+@pytest.fixture(scope="module")
+def layer0(sites):
+    """(q, k) of the first attention, and the scale."""
+    q, k, _ = sites[0]
     return q, k, 1 / math.sqrt(q.shape[-1])
 
 
@@ -91,3 +97,26 @@ def test_predictors_keep_half_the_blocks_and_most_of_the_mass(layer0, head, meth
         keep = R.predict_xattention(q, k, scale, 8, 0.6, True)
     kept, mass = _kept_and_mass(keep, q, k, scale, head)
     assert kept <= 0.55 and mass >= 0.75, (kept, mass)
+
+
+def _head_rel_l1(keep, q, k, v, scale, h):
+    """rel-L1 of one head's float64 attention over the kept blocks against dense."""
+    s = (q[0, h].double() @ k[0, h].double().T) * scale
+    future = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)
+    inside = R.expand_block_mask(keep[:, h:h + 1], SEQ, SEQ)[0, 0]
+    ref = torch.softmax(s.masked_fill(future, -math.inf), -1) @ v[0, h].double()
+    out = torch.softmax(s.masked_fill(future | ~inside, -math.inf), -1) @ v[0, h].double()
+    return ((out - ref).abs().sum() / ref.abs().sum()).item()
+
+
+def test_local_keys_serve_a_sharp_local_head(sites):
+    """Layer 1 head 3 attends its last few tokens: with the diagonal blocks alone a q-block's
+    first rows lose their neighbours (the pooled scores rank that block low, so no tau brings it
+    back); local_keys 64 keeps it, as a window would."""
+    q, k, v = sites[1]
+    scale = 1 / math.sqrt(q.shape[-1])
+    without = R.predict_sparge(q, k, scale, 0.9, -1.0, is_causal=True)
+    with_local = R.predict_sparge(q, k, scale, 0.9, -1.0, is_causal=True, local=64)
+    kept, _ = _kept_and_mass(with_local, q, k, scale, 3)
+    assert kept <= 0.45
+    assert _head_rel_l1(without, q, k, v, scale, 3) > 0.03 > 0.02 > _head_rel_l1(with_local, q, k, v, scale, 3)

@@ -155,10 +155,11 @@ def test_xattention_scores_match_their_definition(stride, causal):
                                atol=1e-4)
 
 
-def brute_xattention_select(scores, tau, nq, nk, causal, offset=0):
+def brute_xattention_select(scores, tau, nq, nk, causal, offset=0, local=0):
     """XAttention's selection by definition (docs/algorithms.md#xattention-antidiagonal-scoring, step
-    4): block 0 and the diagonal blocks, then the others by descending score until the kept mass
-    (forced blocks included) reaches tau * row sum."""
+    4): block 0 and the diagonal blocks (and those holding the `local` keys before a q-block's
+    first row), then the others by descending score until the kept mass (forced blocks included)
+    reaches tau * row sum."""
     b, h, nqb, nkb = scores.shape
     keep = torch.zeros(b, h, nqb, nkb, dtype=torch.bool)
     for bb in range(b):
@@ -166,7 +167,8 @@ def brute_xattention_select(scores, tau, nq, nk, causal, offset=0):
             for r in range(nqb):
                 first, last = r * R.BQ + offset, min(nq - 1, r * R.BQ + R.BQ - 1) + offset
                 valid = [c for c in range(nkb) if not causal or c * R.BK <= last]
-                diag = [c for c in valid if (causal or nq == nk) and c * R.BK <= last and c * R.BK + R.BK > first]
+                diag = [c for c in valid if (causal or nq == nk) and c * R.BK <= last
+                        and c * R.BK + R.BK > first - local]
                 row = {c: scores[bb, hh, r, c].item() for c in valid}
                 kept = {0, *diag}
                 mass = sum(row[c] for c in kept)
@@ -197,6 +199,30 @@ def test_xattention_selection_matches_its_definition(nq, causal, offset, tau):
     for r in range(got.shape[2]):  # the first block, and the diagonal's kv-blocks (two for a full q-block)
         first, last = r * R.BQ + offset, min(nq - 1, r * R.BQ + R.BQ - 1) + offset
         assert got[..., r, 0].all() and got[..., r, first // R.BK:last // R.BK + 1].all()
+
+
+@pytest.mark.parametrize("nq,offset", [(512, 0), (320, 192)])
+def test_local_keys_keep_the_blocks_before_each_q_block(nq, offset):
+    """local_keys 64: the kv-block just before each q-block's first row is kept with the diagonal
+    (a local head's first rows need it), in the reference and the kernels alike."""
+    q, k, _ = local_qkv(1, 2, 512, 32, noise=0.5, amp=1.0)
+    q = q[:, :, 512 - nq:]
+    scores = R.xattention_scores(q, k, 0.2, 8, True, offset)
+    got = R.predict_xattention(q, k, 0.2, 8, 0.5, True, offset, local=64)
+    assert torch.equal(got, brute_xattention_select(scores, 0.5, nq, 512, True, offset, local=64))
+    assert torch.equal(predict_xattention_triton(q, k, 0.2, 8, 0.5, True, offset, local=64),
+                       brute_xattention_select(xattention_scores_triton(q, k, 0.2, 8, True, offset), 0.5, nq, 512,
+                                               True, offset, local=64))
+    sp = R.predict_sparge(q, k, 0.2, 0.5, -1.0, is_causal=True, causal_offset=offset, local=64)
+    base = R.predict_sparge(q, k, 0.2, 0.5, -1.0, is_causal=True, causal_offset=offset)
+    widened = R.diagonal_blocks(nq, 512, offset, "cpu", 64) & R.causal_blocks(nq, 512, offset, "cpu")
+    assert torch.equal(sp, base | widened)
+    assert torch.equal(predict_sparge_triton(q, k, 0.2, 0.5, -1.0, is_causal=True, causal_offset=offset, local=64), sp)
+    for keep in (got, sp):
+        for r in range(keep.shape[2]):
+            before = (r * R.BQ + offset - 1) // R.BK  # the block holding the key just before row 0's own
+            if r * R.BQ + offset >= 1:
+                assert keep[..., r, before].all()
 
 
 def _brute_blocks(pred, nq, nk):

@@ -131,10 +131,10 @@ def predict_lut(q, k, v, params: Params, scale: float, is_causal: bool, causal_o
     heads = _heads(q, params)
     if method == "sparge":
         return P.sparge_lut_triton(q, k, scale, heads["tau"], heads["theta"], heads.get("topk"), heads["dense"],
-                                   params.get("sink", True), is_causal, causal_offset)
+                                   params.get("sink", True), is_causal, causal_offset, int(params.get("local_keys", 0)))
     if method == "xattention":
         return P.xattention_lut_triton(q, k, scale, int(params["stride"]), heads["tau"], heads["dense"], is_causal,
-                                       causal_offset)
+                                       causal_offset, local=int(params.get("local_keys", 0)))
     if method == "svg":
         st = svg_static(q, k, params, is_causal, causal_offset, True)
         return P.svg_lut_triton(q, k, v, scale, params, st["rows"], st["lut"], st["counts"], heads["dense"],
@@ -157,9 +157,10 @@ def predict_block_mask(q, k, v, params, scale: float, is_causal: bool, causal_of
         return R.lut_to_block_mask(*predict_lut(q, k, v, params, scale, is_causal, causal_offset))
     if method == "sparge":
         keep = R.predict_sparge(q, k, scale, params["tau"], params["theta"], params.get("topk"),
-                                params.get("sink", True), is_causal, causal_offset)
+                                params.get("sink", True), is_causal, causal_offset, int(params.get("local_keys", 0)))
     elif method == "xattention":
-        keep = R.predict_xattention(q, k, scale, int(params["stride"]), params["tau"], is_causal, causal_offset)
+        keep = R.predict_xattention(q, k, scale, int(params["stride"]), params["tau"], is_causal, causal_offset,
+                                    int(params.get("local_keys", 0)))
     else:
         masks = svg_static(q, k, params, is_causal, causal_offset, False)["masks"]
         keep = R.predict_svg(q, k, v, scale, params, is_causal, causal_offset, masks=masks)[0].clone()

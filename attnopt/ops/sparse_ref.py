@@ -122,17 +122,18 @@ def select_sparge(qhat, qsim, khat, ksim, scale: float, tau, theta, topk, sink: 
     return keep
 
 
-def sparge_grid(nq: int, nk: int, is_causal: bool, causal_offset: int, device):
+def sparge_grid(nq: int, nk: int, is_causal: bool, causal_offset: int, device, local: int = 0):
     """(valid [nqb, nkb], diagonal blocks or None): the causally visible blocks, and the diagonal
-    of causal or square (self-attention) sites."""
+    of causal or square (self-attention) sites, widened by `local` keys before each q-block."""
     valid = causal_blocks(nq, nk, causal_offset, device) if is_causal else torch.ones(
         n_blocks(nq, BQ), n_blocks(nk, BK), dtype=torch.bool, device=device)
-    diag = diagonal_blocks(nq, nk, causal_offset if is_causal else 0, device) if is_causal or nq == nk else None
+    diag = diagonal_blocks(nq, nk, causal_offset if is_causal else 0, device, local) if is_causal or nq == nk \
+        else None
     return valid, diag
 
 
 def predict_sparge(q, k, scale: float, tau, theta, topk=None, sink: bool = True, is_causal: bool = False,
-                   causal_offset: int = 0) -> torch.Tensor:
+                   causal_offset: int = 0, local: int = 0) -> torch.Tensor:
     """SpargeAttn stage 1: pooled-attention prediction of each q-block's needed kv-blocks."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -142,19 +143,20 @@ def predict_sparge(q, k, scale: float, tau, theta, topk=None, sink: bool = True,
     khat, ksim = _pool(kc, BK)
     g = hq // hkv
     khat, ksim = khat.repeat_interleave(g, 1), ksim.repeat_interleave(g, 1)
-    valid, diag = sparge_grid(nq, nk, is_causal, causal_offset, q.device)
+    valid, diag = sparge_grid(nq, nk, is_causal, causal_offset, q.device, local)
     return select_sparge(qhat, qsim, khat, ksim, scale, tau, theta, topk, sink, valid, diag)
 
 
-def diagonal_blocks(nq: int, nk: int, offset: int, device) -> torch.Tensor:
-    """[nqb, nkb]: kv-blocks crossing a q-block's diagonal (keys i + offset for its rows i).
-    Pooled scores can miss them at a block boundary, and a row without its own key is badly off:
-    attnopt always keeps them (an addition to SpargeAttn's rule)."""
+def diagonal_blocks(nq: int, nk: int, offset: int, device, local: int = 0) -> torch.Tensor:
+    """[nqb, nkb]: kv-blocks crossing a q-block's diagonal (keys i + offset for its rows i), and
+    with `local` > 0 those holding the `local` keys before its first row's. Pooled scores can miss
+    them at a block boundary, and a row without its own key (or, in a local head, its neighbours)
+    is badly off: attnopt always keeps them (an addition to SpargeAttn's rule)."""
     nqb, nkb = n_blocks(nq, BQ), n_blocks(nk, BK)
     r0 = torch.arange(nqb, device=device) * BQ + offset
     r1 = torch.clamp(torch.arange(nqb, device=device) * BQ + BQ - 1, max=max(nq - 1, 0)) + offset
     c0 = torch.arange(nkb, device=device) * BK
-    return (c0[None, :] <= r1[:, None]) & (c0[None, :] + BK - 1 >= r0[:, None])
+    return (c0[None, :] <= r1[:, None]) & (c0[None, :] + BK - 1 >= r0[:, None] - local)
 
 
 def xattention_scores(q, k, scale: float, stride: int, is_causal: bool = False, causal_offset: int = 0):
@@ -193,11 +195,11 @@ def select_xattention(scores: torch.Tensor, tau, valid: torch.Tensor, diagonal) 
 
 
 def predict_xattention(q, k, scale: float, stride: int, tau, is_causal: bool = False,
-                       causal_offset: int = 0) -> torch.Tensor:
+                       causal_offset: int = 0, local: int = 0) -> torch.Tensor:
     """XAttention: antidiagonal block scores, then the tau selection."""
     nq, nk = q.shape[2], k.shape[2]
     scores = xattention_scores(q, k, scale, stride, is_causal, causal_offset)
-    valid, diag = sparge_grid(nq, nk, is_causal, causal_offset, q.device)
+    valid, diag = sparge_grid(nq, nk, is_causal, causal_offset, q.device, local)
     return select_xattention(scores, tau, valid, diag)
 
 

@@ -77,7 +77,7 @@ def _pool_block(X, stride_n, stride_d, n0, N, D, mu, BLK: tl.constexpr, SUB: tl.
 def _sparge_lut_kernel(Q, stride_qb, stride_qh, stride_qn, stride_qd, K, stride_kb, stride_kh, stride_kn, stride_kd,
                        KH, KS, SC, TAU, THETA, TOPK, DENSE,
                        LUT, stride_lb, stride_lh, stride_lr, CNT, stride_cb, stride_ch, stride_cr,
-                       Nq, Nk, D, GROUP, scale, causal_offset,
+                       Nq, Nk, D, GROUP, scale, causal_offset, local,
                        SINK: tl.constexpr, USE_TOPK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DIAG: tl.constexpr,
                        BQ_C: tl.constexpr, BK_C: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr,
                        NKB_P2: tl.constexpr, KCH: tl.constexpr):
@@ -122,7 +122,7 @@ def _sparge_lut_kernel(Q, stride_qb, stride_qh, stride_qn, stride_qd, K, stride_
         tl.debug_barrier()
         logits = tl.load(sc_base + cols)
         tl.debug_barrier()  # the next row overwrites the scratch row
-        valid, diag, full = block_row_grid(r, Nq, Nk, causal_offset, cols, IS_CAUSAL, HAS_DIAG, BQ_C, BK_C)
+        valid, diag, full = block_row_grid(r, Nq, Nk, causal_offset, cols, IS_CAUSAL, HAS_DIAG, BQ_C, BK_C, local)
         k_rough = (ksims < theta) & valid  # the pooled mean does not represent the block: kept
         cand = valid & ~k_rough
         logits = tl.where(cand, logits, float("-inf"))
@@ -153,9 +153,11 @@ def _has_diag(nq, nk, is_causal):
     return bool(is_causal or nq == nk)
 
 
-def sparge_lut_triton(q, k, scale: float, tau, theta, topk, dense, sink: bool, is_causal: bool, causal_offset: int):
+def sparge_lut_triton(q, k, scale: float, tau, theta, topk, dense, sink: bool, is_causal: bool, causal_offset: int,
+                      local: int = 0):
     """SpargeAttn's prediction as (lut [B, Hq, nqb, nkb], counts [B, Hq, nqb, 2]) int32, one launch.
-    tau, topk: float64 [Hq] (topk None: the tau rule); theta: float32 [Hq]; dense: int8 [Hq]."""
+    tau, topk: float64 [Hq] (topk None: the tau rule); theta: float32 [Hq]; dense: int8 [Hq];
+    local: keys before each q-block kept with its diagonal (sparse_ref.diagonal_blocks)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     p2 = _nkb_p2(nk)
@@ -167,7 +169,7 @@ def sparge_lut_triton(q, k, scale: float, tau, theta, topk, dense, sink: bool, i
     wrap_triton(_sparge_lut_kernel)[(hq, b)](
         q, *q.stride(), k, *k.stride(), kh, ks, sc, tau, theta, tau if topk is None else topk, dense,
         lut, *lut.stride()[:3], counts, *counts.stride()[:3], nq, nk, d, hq // hkv, float(scale), int(causal_offset),
-        SINK=bool(sink), USE_TOPK=topk is not None, IS_CAUSAL=bool(is_causal), HAS_DIAG=_has_diag(nq, nk, is_causal),
+        int(local), SINK=bool(sink), USE_TOPK=topk is not None, IS_CAUSAL=bool(is_causal), HAS_DIAG=_has_diag(nq, nk, is_causal),
         BQ_C=BQ, BK_C=BK, SUB=POOL_ROWS, BLOCK_D=block_d, NKB_P2=p2, KCH=min(p2, 64))
     return lut, counts
 
@@ -181,13 +183,13 @@ def _no_dense(h, device):
 
 
 def predict_sparge_triton(q, k, scale: float, tau, theta, topk=None, sink: bool = True, is_causal: bool = False,
-                          causal_offset: int = 0) -> torch.Tensor:
+                          causal_offset: int = 0, local: int = 0) -> torch.Tensor:
     """predict_sparge's block mask [B, Hq, nqb, nkb], read back from the kernel's LUT (tests)."""
     hq, dev = q.shape[1], q.device
     lut, counts = sparge_lut_triton(q, k, scale, _heads(tau, hq, dev, torch.float64),
                                     _heads(theta, hq, dev, torch.float32),
                                     None if topk is None else _heads(topk, hq, dev, torch.float64),
-                                    _no_dense(hq, dev), sink, is_causal, causal_offset)
+                                    _no_dense(hq, dev), sink, is_causal, causal_offset, local)
     return lut_to_block_mask(lut, counts)
 
 
@@ -224,7 +226,7 @@ def _xattn_block(Q, K, b, h, hk, i0, c0, stride_qb, stride_qh, stride_qn, stride
 def _xattn_lut_kernel(Q, K, SC, TAU, DENSE, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh,
                       stride_kn, stride_kd, stride_sb, stride_sh, stride_sr,
                       LUT, stride_lb, stride_lh, stride_lr, CNT, stride_cb, stride_ch, stride_cr,
-                      Nq, Nk, D, GROUP, NKR, scale, causal_offset,
+                      Nq, Nk, D, GROUP, NKR, scale, causal_offset, local,
                       S: tl.constexpr, TQ: tl.constexpr, TK: tl.constexpr, BLOCK_D: tl.constexpr,
                       RQ: tl.constexpr, RK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DIAG: tl.constexpr,
                       NKB_P2: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr):
@@ -269,7 +271,8 @@ def _xattn_lut_kernel(Q, K, SC, TAU, DENSE, stride_qb, stride_qh, stride_qn, str
         r = pid * (TQ // RQ) + t
         if r < nqb:
             s = tl.load(sc + r * stride_sr + cols, mask=cols < nkb, other=0.0)
-            valid, diag, full = block_row_grid(r, Nq, Nk, causal_offset, cols, IS_CAUSAL, HAS_DIAG, RQ * S, RK * S)
+            valid, diag, full = block_row_grid(r, Nq, Nk, causal_offset, cols, IS_CAUSAL, HAS_DIAG, RQ * S, RK * S,
+                                               local)
             keep = keep_by_mass(s, valid, diag | (cols == 0), tau, tau, cols, False, NKB_P2)
             keep = tl.where(dense, valid, keep)
             write_lut_row(keep, full, cols, nkb, LUT + b * stride_lb + h * stride_lh + r * stride_lr,
@@ -277,7 +280,7 @@ def _xattn_lut_kernel(Q, K, SC, TAU, DENSE, stride_qb, stride_qh, stride_qn, str
 
 
 def xattention_lut_triton(q, k, scale: float, stride: int, tau, dense, is_causal: bool = False,
-                          causal_offset: int = 0, scores_out: list | None = None):
+                          causal_offset: int = 0, scores_out: list | None = None, local: int = 0):
     """XAttention's prediction as (lut, counts), one launch. tau: float64 [Hq]; dense: int8 [Hq].
     `scores_out` (tests): receives the block scores [B, Hq, nqb, nkb] the selection read."""
     b, hq, nq, d = q.shape
@@ -295,7 +298,7 @@ def xattention_lut_triton(q, k, scale: float, stride: int, tau, dense, is_causal
     wrap_triton(_xattn_lut_kernel)[(progs, hq, b)](
         q, k, sc, tau, dense, *q.stride(), *k.stride(), sc.stride(0), sc.stride(1), sc.stride(2),
         lut, *lut.stride()[:3], counts, *counts.stride()[:3],
-        nq, nk, d, hq // hkv, n_blocks(nk, s), float(scale) / s, int(causal_offset),
+        nq, nk, d, hq // hkv, n_blocks(nk, s), float(scale) / s, int(causal_offset), int(local),
         S=s, TQ=tq, TK=tk, BLOCK_D=max(16, triton.next_power_of_2(d)), RQ=rq, RK=rk, IS_CAUSAL=bool(is_causal),
         HAS_DIAG=_has_diag(nq, nk, is_causal), NKB_P2=p2, IEEE=q.dtype == torch.float32, EMULATE=EMULATE)
     if scores_out is not None:
@@ -313,11 +316,11 @@ def xattention_scores_triton(q, k, scale: float, stride: int, is_causal: bool = 
 
 
 def predict_xattention_triton(q, k, scale: float, stride: int, tau, is_causal: bool = False,
-                              causal_offset: int = 0) -> torch.Tensor:
+                              causal_offset: int = 0, local: int = 0) -> torch.Tensor:
     """predict_xattention's block mask, read back from the kernel's LUT (tests)."""
     hq, dev = q.shape[1], q.device
     lut, counts = xattention_lut_triton(q, k, scale, stride, _heads(tau, hq, dev, torch.float64),
-                                        _no_dense(hq, dev), is_causal, causal_offset)
+                                        _no_dense(hq, dev), is_causal, causal_offset, local=local)
     return lut_to_block_mask(lut, counts)
 
 

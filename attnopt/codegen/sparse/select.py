@@ -17,10 +17,10 @@ import triton.language as tl
 
 @triton.jit
 def block_row_grid(r, Nq, Nk, causal_offset, cols, IS_CAUSAL: tl.constexpr, HAS_DIAG: tl.constexpr,
-                   BQ: tl.constexpr, BK: tl.constexpr):
+                   BQ: tl.constexpr, BK: tl.constexpr, local):
     """For q-block r and kv-blocks `cols`: (valid: holds a visible key, diag: crosses the row's
-    diagonal, full: visible to every row and inside Nk), as sparse_ref's causal_blocks,
-    diagonal_blocks and block_mask_to_lut."""
+    diagonal or holds one of the `local` keys before it, full: visible to every row and inside
+    Nk), as sparse_ref's causal_blocks, diagonal_blocks and block_mask_to_lut."""
     nkb = (Nk + BK - 1) // BK
     first_row = r * BQ
     last_row = tl.minimum(r * BQ + BQ - 1, tl.maximum(Nq - 1, 0))
@@ -34,7 +34,7 @@ def block_row_grid(r, Nq, Nk, causal_offset, cols, IS_CAUSAL: tl.constexpr, HAS_
     else:
         off = 0
     if HAS_DIAG:
-        diag = valid & (c0 <= last_row + off) & (c0 + BK - 1 >= first_row + off)
+        diag = valid & (c0 <= last_row + off) & (c0 + BK - 1 >= first_row + off - local)
     else:
         diag = valid & (cols < 0)
     return valid, diag, full
