@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Iterable, Mapping
 
@@ -36,6 +37,9 @@ from ..plan import Plan
 from ..progress import Progress
 
 SEARCHES = ("sparsity", "all")
+# sparge / xattention on causal sites are also searched with local_keys this large (at the larger
+# target only): local heads need the kv-block before each q-block, which block scores rank low
+LOCAL_KEYS = 64
 MAX_SITE_ERROR = 0.5  # no sparse search aims past this site rel-L1, however damped the site is
 ALL_METHODS = ("sparge", "xattention", "window")  # methods search="all" tries (no user input needed)
 DENSE_FORMATS = (("int8", "fp16"), ("int8", "fp8"), ("fp8", "fp8"), ("fp4", "fp4"))
@@ -229,8 +233,9 @@ def _shape(call: Mapping) -> tuple:
 def _attention_site(key, calls, site, opts, model_budget, site_cap, search, second_stage, cost, max_rows,
                     runner: ModelRunner, batches, n_attention: int) -> P.Site:
     """The site's candidates. The sparse searches aim at site errors that reach the model's
-    output as the whole budget, and as a 1/sqrt(n) share of it (n attention sites adding in
-    quadrature): how a site error reaches the output is measured first, on the dense candidate."""
+    output as the whole budget, and as a 1/sqrt(n) and a 1/n share of it (n attention sites
+    adding in quadrature, or linearly): how a site error reaches the output is measured first,
+    on the dense candidate."""
     arch = site["arch"]
     cm = CostModel(arch, measured=cost)
     shapes = [_shape(c) for c in calls]
@@ -287,10 +292,13 @@ def _attention_site(key, calls, site, opts, model_budget, site_cap, search, seco
     if dense is not None and dense.site_error > 0:
         dense.model_error, dense.measured = max(runner.errors({key: dense.choice}, batches)), True
         amp = max(dense.model_error / dense.site_error, 0.05)
-    targets = sorted({min(site_cap, MAX_SITE_ERROR, model_budget / amp * f) for f in (1.0, n_attention ** -0.5)})
+    targets = sorted({min(site_cap, MAX_SITE_ERROR, model_budget / amp * f) for f in (1.0, n_attention ** -0.5, 1.0 / n_attention)})
+    if any(bool(c["is_causal"]) for c in calls):  # local heads' first rows need the keys just before
+        methods += [dataclasses.replace(sp, local_keys=LOCAL_KEYS) for sp in list(methods)
+                    if getattr(sp, "local_keys", None) == 0]
     seen = set()
     for sp in methods:
-        for target in targets:
+        for target in (targets if getattr(sp, "local_keys", 0) != LOCAL_KEYS else targets[-1:]):
             entry = search_site(search_obj, sp, target, second_stage)
             if entry.get("dense"):
                 continue
@@ -313,7 +321,7 @@ def _attention_site(key, calls, site, opts, model_budget, site_cap, search, seco
             skipped = [1 - (1 - s) * (1 - p) for s, p in zip(stats.get("sparsity", [0.0]),
                                                             stats.get("pv_skipped", [0.0] * heads))]
             kept = 1 - sum(skipped) / len(skipped)
-            label = f"{sp.method}@{target:.3g}"
+            label = f"{sp.method}{'+local' if getattr(sp, 'local_keys', 0) else ''}@{target:.3g}"
             cands.append(P.Candidate(label, choice, t_run(base_q, base_pv, kept, sp.method), err,
                                      entry={**entry, "quant": base_q, "pv": base_pv,
                                             "error": {**entry["error"], "site_rel_l1": err}}))

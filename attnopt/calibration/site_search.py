@@ -15,7 +15,11 @@ from ..ops.attention_ref import attention_exact
 from ..ops.sparse import block_sparsity, predict_block_mask, pv_thresholds
 
 MIN_GAIN = 0.1  # heads sparser than this are not worth a sparse kernel (SpargeAttn's rule)
-THETAS = (0.1, 0.3, 0.5)  # Sparge's self-similarity thresholds, searched per head
+# Sparge's self-similarity thresholds, searched per head; -1 turns the rule off (no block is
+# "rough"): token-driven keys are never self-similar, and the rule would keep every block
+# (docs/algorithms.md, "Why the predictors found little sparsity on trained attention"). Last, so
+# a tie keeps the rule on.
+THETAS = (0.1, 0.3, 0.5, -1.0)
 # second-stage lambda range (log2 units): at 2 a skipped tile's entries are all under 1/4 of the
 # running max; at 24 under 2^-24 (nothing skipped matters)
 LAMBDA_RANGE = (2.0, 24.0)
