@@ -279,8 +279,10 @@ def test_long_calls_are_measured_on_sampled_rows():
 
 def test_upper_uses_the_spread_of_the_batches():
     assert P.upper([0.02]) == pytest.approx(0.025)
-    assert P.upper([0.02, 0.02]) == pytest.approx(0.02)
-    assert P.upper([0.01, 0.03]) == pytest.approx(0.02 + 2 * math.sqrt(2) * 0.01)
+    assert P.upper([0.02, 0.02]) == pytest.approx(0.022)  # no spread: 1.1x the largest
+    sd = math.sqrt(2) * 0.01  # two batches: t(1 df) = 3.078, sqrt(1 + 1/2)
+    assert P.upper([0.01, 0.03]) == pytest.approx(0.02 + 3.078 * sd * math.sqrt(1.5))
+    assert P.upper([0.02] * 20 + [0.021]) < P.upper([0.01, 0.03])
 
 
 def test_fit_rescales_until_the_measured_error_fits():

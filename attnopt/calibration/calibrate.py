@@ -182,8 +182,8 @@ def _plan(model, batches, held, opts, budget, cap: Captured, search, margin, for
             plan.sites[s.key].update(error={"rel_l1": s.own_error}, sensitivity={"model_rel_l1": {
                 x.label: x.model_error for x in s.candidates[1:]}})
     plan.meta["model_error"] = {"budget": model_budget, "predicted": chosen.predicted, "measured": chosen.errors,
-                                "upper": chosen.upper, "rule": "max(largest, mean + 2 sd) over the calibration "
-                                "batches (one batch: 1.25x its error)"}
+                                "upper": chosen.upper, "rule": "one-sided 90% prediction bound over the calibration "
+                                "batches: max(1.1 x largest, mean + t sd sqrt(1 + 1/k)); one batch: 1.25x"}
     if held:
         plan.meta["model_error"]["holdout"] = checked
     if formats:  # the linear part, as mixed_precision=True reported it before

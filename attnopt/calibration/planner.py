@@ -43,18 +43,23 @@ class Site:
     seconds: float = 0.0  # calibration time spent on this site
 
 
+# one-sided 90% Student t quantiles by degrees of freedom (beyond the table: 1.3, near normal)
+_T90 = {1: 3.078, 2: 1.886, 3: 1.638, 4: 1.533, 5: 1.476, 6: 1.440, 7: 1.415, 8: 1.397, 9: 1.383, 10: 1.372}
+
+
 def upper(errors: Sequence[float]) -> float:
     """The model error a new batch of the same kind should stay under, from the calibration
-    batches' spread: max(largest, mean + 2 standard deviations); with one batch, 1.25x it (no
-    spread to measure: a fixed 20% margin)."""
+    batches' spread: the one-sided 90% prediction bound mean + t * sd * sqrt(1 + 1/k) for k
+    batches, and at least 1.1x the largest; with one batch (no spread to measure), 1.25x it."""
     errs = [float(e) for e in errors]
     if not errs:
         return 0.0
-    if len(errs) == 1:
+    k = len(errs)
+    if k == 1:
         return errs[0] * 1.25
-    mean = sum(errs) / len(errs)
-    sd = math.sqrt(sum((e - mean) ** 2 for e in errs) / (len(errs) - 1))
-    return max(max(errs), mean + 2 * sd)
+    mean = sum(errs) / k
+    sd = math.sqrt(sum((e - mean) ** 2 for e in errs) / (k - 1))
+    return max(1.1 * max(errs), mean + _T90.get(k - 1, 1.3) * sd * math.sqrt(1 + 1 / k))
 
 
 def allocate(sites: Sequence[Site], target: float) -> dict[str, int]:
