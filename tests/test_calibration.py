@@ -62,7 +62,8 @@ METHOD_OPTIONS = {
     "window": {"method": "window"},
     "radial": {"method": "radial", "frame_tokens": 64},
     "svg": {"method": "svg", "frame_tokens": 64},
-    "block": {"method": "block", "block_size": 128, "mask": [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]},
+    "block": {"method": "block", "block_size": 128, "mask": [[True, False, False, False], [True, True, False, False],
+                                                               [False, True, True, False], [False, False, True, True]]},
 }
 
 
@@ -102,12 +103,13 @@ def _recall_model():
 @pytest.mark.parametrize("method,n", [("window", 512), pytest.param("sparge", 1024, marks=pytest.mark.slow),
                                       pytest.param("xattention", 1024, marks=pytest.mark.slow)])
 def test_plan_holds_on_the_trained_model(method, n):
-    """Two sites of a trained model (fp32, so allow_fp32): calibrated on two batches, checked on
-    a third; the model's logits stay within the budget and the plan skips blocks."""
+    """Two sites of a trained model (fp32, so allow_fp32): calibrated on three batches with one
+    held out (as the README advises: two batches under-promised for xattention here), checked
+    on another; the model's logits stay within the budget and the plan skips blocks."""
     model, batches = _recall_model()
     opts = {"attention": {"min_seq_len": 0, "allow_fp32": True, "sparsity": {"method": method}}}
-    plan = attnopt.calibrate(model, batches(2, n, seed=0), options=opts, budget={"model_rel_l1": BUDGET},
-                             cache_dir=False)
+    plan = attnopt.calibrate(model, batches(3, n, seed=0), options=opts, budget={"model_rel_l1": BUDGET},
+                             holdout=batches(1, n, seed=5)[0], cache_dir=False)
     assert plan.meta["model_error"]["upper"] <= BUDGET
     err, report = _e2e(model, batches(1, n, seed=9)[0], plan, opts)
     assert err <= BUDGET
