@@ -81,7 +81,8 @@ def _run_inspect(model, inputs, kwargs, args, opts) -> int:
     import attnopt
 
     try:
-        report = attnopt.inspect(model, *inputs, example_kwargs=kwargs, options=opts, progress=not args.quiet)
+        report = attnopt.inspect(model, *inputs, example_kwargs=kwargs, options=opts, progress=not args.quiet,
+                                 grad=args.grad)
     except attnopt.ConfigError as e:
         return _error(f"--options: {e}", args.debug)
     except Exception as e:  # the model failed to compile or run: one line, exit 2 like every error
@@ -152,6 +153,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", metavar="OUT", help="write a self-contained HTML view")
     p.add_argument("--quiet", action="store_true", help="no progress bar (drawn on a terminal only anyway)")
     p.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
+    p.add_argument("--grad", action="store_true",
+                   help="also measure each attention site's gradient error under attention.backward (training)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -518,6 +518,10 @@ class AttentionOptions(_Table):
                               "sites whose key length is shorter stay as they were")
     decode: bool = option(False, _bool, "true | false", "also rewrite sites with one query token (decode)")
     allow_fp32: bool = option(False, _bool, "true | false", "also rewrite fp32 sites (P.V then runs in bf16)")
+    backward: str = option("int8", _choice("int8", "exact", "off"), "'int8' | 'exact' | 'off'",
+                           "in graphs that need grad: 'int8' runs the backward's matmuls in INT8 except "
+                           "dO.V^T (SageBwd), 'exact' a 16-bit backward from the saved log-sum-exp "
+                           "(straight-through over the quantized forward), 'off' keeps such sites as they were")
     include: tuple[str, ...] = option(["*"], _globs, "glob or list of globs", "module paths to rewrite")
     exclude: tuple[str, ...] = option([], _globs, "glob or list of globs", "module paths to leave alone")
 

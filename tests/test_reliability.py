@@ -105,13 +105,15 @@ def test_automatic_dynamic_recompiles_once_per_dimension_then_stays():
 
 # ----------------------------------------------------------------------------- training
 
-def test_training_loop_tracks_uncompiled():
+def test_training_loop_with_backward_off_tracks_uncompiled():
+    """attention.backward 'off' and linear.training at its default: a training graph keeps every
+    site as it was, and the loop matches the uncompiled one."""
     torch.manual_seed(0)
     ref_model = _llama(torch.float32).train()
     model = _llama(torch.float32).train()
     model.load_state_dict(ref_model.state_dict())
-    be = attnopt.backend({"attention": {"min_seq_len": 0, "allow_fp32": True}, "linear": {"quant": "w8a8"}},
-                         inductor_config={"fx_graph_cache": False})
+    be = attnopt.backend({"attention": {"min_seq_len": 0, "allow_fp32": True, "backward": "off"},
+                          "linear": {"quant": "w8a8"}}, inductor_config={"fx_graph_cache": False})
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=be)
     opt_a = torch.optim.SGD(ref_model.parameters(), lr=0.1)

@@ -105,7 +105,7 @@ def test_inference_with_grad_enabled_names_no_grad(manual):
     """Without torch.no_grad() Inductor builds a joint graph: the reason must say so, not guess."""
     model = Projected(manual).eval()
     x = randn(2, 77, 64)
-    be = attnopt.backend({"attention": {"min_seq_len": 0}}, inductor_config={"fx_graph_cache": False})
+    be = attnopt.backend({"attention": {"min_seq_len": 0, "backward": "off"}}, inductor_config={"fx_graph_cache": False})
     torch._dynamo.reset()
     with torch._functorch.config.patch(enable_autograd_cache=False):
         out = torch.compile(model, backend=be)(x)

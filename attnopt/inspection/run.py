@@ -103,7 +103,7 @@ def _cpu_emulation(sites) -> dict | None:
 
 def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping | None = None,
             example_kwargs: Mapping[str, Any] | None = None, progress: bool | Callable[[str], None] = False,
-            dynamic: bool | None = None, timing_runs: int = 5) -> Report:
+            dynamic: bool | None = None, timing_runs: int = 5, grad: bool = False) -> Report:
     """Compile `model` with attnopt under `options`, run it on the example inputs, and report.
 
     The report lists every candidate site (rewritten or skipped, with the reason), the error
@@ -114,6 +114,9 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     `timing_runs`: each rewritten site's original and rewritten op are timed on its inputs, median
     of up to this many runs each (the site record's `timing`; 0: not timed, nor under Triton's
     interpreter, whose times mean nothing; inspection/timing.py).
+    `grad`: each rewritten dense attention site also reports the gradient error of the training
+    op under `attention.backward` (dQ, dK, dV rel-L1 against float64 autograd, on the site's
+    inputs with a random upstream gradient; the record's `error["grad"]`).
     """
     bar = Progress("inspect") if progress and not callable(progress) else None  # stderr, on a terminal only
     say = progress if callable(progress) else (bar.note if bar else (lambda m: None))
@@ -137,6 +140,8 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     if switches.interpreted() and switches.impl() == "triton":
         timing_runs = 0  # Triton's interpreter runs the kernels: their time says nothing
     probe.register_sink(sink_id, measured)
+    if grad and be.ctx.options.attention.backward != "off":
+        probe.register_grad_check(sink_id, be.ctx.options.attention.backward)
     if timing_runs > 0:
         probe.register_timer(sink_id, timed)
     try:

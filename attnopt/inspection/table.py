@@ -248,6 +248,19 @@ def header(report, width: int) -> list[str]:
     return textwrap.wrap(f"NOTE: {cpu['message']}", width, subsequent_indent="      ") + [""]
 
 
+def _grad_lines(sites) -> list[str]:
+    """inspect(grad=True): each measured site's backward and its gradients' rel-L1 vs float64."""
+    rows = [(s.key, (s.error or {}).get("grad")) for s in sites]
+    rows = [(k, g) for k, g in rows if g]
+    if not rows:
+        return []
+    out = ["gradients (training op on each site's inputs, random upstream gradient; rel-L1 vs float64):"]
+    for key, g in rows:
+        out.append(f"  {key}: backward {g['backward']}, dQ {_fmt_err(g['dq'])}, dK {_fmt_err(g['dk'])}, "
+                   f"dV {_fmt_err(g['dv'])}, min cos {_fmt_err(g['cos_min'])}")
+    return out
+
+
 def render_table(report, width: int | None = None) -> str:
     width = width or _default_width()
     lines = header(report, width) + _table(report.sites, width)
@@ -271,6 +284,7 @@ def render_table(report, width: int | None = None) -> str:
         after = sum(d["weight_bytes_after"] for d in quantized)
         lines.append(f"linear weights rewritten: {_fmt_bytes(before)} -> {_fmt_bytes(after)} "
                      f"({len(quantized)} sites, {after / max(before, 1):.2f}x)")
+    lines += _grad_lines(report.sites)
     if e2e:
         lines.append(f"end-to-end vs uncompiled model: rel-L1 {_fmt_err(e2e.get('rel_l1'))}, "
                      f"cos {_fmt_err(e2e.get('cos'))}, max abs {_fmt_err(e2e.get('max_abs'))}")

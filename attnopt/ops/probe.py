@@ -29,6 +29,7 @@ _CAPTURES: dict[str, Callable[[str, dict], None]] = {}  # calibration: the site'
 _TIMERS: dict[str, Callable[[str, Callable, Callable], None]] = {}  # inspect: (key, original(), rewritten())
 # calibration: (key, the site's inputs) -> the output a candidate choice computes, or None (as compiled)
 _OVERRIDES: dict[str, Callable[[str, dict], Optional[torch.Tensor]]] = {}
+_GRAD_CHECKS: dict[str, str] = {}  # inspect(grad=True): the backward ('int8' | 'exact') to measure per site
 _LOCK = threading.Lock()
 
 
@@ -43,6 +44,13 @@ def unregister_sink(sink_id: str) -> None:
         _CAPTURES.pop(sink_id, None)
         _TIMERS.pop(sink_id, None)
         _OVERRIDES.pop(sink_id, None)
+        _GRAD_CHECKS.pop(sink_id, None)
+
+
+def register_grad_check(sink_id: str, backward: str) -> None:
+    """Each measured dense site also reports its gradient error under `backward` (ops/grad_check.py)."""
+    with _LOCK:
+        _GRAD_CHECKS[sink_id] = backward
 
 
 def register_override(sink_id: str, fn: Callable[[str, dict], Optional[torch.Tensor]]) -> None:
@@ -164,6 +172,12 @@ def attention_probe(
                 m["baseline_rel_l1"] = compare(base, ref)["rel_l1"]
             except RuntimeError:
                 m["baseline_rel_l1"] = math.nan
+        backward = _GRAD_CHECKS.get(sink_id)
+        if backward and not sparsity:
+            from .grad_check import attention_grad_error
+
+            m["grad"] = attention_grad_error(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
+                                             scale, quant, pv, smooth_k, smooth_q, arch, impl, softcap, backward)
         sink(site_key, m)
     timer = _TIMERS.get(sink_id)
     if timer is not None:

@@ -88,10 +88,28 @@ def _functionalized(fn):
     return inner
 
 
-def trace_to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
-    """Dynamo's graph as the functional aten graph AOT would trace for inference: Inductor's
-    decompositions applied, node metadata (module path, stack trace) carried over, symbolic sizes
-    kept in Dynamo's ShapeEnv. Traced without grad: only the forward is wanted here."""
+# Higher-order ops whose backward is their own (a custom autograd.Function, activation
+# checkpointing's recomputation): a trace below autograd inlines them and loses that backward.
+_OWN_BACKWARD_HOPS = ("autograd_function_apply", "tag_activation_checkpoint", "checkpoint")
+
+
+def own_backward_region(gm: fx.GraphModule) -> str | None:
+    """The name of a region in Dynamo's graph that brings its own backward, if any: a graph that
+    needs grad and holds one is left as it was (its backward would be lost by the trace)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
+            if any(w in n.target.name() for w in _OWN_BACKWARD_HOPS):
+                return n.target.name()
+    return None
+
+
+def trace_to_aten(gm: fx.GraphModule, example_inputs, training: bool = False) -> fx.GraphModule:
+    """Dynamo's graph as the functional aten graph AOT would trace: node metadata (module path,
+    stack trace) carried over, symbolic sizes kept in Dynamo's ShapeEnv. For inference, traced
+    without grad with Inductor's decompositions applied (AOT's inference graph). For a graph
+    that needs grad (`training`), traced with grad on and no decompositions beyond autograd's
+    own: AOT then differentiates the very ops it would have, and decomposes after autograd as
+    usual (decomposing first would change backward formulas, e.g. softmax's)."""
     from torch._inductor.decomposition import select_decomp_table
 
     fake_mode = detect_fake_mode(example_inputs)
@@ -110,8 +128,9 @@ def trace_to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     allow = fake_mode.allow_non_fake_inputs
     fake_mode.allow_non_fake_inputs = True
     try:
-        with enable_python_dispatcher(), fx_traceback.preserve_node_meta(), fake_mode, torch.no_grad():
-            aten = make_fx(_functionalized(run), decomposition_table=select_decomp_table(),
+        with enable_python_dispatcher(), fx_traceback.preserve_node_meta(), fake_mode, \
+                torch.set_grad_enabled(training):
+            aten = make_fx(_functionalized(run), decomposition_table={} if training else select_decomp_table(),
                            record_module_stack=True)(*fake_args)
     except CaptureError:
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from ..codegen.attention.describe import describe_attention_kernel
 from ..logs import log
 from . import on_cpu
 from .attention_match import AttentionSite, FillBias, Operand, QkBias
+from .grad_flow import GradFlow
 from .graph_utils import GraphBuilder, aten, hint_int, known_eq, known_one, shape, static_int
 
 MAX_HEAD_DIM = 256
@@ -41,6 +43,7 @@ class SiteParams:
     kernel: str
     sparsity: dict | None = None  # method + (per-head) parameters, for the block-sparse op
     note: str | None = None  # why planned / configured sparse parameters were set aside here
+    backward: str | None = None  # in a graph that needs grad: the backward's arithmetic ('int8' | 'exact')
 
 
 def glob_selected(path: str, include: list[str], exclude: list[str]) -> str | None:
@@ -94,12 +97,21 @@ def sparsity_for(opts, key: str, heads: int) -> tuple[dict | None, str | None]:
     return dict(default), note
 
 
+# what attnopt's attention backward differentiates (docs/algorithms.md#attention-backward)
+TRAINABLE_SOFTCAP = False
+TRAINABLE_SPARSITY: tuple[str, ...] = ()
+
 REQUIRES_GRAD = ("the graph requires grad (a training graph, or inference outside torch.no_grad() / "
-                 "torch.inference_mode()): quantized attention has no backward yet, left for autograd")
+                 "torch.inference_mode()) and attention.backward is 'off': left for autograd")
+JOINT_GRAPH = ("the graph requires grad and reached attnopt after autograd was traced (tensor-subclass inputs "
+               "take the joint-graph fallback): its backward would not see the rewrite, left for autograd")
 
 
-def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str = "") -> SiteParams:
-    """Raise Reject(reason) unless the site can be rewritten; return what it will run."""
+def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str = "",
+           grad: GradFlow | None = None) -> SiteParams:
+    """Raise Reject(reason) unless the site can be rewritten; return what it will run.
+    `training`: the graph will be differentiated; `grad` says which of its values need a
+    gradient (None: autograd is already traced, as in the joint-graph fallback)."""
     a = opts.attention
     if not a.enabled:
         raise Reject("attention.enabled is false")
@@ -108,7 +120,9 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         raise Reject(why)
     if a.quant == "none" and a.sparsity is None:
         raise Reject("attention.quant is 'none' and no sparsity is configured: nothing to change")
-    if training:  # checked before the matcher's reasons: a joint graph's saved tensors trip those
+    if training and grad is None:  # checked before the matcher's reasons: a joint graph's saved tensors trip those
+        raise Reject(JOINT_GRAPH)
+    if training and a.backward == "off":
         raise Reject(REQUIRES_GRAD)
     if site.reject:
         raise Reject(site.reject)
@@ -119,9 +133,11 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     if site.dropout_p:
         raise Reject(f"attention dropout p={site.dropout_p} (training-mode dropout is not implemented)")
     q, k, v = (_tensor_meta(x) for x in (site.q, site.k, site.v))
-    if any(t.requires_grad for t in (q, k, v)):
-        raise Reject("q/k/v require grad: quantized attention has no backward yet "
-                     "(run under torch.no_grad() / torch.inference_mode() to rewrite)")
+    if not training and any(t.requires_grad for t in (q, k, v)):
+        raise Reject("q/k/v require grad in a graph traced for inference")
+    if training and any(grad(n) for n in _bias_sources(site)):
+        raise Reject("the attention bias needs a gradient (a learnable bias): attnopt's attention backward "
+                     "gives none, left for autograd")
     if q.dtype not in _DTYPES_16 and not (q.dtype == torch.float32 and a.allow_fp32):
         raise Reject(f"dtype {q.dtype} (fp16/bf16 only; fp32 needs attention.allow_fp32)")
     if len({q.dtype, k.dtype, v.dtype}) != 1:
@@ -170,13 +186,38 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         got = (len(mask[0]), len(mask[0][0])) if isinstance(mask[0][0], list) else (len(mask), len(mask[0]))
         if got != need:
             raise Reject(f"block mask is {got[0]}x{got[1]} blocks; this site needs {need[0]}x{need[1]}")
+    backward = None
+    if training:
+        if site.softcap and not TRAINABLE_SOFTCAP:
+            raise Reject("logit soft-capping in a graph that needs grad: attnopt's attention backward does not "
+                         "differentiate the cap, left for autograd")
+        if sparsity is not None and sparsity["method"] not in TRAINABLE_SPARSITY:
+            note = (note + "; " if note else "") + (f"sparsity {sparsity['method']!r} has no backward: dense in "
+                                                    "this graph that needs grad")
+            sparsity = None
+            if quant == "none":
+                raise Reject(note + "; attention.quant is 'none': nothing to change")
+        backward = a.backward
     kernel = describe_attention_kernel(spec, quant, pv, d, q.device.type)
     if site.softcap:
         kernel += f" +softcap {site.softcap:g}"
     if sparsity is not None:
         kernel += f" +{sparsity['method']}" + ("+pv-skip" if sparsity.get("pv_threshold") is not None else "")
+    if backward is not None:
+        kernel += f" | backward {backward}"
     return SiteParams(quant, pv, a.smooth_k, a.smooth_q and sparsity is None, spec.name, kernel, sparsity,
-                      note)
+                      note, backward)
+
+
+def _bias_sources(site: AttentionSite) -> list[fx.Node]:
+    """The graph values the site's additive bias is made from."""
+    out = []
+    for node, _ in site.bias:
+        if isinstance(node, QkBias):
+            node = node.node
+        if isinstance(node, fx.Node):
+            out.append(node)
+    return out
 
 
 def _size(atoms):
@@ -356,7 +397,11 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
                 params.quant, params.pv, params.smooth_k)
         sp = json.dumps(params.sparsity, sort_keys=True) if params.sparsity is not None else ""
         cap = (float(site.softcap),) if site.softcap else ()  # the ops' last argument, 0.0 (off) by default
-        if probe_key is not None:
+        if params.backward is not None:  # a graph that needs grad: the op with attnopt's own backward
+            op = b.call(torch.ops.attnopt.attention_train.default, *head, params.smooth_q, params.arch, "auto",
+                        float(site.softcap or 0.0), params.backward)
+            out = b.call(operator.getitem, op, 0)
+        elif probe_key is not None:
             out = b.call(torch.ops.attnopt.attention_probe.default, *head, params.smooth_q, params.arch, "auto", sp,
                          probe_key, *cap)
         elif sp:
@@ -382,7 +427,7 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
     if tag is not None:
         for n in b.created:
             n.meta["attnopt_site"] = tag
-    return out
+    return op if params.backward is not None else out
 
 
 def _in_anchor_layout(b: GraphBuilder, out: fx.Node, want: torch.Tensor) -> fx.Node:

@@ -28,7 +28,8 @@ from .attention_match import find_attention_sites
 from .graph_snapshot import snapshot
 from ..logs import trace_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
-from .aten_capture import CaptureError, might_hold_attention, needs_autograd, trace_to_aten
+from .aten_capture import CaptureError, might_hold_attention, needs_autograd, own_backward_region, trace_to_aten
+from .grad_flow import GradFlow
 from .linear_pipeline import run_linear_pass
 from . import on_cpu
 
@@ -155,9 +156,10 @@ class AttentionPass:
 
     name = "attention"
 
-    def __init__(self, ctx: PassContext, training: bool = False):
+    def __init__(self, ctx: PassContext, training: bool = False, grad: GradFlow | None = None):
         self.ctx = ctx
         self.training = training  # the graph will be differentiated (AOTAutograd's own test)
+        self.grad = grad  # which values need a gradient; None in a joint graph (autograd already traced)
 
     def __call__(self, graph: fx.Graph) -> bool:
         t0 = time.perf_counter()
@@ -183,15 +185,18 @@ class AttentionPass:
                 _describe(rec, site)
                 if key in ctx.internal_errors:  # failed in an earlier try: left as it was
                     raise Reject(f"internal error while rewriting (left as it was): {ctx.internal_errors[key]}")
-                params = decide(site, ctx.options, spec, self.training, key)
+                params = decide(site, ctx.options, spec, self.training, key, self.grad)
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
                 op = rewrite(graph, site, params, probe, tag=key)
                 changed = True
                 rec.status = "rewritten"
-                rec.op = "attnopt::sparse_attention" if params.sparsity else "attnopt::attention"
+                rec.op = ("attnopt::attention_train" if params.backward else
+                          "attnopt::sparse_attention" if params.sparsity else "attnopt::attention")
                 rec.kernel = params.kernel
                 if params.note:  # planned / configured sparse parameters set aside here, and why
                     rec.reason = params.note
+                if params.backward:
+                    rec.details["backward"] = params.backward
                 q4, k4 = op.args[0].meta["val"], op.args[1].meta["val"]
                 if params.sparsity:
                     rec.details["sparse_method"] = params.sparsity["method"]
@@ -305,12 +310,18 @@ def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> fx.Gr
     Inductor sees exactly what it would without attnopt) or when the graph takes
     JointGraphFallback."""
     gi = ctx.current_graph
+    training = needs_autograd(example_inputs)
+    if training and (region := own_backward_region(gm)) is not None:
+        ctx.recorder.add_note(gi, f"attention not captured: the graph needs grad and holds {region}, whose own "
+                                  "backward a trace below autograd would lose (attention inside such a region, "
+                                  "e.g. under activation checkpointing, is not rewritten)")
+        return gm
     if not might_hold_attention(gm) or has_subclass_inputs(example_inputs):
         return gm
     for _ in range(64):  # each retry leaves at least one more site as it was
         t0 = time.perf_counter()
         try:
-            aten = trace_to_aten(gm, example_inputs)
+            aten = trace_to_aten(gm, example_inputs, training=training)
         except CaptureError as e:
             ctx.recorder.add_note(gi, f"attention not captured: Dynamo's graph could not be traced to aten ({e})")
             log.warning("attnopt: graph %s left to Inductor as it was: could not trace it to aten (%s)", gi, e)
@@ -318,7 +329,8 @@ def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> fx.Gr
         finally:
             ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)
         try:
-            changed = AttentionPass(ctx, training=needs_autograd(example_inputs))(aten.graph)
+            grad = GradFlow(aten.graph, example_inputs) if training else None
+            changed = AttentionPass(ctx, training=training, grad=grad)(aten.graph)
         except SiteInternalError:
             ctx.recorder.drop_sites(gi, kind="attention")
             continue

@@ -1,0 +1,35 @@
+"""A site's gradient error: what `attnopt.inspect(..., grad=True)` reports for training.
+
+On a site's captured inputs, attnopt's trainable attention (`attnopt::attention_train`, the same
+forward formats the site runs, the configured backward) is differentiated against a random
+upstream gradient, and dQ, dK, dV are compared with float64 autograd of unquantized attention
+under the same masks. The upstream gradient is seeded, so a report is repeatable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..metrics import compare
+from .attention_ref import attention_exact
+
+
+def attention_grad_error(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
+                         smooth_k, smooth_q, arch, impl, softcap, backward: str, seed: int = 0) -> dict:
+    """{"dq": rel-L1, "dk": ..., "dv": ..., "cos_min": the lowest cosine of the three}."""
+    g = torch.Generator(device=q.device).manual_seed(seed)
+    grads, ref = [], []
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = torch.ops.attnopt.attention_train(*leaves, attn_bias, keep_mask, masked_value, is_causal,
+                                                   causal_offset, scale, quant, pv, smooth_k, smooth_q, arch, impl,
+                                                   softcap, backward)
+        dout = torch.randn(out.shape, generator=g, device=q.device, dtype=torch.float32).to(out.dtype)
+        grads = torch.autograd.grad(out, leaves, dout)
+        leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        out64 = attention_exact(*leaves64, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale,
+                                softcap=softcap)
+        ref = torch.autograd.grad(out64, leaves64, dout.double())
+    errs = [compare(a, b) for a, b in zip(grads, ref)]
+    return {"dq": errs[0]["rel_l1"], "dk": errs[1]["rel_l1"], "dv": errs[2]["rel_l1"],
+            "cos_min": min(e["cos"] for e in errs), "backward": backward}

@@ -1,0 +1,147 @@
+"""Graphs that need grad: attention sites become `attnopt::attention_train` (attnopt's own backward)
+through the capture before AOTAutograd; what must stay as it was does, with its reason."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+import attnopt
+from attnopt.passes.attention_rewrite import REQUIRES_GRAD
+from helpers import rel_l1
+
+OPTS = {"attention": {"min_seq_len": 0}}
+
+
+class Attn(torch.nn.Module):
+    """qkv projection, SDPA (or the hand-written form), output projection; optional learnable bias
+    or additive mask, causal, GQA (kv_heads < heads)."""
+
+    def __init__(self, dim=64, heads=4, kv_heads=4, manual=False, causal=False, learn_bias_len=0):
+        super().__init__()
+        self.h, self.kvh, self.d = heads, kv_heads, dim // heads
+        self.q = torch.nn.Linear(dim, dim)
+        self.kv = torch.nn.Linear(dim, 2 * kv_heads * self.d)
+        self.o = torch.nn.Linear(dim, dim)
+        self.manual, self.causal = manual, causal
+        self.bias = torch.nn.Parameter(torch.randn(heads, learn_bias_len, learn_bias_len)) if learn_bias_len else None
+
+    def forward(self, x, mask=None):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.h, self.d).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.kvh, self.d).permute(2, 0, 3, 1, 4)
+        if self.bias is not None:
+            mask = self.bias
+        if self.manual:
+            s = q @ k.transpose(-1, -2) * self.d ** -0.5
+            if mask is not None:
+                s = s + mask
+            y = s.softmax(-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal,
+                                               enable_gqa=self.kvh != self.h)
+        return self.o(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def _grads(model, x, mask=None):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    out = model(x, mask)
+    torch.manual_seed(123)
+    out.backward(torch.randn_like(out))
+    return out.detach(), x.grad, {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}
+
+
+def _compiled(model, opts=OPTS, **kw):
+    be = attnopt.backend(opts, inductor_config={"fx_graph_cache": False})
+    torch._dynamo.reset()
+    return torch.compile(model, backend=be, **kw), be
+
+
+def test_backward_off_keeps_training_sites_with_the_reason():
+    model = Attn().bfloat16()
+    f, be = _compiled(model, {"attention": {"min_seq_len": 0, "backward": "off"}})
+    f(torch.randn(2, 40, 64, dtype=torch.bfloat16)).sum().backward()
+    (s,) = be.recorder.sites()
+    assert s.status == "skipped" and s.reason == REQUIRES_GRAD
+
+
+def test_a_learnable_bias_keeps_its_attention_and_gets_its_gradient():
+    torch.manual_seed(0)
+    model = Attn(learn_bias_len=40).bfloat16()
+    x = torch.randn(2, 40, 64, dtype=torch.bfloat16)
+    f, be = _compiled(model)
+    _, _, got = _grads(f, x)
+    _, _, want = _grads(model, x)
+    (s,) = be.recorder.sites()
+    assert s.status == "skipped" and "learnable bias" in s.reason, s.reason
+    assert got["bias"] is not None and rel_l1(got["bias"].float(), want["bias"].float()) < 0.02
+
+
+def test_a_checkpointed_region_is_left_as_it_was_with_a_note():
+    torch.manual_seed(0)
+    inner = Attn().bfloat16()
+
+    class Ckpt(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, mask=None):
+            return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+    model = Ckpt()
+    x = torch.randn(2, 40, 64, dtype=torch.bfloat16)
+    f, be = _compiled(model)
+    _, gx, _ = _grads(f, x)
+    _, want, _ = _grads(model, x)
+    assert rel_l1(gx.float(), want.float()) < 0.02
+    assert not [s for s in be.recorder.sites() if s.status == "rewritten"]
+    notes = " ".join(str(n) for g in be.recorder.graphs for n in g.get("notes", []))
+    assert "checkpoint" in notes, be.recorder.graphs
+
+
+# ----------------------------------------------------------------------------- rewritten sites
+
+
+def _float64_grads(model, x, mask=None):
+    m64 = copy.deepcopy(model).double()
+    return _grads(m64, x.double(), None if mask is None else mask.double())
+
+
+@pytest.mark.parametrize("backward", ["int8", "exact"])
+@pytest.mark.parametrize("form", ["sdpa-causal-gqa", "manual-mask"])
+def test_training_sites_are_rewritten_and_their_gradients_track_float64(backward, form):
+    torch.manual_seed(0)
+    n = 77
+    if form == "sdpa-causal-gqa":
+        model, mask = Attn(kv_heads=2, causal=True).bfloat16(), None
+    else:
+        model, mask = Attn(manual=True).bfloat16(), torch.randn(1, 1, n, n, dtype=torch.bfloat16)
+    x = torch.randn(2, n, 64, dtype=torch.bfloat16)
+    f, be = _compiled(model, {"attention": {"min_seq_len": 0, "backward": backward}}, fullgraph=True)
+    out, gx, gp = _grads(f, x, mask)
+    out64, gx64, gp64 = _float64_grads(model, x, mask)
+    (s,) = be.recorder.sites()
+    assert s.status == "rewritten" and s.op == "attnopt::attention_train", s.reason
+    assert s.details["backward"] == backward
+    tol = 0.05 if backward == "int8" else 0.03
+    assert rel_l1(out.double(), out64) < 0.03
+    assert rel_l1(gx.double(), gx64) < tol
+    for name in ("q.weight", "kv.weight"):
+        assert rel_l1(gp[name].double(), gp64[name]) < tol, name
+
+
+def test_one_training_trace_serves_every_length():
+    """Dynamic shapes as in inference: lengths 77 / 200 / 333 compile once (after the first)."""
+    torch.manual_seed(0)
+    model = Attn(causal=True).bfloat16()
+    f, be = _compiled(model, dynamic=True)
+    for n in (77, 200, 333):
+        x = torch.randn(1, n, 64, dtype=torch.bfloat16)
+        _, gx, _ = _grads(f, x)
+        assert torch.isfinite(gx).all()
+    assert len(be.recorder.graphs) == 1
+    assert all(s.status == "rewritten" for s in be.recorder.sites())
