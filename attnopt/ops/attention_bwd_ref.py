@@ -104,8 +104,11 @@ def attention_backward_reference(
     smooth_k: bool = True,
     softcap: float = 0.0,
     mode: str = "int8",
+    quant: str = "int8",
 ):
-    """(dq, dk, dv) in q's, k's and v's dtypes; see the module docstring for the arithmetic."""
+    """(dq, dk, dv) in q's, k's and v's dtypes; see the module docstring for the arithmetic.
+    `quant` is the forward's Q.K format: whether its LSE carries K smoothing's row shift, which
+    matters for rows with no kept key under a finite `masked_value` (P is 1 / Nk there)."""
     if mode not in MODES:
         raise ValueError(f"attention backward mode must be one of {MODES}, got {mode!r}")
     b, hq, nq, d = q.shape
@@ -121,17 +124,21 @@ def attention_backward_reference(
     def heads(t):  # kv head -> its query heads
         return t.repeat_interleave(g, dim=1) if g > 1 else t
 
-    # logits in log2 units, as the forward's kernels hold them
+    # logits in log2 units: the true ones (K smoothing's row shift q . mean(K) added back)
+    kmean = k.float().mean(dim=-2, keepdim=True)
+    shift = softcap_row_shift(q.float(), kmean, scale)[..., None]
     if mode == "exact":
         q16, k16 = q.to(p16).float(), k.to(p16).float()
         s = torch.matmul(q16, heads(k16).transpose(-1, -2)) * (scale * LOG2E)
-        kmean = None
+        k_dq = (k.float() - kmean).to(p16).float()
     else:
         ops = quantized_operands(q, k, v, scale, "int8", "fp16", smooth_k, False)
         s = torch.matmul(ops.q, heads(ops.k).transpose(-1, -2))
-        kmean = ops.k_mean if smooth_k else None
-        if smooth_k:  # the row shift K smoothing took off (the saved lse includes it)
-            s = s + softcap_row_shift(q.float(), ops.k_mean, scale)[..., None]
+        if smooth_k:
+            s = s + shift
+        else:
+            kmean = torch.zeros_like(kmean)
+        k_dq = ops.k
     cap_grad = None
     if softcap:
         c2 = softcap * LOG2E
@@ -140,7 +147,11 @@ def attention_backward_reference(
     if attn_bias is not None:
         s = s + _log2_logit(sane_bias(_full_mask(attn_bias, b, hq, nq, nk)))
     keep = keep_positions(b, hq, nq, nk, keep_mask, is_causal, causal_offset, q.device)
-    s = torch.where(keep, s, torch.full_like(s, _log2_logit(float(masked_value))))
+    # masked logits as the forward held them: its LSE carries K smoothing's shift unless capped
+    fill = _log2_logit(float(masked_value))
+    fwd_shift = smooth_k and quant != "none" and not softcap
+    fill = torch.full_like(s, fill) + (shift if fwd_shift and math.isfinite(fill) else 0.0)
+    s = torch.where(keep, s, fill)
     lse2 = lse.float()[..., None] * LOG2E
     no_key = torch.isneginf(lse2)
     p = torch.where(no_key, torch.zeros_like(s), torch.exp2(s - torch.where(no_key, 0.0, lse2)))
@@ -155,11 +166,7 @@ def attention_backward_reference(
     if mode == "exact":
         dv_h = torch.matmul(p.to(p16).float().transpose(-1, -2), do16)
         ds16 = ds.to(p16).float()
-        # K's mean goes through rowsum(dS) in fp32: dS's 16-bit rounding would otherwise be
-        # multiplied by it (rowsum(dS) is ~0, K's mean need not be)
-        kmean = k.float().mean(dim=-2, keepdim=True)
-        k16s = (k.float() - kmean).to(p16).float()
-        dq = torch.matmul(ds16, heads(k16s)) * scale
+        dq = torch.matmul(ds16, heads(k_dq))
         dk_h = torch.matmul(ds16.transpose(-1, -2), q16) * scale
     else:
         p_q = _q_tiles_int8(p, (-2,))  # per (query tile, key)
@@ -169,8 +176,13 @@ def attention_backward_reference(
         q_q = _q_tiles_int8(q.float(), (-2, -1))
         dk_h = torch.matmul(ds_k.transpose(-1, -2), q_q) * scale
         ds_q = _untiled(fake_int8(_tiled(ds, 3, BWD_BN), (-1,)), 3, nk)  # per (query, key tile)
-        dq = torch.matmul(ds_q, heads(ops.k))
-        dq = dq * scale
+        dq = torch.matmul(ds_q, heads(k_dq))
+    # dQ's K is smoothed: K's mean would meet rowsum(dS), which is 0 (P sums to 1, delta is
+    # rowsum(P dP)), so it is left out, and with it the forward's and dS's rounding errors it
+    # would amplify; soft-capping's derivative breaks the identity, so there it is added in fp32
+    if cap_grad is not None:
+        dq = dq + ds.sum(dim=-1, keepdim=True) * heads(kmean)
+    dq = dq * scale
     dk = dk_h.reshape(b, hkv, g, nk, d).sum(dim=2)
     dv_ = dv_h.reshape(b, hkv, g, nk, dv).sum(dim=2)
     return dq.to(q.dtype), dk.to(k.dtype), dv_.to(v.dtype)

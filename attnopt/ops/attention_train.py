@@ -93,7 +93,7 @@ def _attention_train_fake(q, k, v, attn_bias, keep_mask, masked_value, is_causal
 
 BACKWARD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor grad_out, Tensor? attn_bias, "
-    "Tensor? keep_mask, float masked_value, bool is_causal, SymInt causal_offset, float scale, bool smooth_k, "
+    "Tensor? keep_mask, float masked_value, bool is_causal, SymInt causal_offset, float scale, str quant, bool smooth_k, "
     "str arch, str impl, float softcap, str backward) -> (Tensor, Tensor, Tensor)")
 
 
@@ -110,6 +110,7 @@ def _attention_backward_body(
     is_causal: bool,
     causal_offset: int,
     scale: float,
+    quant: str,
     smooth_k: bool,
     arch: str,
     impl: str,
@@ -117,7 +118,8 @@ def _attention_backward_body(
     backward: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of attention_train's output for upstream gradient `grad_out` (no gradient for
-    the masks); `backward` picks the arithmetic (attention_bwd_ref's modes)."""
+    the masks); `backward` picks the arithmetic (attention_bwd_ref's modes); `quant` and
+    `smooth_k` are the forward's (they say what its LSE holds)."""
     check_attention_operands("attnopt::attention_backward", q, k, v, attn_bias, keep_mask)
     if out.shape != grad_out.shape or tuple(lse.shape) != tuple(q.shape[:3]):
         raise OperandError(f"attnopt::attention_backward: out {tuple(out.shape)}, grad_out "
@@ -127,9 +129,9 @@ def _attention_backward_body(
         from ..codegen.attention.backward import attention_backward_triton
 
         return attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value,
-                                         is_causal, causal_offset, scale, smooth_k, softcap, backward)
+                                         is_causal, causal_offset, scale, smooth_k, softcap, backward, quant)
     return attention_backward_reference(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value,
-                                        is_causal, causal_offset, scale, smooth_k, softcap, backward)
+                                        is_causal, causal_offset, scale, smooth_k, softcap, backward, quant)
 
 
 attention_backward_op = torch.library.triton_op(
@@ -139,7 +141,7 @@ aot_inline.install(attention_backward_op, _attention_backward_body)
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value, is_causal,
-                             causal_offset, scale, smooth_k, arch, impl, softcap, backward):
+                             causal_offset, scale, quant, smooth_k, arch, impl, softcap, backward):
     check_attention_operands("attnopt::attention_backward", q, k, v, attn_bias, keep_mask)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -165,7 +167,7 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.attnopt.attention_backward(
         q, k, v, out, lse, grad_out.contiguous(), attn_bias, keep_mask, a["masked_value"], a["is_causal"],
-        a["causal_offset"], a["scale"], a["smooth_k"], a["arch"], a["impl"], a["softcap"], a["backward"])
+        a["causal_offset"], a["scale"], a["quant"], a["smooth_k"], a["arch"], a["impl"], a["softcap"], a["backward"])
     return (dq, dk, dv) + (None,) * (2 + len(_FWD_ARGS))
 
 

@@ -23,6 +23,8 @@ forward's K_GRAN, so one K scale covers it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -84,17 +86,15 @@ def _q_side(
     Q, stride_qb, stride_qh, stride_qm, stride_qd,
     QQ, stride_qqb, stride_qqh, stride_qqm,
     QS, stride_qsb, stride_qsh,
-    QKM, stride_qkmb, stride_qkmh,
     DO, stride_dob, stride_doh, stride_dom, stride_dod,
     LSE, stride_lb, stride_lh,
     DELTA, stride_deb, stride_deh,
-    b, h, rows, offs_d, offs_dv, Nq, DQK, DV, qk_scale,
-    INT8: tl.constexpr, ROW_DOT: tl.constexpr, Q_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr,
-    EMULATE: tl.constexpr,
+    b, h, rows, offs_d, offs_dv, kmean, Nq, DQK, DV, qk_scale,
+    INT8: tl.constexpr, Q_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """One query tile's operands: Q for the logits (INT8 codes, or 16-bit), its row scales (the
-    16-bit path: qk_scale), K smoothing's row shift (log2 units), LSE (log2 units), delta, dO
-    (16-bit and fp32) and Q itself in fp32 (dK's operand)."""
+    16-bit path: qk_scale), K smoothing's row shift q . mean(K) (log2 units), LSE (log2 units),
+    delta, dO (fp32) and Q itself in fp32 (dK's operand)."""
     rvalid = rows < Nq
     q = _load_rows(Q, b, h, rows, offs_d, Nq, DQK, stride_qb, stride_qh, stride_qm, stride_qd).to(tl.float32)
     if INT8:
@@ -104,9 +104,7 @@ def _q_side(
     else:
         qs_op = to_16bit(q, PV_DTYPE, EMULATE)
         qs = rows * 0.0 + qk_scale
-    qkm2 = rows * 0.0
-    if ROW_DOT:
-        qkm2 = tl.load(QKM + b * stride_qkmb + h * stride_qkmh + rows, mask=rvalid, other=0.0) * qk_scale
+    qkm2 = tl.sum(q * kmean[None, :], 1) * qk_scale
     l2 = tl.load(LSE + b * stride_lb + h * stride_lh + rows, mask=rvalid, other=float("-inf")) * 1.4426950408889634
     delta = tl.load(DELTA + b * stride_deb + h * stride_deh + rows, mask=rvalid, other=0.0)
     do = _load_rows(DO, b, h, rows, offs_dv, Nq, DV, stride_dob, stride_doh, stride_dom, stride_dod).to(tl.float32)
@@ -149,7 +147,8 @@ def _bwd_tile(
     KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
     b, h, rows, cols, Nq, Nk, causal_offset, FILL, CAP2,
     INT8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
-    ROW_DOT: tl.constexpr, SOFTCAP: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    SHIFT: tl.constexpr, FWD_SHIFT: tl.constexpr, SOFTCAP: tl.constexpr, PV_DTYPE: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     """P and dS (natural-log units, fp32) of one [BLOCK_M, BLOCK_N] tile: the logits (log2
     units) recomputed as the forward holds them, soft-capped, biased and masked as
@@ -160,7 +159,7 @@ def _bwd_tile(
         s = tl.dot(qs_op, tl.trans(k_op)).to(tl.float32) * qs[:, None] * ks[None, :]
     else:
         s = dot_8_16bit(qs_op, tl.trans(k_op), EMULATE) * qs[:, None]
-    if ROW_DOT:  # K smoothing took q . mean(K) off each row's logits; the LSE includes it
+    if SHIFT:  # K smoothing took q . mean(K) off each row's logits; the LSE includes it
         s = s + qkm2[:, None]
     cap_grad = 1.0
     if SOFTCAP:
@@ -179,7 +178,10 @@ def _bwd_tile(
         km = tl.load(KEEP + b * stride_keepb + h * stride_keeph + rows[:, None] * stride_keepm
                      + cols[None, :] * stride_keepn, mask=valid, other=1)
         keep = keep & (km != 0)
-    s = tl.where(keep, s, FILL)
+    if FWD_SHIFT:  # masked logits as the forward held them (its LSE carries the shift)
+        s = tl.where(keep, s, FILL + qkm2[:, None])
+    else:
+        s = tl.where(keep, s, FILL)
     live = valid & (l2 != float("-inf"))[:, None]
     p = tl.where(live, tl.math.exp2(s - tl.where(l2 == float("-inf"), 0.0, l2)[:, None]), 0.0)
     dp = dot_8_16bit(to_16bit(do, PV_DTYPE, EMULATE), tl.trans(v), EMULATE)
@@ -193,7 +195,6 @@ def _bwd_range(
     Q, stride_qb, stride_qh, stride_qm, stride_qd,
     QQ, stride_qqb, stride_qqh, stride_qqm,
     QS, stride_qsb, stride_qsh,
-    QKM, stride_qkmb, stride_qkmh,
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     KQ, stride_kqb, stride_kqh, stride_kqn,
     KS, stride_ksb, stride_ksh,
@@ -207,8 +208,8 @@ def _bwd_range(
     b, h, hk, Nq, Nk, DQK, DV, causal_offset, FILL, qk_scale, CAP2,
     DQ_PASS: tl.constexpr, SPARSE: tl.constexpr,
     INT8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
-    ROW_DOT: tl.constexpr, SOFTCAP: tl.constexpr, Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr,
-    PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    SHIFT: tl.constexpr, FWD_SHIFT: tl.constexpr, SOFTCAP: tl.constexpr, DQ_KMEAN: tl.constexpr,
+    Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """`_bwd_tile` over tiles [lo, hi) of the moving side, accumulating the pass's gradients.
@@ -221,14 +222,15 @@ def _bwd_range(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    kmean = tl.load(KMEAN + b * stride_kmb + hk * stride_kmh + offs_d, mask=offs_d < DQK, other=0.0)
     step = 1 if SPARSE else (BLOCK_N if DQ_PASS else BLOCK_M)
     if DQ_PASS:
         rows = fixed + offs_m
         q, qs_op, qs, qkm2, l2, delta, do = _q_side(
             Q, stride_qb, stride_qh, stride_qm, stride_qd, QQ, stride_qqb, stride_qqh, stride_qqm,
-            QS, stride_qsb, stride_qsh, QKM, stride_qkmb, stride_qkmh, DO, stride_dob, stride_doh, stride_dom,
+            QS, stride_qsb, stride_qsh, DO, stride_dob, stride_doh, stride_dom,
             stride_dod, LSE, stride_lb, stride_lh, DELTA, stride_deb, stride_deh,
-            b, h, rows, offs_d, offs_dv, Nq, DQK, DV, qk_scale, INT8, ROW_DOT, Q_GRAN, PV_DTYPE, EMULATE)
+            b, h, rows, offs_d, offs_dv, kmean, Nq, DQK, DV, qk_scale, INT8, Q_GRAN, PV_DTYPE, EMULATE)
     else:
         cols = fixed + offs_n
         k_op, k_dq, ks, v = _k_side(
@@ -250,16 +252,18 @@ def _bwd_range(
             rows = start + offs_m
             q, qs_op, qs, qkm2, l2, delta, do = _q_side(
                 Q, stride_qb, stride_qh, stride_qm, stride_qd, QQ, stride_qqb, stride_qqh, stride_qqm,
-                QS, stride_qsb, stride_qsh, QKM, stride_qkmb, stride_qkmh, DO, stride_dob, stride_doh, stride_dom,
+                QS, stride_qsb, stride_qsh, DO, stride_dob, stride_doh, stride_dom,
                 stride_dod, LSE, stride_lb, stride_lh, DELTA, stride_deb, stride_deh,
-                b, h, rows, offs_d, offs_dv, Nq, DQK, DV, qk_scale, INT8, ROW_DOT, Q_GRAN, PV_DTYPE, EMULATE)
+                b, h, rows, offs_d, offs_dv, kmean, Nq, DQK, DV, qk_scale, INT8, Q_GRAN, PV_DTYPE, EMULATE)
         p, ds = _bwd_tile(
             qs_op, qs, qkm2, l2, delta, do, k_op, ks, v,
             BIAS, stride_biasb, stride_biash, stride_biasm, stride_biasn,
             KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
             b, h, rows, cols, Nq, Nk, causal_offset, FILL, CAP2,
-            INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, ROW_DOT, SOFTCAP, PV_DTYPE, EMULATE)
-        if DQ_PASS:  # dQ += dS K (K smoothed: rowsum(dS) is 0, so K's mean adds nothing)
+            INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SHIFT, FWD_SHIFT, SOFTCAP, PV_DTYPE, EMULATE)
+        if DQ_PASS:  # dQ += dS K (K smoothed: rowsum(dS) is 0, so K's mean adds nothing ...
+            if DQ_KMEAN:  # ... but under soft-capping; acc_b [BLOCK_M, 1] sums dS for it
+                acc_b += tl.sum(ds, 1)[:, None]
             if INT8:  # dS per (row, key tile); K's one scale per key tile
                 dsq, dss = _int8(ds, tl.max(tl.abs(ds), 1)[:, None])
                 acc_a += tl.dot(dsq, k_dq).to(tl.float32) * dss * tl.max(ks, 0)
@@ -284,7 +288,6 @@ def _attn_bwd(
     Q, stride_qb, stride_qh, stride_qm, stride_qd,
     QQ, stride_qqb, stride_qqh, stride_qqm,
     QS, stride_qsb, stride_qsh,
-    QKM, stride_qkmb, stride_qkmh,
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     KQ, stride_kqb, stride_kqh, stride_kqn,
     KS, stride_ksb, stride_ksh,
@@ -299,8 +302,8 @@ def _attn_bwd(
     DB, stride_dbb, stride_dbh, stride_dbn, stride_dbd,
     Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, sm_scale, CAP2,
     DQ_PASS: tl.constexpr, INT8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_KEEP: tl.constexpr, ROW_DOT: tl.constexpr, SOFTCAP: tl.constexpr, Q_GRAN: tl.constexpr,
-    K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    HAS_KEEP: tl.constexpr, SHIFT: tl.constexpr, FWD_SHIFT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DQ_KMEAN: tl.constexpr, Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DQ_PASS: program (query tile, query head, batch) -> DA = dQ. Else program (key tile, kv
@@ -317,19 +320,21 @@ def _attn_bwd(
         hi = Nk
         if IS_CAUSAL:  # keys past the tile's last row's diagonal are masked for every row
             hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Nk)
-        acc, unused = _bwd_range(
-            tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([1, 1], dtype=tl.float32), 0, hi, DA, m0,
+        acc, rowsum_ds = _bwd_range(
+            tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M, 1], dtype=tl.float32), 0, hi, DA, m0,
             Q, stride_qb, stride_qh, stride_qm, stride_qd, QQ, stride_qqb, stride_qqh, stride_qqm,
-            QS, stride_qsb, stride_qsh, QKM, stride_qkmb, stride_qkmh,
-            K, stride_kb, stride_kh, stride_kn, stride_kd, KQ, stride_kqb, stride_kqh, stride_kqn,
+            QS, stride_qsb, stride_qsh, K, stride_kb, stride_kh, stride_kn, stride_kd, KQ, stride_kqb, stride_kqh, stride_kqn,
             KS, stride_ksb, stride_ksh, KMEAN, stride_kmb, stride_kmh,
             V, stride_vb, stride_vh, stride_vn, stride_vd, DO, stride_dob, stride_doh, stride_dom, stride_dod,
             LSE, stride_lb, stride_lh, DELTA, stride_deb, stride_deh,
             BIAS, stride_biasb, stride_biash, stride_biasm, stride_biasn,
             KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
             b, h, hk, Nq, Nk, DQK, DV, causal_offset, FILL, qk_scale, CAP2,
-            True, False, INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, ROW_DOT, SOFTCAP, Q_GRAN, K_GRAN, PV_DTYPE, EMULATE,
-            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+            True, False, INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SHIFT, FWD_SHIFT, SOFTCAP, DQ_KMEAN, Q_GRAN, K_GRAN, PV_DTYPE,
+            EMULATE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+        if DQ_KMEAN:
+            kmean = tl.load(KMEAN + b * stride_kmb + hk * stride_kmh + offs_d, mask=offs_d < DQK, other=0.0)
+            acc += rowsum_ds * kmean[None, :]
         rows = m0 + tl.arange(0, BLOCK_M)
         tl.store(DA + b * stride_dab + h * stride_dah + rows[:, None] * stride_dan + offs_d[None, :] * stride_dad,
                  store_cast(acc * sm_scale, DA.dtype.element_ty, EMULATE),
@@ -346,16 +351,15 @@ def _attn_bwd(
             dk, dv = _bwd_range(
                 dk, dv, lo, Nq, DA, n0,
                 Q, stride_qb, stride_qh, stride_qm, stride_qd, QQ, stride_qqb, stride_qqh, stride_qqm,
-                QS, stride_qsb, stride_qsh, QKM, stride_qkmb, stride_qkmh,
-                K, stride_kb, stride_kh, stride_kn, stride_kd, KQ, stride_kqb, stride_kqh, stride_kqn,
+                QS, stride_qsb, stride_qsh, K, stride_kb, stride_kh, stride_kn, stride_kd, KQ, stride_kqb, stride_kqh, stride_kqn,
                 KS, stride_ksb, stride_ksh, KMEAN, stride_kmb, stride_kmh,
                 V, stride_vb, stride_vh, stride_vn, stride_vd, DO, stride_dob, stride_doh, stride_dom, stride_dod,
                 LSE, stride_lb, stride_lh, DELTA, stride_deb, stride_deh,
                 BIAS, stride_biasb, stride_biash, stride_biasm, stride_biasn,
                 KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
                 b, hk * GROUP + g, hk, Nq, Nk, DQK, DV, causal_offset, FILL, qk_scale, CAP2,
-                False, False, INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, ROW_DOT, SOFTCAP, Q_GRAN, K_GRAN, PV_DTYPE,
-                EMULATE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+                False, False, INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SHIFT, FWD_SHIFT, SOFTCAP, DQ_KMEAN, Q_GRAN, K_GRAN,
+                PV_DTYPE, EMULATE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         cols = n0 + tl.arange(0, BLOCK_N)
         cvalid = cols < Nk
         tl.store(DA + b * stride_dab + hk * stride_dah + cols[:, None] * stride_dan + offs_d[None, :] * stride_dad,
@@ -379,7 +383,8 @@ def _pv_dtype(dtype: torch.dtype):
 
 
 def attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value, is_causal,
-                              causal_offset, scale, smooth_k, softcap, mode, warps: int = 4, stages: int = 1):
+                              causal_offset, scale, smooth_k, softcap, mode, quant: str = "int8",
+                              warps: int = 4, stages: int = 1):
     """(dq, dk, dv): the op's CUDA backward (and, under TRITON_INTERPRET, a CPU one). Launches:
     for "int8" the forward's K statistics and Q / K quantization (quantize.py), then delta, then
     the dK/dV pass and the dQ pass. Tiles are BWD_BM x BWD_BN."""
@@ -393,15 +398,14 @@ def attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask,
     int8 = mode == "int8"
     block_d, block_dv = padded_head_dim(d), padded_head_dim(dv)
     softcap = float(softcap or 0.0)
-    row_dot = int8 and bool(smooth_k)
-    kmean, _, _, _ = kv_stats(k, v, row_dot or not int8, False, None)
+    fill = _log2_logit(float(masked_value))
+    kmean, _, _, _ = kv_stats(k, v, True, False, None)  # K's mean: the row shift, dQ's smoothed K
     if int8:
-        ops = quantize_qkv(q, k, v, kmean, None, None, scale, "int8", "fp16", bool(smooth_k), False, row_dot,
+        ops = quantize_qkv(q, k, v, kmean, None, None, scale, "int8", "fp16", bool(smooth_k), False, False,
                            block_d, block_dv)
         qq, qs, kq, ks = ops.q, ops.qs, ops.k, ops.ks
-        qkm = ops.qkm if ops.qkm is not None else kmean
     else:
-        qq = qs = qkm = kq = ks = kmean  # not read
+        qq = qs = kq = ks = kmean  # not read
     delta = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
     wrap_triton(_bwd_preprocess)[(triton.cdiv(nq, BWD_BM), hq, b)](
         out, *out.stride(), grad_out, *grad_out.stride(), delta, delta.stride(0), delta.stride(1),
@@ -416,16 +420,18 @@ def attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask,
         return (t.stride(0), t.stride(1))
 
     common = (
-        q, *q.stride(), qq, *s3(qq), qs, *s2(qs), qkm, *s2(qkm),
+        q, *q.stride(), qq, *s3(qq), qs, *s2(qs),
         k, *k.stride(), kq, *s3(kq), ks, *s2(ks), kmean, *s2(kmean),
         v, *v.stride(), grad_out, *grad_out.stride(), lse, *s2(lse), delta, *s2(delta),
         bias if bias is not None else delta, *(bias.stride() if bias is not None else (0, 0, 0, 0)),
         keep if keep is not None else delta, *(keep.stride() if keep is not None else (0, 0, 0, 0)),
     )
-    scalars = (nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E, scale,
+    scalars = (nq, nk, d, dv, hq // hkv, int(causal_offset), fill, scale * LOG2E, scale,
                softcap * LOG2E if softcap else 1.0)
     consts = dict(INT8=int8, IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
-                  ROW_DOT=row_dot, SOFTCAP=bool(softcap), Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(q.dtype),
+                  SHIFT=int8 and bool(smooth_k), SOFTCAP=bool(softcap),
+                  FWD_SHIFT=bool(smooth_k) and quant != "none" and not softcap and math.isfinite(fill),
+                  DQ_KMEAN=bool(softcap) and (bool(smooth_k) or not int8), Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(q.dtype),
                   EMULATE=casts.EMULATE, BLOCK_M=BWD_BM, BLOCK_N=BWD_BN, BLOCK_D=block_d, BLOCK_DV=block_dv,
                   num_warps=warps, num_stages=stages)
     wrap_triton(_attn_bwd)[(triton.cdiv(nk, BWD_BN), hkv, b)](
