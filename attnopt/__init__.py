@@ -9,6 +9,7 @@ from .version import __version__
 from . import logs as _logs  # noqa: E402
 from .config import ConfigError, default_options, normalize_options  # noqa: E402
 from .ops import attention as _attention_op  # noqa: E402,F401  (registers torch.ops.attnopt.attention)
+from .ops import attention_train as _attention_train_op  # noqa: E402,F401  (attention_train, attention_backward)
 from .ops import probe as _probe_op  # noqa: E402,F401
 from .ops import sparse as _sparse_op  # noqa: E402,F401
 from .ops import linear as _linear_op  # noqa: E402,F401

@@ -97,6 +97,7 @@ def attention(
     impl: str = "auto",
     arch: str = "auto",
     softcap: float | None = None,
+    backward: str | None = None,
 ) -> torch.Tensor:
     """Drop-in for `F.scaled_dot_product_attention`, running attnopt's quantized attention.
 
@@ -106,6 +107,9 @@ def attention(
     the kernels through Triton's interpreter (TRITON_INTERPRET=1 must be set before import).
     `softcap` (Gemma 2 / Grok logit soft-capping): the scaled logits become
     softcap * tanh(logits / softcap) before the mask is added; None or 0 is off.
+    `backward` makes the result differentiable in q, k and v (`attnopt::attention_train`, same
+    forward numbers): "int8" (SageBwd arithmetic) or "exact" (16-bit, straight-through over the
+    quantized forward); None (the default) runs `attnopt::attention`, which has no gradient.
     """
     from ..config import ConfigError
     from ..codegen.arch import resolve_arch
@@ -137,6 +141,14 @@ def attention(
     cap = float(softcap or 0.0)
     if cap < 0 or not math.isfinite(cap):
         raise ValueError(f"softcap must be a positive finite number (or None), got {softcap}")
+    if backward is not None:
+        from .attention_train import BACKWARD_MODES
+
+        if backward not in BACKWARD_MODES:
+            raise ConfigError("backward", backward, " | ".join(repr(m) for m in BACKWARD_MODES) + " | None")
+        out, _ = torch.ops.attnopt.attention_train(q, k, v, bias, keep, -math.inf, bool(is_causal), 0, s, quant,
+                                                   pv_fmt, smooth_k, smooth_q, spec.name, impl, cap, backward)
+        return _to_bhnd(out, layout)
     out = torch.ops.attnopt.attention(q, k, v, bias, keep, -math.inf, bool(is_causal), 0, s,
                                       quant, pv_fmt, smooth_k, smooth_q, spec.name, impl, cap)
     return _to_bhnd(out, layout)

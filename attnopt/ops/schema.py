@@ -12,6 +12,7 @@ ATTENTION_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? keep
                   "bool is_causal, SymInt causal_offset, float scale, str quant, str pv, bool smooth_k")
 
 
-def attention_schema(*extra: str) -> str:
-    """A torch.library schema: ATTENTION_ARGS, then `extra` (e.g. "str arch"), returning a Tensor."""
-    return "(" + ", ".join((ATTENTION_ARGS,) + extra) + ") -> Tensor"
+def attention_schema(*extra: str, returns: str = "Tensor") -> str:
+    """A torch.library schema: ATTENTION_ARGS, then `extra` (e.g. "str arch"), returning `returns`
+    (a Tensor unless told, e.g. "(Tensor, Tensor)")."""
+    return "(" + ", ".join((ATTENTION_ARGS,) + extra) + ") -> " + returns
