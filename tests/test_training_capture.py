@@ -49,8 +49,8 @@ def _grads(model, x, mask=None):
     model.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_()
     out = model(x, mask)
-    torch.manual_seed(123)
-    out.backward(torch.randn_like(out))
+    g = torch.Generator().manual_seed(123)  # the same upstream gradient in every dtype
+    out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
     return out.detach(), x.grad, {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}
 
 

@@ -128,10 +128,12 @@ def _attention_backward_body(
     if switches.use_triton(q, arch, impl):
         from ..codegen.attention.backward import attention_backward_triton
 
-        return attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value,
-                                         is_causal, causal_offset, scale, smooth_k, softcap, backward, quant)
-    return attention_backward_reference(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value,
-                                        is_causal, causal_offset, scale, smooth_k, softcap, backward, quant)
+        grads = attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value,
+                                          is_causal, causal_offset, scale, smooth_k, softcap, backward, quant)
+    else:
+        grads = attention_backward_reference(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value,
+                                             is_causal, causal_offset, scale, smooth_k, softcap, backward, quant)
+    return tuple(g.contiguous() for g in grads)  # the layout the fake promises, whatever q's strides
 
 
 attention_backward_op = torch.library.triton_op(
@@ -143,7 +145,7 @@ aot_inline.install(attention_backward_op, _attention_backward_body)
 def _attention_backward_fake(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value, is_causal,
                              causal_offset, scale, quant, smooth_k, arch, impl, softcap, backward):
     check_attention_operands("attnopt::attention_backward", q, k, v, attn_bias, keep_mask)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the body's
 
 
 # ------------------------------------------------------------------------------------ autograd

@@ -98,7 +98,7 @@ def sparsity_for(opts, key: str, heads: int) -> tuple[dict | None, str | None]:
 
 
 # what attnopt's attention backward differentiates (docs/algorithms.md#attention-backward)
-TRAINABLE_SOFTCAP = False
+TRAINABLE_SOFTCAP = True
 TRAINABLE_SPARSITY: tuple[str, ...] = ()
 
 REQUIRES_GRAD = ("the graph requires grad (a training graph, or inference outside torch.no_grad() / "
