@@ -62,7 +62,7 @@ def train(model, batches, lr: float = 3e-3):
     losses = []
     for ids, pos in batches:
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, position_ids=pos, labels=ids).loss
+        loss = model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -74,11 +74,11 @@ def attnopt_options(backward: str, linear: str) -> dict:
 
 
 def run(steps: int, backward: str = "int8", linear: str = "fp8", packed: int = 1, seed: int = 0,
-        device: str = "cpu", dtype=torch.bfloat16) -> dict:
+        device: str = "cpu", dtype=torch.bfloat16, seq: int = 256) -> dict:
     """Both runs; returns {"eager": losses, "attnopt": losses, "backend": the attnopt backend}."""
     import attnopt
 
-    batches = copy_batches(steps, packed=packed, device=device)
+    batches = copy_batches(steps, seq=seq, packed=packed, device=device)
     eager = train(tiny_qwen3(seed, dtype=dtype, device=device), batches)
     model = tiny_qwen3(seed, dtype=dtype, device=device)
     be = attnopt.backend(attnopt_options(backward, linear))
