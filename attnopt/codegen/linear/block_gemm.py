@@ -111,7 +111,9 @@ def _block_gemm_kernel(A, stride_am, stride_ak, SA, stride_sam, stride_sak,
 
 # (BLOCK_M, BLOCK_N, warps, stages): the GPU autotunes over these; 32-deep K steps hold little
 # shared memory per stage ((BLOCK_M + BLOCK_N) x 32 bytes), so every tile fits every arch
-TRAIN_TILES = (GemmTile(128, 128, 32, 8, 3), GemmTile(128, 64, 32, 4, 4), GemmTile(64, 128, 32, 4, 4),
+# (the 32-deep partial product and the fp32 accumulator both live in registers: 4 warps on a
+# 128 x 64 tile spilled on sm80, so those take 8)
+TRAIN_TILES = (GemmTile(128, 128, 32, 8, 3), GemmTile(128, 64, 32, 8, 4), GemmTile(64, 128, 32, 8, 4),
                GemmTile(64, 64, 32, 4, 4))
 _INTERPRETER_TILE = GemmTile(32, 32, 32, 4, 1)
 
