@@ -85,6 +85,26 @@ def test_zero_gradient_and_no_bias():
     assert db is None and not dx.any() and not dw.any() and torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_ops_pass_opcheck(fmt):
+    """Schemas, fakes (strides of a transposed weight, Conv1D's), autograd registration, AOT; fp8
+    the fakes only: the other checks do arithmetic on every output, which torch has no CPU kernel
+    for on e4m3 tensors (the same schemas and autograd code run under int8)."""
+    tests = ("test_faketensor",) + (
+        ("test_schema", "test_autograd_registration", "test_aot_dispatch_dynamic") if fmt == "int8" else ())
+    x = torch.randn(2, 37, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, 48, dtype=torch.bfloat16).t().requires_grad_()
+    b = torch.randn(48, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.attnopt.linear_train_fwd.default, (x, w, b, fmt, "cpu", "auto"), test_utils=tests)
+    _, xq, xs = torch.ops.attnopt.linear_train_fwd(x, w, b, fmt, "cpu", "auto")
+    torch.library.opcheck(torch.ops.attnopt.linear_train_bwd.default,
+                          (torch.randn(74, 48, dtype=torch.bfloat16), xq, xs, w.detach(), fmt, "cpu", "auto"),
+                          test_utils=tests)
+    g = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.attnopt.norm_train_fwd.default, (x, g, None, 1e-6, "rms", fmt, "cpu", "auto"),
+                          test_utils=tests)
+
+
 # ------------------------------------------------------------------------------ kernels (interpreter)
 
 
@@ -253,3 +273,51 @@ def test_saved_for_backward_is_at_most_0_6_of_bf16(fmt, bf16_saved):
     print(fmt, "saved for backward", got["bytes"], "bf16", base["bytes"], f"ratio {ratio:.3f}")
     assert ratio <= 0.6
     assert got["param_bytes"] == base["param_bytes"]  # weights are saved as themselves, not copies
+
+
+class HfRMSNorm(torch.nn.Module):
+    """transformers' hand-written RMSNorm (Llama / Qwen3 / Mistral), as its forward is written
+    (importing transformers takes longer than this test)."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def test_hf_rmsnorm_feeding_three_linears_keeps_an_8bit_input():
+    """The hand-written RMSNorm shared by three linears becomes norm_train, and gradients stay
+    close to float64."""
+
+    class Qkv(torch.nn.Module):
+        def __init__(self, d=64):
+            super().__init__()
+            self.norm = HfRMSNorm(d)
+            self.q, self.k, self.v = (torch.nn.Linear(d, d, bias=False) for _ in range(3))
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.q(h) * self.k(h) + self.v(h)
+
+    torch._dynamo.reset()
+    model = Qkv().bfloat16()
+    with torch.no_grad():
+        model.norm.weight.add_(0.1 * torch.randn(64).bfloat16())
+    exact = Qkv().double()
+    exact.load_state_dict(model.state_dict())
+    x = torch.randn(2, 48, 64).bfloat16()
+    be = attnopt.backend({"linear": {"training": "int8"}})
+    compiled = torch.compile(model, backend=be, fullgraph=True)
+    compiled(x).float().square().mean().backward()
+    exact(x.double()).square().mean().backward()
+    recs = {r.key: r for r in be.recorder.sites()}
+    assert recs["norm:train"].status == "rewritten" and recs["norm:train"].details["consumers"] == ["q", "k", "v"]
+    for (name, p), pe in zip(model.named_parameters(), exact.parameters()):
+        assert rel_l1(p.grad, pe.grad) <= 0.05, name

@@ -68,7 +68,7 @@ def linear_train_bwd(grad: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, wei
 
 @linear_train_bwd.register_fake
 def _(grad, xq, xs, weight, fmt, arch, impl):
-    return grad.new_empty(grad.shape[0], weight.shape[1]), torch.empty_like(weight)
+    return grad.new_empty(grad.shape[0], weight.shape[1]), weight.new_empty(weight.shape)  # both contiguous
 
 
 def _setup_context(ctx, inputs, output):

@@ -91,7 +91,7 @@ def _(x, weight, bias, eps, kind, fmt, arch, impl):
     k = x.shape[-1]
     m = math.prod(x.shape[:-1])
     act, _ = operand_formats(fmt)
-    return (torch.empty_like(x), x.new_empty(m, k, dtype=DTYPES[act]),
+    return (x.new_empty(x.shape), x.new_empty(m, k, dtype=DTYPES[act]),
             x.new_empty(n_blocks(m), n_blocks(k), dtype=torch.float32), x.new_empty(m, 2, dtype=torch.float32))
 
 
@@ -109,7 +109,7 @@ def norm_train_bwd(grad: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, stats
 
 @norm_train_bwd.register_fake
 def _(grad, xq, xs, stats, weight, kind, has_bias):
-    return (torch.empty_like(grad), torch.empty_like(weight),
+    return (grad.new_empty(grad.shape), weight.new_empty(weight.shape),
             grad.new_empty(weight.shape[0] if has_bias else 0, dtype=torch.float32))
 
 
