@@ -13,6 +13,8 @@ from .ops import attention_train as _attention_train_op  # noqa: E402,F401  (att
 from .ops import probe as _probe_op  # noqa: E402,F401
 from .ops import sparse as _sparse_op  # noqa: E402,F401
 from .ops import linear as _linear_op  # noqa: E402,F401
+from .ops import linear_train as _linear_train_op  # noqa: E402,F401
+from .ops import norm_train as _norm_train_op  # noqa: E402,F401
 from .ops.attention import attention  # noqa: E402
 from .compiler import AttnoptBackend, backend  # noqa: E402
 from .inspection.run import inspect  # noqa: E402

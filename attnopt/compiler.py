@@ -151,7 +151,8 @@ def _linear_internal_error(ctx: PassContext, gi: int | None) -> bool:
                for r in ctx.recorder.graphs[gi]["sites"])
 
 
-OP_NAMES = ("attention", "sparse_attention", "attention_probe", "linear_8bit", "linear_w4a16", "linear_probe")
+OP_NAMES = ("attention", "sparse_attention", "attention_probe", "linear_8bit", "linear_w4a16", "linear_probe",
+            "linear_train", "norm_train")
 
 
 def check_ops_registered() -> None:

@@ -539,6 +539,10 @@ class LinearOptions(_Table):
     _path: ClassVar[str] = "linear"
     quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16"), "'none' | 'w8a8' | 'fp8' | 'w4a16'",
                         "linear-layer format")
+    training: str = option("off", _choice("off", "int8", "fp8"), "'off' | 'int8' | 'fp8'",
+                           "graphs that need gradients: 'int8' / 'fp8' run each linear's forward and both backward "
+                           "GEMMs in 8 bits (32x32 blocks; fp8: e4m3 forward, e5m2 gradients), keeping only the "
+                           "8-bit input for backward; 'off' leaves their linears as they are")
     smooth: SmoothOptions | None = option(None, _smooth, "null or {'alpha': number in [0, 1]}",
                                           "SmoothQuant scales folded into the preceding norm / linear "
                                           "(needs a calibrated plan)")

@@ -57,3 +57,25 @@ def compare_outputs(out, ref) -> dict:
     res["outputs"] = len(per)
     res["worst_rel_l1"] = max((p["rel_l1"] for p in per), default=math.nan)
     return res
+
+
+def saved_for_backward(fn, params=()) -> dict:
+    """Bytes autograd keeps for backward while `fn()` runs (its forward), counted with
+    `torch.autograd.graph.saved_tensors_hooks`: each distinct storage once (views and tensors saved
+    twice share one), whole storages (a saved view keeps its whole base alive). Returns {"bytes",
+    "tensors", "param_bytes": the part held by `params` (alive anyway as the model's own weights),
+    "activation_bytes": the rest, "out": fn's result (whose graph holds the saved tensors)}."""
+    storages: dict[int, int] = {}
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    total = sum(storages.values())
+    held = sum(n for ptr, n in storages.items() if ptr in param_ptrs)
+    return {"bytes": total, "tensors": len(storages), "param_bytes": held, "activation_bytes": total - held,
+            "out": out}

@@ -198,7 +198,8 @@ def test_to_json_format_is_unchanged():
     assert normalize_options(None).to_json() == (
         '{"arch":"auto","attention":{"allow_fp32":false,"backward":"int8","decode":false,"enabled":true,"exclude":[],"include":["*"],'
         '"min_seq_len":128,"pv":"auto","quant":"int8","smooth_k":true,"smooth_q":false,"sparsity":null},'
-        '"linear":{"exclude":["lm_head","*.lm_head"],"include":["*"],"min_m":17,"quant":"none","smooth":null},'
+        '"linear":{"exclude":["lm_head","*.lm_head"],"include":["*"],"min_m":17,"quant":"none","smooth":null,'
+        '"training":"off"},'
         '"on_cpu":"emulate","plan":null}')
     o = normalize_options({"attention": {"sparsity": {"method": "xattention", "tau": 1}}})
     assert ('"sparsity":{"local_keys":0,"method":"xattention","min_seq_len":0,"pv_threshold":null,"stride":8,'

@@ -35,6 +35,25 @@ def to_e4m3(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def to_e5m2(x, EMULATE: tl.constexpr):
+    """fp32 within [-57344, 57344] -> float8e5, rounding to nearest, ties to even (as the hardware).
+    Under the interpreter the value is put on the e5m2 grid in fp32 first, as to_e4m3 does."""
+    if EMULATE:
+        ax = tl.abs(x)
+        e = tl.floor(tl.log2(tl.maximum(ax, 1e-30)))
+        e = tl.maximum(e, -14.0)  # subnormals: fixed step 2**-16
+        step = tl.exp2(e - 2.0)
+        u = ax / step
+        f = tl.floor(u)
+        half = u - f
+        odd = f - 2.0 * tl.floor(f * 0.5)
+        r = tl.where((half > 0.5) | ((half == 0.5) & (odd == 1.0)), f + 1.0, f) * step
+        r = tl.minimum(r, 57344.0)
+        x = tl.where(x < 0, -r, r)
+    return x.to(tl.float8e5)
+
+
+@triton.jit
 def round_bf16(x):
     """fp32 -> the nearest bf16 value (ties to even), kept in fp32."""
     b = x.to(tl.int32, bitcast=True)

@@ -285,6 +285,20 @@ def drive_w4a16(arch, spec, cap):
             linear_w4a16_triton(torch.randn(m, 512, dtype=torch.bfloat16), pk, sc, zr, None, arch=arch, tile=t)
 
 
+@driver("linear training")
+def drive_linear_training(arch, spec, cap):
+    """The training linear's per-block quantizer (INT8, e4m3, e5m2) and block GEMM: forward (with
+    bias), dX = dY W and dW = dY^T X (transposed operands), in each format the arch runs."""
+    from .linear.block_gemm import linear_train_backward_triton, linear_train_forward_triton
+
+    for fmt in [f for f in ("int8", "fp8") if {"int8": "w8a8", "fp8": "fp8"}[f] in spec.linear_formats]:
+        x, w = torch.randn(300, 200, dtype=torch.bfloat16), torch.randn(160, 200, dtype=torch.bfloat16)
+        cap.label = f"linear training {fmt} forward"
+        _, xq, xs = linear_train_forward_triton(x, w, torch.randn(160, dtype=torch.bfloat16), fmt)
+        cap.label = f"linear training {fmt} backward"
+        linear_train_backward_triton(torch.randn(300, 160, dtype=torch.bfloat16), xq, xs, w, fmt)
+
+
 def drive(arch: str, cap: _Capture, drivers=None) -> dict[str, str]:
     """Run every registered launch path (or those named in `drivers`) for `arch`; returns the
     error of each driver that raised (its launches before the error are kept)."""
@@ -321,10 +335,17 @@ def _gemm_space(arch: str, launch: Launch):
     return autotuned_gemm(arch).configs
 
 
+def _block_gemm_space(arch: str, launch: Launch):
+    from .linear.block_gemm import autotuned_block_gemm
+
+    return autotuned_block_gemm().configs
+
+
 # kernel name -> the triton.Configs a GPU autotunes a launch of it over
 AUTOTUNE_SPACES: dict[str, Callable] = {
     "_attn_fwd": _attention_space,
     "_gemm_8bit_kernel": _gemm_space,
+    "_block_gemm_kernel": _block_gemm_space,
 }
 
 

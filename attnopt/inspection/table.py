@@ -186,6 +186,10 @@ def legend(sites) -> list[str]:
         lines.append("kernel triton-interpreter = the GPU kernel run by Triton's CPU interpreter (slow, for checking)")
     if any(k.startswith("triton/") for k in kernels):
         lines.append("kernel triton = the compiled GPU kernel (sm80, sm90, ...: the GPU generation it is built for)")
+    if any("/train-" in k for k in kernels):
+        lines.append("train-int8 / train-fp8 = a training linear (linear.training): forward and both backward GEMMs "
+                     "8-bit per 32x32 block (fp8: e4m3 forward, e5m2 dY), x kept 8-bit for backward; a train- norm "
+                     "keeps its input 8-bit for backward")
     if att:
         lines.append("int8qk-bf16pv = Q.K^T in int8, P.V in bf16 (16-bit, the model's own dtype); fp8/fp4 alike; "
                      "+topk, +block, ...: sparse; +pv-skip: negligible P.V blocks skipped")

@@ -10,6 +10,8 @@ graph needs grad). docs/design.md#capture-before-aotautograd has the decision an
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
@@ -18,6 +20,8 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
+
+from ..ops import aot_inline
 
 
 class CaptureError(RuntimeError):
@@ -127,9 +131,12 @@ def trace_to_aten(gm: fx.GraphModule, example_inputs, training: bool = False) ->
     # become constants of the traced graph, as AOT lifts a module's buffers.
     allow = fake_mode.allow_non_fake_inputs
     fake_mode.allow_non_fake_inputs = True
+    # A graph AOT will differentiate keeps attnopt's ops whole here (linear_train's autograd must
+    # be seen by AOT, which inlines their kernels itself); inference graphs inline as configured.
+    keep_ops = aot_inline.inline_mode("never") if training else contextlib.nullcontext()
     try:
         with enable_python_dispatcher(), fx_traceback.preserve_node_meta(), fake_mode, \
-                torch.set_grad_enabled(training):
+                torch.set_grad_enabled(training), keep_ops:
             aten = make_fx(_functionalized(run), decomposition_table={} if training else select_decomp_table(),
                            record_module_stack=True)(*fake_args)
     except CaptureError:

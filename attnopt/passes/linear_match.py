@@ -5,6 +5,11 @@ and the parameters: `match_linears` returns every linear site with its record, i
 [N, K] and its format, or the reason it is left alone (include / exclude, weights that require
 grad, a format the target arch lacks, a weight dtype that does not quantize).
 
+Training graphs (AOTAutograd will differentiate them: `aten_capture.needs_autograd`) with
+`linear.training` 'int8' / 'fp8' give every selected linear the format 'train-int8' /
+'train-fp8' (the training op, linear_rewrite.py), whatever `linear.quant` and the plan say;
+with 'off' their linears are left alone, as before.
+
 Matched forms (W a 2-D parameter, lifted to a graph input or a get_attr):
 `F.linear(x, W[, b])` / `nn.Linear`; `torch.addmm(b, x, W)` (HF's Conv1D, W stored [in, out]) and
 `addmm(b, x, W.t())`; `torch.mm(x, W)` / `mm(x, W.t())`; `x @ W`, `x @ W.t()` / `torch.matmul`.
@@ -23,6 +28,7 @@ import torch.fx as fx
 from ..codegen.arch import ArchSpec
 from ..report import SiteRecord
 from . import on_cpu
+from .aten_capture import needs_autograd
 from .graph_utils import example_shape, example_value, module_class, module_path, source_line
 
 LINEAR_FNS = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -55,6 +61,7 @@ class MatchedLinears:
     records: dict[str, SiteRecord]  # key -> the site's record (the reason, when left alone)
     weights: dict[str, torch.Tensor]  # key -> the weight as [N, K]
     formats: dict[str, str | None]  # key -> format ('none': rewrite only if smoothed / captured), None: left alone
+    training: bool = False  # the graph will be differentiated: formats are 'train-*' or None, nothing is baked
 
 
 def _get_attr(gm: fx.GraphModule, target: str):
@@ -203,7 +210,26 @@ def _selection_reason(path: str, opts) -> str | None:
 def _grad_reason(weight: torch.Tensor, grad: bool) -> str | None:
     if grad and weight.requires_grad:
         return ("weights require grad (a training graph, or inference outside torch.no_grad() / "
-                "torch.inference_mode()): quantized weights would not get gradients")
+                "torch.inference_mode()): quantized weights would not get gradients; linear.training "
+                "'int8' / 'fp8' rewrites training graphs")
+    return None
+
+
+TRAIN_PREFIX = "train-"  # formats of the training op: 'train-int8', 'train-fp8'
+_TRAIN_NEEDS = {"int8": "w8a8", "fp8": "fp8"}  # the inference format whose arch support it shares
+
+
+def training_format(fmt: str | None) -> str | None:
+    """'int8' / 'fp8' for a training op's format, else None."""
+    return fmt[len(TRAIN_PREFIX):] if fmt and fmt.startswith(TRAIN_PREFIX) else None
+
+
+def _training_reason(fmt: str, w: torch.Tensor, spec: ArchSpec) -> str | None:
+    """Why the training op in `fmt` cannot run this weight on the target arch, or None."""
+    if _TRAIN_NEEDS[fmt] not in spec.linear_formats:
+        return f"linear.training {fmt!r} needs sm89+ (target is {spec.name})"
+    if w.dtype not in _QUANTIZABLE_DTYPES:
+        return f"weight dtype {w.dtype} (fp16 / bf16 / fp32 quantize)"
     return None
 
 
@@ -216,6 +242,19 @@ def _format_reason(fmt: str, w: torch.Tensor, spec: ArchSpec) -> str | None:
     if w.dtype not in _QUANTIZABLE_DTYPES:
         return f"weight dtype {w.dtype} (fp16 / bf16 / fp32 quantize)"
     return None
+
+
+def _choose_training_formats(sites, records, weights, opts, spec) -> dict:
+    """A training graph: key -> 'train-<linear.training>' or None (the reason in its record)."""
+    formats = {}
+    for s in sites:
+        rec, w = records[s.key], weights[s.key]
+        _record_shapes(rec, s, w)
+        reason = (_selection_reason(s.module, opts) or _training_reason(opts.linear.training, w, spec)
+                  or on_cpu.skip_reason(rec.details["device"], opts))
+        rec.reason = reason
+        formats[s.key] = None if reason else TRAIN_PREFIX + opts.linear.training
+    return formats
 
 
 def _choose_formats(sites, records, params, weights, opts, spec, plan_sites, capture_all) -> dict:
@@ -252,5 +291,9 @@ def match_linears(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec,
         return None
     records = {s.key: _skipped_record(s) for s in sites}
     weights = {s.key: weight_nk(s, params[s.weight]).detach() for s in sites}
-    formats = _choose_formats(sites, records, params, weights, opts, spec, planned_sites(opts), capture_all)
-    return MatchedLinears(params, index, sites, records, weights, formats)
+    training = opts.linear.training != "off" and needs_autograd(example_inputs) and capture_all is False
+    if training:
+        formats = _choose_training_formats(sites, records, weights, opts, spec)
+    else:
+        formats = _choose_formats(sites, records, params, weights, opts, spec, planned_sites(opts), capture_all)
+    return MatchedLinears(params, index, sites, records, weights, formats, training)

@@ -1,8 +1,11 @@
-"""The linear pass: linear match -> smoothquant -> linear rewrite, on Dynamo's graph.
+"""The linear pass: linear match -> smoothquant -> linear rewrite, on Dynamo's graph (training
+graphs: linear match -> training norms -> linear rewrite).
 
 It runs before Inductor (manager.py lists where every pass runs): there the weights are real
 parameters (Dynamo hands the backend its example inputs), so they can be quantized and smoothed
-once and stored as constants of the graph module; Inductor's freezing, which would expose them
+once and stored as constants of the graph module (in training graphs, with linear.training set,
+nothing is baked: each linear becomes the training op, which quantizes its weight on every call,
+and no SmoothQuant scales are folded); Inductor's freezing, which would expose them
 later, cannot be switched on from a backend (Dynamo reads that flag while tracing).
 
 Every decision and every quantized tensor is computed before the graph is edited, and the edit is
@@ -19,6 +22,7 @@ from .linear_match import match_linears
 from .linear_rewrite import quantize_weights, rewrite_all_or_nothing
 from .smooth_match import smooth_groups
 from .smoothquant import accept_groups, planned_act_absmax
+from .train_norms import find_train_norms
 
 
 def run_linear_pass(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec, probe_sink: str | None = None,
@@ -29,10 +33,13 @@ def run_linear_pass(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec, pr
     matched = match_linears(gm, example_inputs, opts, spec, capture_all)
     if matched is None:
         return []
-    smooth = opts.linear.smooth
+    smooth = opts.linear.smooth if not matched.training else None  # training graphs fold nothing
     groups = smooth_groups(matched.sites, matched.params) if smooth is not None else []
     alpha = float(smooth.alpha) if smooth is not None else 0.0
     folds, norm_records = accept_groups(groups, matched, planned_act_absmax(opts), alpha)
     prepared, folds = quantize_weights(matched, folds)
-    rewrite_all_or_nothing(gm, matched, folds, prepared, norm_records, opts, spec, probe_sink, capture_all)
+    train_norms = find_train_norms(matched) if matched.training else []
+    norm_records += [tn.record for tn in train_norms]
+    rewrite_all_or_nothing(gm, matched, folds, prepared, norm_records, opts, spec, probe_sink, capture_all,
+                           train_norms)
     return list(matched.records.values()) + norm_records

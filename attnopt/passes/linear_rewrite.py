@@ -8,7 +8,8 @@ never leaves a half-folded model:
    undone, and its members are quantized again without the scales.
 2. `rewrite_all_or_nothing` then edits the graph: the folded norm gains and the quantized weights
    become constants of the graph module, each linear becomes `attnopt::linear_8bit` /
-   `attnopt::linear_w4a16` (or `aten::linear` on smoothed weights, or inspect's probe). If any
+   `attnopt::linear_w4a16` (or `aten::linear` on smoothed weights, or inspect's probe; in a
+   training graph `attnopt::linear_train`, reading the weight parameter itself). If any
    edit fails the graph is restored as Dynamo gave it and the added constants unregistered.
 
 Baked-weight bookkeeping: the parameters whose values the graph now holds copies of go to
@@ -29,7 +30,7 @@ from ..logs import log
 from ..ops import linear_ref as L
 from ..report import SiteRecord
 from .graph_utils import copy_graph, example_shape, example_value
-from .linear_match import LinearSite, MatchedLinears
+from .linear_match import LinearSite, MatchedLinears, training_format
 from .smoothquant import Fold, folded_norm_params, folded_tensors
 
 BAKED_META_KEY = "attnopt_baked_params"  # gm.meta entry read by the backend (stale-weight check)
@@ -237,6 +238,46 @@ def _probe_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: A
     return rw.call(torch.ops.attnopt.linear_probe.default, args, s.node)
 
 
+def _train_call(rw: LinearRewriter, p: _Prepared, fmt: str, spec: ArchSpec) -> fx.Node:
+    """attnopt::linear_train on the weight parameter as [N, K] (a transpose view for Conv1D's [K, N])."""
+    s = p.site
+    w_node = rw.call(torch.t, [s.weight], s.node) if s.transposed else s.weight
+    return rw.call(torch.ops.attnopt.linear_train.default, [s.x, w_node, s.bias, fmt, spec.name, "auto"], s.node)
+
+
+TRAIN_FORMATS = {  # linear.training -> (forward operands, backward operands, what backward keeps of x)
+    "int8": ("int8 x int8", "dY int8; W int8; X int8 (saved)", "int8"),
+    "fp8": ("e4m3 x e4m3", "dY e5m2; W e4m3; X e4m3 (saved)", "e4m3"),
+}
+
+
+def _record_training(rec: SiteRecord, p: _Prepared, fmt: str, spec: ArchSpec) -> None:
+    """The record of a linear turned into the training op: its formats forward and backward."""
+    fwd, bwd, saved = TRAIN_FORMATS[fmt]
+    rec.status = "rewritten"
+    rec.op = "attnopt::linear_train"
+    where = "reference" if spec.name == "cpu" else f"triton/{spec.name}"
+    rec.kernel = (f"{where}/train-{fmt}: training, 32x32 blocks; forward {fwd}, backward {bwd}; "
+                  f"keeps x as {saved} + block scales for backward")
+    rec.details.update(format=f"train-{fmt}", forward_format=fwd, backward_format=bwd, saved_activation=saved,
+                       block=[32, 32], m=_static_m(p.site.x))
+
+
+def _rewrite_train_norm(rw: LinearRewriter, tn, fmt: str, spec: ArchSpec) -> None:
+    """A norm feeding only training linears (train_norms.TrainNorm) becomes attnopt::norm_train."""
+    new = rw.call(torch.ops.attnopt.norm_train.default,
+                  [tn.x, tn.weight, tn.bias, tn.eps, tn.kind, fmt, spec.name, "auto"], tn.node)
+    tn.node.replace_all_uses_with(new)
+    saved = TRAIN_FORMATS[fmt][2]
+    rec = tn.record
+    rec.status, rec.op = "rewritten", "attnopt::norm_train"
+    where = "reference" if spec.name == "cpu" else f"triton/{spec.name}"
+    rec.kernel = (f"{where}/train-{fmt}: {tn.kind}norm computed from the exact input; keeps x as {saved} per "
+                  "32x32 block + row statistics for backward")
+    rec.details.update(format=f"train-{fmt}", forward_format="16-bit (exact input)",
+                       backward_format=f"x {saved} per 32x32 block (dequantized)", saved_activation=saved)
+
+
 def _op_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: ArchSpec) -> fx.Node:
     """The call replacing the linear: attnopt's GEMM for the format, or aten's on smoothed weights."""
     s, x = p.site, p.site.x
@@ -265,6 +306,13 @@ def _record_rewrite(rec: SiteRecord, p: _Prepared, small_m: int, spec: ArchSpec)
 def _rewrite_linear(rw: LinearRewriter, p: _Prepared, small_m: int, spec: ArchSpec, probe_sink: str | None,
                     rec: SiteRecord, capture_all: bool, baked: _Baked) -> None:
     s = p.site
+    train = training_format(p.fmt)
+    if train is not None:  # weights stay parameters: nothing baked, quantized on every call
+        new = _train_call(rw, p, train, spec)
+        s.node.replace_all_uses_with(new)
+        rw.replaced[s.node] = new
+        _record_training(rec, p, train, spec)
+        return
     if p.fmt == "none" and not p.changed and not (probe_sink is not None and capture_all):
         rec.reason = "linear.quant is 'none' (no smoothing scales folded here)"
         return
@@ -284,8 +332,10 @@ def _rewrite_linear(rw: LinearRewriter, p: _Prepared, small_m: int, spec: ArchSp
     _record_rewrite(rec, p, small_m, spec)
 
 
-def _edit_graph(gm, folds, prepared, records, params, lin, spec, probe_sink, capture_all, baked) -> None:
-    """Fold the norms' scales, then replace every prepared linear."""
+def _edit_graph(gm, folds, prepared, records, params, lin, spec, probe_sink, capture_all, baked,
+                train_norms=()) -> None:
+    """Fold the norms' scales, then replace every prepared linear (and, in a training graph, the
+    norms that feed only training linears)."""
     rw = LinearRewriter(gm)
     for f in folds:
         if f.group.kind in ("rmsnorm", "layernorm"):
@@ -296,18 +346,21 @@ def _edit_graph(gm, folds, prepared, records, params, lin, spec, probe_sink, cap
     for key, p in prepared.items():
         _rewrite_linear(rw, p, lin.min_m - 1, spec, probe_sink, records[key], capture_all, baked)
         log.info("linear site %s: %s (%s)", key, records[key].status, records[key].reason or records[key].kernel)
+    for tn in train_norms:
+        _rewrite_train_norm(rw, tn, lin.training, spec)
 
 
 def rewrite_all_or_nothing(gm: fx.GraphModule, m: MatchedLinears, folds: list[Fold], prepared: dict,
                            norm_records: list[SiteRecord], opts, spec: ArchSpec, probe_sink: str | None,
-                           capture_all: bool) -> None:
+                           capture_all: bool, train_norms=()) -> None:
     """Edit the graph in place, or on any failure restore Dynamo's graph and mark every record
     skipped with the error; then recompile it and store the baked parameters in gm.meta."""
     backup = copy_graph(gm.graph)
     buffers_before = set(dict(gm.named_buffers(recurse=False)))
     baked = _Baked(m.index, m.params)
     try:
-        _edit_graph(gm, folds, prepared, m.records, m.params, opts.linear, spec, probe_sink, capture_all, baked)
+        _edit_graph(gm, folds, prepared, m.records, m.params, opts.linear, spec, probe_sink, capture_all, baked,
+                    train_norms)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
     except Exception as e:  # all or nothing: the graph as Dynamo gave it

@@ -255,16 +255,19 @@ class CacheKeyPass(CustomGraphPass):
         return self.ctx.uuid("attnopt")
 
 
-def needs_linear_pass(ctx: PassContext) -> bool:
+def needs_linear_pass(ctx: PassContext, example_inputs=None) -> bool:
+    """Whether the linear pass has anything to do: a format, smoothing, a plan, calibration, or
+    (given the graph's inputs) a training graph with linear.training set."""
     lin, plan = ctx.options.linear, ctx.options.plan
     planned = plan is not None and any(v.get("kind") == "linear" and v.get("quant", "none") != "none"
                                        for v in plan.sites.values())
-    return lin.quant != "none" or lin.smooth is not None or planned or ctx.capture_linears
+    training = lin.training != "off" and example_inputs is not None and needs_autograd(example_inputs)
+    return lin.quant != "none" or lin.smooth is not None or planned or ctx.capture_linears or training
 
 
 def run_linear(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> None:
     """Linear sites, on Dynamo's graph (where parameters are the module's real tensors)."""
-    if not needs_linear_pass(ctx):
+    if not needs_linear_pass(ctx, example_inputs):
         return
     t0 = time.perf_counter()
     dev = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))

@@ -1,0 +1,323 @@
+"""linear.training: the 8-bit training linear (attnopt::linear_train) and norm (attnopt::norm_train)
+against float64 autograd, their Triton kernels under the interpreter against the reference, the
+linear pass on training graphs, and the memory saved for backward."""
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnopt
+from attnopt.codegen.arch import ARCHS
+from attnopt.codegen.linear.block_gemm import block_gemm_triton, quantize_blocks_triton
+from attnopt.config import normalize_options
+from attnopt.ops import linear_train_ref as R
+from attnopt.passes.linear_pipeline import run_linear_pass
+
+from helpers import rel_l1
+
+ROOT = pathlib.Path(__file__).parents[1]
+FWD_BOUND = {"int8": 0.02, "fp8": 0.05}  # e4m3: 3 mantissa bits
+GRAD_BOUND = {"int8": 0.03, "fp8": 0.08}  # e5m2 dY: 2 mantissa bits (the measured figures are in the README)
+
+
+def _float64_grads(x, w, b, gy):
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    bd = b.detach().double().requires_grad_() if b is not None else None
+    y = F.linear(xd, wd, bd)
+    y.backward(gy.double())
+    return y, xd.grad, wd.grad, (bd.grad if bd is not None else None)
+
+
+def _run(x, w, b, gy, fmt, impl="auto"):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = b.detach().requires_grad_() if b is not None else None
+    y = torch.ops.attnopt.linear_train(x, w, b, fmt, "cpu", impl)
+    y.backward(gy)
+    return y, x.grad, w.grad, (b.grad if b is not None else None)
+
+
+def _operands(m, k, n, dtype, bias=True):
+    x = torch.randn(m, k).to(dtype)
+    w = (torch.randn(n, k) * 0.05).to(dtype)
+    b = (torch.randn(n) * 0.1).to(dtype) if bias else None
+    return x, w, b, torch.randn(m, n).to(dtype)
+
+
+# ------------------------------------------------------------------------------ numerics
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_forward_and_gradients_against_float64(fmt, dtype):
+    """M=77 and K, N not multiples of the 32-wide block: masked tails in every GEMM."""
+    x, w, b, gy = _operands(77, 200, 90, dtype)
+    x = x.reshape(7, 11, 200)
+    gy = gy.reshape(7, 11, 90)
+    got = _run(x, w, b, gy, fmt)
+    ref = _float64_grads(x, w, b, gy)
+    errs = {name: rel_l1(g, r) for name, g, r in zip(("y", "dx", "dw", "db"), got, ref)}
+    print(fmt, dtype, {k: round(v, 4) for k, v in errs.items()})
+    assert got[0].dtype == dtype and got[1].shape == x.shape and got[2].dtype == w.dtype
+    assert errs["y"] <= FWD_BOUND[fmt]
+    assert errs["dx"] <= GRAD_BOUND[fmt] and errs["dw"] <= GRAD_BOUND[fmt]
+    assert errs["db"] <= 0.01  # a sum of dY in fp32: only the output dtype's rounding
+
+
+def test_quantization_is_per_block_and_transposes():
+    """A 32 x 32 block has one scale: the transpose of Q(t) is Q(t^T) (what backward relies on),
+    and one large value only coarsens its own block."""
+    t = torch.randn(70, 100)
+    t[5, 40] = 1000.0
+    for qfmt in ("int8", "e4m3", "e5m2"):
+        q, s = R.quantize_blocks(t, qfmt)
+        qt, st = R.quantize_blocks(t.t(), qfmt)
+        assert torch.equal(q.t().float(), qt.float()) and torch.equal(s.t(), st)
+        assert s.shape == (3, 4)
+        assert s[0, 1] == 1000.0 / R.QMAX[qfmt] and (s[1:, :] < 1).all() and (s[:, 2:] < 1).all()
+
+
+def test_zero_gradient_and_no_bias():
+    x, w, _, gy = _operands(40, 64, 48, torch.bfloat16, bias=False)
+    y, dx, dw, db = _run(x, w, None, torch.zeros_like(gy), "int8")
+    assert db is None and not dx.any() and not dw.any() and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_ops_pass_opcheck(fmt):
+    """Schemas, fakes (strides of a transposed weight, Conv1D's), autograd registration, AOT; fp8
+    the fakes only: the other checks do arithmetic on every output, which torch has no CPU kernel
+    for on e4m3 tensors (the same schemas and autograd code run under int8)."""
+    tests = ("test_faketensor",) + (
+        ("test_schema", "test_autograd_registration", "test_aot_dispatch_dynamic") if fmt == "int8" else ())
+    x = torch.randn(2, 37, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, 48, dtype=torch.bfloat16).t().requires_grad_()
+    b = torch.randn(48, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.attnopt.linear_train_fwd.default, (x, w, b, fmt, "cpu", "auto"), test_utils=tests)
+    _, xq, xs = torch.ops.attnopt.linear_train_fwd(x, w, b, fmt, "cpu", "auto")
+    torch.library.opcheck(torch.ops.attnopt.linear_train_bwd.default,
+                          (torch.randn(74, 48, dtype=torch.bfloat16), xq, xs, w.detach(), fmt, "cpu", "auto"),
+                          test_utils=tests)
+    g = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.attnopt.norm_train_fwd.default, (x, g, None, 1e-6, "rms", fmt, "cpu", "auto"),
+                          test_utils=tests)
+
+
+# ------------------------------------------------------------------------------ kernels (interpreter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_kernels_equal_the_reference(fmt, dtype):
+    """The Triton quantizer and block GEMM (interpreter) compute the reference's arithmetic, forward
+    and both backward GEMMs, through the op's autograd (impl 'triton')."""
+    x, w, b, gy = _operands(77, 70, 45, dtype)
+    got = _run(x, w, b, gy, fmt, impl="triton")
+    ref = _run(x, w, b, gy, fmt, impl="reference")
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert rel_l1(g, r) <= 1e-3  # fp32 summation order, then one rounding to 16 bits
+    act, grad = R.operand_formats(fmt)
+    for t, qfmt in ((x, act), (gy * 1e-3, grad)):
+        (q1, s1), (q2, s2) = R.quantize_blocks(t, qfmt), quantize_blocks_triton(t, qfmt)
+        assert torch.equal(q1.view(torch.int8), q2.view(torch.int8)) and torch.equal(s1, s2)
+
+
+def test_block_gemm_writes_every_output_of_transposed_operands():
+    """A poisoned output buffer is fully overwritten, reading operands and scales as transposes."""
+    a, b = torch.randn(50, 77), torch.randn(40, 77)
+    (aq, sa), (bq, sb) = R.quantize_blocks(a.t().contiguous(), "int8"), R.quantize_blocks(b.t().contiguous(), "int8")
+    out = torch.full((50, 40), float("nan"), dtype=torch.bfloat16)
+    block_gemm_triton(aq.t(), sa.t(), bq.t(), sb.t(), torch.bfloat16, out=out)
+    ref = R.block_gemm_ref(aq.t(), sa.t(), bq.t(), sb.t(), torch.bfloat16)
+    assert torch.isfinite(out).all() and rel_l1(out, ref) <= 1e-3
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_norm_train_against_float64(kind):
+    """The norm's output is exact (16-bit rounding only); its gradients read the e4m3 input."""
+    x = (torch.randn(4, 33, 96) * 2 + 0.5).bfloat16()
+    w = (1 + 0.1 * torch.randn(96)).bfloat16()
+    b = (0.1 * torch.randn(96)).bfloat16() if kind == "layer" else None
+    gy = torch.randn_like(x)
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = torch.ops.attnopt.norm_train(*leaves, 1e-6, kind, "fp8", "cpu", "auto")
+    y.backward(gy)
+    xd, wd, bd = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    yd = F.rms_norm(xd, (96,), wd, 1e-6) if kind == "rms" else F.layer_norm(xd, (96,), wd, bd, 1e-6)
+    yd.backward(gy.double())
+    assert rel_l1(y, yd) <= 0.005
+    assert rel_l1(leaves[0].grad, xd.grad) <= 0.01
+    assert rel_l1(leaves[1].grad, wd.grad) <= 0.05
+    if kind == "layer":
+        assert rel_l1(leaves[2].grad, bd.grad) <= 0.01
+
+
+# ------------------------------------------------------------------------------ the pass
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self, d=64, f=160):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(d)
+        self.up = torch.nn.Linear(d, f)
+        self.down = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return x + self.down(F.relu(self.up(self.norm(x))))
+
+
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_compiled_training_matches_eager():
+    """fullgraph torch.compile with linear.training 'fp8': loss.backward() gives gradients close
+    to eager bf16, and no further from float64 than the formats allow."""
+    torch._dynamo.reset()
+    model = Mlp().bfloat16()
+    eager, exact = Mlp().bfloat16(), Mlp().double()
+    eager.load_state_dict(model.state_dict())
+    exact.load_state_dict(model.state_dict())
+    x = torch.randn(4, 50, 64).bfloat16()
+    compiled = torch.compile(model, backend="attnopt", options={"linear": {"training": "fp8"}}, fullgraph=True)
+    for m, inp in ((compiled, x), (eager, x), (exact, x.double())):
+        m(inp).float().pow(2).mean().backward()
+    got, ref, ex = _grads(model), _grads(eager), _grads(exact)
+    for name in got:
+        assert torch.isfinite(got[name]).all()
+        assert rel_l1(got[name], ex[name]) <= 0.15, name  # an fp8 backward through three layers
+        assert rel_l1(got[name], ref[name]) <= 0.15, name
+    assert rel_l1(got["norm.weight"], ex["norm.weight"]) <= 0.1
+
+
+def test_training_graph_records_and_ops():
+    torch._dynamo.reset()
+    model = Mlp().bfloat16()
+    be = attnopt.backend({"linear": {"training": "int8"}})
+    torch.compile(model, backend=be, fullgraph=True)(torch.randn(2, 40, 64).bfloat16()).sum().backward()
+    recs = {r.key: r for r in be.recorder.sites()}
+    assert {k: (r.status, r.op) for k, r in recs.items()} == {
+        "up": ("rewritten", "attnopt::linear_train"), "down": ("rewritten", "attnopt::linear_train"),
+        "norm:train": ("rewritten", "attnopt::norm_train")}
+    up = recs["up"]
+    assert up.details["forward_format"] == "int8 x int8" and up.details["backward_format"].startswith("dY int8")
+    assert "train-int8" in up.kernel
+    from attnopt.inspection.table import render_table
+    from attnopt.report import Report
+
+    text = render_table(Report(sites=be.recorder.sites(), summary={}, options={}, env={}), width=400)
+    assert "reference/train-int8" in text and "keeps x as int8" in text and "training linear" in text
+
+
+def _grad_graph(model, x):
+    """Dynamo's graph for model(x) with gradients on (parameters lifted to inputs)."""
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(model, backend=lambda gm, ex: graphs.append((gm, ex)) or gm)(x)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def test_training_off_and_inference_graphs_are_unchanged():
+    model = Mlp().bfloat16()
+    x = torch.randn(2, 40, 64).bfloat16()
+    gm, ex = _grad_graph(model, x)
+    before = gm.code
+    recs = run_linear_pass(gm, ex, normalize_options({"linear": {"quant": "w8a8"}}), ARCHS["cpu"])
+    assert gm.code == before  # training 'off': a training graph keeps its linears
+    assert all(r.status == "skipped" and "linear.training" in r.reason for r in recs)
+    with torch.no_grad():  # an inference graph: linear.training changes nothing
+        gm, ex = _grad_graph(model, x)
+        before = gm.code
+        recs = run_linear_pass(gm, ex, normalize_options({"linear": {"training": "fp8"}}), ARCHS["cpu"])
+        assert gm.code == before and all(r.status == "skipped" for r in recs)
+        recs = run_linear_pass(gm, ex, normalize_options({"linear": {"training": "fp8", "quant": "w8a8"}}),
+                               ARCHS["cpu"])
+        assert {r.op for r in recs if r.kind == "linear"} == {"attnopt::linear_8bit"}
+
+
+def test_training_format_needs_the_arch():
+    model = Mlp().bfloat16()
+    gm, ex = _grad_graph(model, torch.randn(2, 40, 64).bfloat16())
+    recs = run_linear_pass(gm, ex, normalize_options({"linear": {"training": "fp8"}}), ARCHS["sm80"])
+    assert all(r.status == "skipped" for r in recs)
+    assert "needs sm89+" in next(r.reason for r in recs if r.kind == "linear")
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_training_memory", ROOT / "benchmarks" / "training_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bf16_saved():
+    """What the compiled bf16 run of the memory model keeps for backward (measured once)."""
+    return _bench().measure("off", 2048, 128, 2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_saved_for_backward_is_at_most_0_6_of_bf16(fmt, bf16_saved):
+    """Norms and linears only (benchmarks/training_memory.py's model), the weights' bytes counted:
+    8-bit training keeps at most 0.6x what the compiled bf16 run keeps for backward."""
+    base = bf16_saved
+    got = _bench().measure(fmt, 2048, 128, 2)
+    ratio = got["bytes"] / base["bytes"]
+    print(fmt, "saved for backward", got["bytes"], "bf16", base["bytes"], f"ratio {ratio:.3f}")
+    assert ratio <= 0.6
+    assert got["param_bytes"] == base["param_bytes"]  # weights are saved as themselves, not copies
+
+
+class HfRMSNorm(torch.nn.Module):
+    """transformers' hand-written RMSNorm (Llama / Qwen3 / Mistral), as its forward is written
+    (importing transformers takes longer than this test)."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def test_hf_rmsnorm_feeding_three_linears_keeps_an_8bit_input():
+    """The hand-written RMSNorm shared by three linears becomes norm_train, and gradients stay
+    close to float64."""
+
+    class Qkv(torch.nn.Module):
+        def __init__(self, d=64):
+            super().__init__()
+            self.norm = HfRMSNorm(d)
+            self.q, self.k, self.v = (torch.nn.Linear(d, d, bias=False) for _ in range(3))
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.q(h) * self.k(h) + self.v(h)
+
+    torch._dynamo.reset()
+    model = Qkv().bfloat16()
+    with torch.no_grad():
+        model.norm.weight.add_(0.1 * torch.randn(64).bfloat16())
+    exact = Qkv().double()
+    exact.load_state_dict(model.state_dict())
+    x = torch.randn(2, 48, 64).bfloat16()
+    be = attnopt.backend({"linear": {"training": "int8"}})
+    compiled = torch.compile(model, backend=be, fullgraph=True)
+    compiled(x).float().square().mean().backward()
+    exact(x.double()).square().mean().backward()
+    recs = {r.key: r for r in be.recorder.sites()}
+    assert recs["norm:train"].status == "rewritten" and recs["norm:train"].details["consumers"] == ["q", "k", "v"]
+    for (name, p), pe in zip(model.named_parameters(), exact.parameters()):
+        assert rel_l1(p.grad, pe.grad) <= 0.05, name
