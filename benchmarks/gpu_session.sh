@@ -14,7 +14,9 @@
 #   budget     launches and GPU time per op (benchmarks/launch_budget.py --gpu-times: launch_budget.json)
 #   sparse     block-sparse attention at 0.5 sparsity (and 0, 0.9) against attnopt's own dense kernel
 #   linear     attnopt's GEMMs against cuBLAS bf16, then a Llama block as time allows
-# Each step has its own limit in seconds (TESTS_S, ATTN_S, BUDGET_S, SPARSE_S, LINEAR_S), cut to
+#   training   attention forward+backward against SDPA / FlexAttention, then a training step of a
+#              small Qwen3 under attnopt against bf16 eager and Inductor (training_gpu.py)
+# Each step has its own limit in seconds (TESTS_S, ATTN_S, BUDGET_S, SPARSE_S, LINEAR_S, TRAIN_S), cut to
 # what is left of TOTAL_S (the whole session, default 525); the benchmarks get it as --time-limit
 # and stop starting new configurations in time. A failing or missing step does not stop the next.
 # Everything goes to $OUT (the device tool's return folder; benchmarks/results/gpu elsewhere):
@@ -24,9 +26,9 @@
 set -u
 cd "$(dirname "$0")/.."
 
-ALL_STEPS="tests attention budget sparse linear"
-declare -A LIMIT=([tests]=${TESTS_S:-200} [attention]=${ATTN_S:-140} [budget]=${BUDGET_S:-50}
-                  [sparse]=${SPARSE_S:-60} [linear]=${LINEAR_S:-60})
+ALL_STEPS="tests attention budget sparse linear training"
+declare -A LIMIT=([tests]=${TESTS_S:-200} [attention]=${ATTN_S:-120} [budget]=${BUDGET_S:-40}
+                  [sparse]=${SPARSE_S:-45} [linear]=${LINEAR_S:-45} [training]=${TRAIN_S:-60})
 TOTAL_S=${TOTAL_S:-525}
 RESERVE_S=15  # what the end (summary, JSON) needs, and timeout's --kill-after
 
@@ -58,6 +60,7 @@ command_for() {  # command_for STEP LIMIT: the step's command line
         budget) echo python3 benchmarks/launch_budget.py --gpu-times --out "$RUN/launch_budget.json" ;;
         sparse) echo python3 benchmarks/sparse.py --quick --time-limit "$limit" --out-dir "$RUN" ;;
         linear) echo python3 benchmarks/linear.py --quick --time-limit "$limit" --out-dir "$RUN" ;;
+        training) echo python3 benchmarks/training_gpu.py --quick --time-limit "$limit" --out-dir "$RUN" ;;
     esac
 }
 

@@ -14,7 +14,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
-DEFAULT_ORDER = ["tests", "attention", "budget", "sparse", "linear"]
+DEFAULT_ORDER = ["tests", "attention", "budget", "sparse", "linear", "training"]
 
 
 def _plan(**env) -> subprocess.CompletedProcess:
@@ -43,13 +43,14 @@ def test_default_plan_runs_every_step_in_priority_order():
     assert "-m gpu" in steps["tests"][1] and "tests/test_gpu_kernels.py" in steps["tests"][1]
     for name in ("attention", "sparse", "linear"):
         assert f"benchmarks/{name}.py --quick" in steps[name][1] and "--time-limit" in steps[name][1]
+    assert "benchmarks/training_gpu.py --quick" in steps["training"][1] and "--time-limit" in steps["training"][1]
 
 
 def test_steps_are_selectable_with_their_own_seconds():
     r = _plan(STEPS="attention")
     assert r.returncode == 0, r.stderr
     steps = _steps(r.stdout)
-    assert list(steps) == ["attention"] and steps["attention"][0] == 140
+    assert list(steps) == ["attention"] and steps["attention"][0] == 120
     r = _plan(STEPS="linear,attention", ATTN_S="77")
     steps = _steps(r.stdout)
     assert list(steps) == ["linear", "attention"] and steps["attention"][0] == 77
@@ -59,7 +60,7 @@ def test_steps_are_selectable_with_their_own_seconds():
 def test_unknown_step_or_bad_seconds_are_refused():
     r = _plan(STEPS="tests,atention")
     assert r.returncode == 2 and r.stdout == ""
-    assert "unknown step 'atention'" in r.stderr and "tests, attention, budget, sparse, linear" in r.stderr
+    assert "unknown step 'atention'" in r.stderr and "tests, attention, budget, sparse, linear, training" in r.stderr
     r = _plan(STEPS="sparse", SPARSE_S="1m")
     assert r.returncode == 2 and "seconds for sparse must be a positive integer, got '1m'" in r.stderr
 
@@ -72,7 +73,7 @@ def _benchmark(name: str):
     return module
 
 
-@pytest.mark.parametrize("name", ["attention", "sparse", "linear"])
+@pytest.mark.parametrize("name", ["attention", "sparse", "linear", "training_gpu"])
 def test_benchmark_parses_its_arguments_and_needs_cuda(name, monkeypatch, capsys):
     bench = _benchmark(name)
     args = bench.parse_args(["--quick", "--time-limit", "60", "--out-dir", "x"])
@@ -81,6 +82,8 @@ def test_benchmark_parses_its_arguments_and_needs_cuda(name, monkeypatch, capsys
         assert args.seqs == [4096, 16384, 32768] and args.dims == [128, 64]
     if name == "sparse":
         assert args.seqs == [16384] and 0.5 in args.sparsities
+    if name == "training_gpu":
+        assert args.seqs == [2048, 8192] and args.backward == "int8"
     with pytest.raises(SystemExit) as e:
         bench.parse_args(["--help"])
     assert e.value.code == 0 and "--time-limit" in capsys.readouterr().out
