@@ -145,3 +145,19 @@ def test_one_training_trace_serves_every_length():
         assert torch.isfinite(gx).all()
     assert len(be.recorder.graphs) == 1
     assert all(s.status == "rewritten" for s in be.recorder.sites())
+
+
+def test_inspect_grad_reports_each_sites_backward_and_gradient_error():
+    from attnopt.inspection.table import render_table
+
+    torch.manual_seed(0)
+    model = Attn(kv_heads=2, causal=True).bfloat16().eval()
+    x = torch.randn(1, 77, 64, dtype=torch.bfloat16)
+    rep = attnopt.inspect(model, x, options=OPTS, grad=True, timing_runs=0)
+    (s,) = [s for s in rep.sites if s.kind == "attention"]
+    g = s.error["grad"]
+    assert g["backward"] == "int8" and max(g["dq"], g["dk"], g["dv"]) < 0.05 and g["cos_min"] > 0.99, g
+    assert "backward int8, dQ" in render_table(rep, width=160)
+    rep = attnopt.inspect(model, x, options={"attention": {"min_seq_len": 0, "backward": "off"}}, grad=True,
+                          timing_runs=0)
+    assert "grad" not in rep.sites[0].error

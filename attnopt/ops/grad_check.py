@@ -8,15 +8,36 @@ under the same masks. The upstream gradient is seeded, so a report is repeatable
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ..metrics import compare
 from .attention_ref import attention_exact
 
 
-def attention_grad_error(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
-                         smooth_k, smooth_q, arch, impl, softcap, backward: str, seed: int = 0) -> dict:
-    """{"dq": rel-L1, "dk": ..., "dv": ..., "cos_min": the lowest cosine of the three}."""
+def attention_grad_error(*args, **kwargs) -> dict:
+    """{"dq": rel-L1, "dk": ..., "dv": ..., "cos_min": the lowest cosine of the three} (arguments:
+    `_measure`'s). Called from inside an op's body, where the dispatcher has autograd switched
+    off for this thread: the measurement runs on a thread of its own, with autograd as usual."""
+    result: list = []
+
+    def run():
+        try:
+            result.append(_measure(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result.append(e)
+
+    t = threading.Thread(target=run, name="attnopt-grad-check")
+    t.start()
+    t.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _measure(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv, smooth_k,
+             smooth_q, arch, impl, softcap, backward: str, seed: int = 0) -> dict:
     g = torch.Generator(device=q.device).manual_seed(seed)
     grads, ref = [], []
     with torch.enable_grad():
