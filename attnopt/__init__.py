@@ -11,6 +11,7 @@ from .config import ConfigError, default_options, normalize_options  # noqa: E40
 from .ops import attention as _attention_op  # noqa: E402,F401  (registers torch.ops.attnopt.attention)
 from .ops import probe as _probe_op  # noqa: E402,F401
 from .ops import sparse as _sparse_op  # noqa: E402,F401
+from .ops import sparse_train as _sparse_train_op  # noqa: E402,F401  (trainable sparse attention)
 from .ops import linear as _linear_op  # noqa: E402,F401
 from .ops.attention import attention  # noqa: E402
 from .compiler import AttnoptBackend, backend  # noqa: E402
