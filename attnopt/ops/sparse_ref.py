@@ -277,6 +277,22 @@ def vsa_tiles_to_blocks(keep_tiles: torch.Tensor, nk: int, tile: int) -> torch.T
     return keep_tiles.repeat_interleave(tile // BK, dim=-1)[..., :nkb]
 
 
+def vsa_cube_order(frames: int, height: int, width: int, cube: tuple[int, int, int], device=None) -> torch.Tensor:
+    """The token order that makes VSA's 1-D tiles video cubes: a permutation of the frames x height
+    x width patch tokens (raster order) listing cube after cube (each cube's tokens in raster
+    order, cubes in raster order; border cubes may be smaller). Apply it once where the model
+    patchifies (`x[:, order]`, and `out[:, order.argsort()]` to go back): with a cube of `tile`
+    tokens every key tile is then one cube, as VSA tiles video latents."""
+    ct, ch, cw = (int(c) for c in cube)
+    t, h, w = torch.meshgrid(torch.arange(frames, device=device), torch.arange(height, device=device),
+                             torch.arange(width, device=device), indexing="ij")
+    nh, nw = n_blocks(height, ch), n_blocks(width, cw)
+    cube_id = ((t // ct) * nh + h // ch) * nw + w // cw
+    inner = ((t % ct) * ch + h % ch) * cw + w % cw
+    key = cube_id.flatten() * (ct * ch * cw) + inner.flatten()
+    return key.argsort()
+
+
 def predict_vsa(q, k, scale: float, tile: int, topk, is_causal: bool = False, causal_offset: int = 0,
                 diagonal: bool = True) -> torch.Tensor:
     """VSA's selection: the coarse stage's top-k key tiles of each q-block, as kv-blocks
