@@ -257,3 +257,28 @@ def test_dit_example_trains_with_vsa():
     dense = ex.train(5, None, **small)
     assert all(math.isfinite(x) for x in vsa) and vsa[-1] < vsa[0]
     assert max(abs(a - b) / b for a, b in zip(vsa, dense)) < 0.1  # tracks dense training from the same start
+
+
+@pytest.mark.slow  # two AOT compiles: 15-25 s on 2 shared cores
+def test_train_op_in_a_compiled_training_graph():
+    """fullgraph torch.compile (AOTAutograd) consults the op's autograd formula: the same gradients
+    as eager, and a second length reuses the graph under dynamic shapes."""
+    from attnopt.ops.sparse_train import sparsity_arg
+
+    arg = sparsity_arg({"method": "vsa", "topk": 0.3})
+
+    def loss(q, k, v):
+        return sparse_attention_train(q, k, v, arg, quant="int8").float().square().sum()
+
+    q, k, v = (x.requires_grad_() for x in qkv(1, 2, 2, 300, 300, dtype=torch.bfloat16))
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=True)
+    compiled(q, k, v).backward()
+    got = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    loss(q, k, v).backward()
+    assert all(torch.equal(a, x.grad) for a, x in zip(got, (q, k, v)))
+    q2, k2, v2 = (x.requires_grad_() for x in qkv(1, 2, 2, 200, 200, dtype=torch.bfloat16))
+    compiled(q2, k2, v2).backward()
+    assert torch.isfinite(q2.grad).all() and k2.grad.abs().sum() > 0

@@ -158,21 +158,28 @@ def _backward(ctx, dout, _dlse, _dkeep):
 sparse_attention_train_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def sparse_attention_train(q, k, v, sparsity: dict, is_causal: bool = False, causal_offset: int = 0,
-                           scale: float | None = None, quant: str = "int8", pv: str = "fp16", smooth_k: bool = True,
-                           arch: str = "auto", impl: str = "auto") -> torch.Tensor:
-    """Differentiable block-sparse attention in eager code: `sparsity` is a method and its
-    parameters as config.py takes them (e.g. {"method": "vsa", "tile": 64, "topk": 0.25}),
-    normalized here; returns the output [B, Hq, Nq, Dv]."""
+def sparsity_arg(sparsity: dict) -> str:
+    """The op's `sparsity` argument: a method and its parameters as config.py takes them (e.g.
+    {"method": "vsa", "tile": 64, "topk": 0.25}), validated, defaults filled in, as canonical JSON."""
     import json
 
-    from ..codegen.arch import detect_arch
     from ..config import normalize_options
 
-    sp = normalize_options({"attention": {"sparsity": dict(sparsity)}}).attention.sparsity.to_dict()
+    sp = normalize_options({"attention": {"sparsity": dict(sparsity)}}).attention.sparsity
+    return json.dumps(sp.to_dict(), sort_keys=True)
+
+
+def sparse_attention_train(q, k, v, sparsity: dict | str, is_causal: bool = False, causal_offset: int = 0,
+                           scale: float | None = None, quant: str = "int8", pv: str = "fp16", smooth_k: bool = True,
+                           arch: str = "auto", impl: str = "auto") -> torch.Tensor:
+    """Differentiable block-sparse attention in eager code -> the output [B, Hq, Nq, Dv].
+    `sparsity`: a dict (see `sparsity_arg`) or `sparsity_arg`'s string; inside a function that
+    torch.compile traces, pass the string (made once, outside: JSON encoding is not traceable)."""
+    from ..codegen.arch import detect_arch
+
+    sp = sparsity if isinstance(sparsity, str) else sparsity_arg(sparsity)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     arch = detect_arch(q.device) if arch == "auto" else arch
     out, _, _ = torch.ops.attnopt.sparse_attention_train(q, k, v, bool(is_causal), int(causal_offset), scale, quant,
-                                                         pv, bool(smooth_k), arch, impl,
-                                                         json.dumps(sp, sort_keys=True))
+                                                         pv, bool(smooth_k), arch, impl, sp)
     return out
