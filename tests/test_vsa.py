@@ -282,3 +282,15 @@ def test_train_op_in_a_compiled_training_graph():
     q2, k2, v2 = (x.requires_grad_() for x in qkv(1, 2, 2, 200, 200, dtype=torch.bfloat16))
     compiled(q2, k2, v2).backward()
     assert torch.isfinite(q2.grad).all() and k2.grad.abs().sum() > 0
+
+
+@pytest.mark.slow  # a whole calibration: about 30 s on 2 cores
+def test_calibrate_with_vsa_and_run_the_plan():
+    opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "vsa"}}}
+    batches = [local_qkv(1, 2, 512) for _ in range(2)]
+    plan = attnopt.calibrate(Attn(), batches, options=opts, cache_dir=False)
+    (entry,) = plan.sites.values()
+    assert entry["sparsity"]["method"] == "vsa" and len(entry["sparsity"]["topk"]) == 2
+    (site,) = attnopt.inspect(Attn(), *batches[0], options={**opts, "plan": plan.to_dict()}).sites
+    assert site.op == "attnopt::sparse_attention" and site.details["sparsity"] > 0.3
+    assert site.error["rel_l1"] <= 0.05
