@@ -200,13 +200,15 @@ def test_train_op_kernel_path_matches_reference_path():
     assert (lse_t - lse_r).abs().max() < 1e-3
 
 
-def test_train_op_registrations():
-    """Fake impl, autograd registration and AOT dispatch as torch.library checks them."""
+@pytest.mark.parametrize("utils", [
+    ("test_schema", "test_autograd_registration", "test_faketensor"),
+    pytest.param(("test_aot_dispatch_dynamic",), marks=pytest.mark.slow)])  # AOT traces: 5-10 s
+def test_train_op_registrations(utils):
+    """Schema, fake impl, autograd registration (and AOT dispatch) as torch.library checks them."""
     q, k, v = (x.requires_grad_() for x in qkv(1, 2, 1, 130, 130))
     torch.library.opcheck(torch.ops.attnopt.sparse_attention_train.default,
                           (q, k, v, False, 0, 0.125, "none", "fp16", False, "cpu", "reference", sp(topk=1)),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+                          test_utils=utils)
 
 
 # ------------------------------------------------------------------ compiler, calibration, example
