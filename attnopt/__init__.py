@@ -12,6 +12,7 @@ from .ops import attention as _attention_op  # noqa: E402,F401  (registers torch
 from .ops import attention_train as _attention_train_op  # noqa: E402,F401  (attention_train, attention_backward)
 from .ops import probe as _probe_op  # noqa: E402,F401
 from .ops import sparse as _sparse_op  # noqa: E402,F401
+from .ops import sparse_train as _sparse_train_op  # noqa: E402,F401  (trainable sparse attention)
 from .ops import linear as _linear_op  # noqa: E402,F401
 from .ops import linear_train as _linear_train_op  # noqa: E402,F401
 from .ops import norm_train as _norm_train_op  # noqa: E402,F401

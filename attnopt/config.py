@@ -381,9 +381,49 @@ class SvgOptions(SparsityOptions):
     min_seq_len: int = _min_seq_len()
 
 
+def _vsa_topk(path, v):
+    """VSA's top-k: an integer >= 1 counts key tiles, a number in (0, 1] is a share of them."""
+    allowed = "an integer >= 1 (key tiles) or a number in (0, 1] (share of the key tiles)"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(path, v, allowed)
+    if isinstance(v, int):
+        if v < 1:
+            raise ConfigError(path, v, allowed)
+        return v
+    if not 0.0 < v <= 1.0:
+        raise ConfigError(path, v, allowed)
+    return float(v)
+
+
+def _multiple_of_64(path, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 64 or v % 64:
+        raise ConfigError(path, v, "an integer multiple of 64 (the sparse kernel's kv-block)")
+    return v
+
+
+@dataclass(frozen=True)
+class VsaOptions(SparsityOptions):
+    """Video Sparse Attention: mean-pooled tiles, coarse attention between them, the top-k key
+    tiles per query tile; the fine attention runs inside the kept tiles only (no gate, no coarse
+    output: docs/algorithms.md#vsa). Trainable through attnopt.ops.sparse_train."""
+
+    method: ClassVar[str] = "vsa"
+    tile: int = option(64, _multiple_of_64, "integer multiple of 64",
+                       "tokens per key tile (query tiles are the kernel's q-blocks of 128 rows)")
+    topk: int | float | tuple = option(0.25, _per_head(_vsa_topk, "an integer >= 1 or a number in (0, 1]"),
+                                      "integer >= 1, number in (0, 1] or per-head list",
+                                      "key tiles each query tile keeps: a count (integer) or a share of its "
+                                      "visible tiles (number), besides its diagonal tiles")
+    diagonal: bool = option(True, _bool, "true | false",
+                            "always keep the tiles crossing each query tile's diagonal on self-attention "
+                            "sites (causal sites always do: a row could otherwise see no kept key)")
+    min_seq_len: int = _min_seq_len()
+
+
 SPARSITY_METHODS: dict[str, type[SparsityOptions]] = {
     cls.method: cls
-    for cls in (SpargeOptions, XAttentionOptions, WindowOptions, RadialOptions, BlockOptions, SvgOptions)
+    for cls in (SpargeOptions, XAttentionOptions, WindowOptions, RadialOptions, BlockOptions, SvgOptions,
+                VsaOptions)
 }
 _METHOD_NAMES = " | ".join(repr(m) for m in SPARSITY_METHODS)
 

@@ -1,5 +1,6 @@
 """Block-sparse attention: kernel time against sparsity (0-90%) next to attnopt dense and
-FlexAttention with the same block mask, and each predictor's cost as a share of dense attention.
+FlexAttention with the same block mask, and each predictor's cost (sparge, xattention, vsa) as a
+share of dense attention. (Error at equal sparsity, on the CPU: benchmarks/sparse_vsa.py.)
 Needs a CUDA GPU. Targets (seq >= 16K, head dim 128): at 50% sparsity <= 0.6x the dense quantized
 kernel; predictor <= 10% of dense attention; faster than FlexAttention at equal masks.
 
@@ -24,7 +25,8 @@ import common  # noqa: E402
 
 from attnopt.codegen.arch import detect_arch  # noqa: E402
 from attnopt.codegen.attention.launch import attention_triton  # noqa: E402
-from attnopt.codegen.sparse.predict import predict_sparge_triton, predict_xattention_triton  # noqa: E402
+from attnopt.codegen.sparse.predict import (predict_sparge_triton, predict_vsa_triton,  # noqa: E402
+                                            predict_xattention_triton)
 from attnopt.ops import sparse_ref as R  # noqa: E402
 from attnopt.progress import Progress  # noqa: E402
 
@@ -74,7 +76,8 @@ def main() -> None:
         t_dense = do_bench(dense)
         rows.append({"seq": n, "variant": "attnopt dense int8", "sparsity": 0.0, "ms": t_dense})
         for name, pred in (("sparge", lambda: predict_sparge_triton(q, k, scale, 0.9, 0.3)),
-                           ("xattention", lambda: predict_xattention_triton(q, k, scale, 8, 0.9))):
+                           ("xattention", lambda: predict_xattention_triton(q, k, scale, 8, 0.9)),
+                           ("vsa", lambda: predict_vsa_triton(q, k, scale, 64, 0.25))):
             t = do_bench(pred)
             rows.append({"seq": n, "variant": f"predictor {name}", "ms": t, "share_of_dense": t / t_dense})
         common.write(out_name, rows, extra, out_dir=args.out_dir)

@@ -68,6 +68,7 @@ def test_one_config_of_each_kernel_compiles_and_fits_sm89(tmp_path):
     assert proc.returncode == 0, "\n".join(l for l in proc.stdout.splitlines() if "FAIL" in l) + proc.stderr[-2000:]
     kernels = {r["kernel"] for r in rows}
     assert {"_attn_fwd", "_kv_stats_kernel", "_quant_qkv_kernel", "_sparge_lut_kernel", "_svg_lut_kernel",
+            "_vsa_lut_kernel",
             "_mask_kernel", "_quant_act_kernel", "_gemm_8bit_kernel", "_wonly_kernel", "_w4a16_kernel"} <= kernels
     for r in rows:
         assert r["ok"] and r["arch"] == "sm89" and r["regs"] and 0 < r["regs"] <= 255, r

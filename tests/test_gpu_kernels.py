@@ -235,3 +235,34 @@ def test_chunked_kv_statistics_on_the_gpu(monkeypatch):
     bad = torch.zeros(2, 4, n, dtype=torch.uint8, device="cuda")
     bad[1, 3, edges] = 1
     assert torch.equal(first[3], bad) and torch.equal(one[3], bad)
+
+
+@pytest.mark.parametrize("causal,tile,topk", [(False, 64, 0.25), (True, 128, 3)])
+def test_vsa_predictor_matches_the_reference(causal, tile, topk):
+    """VSA's one-launch predictor compiled: the reference's blocks (random inputs have no near ties)."""
+    from attnopt.codegen.sparse.predict import predict_vsa_triton
+    from attnopt.ops.sparse_ref import predict_vsa
+
+    q, k, _ = qkv(2, 8, 2, 4096, 4096, 128)
+    got = predict_vsa_triton(q, k, 128 ** -0.5, tile, topk, causal)
+    assert torch.equal(got.cpu(), predict_vsa(q.cpu(), k.cpu(), 128 ** -0.5, tile, topk, causal))
+
+
+def test_vsa_training_op_gradients():
+    """The trainable op on the GPU path (predictor, sparse kernel with lse, reference backward)
+    against float64 autograd of attention with the same block mask."""
+    from attnopt.ops.sparse_ref import expand_block_mask
+
+    q, k, v = (x.requires_grad_() for x in qkv(1, 4, 2, 1000, 1000, 128))
+    out, _, keep = torch.ops.attnopt.sparse_attention_train(
+        q, k, v, True, 0, 128 ** -0.5, "int8", "fp16", True, ARCH, "triton",
+        '{"diagonal": true, "method": "vsa", "min_seq_len": 0, "tile": 64, "topk": 0.25}')
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    bias = torch.where(expand_block_mask(keep, 1000, 1000), 0.0, -math.inf)
+    ref = attention_exact(q2, k2, v2, bias, None, -math.inf, True, 0, 128 ** -0.5)
+    ref.backward(dout.double())
+    assert rel_l1(out, ref) <= 0.02
+    for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        assert rel_l1(got, want) <= 0.02

@@ -28,8 +28,10 @@ PARAMS = {
     "radial": {"method": "radial", "frame_tokens": 64, "prefix_tokens": 0, "dense_frames": 1, "min_band": 16},
     "block": {"method": "block", "mask": [[True, False], [True, True]],
               "block_size": 128},
+    "vsa": {"method": "vsa", "tile": 64, "topk": [1, 0.5], "diagonal": True, "dense_heads": [1]},
 }
-PREDICTORS = {"sparge": "_sparge_lut_kernel", "xattention": "_xattn_lut_kernel", "svg": "_svg_lut_kernel"}
+PREDICTORS = {"sparge": "_sparge_lut_kernel", "xattention": "_xattn_lut_kernel", "svg": "_svg_lut_kernel",
+              "vsa": "_vsa_lut_kernel"}
 
 
 def _qkv(h=2, n=N, dtype=torch.float16):

@@ -123,7 +123,7 @@ THROUGHPUT: dict[str, Throughput] = {
 # bytes per element stored in each format (NVFP4: 4 bits plus one e4m3 scale per 16 elements)
 BYTES = {"none": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "fp4": 0.5 + 1 / 16}
 
-PREDICTORS = ("sparge", "xattention", "svg")  # methods with a predictor launch per call
+PREDICTORS = ("sparge", "xattention", "svg", "vsa")  # methods with a predictor launch per call
 STATIC_METHODS = ("window", "radial", "block")  # masks built once and cached
 
 # benchmarks/attention.py's variant names -> (quant, pv); its 16-bit baseline
@@ -204,6 +204,10 @@ def _predictor_phase(tp: Throughput, method: str, params: dict, b: int, hq: int,
     elif method == "xattention":
         stride = int(params.get("stride", 8))
         flops = 2 * (2.0 * b * hq * nq * nk * d * visited_fraction(nq, nk, causal)) / stride
+        read = q16 + k16
+    elif method == "vsa":  # pool Q and K, pooled logits against every key tile
+        tile = int(params.get("tile", 64))
+        flops = 2.0 * b * hq * nqb * -(-nk // tile) * d
         read = q16 + k16
     elif method == "svg":
         rows = min(int(params.get("sample_rows", 32)), nq)

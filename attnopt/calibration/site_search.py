@@ -185,6 +185,9 @@ def search_site(search: SiteSearch, sp: SparsityOptions, target: float, second_s
     elif method == "xattention":
         x, ok, _, _ = _bisect(search, lambda t: {**base, "tau": t.tolist()}, 0.05, 1.0, target)
         params = {**base, "tau": x.tolist()}
+    elif method == "vsa":  # the share of key tiles each query tile keeps, per head
+        x, ok, _, _ = _bisect(search, lambda t: {**base, "topk": t.tolist()}, 0.05, 1.0, target)
+        params = {**base, "topk": x.tolist()}
     elif method == "window":
         n = max(c["k"].shape[2] for c in search.calls)
         # window as a fraction of the key length: smallest that meets the budget

@@ -207,8 +207,8 @@ def drive_attention(arch, spec, cap):
 
 @driver("sparse predictors")
 def drive_predictors(arch, spec, cap):
-    """The one-launch predictors (Q, K -> LUT and counts): sparge (tau; top-k without sink),
-    xattention at strides 4 / 8 / 16, svg in fp16 and bf16."""
+    """The one-launch predictors (Q, K -> LUT and counts): sparge (tau; top-k without sink), vsa
+    (64- and 128-key tiles), xattention at strides 4 / 8 / 16, svg in fp16 and bf16."""
     from ..ops.sparse_ref import BK, BQ, n_blocks
     from .sparse import predict
 
@@ -220,6 +220,10 @@ def drive_predictors(arch, spec, cap):
     predict.sparge_lut_triton(q, k, 0.1, tau, theta, None, dense, True, True, 0)
     cap.label = "sparse predictors sparge top-k"
     predict.sparge_lut_triton(q, k, 0.1, tau, theta, tau, dense, False, False, 0)
+    cap.label = "sparse predictors vsa"
+    predict.vsa_lut_triton(q, k, 0.1, 64, torch.full((4,), 0.25, dtype=torch.float64), dense, True, 0)
+    cap.label = "sparse predictors vsa, 128-key tiles"
+    predict.vsa_lut_triton(q, k, 0.1, 128, torch.full((4,), -2.0, dtype=torch.float64), dense, False, 0)
     for stride in (4, 8, 16):
         cap.label = f"sparse predictors xattention stride {stride}"
         predict.xattention_lut_triton(q, k, 0.1, stride, tau, dense, is_causal=True)

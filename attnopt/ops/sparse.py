@@ -20,6 +20,7 @@ from .sparse_params import Params, freeze, parse
 from ..switches import use_triton as use_triton_for
 
 STATIC_METHODS = ("window", "radial", "block")  # masks from the parameters and shapes alone
+PREDICTED_METHODS = ("sparge", "xattention", "svg", "vsa")  # masks predicted from each call's Q / K (/ V)
 
 
 def head_tensors(params: Params, hq: int, device) -> dict:
@@ -32,7 +33,9 @@ def head_tensors(params: Params, hq: int, device) -> dict:
         out["tau"] = R.per_head(params["tau"], hq, device, torch.float64).contiguous()
     if params.get("theta") is not None:
         out["theta"] = R.per_head(params["theta"], hq, device).contiguous()
-    if params.get("topk") is not None:
+    if params.get("topk") is not None and params.get("method") == "vsa":  # counts as -c: sparse_ref.vsa_topk
+        out["topk"] = R.vsa_topk(params["topk"], hq, device).contiguous()
+    elif params.get("topk") is not None:
         out["topk"] = R.per_head(params["topk"], hq, device, torch.float64).contiguous()
     lam = pv_thresholds(params, hq, device)
     if lam is not None:
@@ -135,6 +138,9 @@ def predict_lut(q, k, v, params: Params, scale: float, is_causal: bool, causal_o
     if method == "xattention":
         return P.xattention_lut_triton(q, k, scale, int(params["stride"]), heads["tau"], heads["dense"], is_causal,
                                        causal_offset, local=int(params.get("local_keys", 0)))
+    if method == "vsa":
+        return P.vsa_lut_triton(q, k, scale, int(params["tile"]), heads["topk"], heads["dense"], is_causal,
+                                causal_offset, bool(params.get("diagonal", True)))
     if method == "svg":
         st = svg_static(q, k, params, is_causal, causal_offset, True)
         return P.svg_lut_triton(q, k, v, scale, params, st["rows"], st["lut"], st["counts"], heads["dense"],
@@ -151,13 +157,16 @@ def predict_block_mask(q, k, v, params, scale: float, is_causal: bool, causal_of
     method = params["method"]
     if method in STATIC_METHODS:
         return static_mask(q, k, params, is_causal, causal_offset, use_triton).expand(b, hq, -1, -1).clone()
-    if method not in ("sparge", "xattention", "svg"):
+    if method not in PREDICTED_METHODS:
         raise ValueError(f"unknown sparsity method {method!r}")
     if use_triton:
         return R.lut_to_block_mask(*predict_lut(q, k, v, params, scale, is_causal, causal_offset))
     if method == "sparge":
         keep = R.predict_sparge(q, k, scale, params["tau"], params["theta"], params.get("topk"),
                                 params.get("sink", True), is_causal, causal_offset, int(params.get("local_keys", 0)))
+    elif method == "vsa":
+        keep = R.predict_vsa(q, k, scale, int(params["tile"]), params["topk"], is_causal, causal_offset,
+                             bool(params.get("diagonal", True)))
     elif method == "xattention":
         keep = R.predict_xattention(q, k, scale, int(params["stride"]), params["tau"], is_causal, causal_offset,
                                     int(params.get("local_keys", 0)))

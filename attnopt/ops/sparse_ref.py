@@ -203,6 +203,108 @@ def predict_xattention(q, k, scale: float, stride: int, tau, is_causal: bool = F
     return select_xattention(scores, tau, valid, diag)
 
 
+# ------------------------------------------------------------------------------ VSA
+
+def vsa_topk(topk, h: int, device) -> torch.Tensor:
+    """VSA's top-k per head as float64 [H]: a share in (0, 1] as itself, a tile count c as -c
+    (an integer 1 is one tile, a float 1.0 every tile). The predictor kernel reads this form."""
+    vals = list(topk) if isinstance(topk, (list, tuple)) else [topk] * h
+    if len(vals) != h:
+        raise ValueError(f"per-head list of {len(vals)} values for {h} heads")
+    return torch.tensor([-float(x) if isinstance(x, int) else float(x) for x in vals], dtype=torch.float64,
+                        device=device)
+
+
+def _mean_pool(x: torch.Tensor, blk: int) -> torch.Tensor:
+    """[B, H, N, D] -> mean of each run of `blk` rows [B, H, ceil(N / blk), D] (a short last run
+    over its own rows), in fp32, non-finite values as 0."""
+    b, h, n, d = x.shape
+    nb = n_blocks(n, blk)
+    xf = torch.nn.functional.pad(finite_or_zero(x).float(), (0, 0, 0, nb * blk - n)).reshape(b, h, nb, blk, d)
+    count = torch.full((nb,), float(blk), device=x.device)
+    count[-1] = n - (nb - 1) * blk
+    return xf.sum(dim=3) / count[:, None]
+
+
+def _blocks_to_tiles(m: torch.Tensor, per: int) -> torch.Tensor:
+    """[..., nkb] block flags -> [..., ceil(nkb / per)]: a tile is flagged when any of its blocks is."""
+    nkb = m.shape[-1]
+    nkt = n_blocks(nkb, per)
+    return torch.nn.functional.pad(m, (0, nkt * per - nkb)).reshape(*m.shape[:-1], nkt, per).any(-1)
+
+
+def vsa_grid(nq: int, nk: int, tile: int, is_causal: bool, causal_offset: int, diagonal: bool, device):
+    """(valid, diag or None) per (q-block, key tile) [nqb, nkt]: a tile is visible when one of its
+    kv-blocks is, on the diagonal when one of its kv-blocks is (sparse_ref.sparge_grid's rules;
+    the diagonal of non-causal square sites only with `diagonal`)."""
+    valid, diag = sparge_grid(nq, nk, is_causal, causal_offset, device)
+    if diag is not None and not (is_causal or diagonal):
+        diag = None
+    per = tile // BK
+    return _blocks_to_tiles(valid, per), None if diag is None else _blocks_to_tiles(diag, per)
+
+
+def vsa_coarse_probs(q, k, scale: float, tile: int, valid: torch.Tensor) -> torch.Tensor:
+    """VSA's coarse stage: mean-pooled q-blocks (BQ rows) against mean-pooled key tiles, softmax
+    over each q-block's visible tiles -> [B, Hq, nqb, nkt] fp32 (0 on invisible tiles)."""
+    g = q.shape[1] // k.shape[1]
+    qhat = _mean_pool(q, BQ)
+    khat = _mean_pool(k, tile).repeat_interleave(g, 1)
+    logits = torch.matmul(qhat, khat.transpose(-1, -2)) * scale
+    return torch.softmax(logits.masked_fill(~valid, -math.inf), dim=-1).nan_to_num(0.0)
+
+
+def select_top_tiles(probs: torch.Tensor, valid: torch.Tensor, diag, topk: torch.Tensor) -> torch.Tensor:
+    """Per row of probs [B, H, nqb, nkt]: the diagonal tiles, and among the other visible ones the
+    `want` best by descending score (ties to the lower tile), want = the count (topk < 0) or
+    ceil(share * candidates), at least one. topk: vsa_topk's float64 [H]."""
+    valid = valid.expand_as(probs)
+    forced = torch.zeros_like(valid) if diag is None else diag.expand_as(probs) & valid
+    cand = valid & ~forced
+    s = torch.where(cand, probs.double(), torch.full_like(probs, -1.0, dtype=torch.float64))
+    order = s.argsort(dim=-1, descending=True, stable=True)
+    t = topk[None, :, None, None]
+    n_cand = cand.sum(-1, keepdim=True).double()
+    want = torch.where(t < 0, -t, (t * n_cand).ceil()).clamp_min(1)
+    rank = torch.arange(s.shape[-1], device=s.device)
+    keep = torch.zeros_like(valid).scatter(-1, order, rank < want)
+    return (keep & cand) | forced
+
+
+def vsa_tiles_to_blocks(keep_tiles: torch.Tensor, nk: int, tile: int) -> torch.Tensor:
+    """[..., nkt] kept key tiles -> [..., nkb] kept kv-blocks (every block of a kept tile)."""
+    nkb = n_blocks(nk, BK)
+    return keep_tiles.repeat_interleave(tile // BK, dim=-1)[..., :nkb]
+
+
+def vsa_cube_order(frames: int, height: int, width: int, cube: tuple[int, int, int], device=None) -> torch.Tensor:
+    """The token order that makes VSA's 1-D tiles video cubes: a permutation of the frames x height
+    x width patch tokens (raster order) listing cube after cube (each cube's tokens in raster
+    order, cubes in raster order; border cubes may be smaller). Apply it once where the model
+    patchifies (`x[:, order]`, and `out[:, order.argsort()]` to go back): with a cube of `tile`
+    tokens every key tile is then one cube, as VSA tiles video latents."""
+    ct, ch, cw = (int(c) for c in cube)
+    t, h, w = torch.meshgrid(torch.arange(frames, device=device), torch.arange(height, device=device),
+                             torch.arange(width, device=device), indexing="ij")
+    nh, nw = n_blocks(height, ch), n_blocks(width, cw)
+    cube_id = ((t // ct) * nh + h // ch) * nw + w // cw
+    inner = ((t % ct) * ch + h % ch) * cw + w % cw
+    key = cube_id.flatten() * (ct * ch * cw) + inner.flatten()
+    return key.argsort()
+
+
+def predict_vsa(q, k, scale: float, tile: int, topk, is_causal: bool = False, causal_offset: int = 0,
+                diagonal: bool = True) -> torch.Tensor:
+    """VSA's selection: the coarse stage's top-k key tiles of each q-block, as kv-blocks
+    [B, Hq, nqb, nkb] (causally invisible blocks never kept)."""
+    nq, nk = q.shape[2], k.shape[2]
+    valid, diag = vsa_grid(nq, nk, tile, is_causal, causal_offset, diagonal, q.device)
+    probs = vsa_coarse_probs(q, k, scale, tile, valid)
+    keep = select_top_tiles(probs, valid, diag, vsa_topk(topk, q.shape[1], q.device))
+    block_valid = sparge_grid(nq, nk, is_causal, causal_offset, q.device)[0]
+    return vsa_tiles_to_blocks(keep, nk, tile) & block_valid
+
+
 def _element_to_blocks(keep_fn, nq: int, nk: int, device, sample: int | None = None) -> torch.Tensor:
     """Block mask [nqb, nkb] of an element predicate keep_fn(i [R,1], j [1,C]) -> bool [R, C]:
     a block is kept when any of its rows keeps any of its keys. Every row is checked up to 4096

@@ -12,6 +12,10 @@ Q / K (/ V) straight to the lookup table and counts the block-sparse attention k
   then the normalized block sums): each costs 1/S of QK^T's FLOPs; one pass would instead keep
   every row's per-kv-block partial sums, nq nk / (64 S) floats per head (4 GB for 32 heads at
   128k tokens), so the recompute is the cheaper side.
+- `_vsa_lut_kernel` (one program per query head and batch): VSA's coarse stage, the mean of each
+  key tile (kept in a scratch buffer), then per q-block its mean, the pooled logits against
+  every tile, their softmax, the top-k tiles (besides the diagonal ones) and the LUT row of the
+  kept tiles' kv-blocks.
 - `_svg_lut_kernel` (one program per head): dense, spatial-masked and temporal-masked attention
   of a few sampled query rows, over every batch; the pattern that errs less is chosen and its
   (cached, precomputed) LUT copied into the head's rows.
@@ -30,7 +34,7 @@ from torch.library import wrap_triton
 
 from ...ops.sparse_ref import BK, BQ, lut_to_block_mask, n_blocks, per_head
 from ..casts import EMULATE, dot_8_16bit, to_16bit
-from .select import block_row_grid, keep_by_mass, write_lut_row
+from .select import block_row_grid, keep_by_mass, keep_top, write_lut_row
 
 POOL_ROWS = 32  # rows of a block pooled at a time (registers)
 
@@ -190,6 +194,117 @@ def predict_sparge_triton(q, k, scale: float, tau, theta, topk=None, sink: bool 
                                     _heads(theta, hq, dev, torch.float32),
                                     None if topk is None else _heads(topk, hq, dev, torch.float64),
                                     _no_dense(hq, dev), sink, is_causal, causal_offset, local)
+    return lut_to_block_mask(lut, counts)
+
+
+# ------------------------------------------------------------------------------ VSA
+
+@triton.jit
+def _vsa_lut_kernel(Q, stride_qb, stride_qh, stride_qn, stride_qd, K, stride_kb, stride_kh, stride_kn, stride_kd,
+                    KH, SC, KT, TOPK, DENSE,
+                    LUT, stride_lb, stride_lh, stride_lr, CNT, stride_cb, stride_ch, stride_cr,
+                    Nq, Nk, D, GROUP, scale, causal_offset,
+                    IS_CAUSAL: tl.constexpr, HAS_DIAG: tl.constexpr, BQ_C: tl.constexpr, BK_C: tl.constexpr,
+                    TILE: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, NKT_P2: tl.constexpr,
+                    NKB_P2: tl.constexpr, KCH: tl.constexpr):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    hs = tl.num_programs(0)
+    hk = h // GROUP
+    nqb = (Nq + BQ_C - 1) // BQ_C
+    nkb = (Nk + BK_C - 1) // BK_C
+    nkt = (Nk + TILE - 1) // TILE
+    dcols = tl.arange(0, BLOCK_D)
+    tcols = tl.arange(0, NKT_P2)
+    bcols = tl.arange(0, NKB_P2)
+    zero = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # this program's scratch: pooled key tiles [NKT_P2, BLOCK_D], one logits row, one kept-tiles row
+    kh_base = KH + (b * hs + h) * NKT_P2 * BLOCK_D
+    sc_base = SC + (b * hs + h) * NKT_P2
+    kt_base = KT + (b * hs + h) * NKT_P2
+    Kp = K + b * stride_kb + hk * stride_kh
+    for t in range(0, nkt):
+        khat, _ = _pool_block(Kp, stride_kn, stride_kd, t * TILE, Nk, D, zero, TILE, SUB, BLOCK_D, False)
+        tl.store(kh_base + t * BLOCK_D + dcols, khat)
+    tl.debug_barrier()
+    topk = tl.load(TOPK + h)
+    dense = tl.load(DENSE + h) != 0
+    Qp = Q + b * stride_qb + h * stride_qh
+    for r in range(0, nqb):
+        qhat, _ = _pool_block(Qp, stride_qn, stride_qd, r * BQ_C, Nq, D, zero, BQ_C, SUB, BLOCK_D, False)
+        for c0 in range(0, NKT_P2, KCH):  # pooled logits, KCH tiles at a time (fp32, as the reference)
+            kc = c0 + tl.arange(0, KCH)
+            kh = tl.load(kh_base + kc[:, None] * BLOCK_D + dcols[None, :], mask=(kc < nkt)[:, None], other=0.0)
+            tl.store(sc_base + kc, tl.sum(qhat[None, :] * kh, 1) * scale)
+        tl.debug_barrier()
+        logits = tl.load(sc_base + tcols)
+        # the tile grid: visible / diagonal when one of the tile's kv-blocks is (sparse_ref.vsa_grid)
+        first_row = r * BQ_C
+        last_row = tl.minimum(r * BQ_C + BQ_C - 1, tl.maximum(Nq - 1, 0))
+        t0 = tcols * TILE
+        valid = tcols < nkt
+        off = 0
+        if IS_CAUSAL:
+            valid = valid & (t0 <= last_row + causal_offset)
+            off = causal_offset
+        if HAS_DIAG:
+            t_end = tl.minimum(t0 + TILE, nkb * BK_C) - 1
+            diag = valid & (t0 <= last_row + off) & (t_end >= first_row + off)
+        else:
+            diag = valid & (tcols < 0)
+        logits = tl.where(valid, logits, float("-inf"))
+        mx = tl.max(logits, 0)
+        e = tl.where(valid, tl.exp(logits - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
+        p = e / tl.maximum(tl.sum(e, 0), 1e-38)
+        cand = valid & ~diag
+        share = tl.sum(cand.to(tl.int32), 0).to(tl.float64) * topk
+        up = share.to(tl.int32)
+        up = tl.where(up.to(tl.float64) < share, up + 1, up)  # ceil, in float64 as the reference
+        want = tl.maximum(tl.where(topk < 0, (-topk).to(tl.int32), up), 1)
+        keep = keep_top(p, cand, want, tcols, NKT_P2) | diag
+        tl.store(kt_base + tcols, keep.to(tl.int32))
+        tl.debug_barrier()
+        bvalid, _, full = block_row_grid(r, Nq, Nk, causal_offset, bcols, IS_CAUSAL, False, BQ_C, BK_C, 0)
+        kept = tl.load(kt_base + (bcols * BK_C) // TILE, mask=bcols < nkb, other=0) != 0
+        kept = tl.where(dense, bvalid, kept & bvalid)
+        tl.debug_barrier()  # the next row overwrites the scratch rows
+        write_lut_row(kept, full, bcols, nkb, LUT + b * stride_lb + h * stride_lh + r * stride_lr,
+                      CNT + b * stride_cb + h * stride_ch + r * stride_cr)
+
+
+def vsa_lut_triton(q, k, scale: float, tile: int, topk, dense, is_causal: bool, causal_offset: int,
+                   diagonal: bool = True):
+    """VSA's selection as (lut [B, Hq, nqb, nkb], counts [B, Hq, nqb, 2]) int32, one launch.
+    topk: float64 [Hq] in sparse_ref.vsa_topk's form (share, or -count); dense: int8 [Hq]."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    tile = int(tile)
+    if tile % BK:
+        raise ValueError(f"VSA tile {tile} is not a multiple of the kv-block {BK}")
+    nkt = n_blocks(nk, tile)
+    tp2 = max(16, triton.next_power_of_2(nkt))
+    block_d = max(16, triton.next_power_of_2(d))
+    kh = torch.empty(b * hq * tp2 * block_d, dtype=torch.float32, device=q.device)
+    sc = torch.empty(b * hq * tp2, dtype=torch.float32, device=q.device)
+    kt = torch.empty(b * hq * tp2, dtype=torch.int32, device=q.device)
+    lut, counts = _lut_buffers(b, hq, nq, nk, q.device)
+    has_diag = bool(is_causal or (diagonal and nq == nk))
+    wrap_triton(_vsa_lut_kernel)[(hq, b)](
+        q, *q.stride(), k, *k.stride(), kh, sc, kt, topk, dense, lut, *lut.stride()[:3], counts,
+        *counts.stride()[:3], nq, nk, d, hq // hkv, float(scale), int(causal_offset),
+        IS_CAUSAL=bool(is_causal), HAS_DIAG=has_diag, BQ_C=BQ, BK_C=BK, TILE=tile, SUB=POOL_ROWS, BLOCK_D=block_d,
+        NKT_P2=tp2, NKB_P2=_nkb_p2(nk), KCH=min(tp2, 64))
+    return lut, counts
+
+
+def predict_vsa_triton(q, k, scale: float, tile: int, topk, is_causal: bool = False, causal_offset: int = 0,
+                       diagonal: bool = True) -> torch.Tensor:
+    """predict_vsa's block mask [B, Hq, nqb, nkb], read back from the kernel's LUT (tests)."""
+    from ...ops.sparse_ref import vsa_topk
+
+    hq, dev = q.shape[1], q.device
+    lut, counts = vsa_lut_triton(q, k, scale, tile, vsa_topk(topk, hq, dev), _no_dense(hq, dev), is_causal,
+                                 causal_offset, diagonal)
     return lut_to_block_mask(lut, counts)
 
 

@@ -89,3 +89,15 @@ def write_lut_row(keep, full, cols, nkb, LUT_row, CNT_row):
     tl.store(LUT_row + pos, cols.to(tl.int32), mask=inside)
     tl.store(CNT_row, n_full)
     tl.store(CNT_row + 1, n_keep)
+
+
+@triton.jit
+def keep_top(s, cand, want, cols, NKB_P2: tl.constexpr):
+    """The `want` best candidates of one row (descending score s >= 0, ties to the lower column),
+    keep_by_mass's ordering: -> kept (candidates only)."""
+    low = (NKB_P2 - 1 - cols).to(tl.int64)
+    bits = tl.where(cand, s, 0.0).to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(cand, ((bits + 1) << 32) | low, low)
+    srt = tl.sort(key, 0, descending=True)
+    thr = tl.min(tl.where(cols < want, srt, 9223372036854775807), 0)  # the last key kept
+    return cand & (key >= thr)
