@@ -161,3 +161,35 @@ def test_inspect_grad_reports_each_sites_backward_and_gradient_error():
     rep = attnopt.inspect(model, x, options={"attention": {"min_seq_len": 0, "backward": "off"}}, grad=True,
                           timing_runs=0)
     assert "grad" not in rep.sites[0].error
+
+
+def test_a_sparse_site_trains_through_the_block_sparse_op():
+    """sparsity (vsa here) in a graph that needs grad: attnopt::sparse_attention_train, gradients
+    those of attention over the kept blocks (compared with dense float64: the skipped blocks of a
+    local causal pattern carry little mass, so they stay close)."""
+    torch.manual_seed(0)
+    n = 512
+    model = Attn(causal=True).bfloat16()
+    x = torch.randn(1, n, 64, dtype=torch.bfloat16)
+    opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "vsa", "topk": 1.0}}}
+    f, be = _compiled(model, opts, fullgraph=True)
+    out, gx, _ = _grads(f, x)
+    out64, gx64, _ = _float64_grads(model, x)
+    (s,) = be.recorder.sites()
+    assert s.status == "rewritten" and s.op == "attnopt::sparse_attention_train", s.reason
+    assert s.details["backward"] == "exact" and s.details["sparse_method"] == "vsa"
+    assert rel_l1(out.double(), out64) < 0.03 and rel_l1(gx.double(), gx64) < 0.03
+
+
+def test_a_sparse_site_with_a_padding_mask_trains_dense_with_a_note():
+    torch.manual_seed(0)
+    model = Attn(manual=True).bfloat16()
+    n = 256
+    mask = torch.zeros(1, 1, n, n, dtype=torch.bfloat16)
+    mask[..., -7:] = float("-inf")
+    opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "sparge"}}}
+    f, be = _compiled(model, opts)
+    _grads(f, torch.randn(1, n, 64, dtype=torch.bfloat16), mask)
+    (s,) = be.recorder.sites()
+    assert s.status == "rewritten" and s.op == "attnopt::attention_train"
+    assert "dense in this graph that needs grad" in s.reason, s.reason

@@ -126,7 +126,8 @@ def _train_fake(q, k, v, is_causal, causal_offset, scale, quant, pv, smooth_k, a
 def _backward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    dout: torch.Tensor, block_keep: torch.Tensor, scale: float, is_causal: bool,
                    causal_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return sparse_attention_backward_reference(q, k, v, out, lse, dout, block_keep, scale, is_causal, causal_offset)
+    grads = sparse_attention_backward_reference(q, k, v, out, lse, dout, block_keep, scale, is_causal, causal_offset)
+    return tuple(g.contiguous() for g in grads)  # the layout the fake promises, whatever q's strides
 
 
 sparse_attention_backward_op = torch.library.triton_op("attnopt::sparse_attention_backward", mutates_args=(),
@@ -135,7 +136,7 @@ sparse_attention_backward_op = torch.library.triton_op("attnopt::sparse_attentio
 
 @sparse_attention_backward_op.register_fake
 def _backward_fake(q, k, v, out, lse, dout, block_keep, scale, is_causal, causal_offset):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the body's
 
 
 def _setup_context(ctx, inputs, output):

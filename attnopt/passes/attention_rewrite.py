@@ -99,7 +99,6 @@ def sparsity_for(opts, key: str, heads: int) -> tuple[dict | None, str | None]:
 
 # what attnopt's attention backward differentiates (docs/algorithms.md#attention-backward)
 TRAINABLE_SOFTCAP = True
-TRAINABLE_SPARSITY: tuple[str, ...] = ()
 
 REQUIRES_GRAD = ("the graph requires grad (a training graph, or inference outside torch.no_grad() / "
                  "torch.inference_mode()) and attention.backward is 'off': left for autograd")
@@ -191,13 +190,14 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         if site.softcap and not TRAINABLE_SOFTCAP:
             raise Reject("logit soft-capping in a graph that needs grad: attnopt's attention backward does not "
                          "differentiate the cap, left for autograd")
-        if sparsity is not None and sparsity["method"] not in TRAINABLE_SPARSITY:
-            note = (note + "; " if note else "") + (f"sparsity {sparsity['method']!r} has no backward: dense in "
-                                                    "this graph that needs grad")
+        why = _untrainable_sparsity(site, sparsity) if sparsity is not None else None
+        if why:
+            note = (note + "; " if note else "") + f"sparsity {sparsity['method']!r} {why}: dense in this graph " \
+                "that needs grad"
             sparsity = None
             if quant == "none":
                 raise Reject(note + "; attention.quant is 'none': nothing to change")
-        backward = a.backward
+        backward = a.backward if sparsity is None else "exact"  # the sparse backward is 16-bit only
     kernel = describe_attention_kernel(spec, quant, pv, d, q.device.type)
     if site.softcap:
         kernel += f" +softcap {site.softcap:g}"
@@ -207,6 +207,17 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         kernel += f" | backward {backward}"
     return SiteParams(quant, pv, a.smooth_k, a.smooth_q and sparsity is None, spec.name, kernel, sparsity,
                       note, backward)
+
+
+def _untrainable_sparsity(site: AttentionSite, sparsity: dict) -> str | None:
+    """Why `attnopt::sparse_attention_train` cannot take this sparse site, or None."""
+    if site.bias or site.keep.residual:
+        return "with a mask other than causal has no trainable op"
+    if site.softcap:
+        return "with logit soft-capping has no trainable op"
+    if sparsity.get("pv_threshold") is not None:
+        return "with P.V skipping has no trainable op"
+    return None
 
 
 def _bias_sources(site: AttentionSite) -> list[fx.Node]:
@@ -397,7 +408,11 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
                 params.quant, params.pv, params.smooth_k)
         sp = json.dumps(params.sparsity, sort_keys=True) if params.sparsity is not None else ""
         cap = (float(site.softcap),) if site.softcap else ()  # the ops' last argument, 0.0 (off) by default
-        if params.backward is not None:  # a graph that needs grad: the op with attnopt's own backward
+        if params.backward is not None and sp:  # a graph that needs grad: the ops with attnopt's own backward
+            op = b.call(torch.ops.attnopt.sparse_attention_train.default, q4, k4, v4, causal, int(offset),
+                        float(site.scale), params.quant, params.pv, params.smooth_k, params.arch, "auto", sp)
+            out = b.call(operator.getitem, op, 0)
+        elif params.backward is not None:
             op = b.call(torch.ops.attnopt.attention_train.default, *head, params.smooth_q, params.arch, "auto",
                         float(site.softcap or 0.0), params.backward)
             out = b.call(operator.getitem, op, 0)

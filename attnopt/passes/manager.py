@@ -190,8 +190,9 @@ class AttentionPass:
                 op = rewrite(graph, site, params, probe, tag=key)
                 changed = True
                 rec.status = "rewritten"
-                rec.op = ("attnopt::attention_train" if params.backward else
-                          "attnopt::sparse_attention" if params.sparsity else "attnopt::attention")
+                rec.op = {(True, True): "attnopt::sparse_attention_train", (True, False): "attnopt::attention_train",
+                          (False, True): "attnopt::sparse_attention", (False, False): "attnopt::attention"}[
+                    (bool(params.backward), bool(params.sparsity))]
                 rec.kernel = params.kernel
                 if params.note:  # planned / configured sparse parameters set aside here, and why
                     rec.reason = params.note
@@ -203,8 +204,7 @@ class AttentionPass:
                 rec.details.update(quant=params.quant, pv=params.pv, smooth_k=params.smooth_k,
                                    smooth_q=params.smooth_q, arch=params.arch, q_heads=q4.shape[1],
                                    kv_heads=k4.shape[1],
-                                   mask=("causal" if op.args[6] else "") + ("+bias" if op.args[3] is not None else "")
-                                   + ("+keep" if op.args[4] is not None else ""))
+                                   mask=_mask_words(op))
                 if ctx.announce_cpu:
                     on_cpu.announce(q4.device.type)
             except Reject as e:
@@ -228,6 +228,14 @@ class AttentionPass:
             ctx.recorder.set_snapshot(gi, "after", snapshot(graph))
         trace_sites(gi, records)
         return changed
+
+
+def _mask_words(op: fx.Node) -> str:
+    """The op's masks for the report: 'causal', '+bias', '+keep'."""
+    if op.target is torch.ops.attnopt.sparse_attention_train.default:  # (q, k, v, is_causal, ...): no masks
+        return "causal" if op.args[3] else ""
+    return ("causal" if op.args[6] else "") + ("+bias" if op.args[3] is not None else "") \
+        + ("+keep" if op.args[4] is not None else "")
 
 
 def _warn_internal(failed: dict[str, str]) -> None:
