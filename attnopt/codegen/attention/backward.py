@@ -384,10 +384,11 @@ def _pv_dtype(dtype: torch.dtype):
 
 def attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value, is_causal,
                               causal_offset, scale, smooth_k, softcap, mode, quant: str = "int8",
-                              warps: int = 4, stages: int = 1):
+                              warps: int | None = None, stages: int = 1):
     """(dq, dk, dv): the op's CUDA backward (and, under TRITON_INTERPRET, a CPU one). Launches:
     for "int8" the forward's K statistics and Q / K quantization (quantize.py), then delta, then
-    the dK/dV pass and the dQ pass. Tiles are BWD_BM x BWD_BN."""
+    the dK/dV pass and the dQ pass. Tiles are BWD_BM x BWD_BN; `warps` defaults to 8
+    (4 warps spill registers: ptxas, compile_check on sm80 / sm90)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty_like(q)
@@ -397,6 +398,8 @@ def attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask,
         return dq.zero_(), dk.zero_(), dv_.zero_()
     int8 = mode == "int8"
     block_d, block_dv = padded_head_dim(d), padded_head_dim(dv)
+    if warps is None:
+        warps = 8
     softcap = float(softcap or 0.0)
     fill = _log2_logit(float(masked_value))
     kmean, _, _, _ = kv_stats(k, v, True, False, None)  # K's mean: the row shift, dQ's smoothed K
