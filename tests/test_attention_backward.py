@@ -265,3 +265,26 @@ def test_gpu_backward_kernels_against_float64(mode, n, d, dtype, causal):
     for g, w, r in zip(got, want, ref):
         assert rel_l1(g.cpu(), w.cpu()) <= (INT8_REL if mode == "int8" else EXACT_REL)
         assert rel_l1(g.cpu(), r) <= 1e-2  # the CPU reference of the same arithmetic
+
+
+@pytest.mark.parametrize("mode", ["int8", "exact"])
+def test_block_sparse_backward_equals_dense_masked_reference(mode):
+    """With the sparse forward's LUT the kernels visit only the kept blocks: the gradients equal
+    the reference's under the same blocks as an element keep mask (the hook for trainable
+    sparse attention)."""
+    from attnopt.codegen.attention.backward import attention_backward_triton
+    from attnopt.ops.sparse_ref import BK, BQ, block_mask_to_lut, expand_block_mask, n_blocks
+
+    nq, nk, causal = 200, 230, True
+    q, k, v, do, _, _ = make_inputs(nq, nk, 64, torch.float16, hq=4, hkv=2)
+    blocks = torch.rand(1, 4, n_blocks(nq, BQ), n_blocks(nk, BK)) > 0.4
+    blocks[..., 0] = True  # every q-block keeps its first kv-block: no row left empty by the blocks alone
+    lut, counts = block_mask_to_lut(blocks, nq, nk, causal, nk - nq)
+    keep = expand_block_mask(blocks, nq, nk)
+    out, lse = train_op(q, k, v, keep_mask=keep, causal=causal, offset=nk - nq, backward=mode)
+    got = attention_backward_triton(q, k, v, out, lse, do, None, None, -math.inf, causal, nk - nq, 0.125, True,
+                                    0.0, mode, lut=lut, counts=counts)
+    want = attention_backward_reference(q, k, v, out, lse, do, None, keep, -math.inf, causal, nk - nq, 0.125,
+                                        mode=mode)
+    for g, w in zip(got, want):
+        assert rel_l1(g, w) <= 1e-4
