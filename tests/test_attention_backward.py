@@ -171,7 +171,7 @@ def test_unknown_backward_mode_is_refused():
 # ------------------------------------------------------------------- Triton under the interpreter
 
 KERNEL_CASES = {
-    "gqa-causal-offset": dict(nq=70, nk=130, d=64, dtype=torch.bfloat16, hq=4, hkv=2, causal=True, bias=True),
+    "gqa-causal-offset": dict(nq=70, nk=130, d=64, dtype=torch.bfloat16, hq=2, hkv=1, causal=True, bias=True),
     "keep-finite-fill-d128": dict(nq=96, nk=96, d=128, dtype=torch.float16, hq=2, hkv=1, keep=True,
                                   masked_value=-1e4),
     "softcap-d96": dict(nq=65, nk=65, d=96, dtype=torch.float16, hq=2, hkv=2, softcap=8.0),
@@ -275,9 +275,9 @@ def test_block_sparse_backward_equals_dense_masked_reference(mode):
     from attnopt.codegen.attention.backward import attention_backward_triton
     from attnopt.ops.sparse_ref import BK, BQ, block_mask_to_lut, expand_block_mask, n_blocks
 
-    nq, nk, causal = 200, 230, True
-    q, k, v, do, _, _ = make_inputs(nq, nk, 64, torch.float16, hq=4, hkv=2)
-    blocks = torch.rand(1, 4, n_blocks(nq, BQ), n_blocks(nk, BK)) > 0.4
+    nq, nk, causal = 150, 200, True
+    q, k, v, do, _, _ = make_inputs(nq, nk, 64, torch.float16, hq=2, hkv=1)
+    blocks = torch.rand(1, 2, n_blocks(nq, BQ), n_blocks(nk, BK)) > 0.4
     blocks[..., 0] = True  # every q-block keeps its first kv-block: no row left empty by the blocks alone
     lut, counts = block_mask_to_lut(blocks, nq, nk, causal, nk - nq)
     keep = expand_block_mask(blocks, nq, nk)
@@ -288,3 +288,12 @@ def test_block_sparse_backward_equals_dense_masked_reference(mode):
                                         mode=mode)
     for g, w in zip(got, want):
         assert rel_l1(g, w) <= 1e-4
+
+
+def test_train_schema_is_the_shared_prefix_then_its_own():
+    from attnopt.ops.schema import ATTENTION_ARGS
+
+    schema = torch.ops.attnopt.attention_train.default._schema
+    assert str(schema).startswith(f"attnopt::attention_train({ATTENTION_ARGS}, ")
+    assert [a.name for a in schema.arguments][-5:] == ["smooth_q", "arch", "impl", "softcap", "backward"]
+    assert len(schema.returns) == 2 and len(torch.ops.attnopt.attention_backward.default._schema.returns) == 3
