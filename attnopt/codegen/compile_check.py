@@ -205,6 +205,36 @@ def drive_attention(arch, spec, cap):
 
 
 
+@driver("attention backward")
+def drive_attention_backward(arch, spec, cap):
+    """The backward: delta, the dK/dV and dQ passes (and the int8 mode's quantize launches), each
+    mode, with the mask / soft-capping / head-dim variants that change the kernels' code."""
+    from .attention.backward import attention_backward_triton
+
+    n = _N
+
+    def bwd(label, hq=4, hkv=2, d=128, mode="int8", bias=None, keep=None, masked_value=-math.inf, causal=True,
+            softcap=0.0, **kw):
+        cap.label = f"attention backward {mode} {label}"
+        q, k, v = _qkv(hq, hkv, n, d)
+        out, do = torch.randn_like(q), torch.randn_like(q)
+        lse = torch.randn(1, hq, n)
+        attention_backward_triton(q, k, v, out, lse, do, bias, keep, masked_value, causal, 0, d ** -0.5, True,
+                                  softcap, mode, **kw)
+
+    from ..ops.sparse_ref import BK, BQ, block_mask_to_lut, n_blocks
+
+    lut, counts = block_mask_to_lut(torch.rand(1, 4, n_blocks(n, BQ), n_blocks(n, BK)) > 0.3, n, n, True, 0)
+
+    for mode in ("int8", "exact"):
+        bwd("causal gqa d128", mode=mode)
+        bwd("d64 bias+keep, finite fill", d=64, mode=mode, causal=False,
+            bias=torch.randn(n, n, dtype=torch.float16), keep=torch.rand(1, 1, n, n) > 0.2,
+            masked_value=torch.finfo(torch.float16).min)
+        bwd("d96 softcap", hq=2, hkv=2, d=96, mode=mode, softcap=30.0)
+        bwd("block-sparse", mode=mode, lut=lut, counts=counts)
+
+
 @driver("sparse predictors")
 def drive_predictors(arch, spec, cap):
     """The one-launch predictors (Q, K -> LUT and counts): sparge (tau; top-k without sink), vsa

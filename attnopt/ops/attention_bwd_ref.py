@@ -13,16 +13,20 @@ dS = P * (dP - delta), dV = P^T dO, dQ = scale * dS K, dK = scale * dS^T Q.
   in 16 bits. Q K^T is recomputed with the forward's grid (Q per 32 rows with scale * log2(e)
   folded, K smoothed and per 64 rows; no Q smoothing); dV = P^T dO with P per (64-query tile,
   key) and dO per 64-row block; dK = dS^T Q with dS per (64-query tile, key) and Q per 64-row
-  block; dQ = dS K with dS per (query, 64-key tile) and the forward's smoothed INT8 K, plus the
-  fp32 term rowsum(dS) * mean(K) that K smoothing took off. A scale shared along a matmul's
-  reduction dimension factors out of the integer sum, so every choice here is one a tensor-core
-  kernel can run (the kernels' tiles are BWD_BM x BWD_BN).
+  block; dQ = dS K with dS per (query, 64-key tile) and the forward's smoothed INT8 K. A scale
+  shared along a matmul's reduction dimension factors out of the integer sum, so every choice
+  here is one a tensor-core kernel can run (the kernels' tiles are BWD_BM x BWD_BN).
+
+Both modes multiply dS by K minus its token mean in dQ: rowsum(dS) is 0, so K's mean adds
+nothing but the forward's error in O and the LSE, amplified (soft-capping breaks the identity:
+there rowsum(dS) * mean(K) is added in fp32).
 
 Tensors: q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], out / grad_out [B, Hq, Nq, Dv],
 lse [B, Hq, Nq] (natural log, as the forward returns it). GQA: dk / dv sum over the query heads
 of each kv head. Masks as attention_ref: positions masked by keep_mask / causal take the
-logit `masked_value` and get no gradient; a row whose lse is -inf (no kept key) gets zero
-gradients. The additive mask gets no gradient. softcap > 0: dS is multiplied by the tanh's
+logit `masked_value` (as the forward held it: with K smoothing's row shift when its LSE carries
+it, which `quant` says) and get no gradient; a row whose lse is -inf (no kept key) gets zero
+gradients, a row with no kept key under a finite fill gives dV its dO / Nk. The additive mask gets no gradient. softcap > 0: dS is multiplied by the tanh's
 derivative 1 - (capped / softcap)^2. Non-finite inputs propagate (no poisoned-row bookkeeping).
 """
 

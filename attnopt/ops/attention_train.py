@@ -32,7 +32,7 @@ class BackwardUnsupported(ValueError):
     records this message as the reason."""
 
 
-def check_backward_args(backward: str, quant: str, softcap: float) -> None:
+def check_backward_args(backward: str, softcap: float) -> None:
     """Raise BackwardUnsupported unless `backward` can differentiate this forward."""
     if backward not in BACKWARD_MODES:
         raise BackwardUnsupported(f"attention backward must be one of {BACKWARD_MODES}, got {backward!r}")
@@ -61,7 +61,7 @@ def _attention_train_body(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """attnopt::attention's forward -> (out [B, Hq, Nq, Dv] q's dtype, lse [B, Hq, Nq] fp32, natural log)."""
     check_attention_operands("attnopt::attention_train", q, k, v, attn_bias, keep_mask)
-    check_backward_args(backward, quant, softcap)
+    check_backward_args(backward, softcap)
     if switches.use_triton(q, arch, impl):
         from ..codegen.attention.launch import attention_triton
 
@@ -85,7 +85,7 @@ def _attention_train_fake(q, k, v, attn_bias, keep_mask, masked_value, is_causal
                           smooth_k, smooth_q, arch, impl, softcap, backward):
     # shapes only, as attnopt::attention's fake (no guard on the sequence length)
     check_attention_operands("attnopt::attention_train", q, k, v, attn_bias, keep_mask)
-    check_backward_args(backward, quant, softcap)
+    check_backward_args(backward, softcap)
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
     return out, lse
@@ -124,7 +124,7 @@ def _attention_backward_body(
     if out.shape != grad_out.shape or tuple(lse.shape) != tuple(q.shape[:3]):
         raise OperandError(f"attnopt::attention_backward: out {tuple(out.shape)}, grad_out "
                            f"{tuple(grad_out.shape)} and lse {tuple(lse.shape)} do not fit q {tuple(q.shape)}")
-    check_backward_args(backward, "int8", softcap)
+    check_backward_args(backward, softcap)
     if switches.use_triton(q, arch, impl):
         from ..codegen.attention.backward import attention_backward_triton
 

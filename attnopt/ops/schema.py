@@ -1,8 +1,9 @@
 """The attention ops' schemas, stated once.
 
-`attnopt::attention`, `attnopt::sparse_attention` and `attnopt::attention_probe` take the same
-leading arguments (the operands, the mask, the scale and the quantization); each op appends its
-own. The passes call the ops positionally, so names, order and defaults here are the ops' API.
+`attnopt::attention`, `attnopt::sparse_attention`, `attnopt::attention_probe` and
+`attnopt::attention_train` take the same leading arguments (the operands, the mask, the scale and
+the quantization); each op appends its own. The passes call the ops positionally, so names,
+order and defaults here are the ops' API.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ ops/attention_bwd_ref.py, which they equal up to fp32 summation order:
 `_bwd_tile` is the step both passes share: recompute the logits of one BLOCK_M x BLOCK_N tile
 (INT8 Q K^T with K smoothing, or 16-bit), the masks, P from the saved LSE, dP = dO V^T in 16
 bits and dS = P * (dP - delta). `_bwd_range` runs it over a range of tiles and accumulates the
-pass's gradients; with SPARSE its range indexes a LUT row of tile numbers instead (the hook for
-block-sparse training: the dQ pass can take the sparse forward's LUT as it is (q-block of
-SPARSE_BQ rows -> kv-blocks of BLOCK_N keys); the dK/dV pass needs its transpose (kv-block ->
-q-tiles). Neither is built yet: the launcher takes no LUT, the kernels visit every tile.)
+pass's gradients; with SPARSE its range indexes a LUT row of tile numbers instead: block-sparse
+training. The dQ pass takes the sparse forward's LUT as it is (q-block of SPARSE_BQ rows ->
+kv-blocks of BLOCK_N keys), the dK/dV pass its transpose (kv-block -> 64-row query tiles,
+`transpose_lut`). Skipped blocks contribute nothing (as the sparse forward: -inf logits).
 
 Tiles are BWD_BM x BWD_BN (64 x 64): the INT8 scale blocks of P, dO, dS and Q along the
 queries and of dS along the keys are these tiles (attention_bwd_ref), and the key tile is the
@@ -32,12 +32,16 @@ from torch.library import wrap_triton
 
 from ...ops.attention_bwd_ref import BWD_BM, BWD_BN
 from ...ops.attention_ref import K_GRAN, LOG2E, Q_GRAN, _log2_logit
+from ...ops.sparse_ref import BK as SPARSE_BK
+from ...ops.sparse_ref import BQ as SPARSE_BQ
+from ...ops.sparse_ref import lut_to_block_mask
 from .. import casts
 from ..casts import dot_8_16bit, store_cast, to_16bit
 from .kernel import _tanh
 from .quantize import kv_stats, padded_head_dim, quantize_qkv
 
 assert BWD_BN == K_GRAN, "the dQ pass reads one K scale per key tile"
+assert BWD_BN == SPARSE_BK and SPARSE_BQ % BWD_BM == 0, "sparse blocks are whole backward tiles"
 
 
 @triton.jit
@@ -300,14 +304,19 @@ def _attn_bwd(
     KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
     DA, stride_dab, stride_dah, stride_dan, stride_dad,
     DB, stride_dbb, stride_dbh, stride_dbn, stride_dbd,
+    LUT, stride_lutb, stride_luth, stride_lutr,
+    CNT, stride_cntb, stride_cnth, stride_cntr,
     Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, sm_scale, CAP2,
-    DQ_PASS: tl.constexpr, INT8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DQ_PASS: tl.constexpr, SPARSE: tl.constexpr, SPARSE_BQ: tl.constexpr, INT8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_KEEP: tl.constexpr, SHIFT: tl.constexpr, FWD_SHIFT: tl.constexpr, SOFTCAP: tl.constexpr,
     DQ_KMEAN: tl.constexpr, Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DQ_PASS: program (query tile, query head, batch) -> DA = dQ. Else program (key tile, kv
-    head, batch) -> DA = dK, DB = dV, summed over the GQA group's query heads."""
+    head, batch) -> DA = dK, DB = dV, summed over the GQA group's query heads. SPARSE: the tiles
+    visited are listed in LUT rows (entries [0, CNT[..., 1])): the dQ pass reads row
+    `m0 // SPARSE_BQ` of the sparse forward's LUT (kv-block numbers), the dK/dV pass the row of
+    its key tile in the transposed LUT (query-tile numbers), per query head."""
     pid = tl.program_id(0)
     hh = tl.program_id(1)
     b = tl.program_id(2)
@@ -317,11 +326,17 @@ def _attn_bwd(
         m0 = pid * BLOCK_M
         h = hh
         hk = hh // GROUP
-        hi = Nk
-        if IS_CAUSAL:  # keys past the tile's last row's diagonal are masked for every row
-            hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Nk)
+        if SPARSE:
+            row = m0 // SPARSE_BQ
+            lut = LUT + b * stride_lutb + h * stride_luth + row * stride_lutr
+            hi = tl.load(CNT + b * stride_cntb + h * stride_cnth + row * stride_cntr + 1)
+        else:
+            lut = LUT  # not read
+            hi = Nk
+            if IS_CAUSAL:  # keys past the tile's last row's diagonal are masked for every row
+                hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Nk)
         acc, rowsum_ds = _bwd_range(
-            tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M, 1], dtype=tl.float32), 0, hi, DA, m0,
+            tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_M, 1], dtype=tl.float32), 0, hi, lut, m0,
             Q, stride_qb, stride_qh, stride_qm, stride_qd, QQ, stride_qqb, stride_qqh, stride_qqm,
             QS, stride_qsb, stride_qsh, K, stride_kb, stride_kh, stride_kn, stride_kd, KQ, stride_kqb, stride_kqh, stride_kqn,
             KS, stride_ksb, stride_ksh, KMEAN, stride_kmb, stride_kmh,
@@ -330,7 +345,7 @@ def _attn_bwd(
             BIAS, stride_biasb, stride_biash, stride_biasm, stride_biasn,
             KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
             b, h, hk, Nq, Nk, DQK, DV, causal_offset, FILL, qk_scale, CAP2,
-            True, False, INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SHIFT, FWD_SHIFT, SOFTCAP, DQ_KMEAN, Q_GRAN, K_GRAN, PV_DTYPE,
+            True, SPARSE, INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SHIFT, FWD_SHIFT, SOFTCAP, DQ_KMEAN, Q_GRAN, K_GRAN, PV_DTYPE,
             EMULATE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         if DQ_KMEAN:
             kmean = tl.load(KMEAN + b * stride_kmb + hk * stride_kmh + offs_d, mask=offs_d < DQK, other=0.0)
@@ -348,8 +363,17 @@ def _attn_bwd(
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         for g in range(0, GROUP):  # GQA: the group's query heads, K and V read in place
+            h = hk * GROUP + g
+            if SPARSE:
+                lut = LUT + b * stride_lutb + h * stride_luth + pid * stride_lutr
+                lo_g = 0
+                hi_g = tl.load(CNT + b * stride_cntb + h * stride_cnth + pid * stride_cntr + 1)
+            else:
+                lut = LUT  # not read
+                lo_g = lo
+                hi_g = Nq
             dk, dv = _bwd_range(
-                dk, dv, lo, Nq, DA, n0,
+                dk, dv, lo_g, hi_g, lut, n0,
                 Q, stride_qb, stride_qh, stride_qm, stride_qd, QQ, stride_qqb, stride_qqh, stride_qqm,
                 QS, stride_qsb, stride_qsh, K, stride_kb, stride_kh, stride_kn, stride_kd, KQ, stride_kqb, stride_kqh, stride_kqn,
                 KS, stride_ksb, stride_ksh, KMEAN, stride_kmb, stride_kmh,
@@ -357,8 +381,8 @@ def _attn_bwd(
                 LSE, stride_lb, stride_lh, DELTA, stride_deb, stride_deh,
                 BIAS, stride_biasb, stride_biash, stride_biasm, stride_biasn,
                 KEEP, stride_keepb, stride_keeph, stride_keepm, stride_keepn,
-                b, hk * GROUP + g, hk, Nq, Nk, DQK, DV, causal_offset, FILL, qk_scale, CAP2,
-                False, False, INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SHIFT, FWD_SHIFT, SOFTCAP, DQ_KMEAN, Q_GRAN, K_GRAN,
+                b, h, hk, Nq, Nk, DQK, DV, causal_offset, FILL, qk_scale, CAP2,
+                False, SPARSE, INT8, IS_CAUSAL, HAS_BIAS, HAS_KEEP, SHIFT, FWD_SHIFT, SOFTCAP, DQ_KMEAN, Q_GRAN, K_GRAN,
                 PV_DTYPE, EMULATE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         cols = n0 + tl.arange(0, BLOCK_N)
         cvalid = cols < Nk
@@ -367,6 +391,19 @@ def _attn_bwd(
                  mask=cvalid[:, None] & (offs_d < DQK)[None, :])
         tl.store(DB + b * stride_dbb + hk * stride_dbh + cols[:, None] * stride_dbn + offs_dv[None, :] * stride_dbd,
                  store_cast(dv, DB.dtype.element_ty, EMULATE), mask=cvalid[:, None] & (offs_dv < DV)[None, :])
+
+
+def transpose_lut(lut: torch.Tensor, counts: torch.Tensor, nq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse forward's (lut, counts) [B, H, nqb, nkb], [B, H, nqb, 2] (q-block -> kv-blocks,
+    ops/sparse_ref.block_mask_to_lut) -> the dK/dV pass's: kv-block -> the BWD_BM-row query tiles
+    that visit it, ascending, (lut_t int32 [B, H, nkb, nqt], counts_t int32 [B, H, nkb, 2])."""
+    keep = lut_to_block_mask(lut, counts)  # [B, H, nqb, nkb]
+    nqt = triton.cdiv(nq, BWD_BM)
+    keep_t = keep.transpose(-1, -2).repeat_interleave(SPARSE_BQ // BWD_BM, dim=-1)[..., :nqt]
+    col = torch.arange(nqt, device=lut.device)
+    lut_t = torch.where(keep_t, col, col + nqt).argsort(dim=-1).to(torch.int32)
+    n = keep_t.sum(dim=-1, dtype=torch.int32)
+    return lut_t.contiguous(), torch.stack([n, n], dim=-1).contiguous()
 
 
 def _mask4d(m, b, h, nq, nk):
@@ -384,10 +421,13 @@ def _pv_dtype(dtype: torch.dtype):
 
 def attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask, masked_value, is_causal,
                               causal_offset, scale, smooth_k, softcap, mode, quant: str = "int8",
-                              warps: int = 4, stages: int = 1):
+                              lut: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                              warps: int | None = None, stages: int = 1):
     """(dq, dk, dv): the op's CUDA backward (and, under TRITON_INTERPRET, a CPU one). Launches:
     for "int8" the forward's K statistics and Q / K quantization (quantize.py), then delta, then
-    the dK/dV pass and the dQ pass. Tiles are BWD_BM x BWD_BN."""
+    the dK/dV pass and the dQ pass. With the sparse forward's `lut` and `counts` only its kept
+    blocks are visited (each pass's LUT, per query head). Tiles are BWD_BM x BWD_BN; `warps` defaults to 8
+    (4 warps spill registers: ptxas, compile_check on sm80 / sm90)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty_like(q)
@@ -397,6 +437,8 @@ def attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask,
         return dq.zero_(), dk.zero_(), dv_.zero_()
     int8 = mode == "int8"
     block_d, block_dv = padded_head_dim(d), padded_head_dim(dv)
+    if warps is None:
+        warps = 8
     softcap = float(softcap or 0.0)
     fill = _log2_logit(float(masked_value))
     kmean, _, _, _ = kv_stats(k, v, True, False, None)  # K's mean: the row shift, dQ's smoothed K
@@ -434,9 +476,22 @@ def attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask,
                   DQ_KMEAN=bool(softcap) and (bool(smooth_k) or not int8), Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(q.dtype),
                   EMULATE=casts.EMULATE, BLOCK_M=BWD_BM, BLOCK_N=BWD_BN, BLOCK_D=block_d, BLOCK_DV=block_dv,
                   num_warps=warps, num_stages=stages)
+    sparse = lut is not None
+    if sparse:
+        lut, counts = (t.expand(b, hq, *t.shape[2:]) for t in (lut, counts))
+        lut_t, counts_t = transpose_lut(lut, counts, nq)
+    else:
+        lut = counts = lut_t = counts_t = delta  # not read
+
+    def s3l(t):
+        return tuple(t.stride()[:3]) if sparse else (0, 0, 0)
+
+    consts.update(SPARSE=sparse, SPARSE_BQ=SPARSE_BQ)
     wrap_triton(_attn_bwd)[(triton.cdiv(nk, BWD_BN), hkv, b)](
-        *common, dk, *dk.stride(), dv_, *dv_.stride(), *scalars, DQ_PASS=False, **consts)
+        *common, dk, *dk.stride(), dv_, *dv_.stride(), lut_t, *s3l(lut_t), counts_t, *s3l(counts_t), *scalars,
+        DQ_PASS=False, **consts)
     wrap_triton(_attn_bwd)[(triton.cdiv(nq, BWD_BM), hq, b)](
-        *common, dq, *dq.stride(), dq, *dq.stride(), *scalars, DQ_PASS=True, **consts)
+        *common, dq, *dq.stride(), dq, *dq.stride(), lut, *s3l(lut), counts, *s3l(counts), *scalars,
+        DQ_PASS=True, **consts)
     return dq, dk, dv_
 
