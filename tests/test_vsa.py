@@ -296,3 +296,22 @@ def test_calibrate_with_vsa_and_run_the_plan():
     (site,) = attnopt.inspect(Attn(), *batches[0], options={**opts, "plan": plan.to_dict()}).sites
     assert site.op == "attnopt::sparse_attention" and site.details["sparsity"] > 0.3
     assert site.error["rel_l1"] <= 0.05
+
+
+def test_sparse_backward_kernels_under_the_interpreter_equal_the_reference(monkeypatch):
+    """impl 'triton': attnopt::sparse_attention_backward runs the attention backward kernels over
+    the kept blocks (the dense backward's LUT path); they equal the reference body's gradients."""
+    from attnopt.ops import sparse_train as T
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 200, 64, dtype=torch.bfloat16) for _ in range(3))
+    k = torch.cat([k, k], 1)[:, :2]
+    out, lse, keep = T.sparse_attention_train_impl(q, k, v, True, 0, 0.125, "int8", "fp16", True, "sm90", "reference",
+                                                   T.parse(T.sparsity_arg({"method": "vsa", "topk": 0.5})))
+    assert not keep.all()  # some blocks skipped
+    dout = torch.randn_like(out)
+    want = T.sparse_attention_backward_reference(q, k, v, out, lse, dout, keep, 0.125, True, 0)
+    monkeypatch.setenv("ATTNOPT_IMPL", "triton")
+    got = torch.ops.attnopt.sparse_attention_backward(q, k, v, out, lse, dout, keep, 0.125, True, 0)
+    for g, w in zip(got, want):  # the kernels round P and dS to 16 bits for the tensor cores, the reference not
+        assert rel_l1(g.float(), w.float()) < 1e-2

@@ -126,7 +126,15 @@ def _train_fake(q, k, v, is_causal, causal_offset, scale, quant, pv, smooth_k, a
 def _backward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    dout: torch.Tensor, block_keep: torch.Tensor, scale: float, is_causal: bool,
                    causal_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = sparse_attention_backward_reference(q, k, v, out, lse, dout, block_keep, scale, is_causal, causal_offset)
+    if use_triton_for(q, "auto", "auto"):  # the attention backward kernels, visiting the kept blocks only
+        from ..codegen.attention.backward import attention_backward_triton
+
+        lut, counts = R.block_mask_to_lut(block_keep, q.shape[2], k.shape[2], is_causal, causal_offset)
+        grads = attention_backward_triton(q, k, v, out, lse, dout, None, None, -math.inf, is_causal, causal_offset,
+                                          scale, False, 0.0, "exact", quant="none", lut=lut, counts=counts)
+    else:
+        grads = sparse_attention_backward_reference(q, k, v, out, lse, dout, block_keep, scale, is_causal,
+                                                    causal_offset)
     return tuple(g.contiguous() for g in grads)  # the layout the fake promises, whatever q's strides
 
 
