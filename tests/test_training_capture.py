@@ -193,3 +193,34 @@ def test_a_sparse_site_with_a_padding_mask_trains_dense_with_a_note():
     (s,) = be.recorder.sites()
     assert s.status == "rewritten" and s.op == "attnopt::attention_train"
     assert "dense in this graph that needs grad" in s.reason, s.reason
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_training_bodies_traced_into_the_joint_graph_as_on_cuda(sparse):
+    """Inline mode 'always' (what CUDA takes): AOTAutograd traces the training ops' forward and
+    backward bodies into the joint graph instead of keeping the calls; gradients unchanged."""
+    torch.manual_seed(0)
+    model = Attn(causal=True).bfloat16()
+    x = torch.randn(1, 256, 64, dtype=torch.bfloat16)
+    att = {"min_seq_len": 0, "backward": "exact"}
+    if sparse:
+        att["sparsity"] = {"method": "vsa", "topk": 0.5}
+    grads = {}
+    for inline in ("never", "always"):
+        be = attnopt.backend({"attention": att}, inductor_config={"fx_graph_cache": False})
+        be.ctx.inline = inline
+        torch._dynamo.reset()
+        seen = []
+        from torch._inductor import config as inductor_config
+
+        def spy(graph):
+            seen.extend(str(n.target) for n in graph.nodes if n.op == "call_function")
+
+        with inductor_config.patch(post_grad_custom_pre_pass=spy):
+            _, grads[inline], _ = _grads(torch.compile(model, backend=be), x)
+        calls = [t for t in seen if t.startswith("attnopt.")]
+        if inline == "always":
+            assert not calls, calls  # every attnopt op traced into its body
+        else:
+            assert any("backward" in t for t in calls), calls
+    assert rel_l1(grads["always"].float(), grads["never"].float()) < 0.01

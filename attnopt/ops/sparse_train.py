@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from . import aot_inline
 from . import sparse_ref as R
 from .attention_ref import attention_reference
 from .checks import check_attention_operands
@@ -112,6 +113,7 @@ BACKWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tenso
 
 sparse_attention_train_op = torch.library.triton_op("attnopt::sparse_attention_train", mutates_args=(),
                                                     schema=TRAIN_SCHEMA)(_train_body)
+aot_inline.install(sparse_attention_train_op, _train_body)  # as the other ops: traced into kernels on CUDA
 
 
 @sparse_attention_train_op.register_fake
@@ -140,6 +142,7 @@ def _backward_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
 
 sparse_attention_backward_op = torch.library.triton_op("attnopt::sparse_attention_backward", mutates_args=(),
                                                        schema=BACKWARD_SCHEMA)(_backward_body)
+aot_inline.install(sparse_attention_backward_op, _backward_body)
 
 
 @sparse_attention_backward_op.register_fake
