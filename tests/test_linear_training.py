@@ -98,11 +98,25 @@ def test_ops_pass_opcheck(fmt):
     torch.library.opcheck(torch.ops.attnopt.linear_train_fwd.default, (x, w, b, fmt, "cpu", "auto"), test_utils=tests)
     _, xq, xs = torch.ops.attnopt.linear_train_fwd(x, w, b, fmt, "cpu", "auto")
     torch.library.opcheck(torch.ops.attnopt.linear_train_bwd.default,
-                          (torch.randn(74, 48, dtype=torch.bfloat16), xq, xs, w.detach(), fmt, "cpu", "auto"),
-                          test_utils=tests)
+                          (torch.randn(74, 48, dtype=torch.bfloat16), xq, xs, w.detach(), fmt, "cpu", "auto", True,
+                           fmt == "int8"), test_utils=tests)
     g = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
     torch.library.opcheck(torch.ops.attnopt.norm_train_fwd.default, (x, g, None, 1e-6, "rms", fmt, "cpu", "auto"),
                           test_utils=tests)
+
+
+def test_frozen_weight_keeps_no_input_and_gets_no_gradient():
+    """LoRA's base layers: a weight that needs no gradient makes backward keep only the weight
+    (no Q(x)) and compute dX alone, the same dX as with a trainable weight."""
+    from attnopt.metrics import saved_for_backward
+
+    x, w, b, gy = _operands(64, 96, 80, torch.bfloat16)
+    xl = x.clone().requires_grad_()
+    saved = saved_for_backward(lambda: torch.ops.attnopt.linear_train(xl, w, b, "int8", "cpu", "auto"), [w])
+    assert saved["activation_bytes"] == 0 and saved["param_bytes"] == w.numel() * 2
+    saved["out"].backward(gy)
+    _, dx, dw, _ = _run(x, w, b, gy, "int8")
+    assert torch.equal(xl.grad, dx)
 
 
 # ------------------------------------------------------------------------------ kernels (interpreter)
@@ -350,3 +364,23 @@ def test_a_few_optimizer_steps_track_eager_without_recompiling(fmt):
     assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
     assert losses["attnopt"][-1] < losses["attnopt"][0]
     assert abs(losses["attnopt"][-1] - losses["eager"][-1]) <= 0.03 * losses["eager"][-1], losses
+
+
+def test_autocast_region_computes_in_its_dtype():
+    """Under torch.autocast an fp32 model's linear gets its input cast to bf16 (its output is bf16,
+    as autocast's), its fp32 master weight quantized as it is and given an fp32 gradient."""
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(64, 96)
+    be = attnopt.backend({"linear": {"training": "int8"}})
+    f = torch.compile(lambda t: lin(t), backend=be, fullgraph=True)
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = f(x)
+    assert y.dtype == torch.bfloat16
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    (rec,) = be.recorder.sites()
+    assert rec.op == "attnopt::linear_train" and rec.details["autocast"] == "bfloat16"
+    ref = _float64_grads(x.bfloat16(), lin.weight, lin.bias, gy)
+    assert lin.weight.grad.dtype == torch.float32 and rel_l1(lin.weight.grad, ref[2]) <= GRAD_BOUND["int8"]
+    assert x.grad.dtype == torch.float32 and rel_l1(x.grad, ref[1]) <= GRAD_BOUND["int8"]
