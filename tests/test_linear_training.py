@@ -384,3 +384,18 @@ def test_autocast_region_computes_in_its_dtype():
     ref = _float64_grads(x.bfloat16(), lin.weight, lin.bias, gy)
     assert lin.weight.grad.dtype == torch.float32 and rel_l1(lin.weight.grad, ref[2]) <= GRAD_BOUND["int8"]
     assert x.grad.dtype == torch.float32 and rel_l1(x.grad, ref[1]) <= GRAD_BOUND["int8"]
+
+
+def test_aten_capture_of_a_training_graph_keeps_the_ops_whole():
+    """The attention pass's trace to aten must not inline linear_train's body (on CUDA it would by
+    default; 'always' forces that here): AOT has to see the op to use its autograd formula."""
+    from attnopt.ops import aot_inline
+    from attnopt.passes.aten_capture import trace_to_aten
+
+    model = Mlp().bfloat16()
+    gm, ex = _grad_graph(model, torch.randn(2, 40, 64).bfloat16())
+    run_linear_pass(gm, ex, normalize_options({"linear": {"training": "int8"}}), ARCHS["cpu"])
+    with aot_inline.inline_mode("always"):
+        aten = trace_to_aten(gm, ex)
+    ops = [n.target for n in aten.graph.nodes if n.op == "call_function" and "attnopt" in str(n.target)]
+    assert ops == [torch.ops.attnopt.norm_train_fwd.default] + [torch.ops.attnopt.linear_train_fwd.default] * 2
