@@ -399,3 +399,21 @@ def test_aten_capture_of_a_training_graph_keeps_the_ops_whole():
         aten = trace_to_aten(gm, ex)
     ops = [n.target for n in aten.graph.nodes if n.op == "call_function" and "attnopt" in str(n.target)]
     assert ops == [torch.ops.attnopt.norm_train_fwd.default] + [torch.ops.attnopt.linear_train_fwd.default] * 2
+
+
+def test_launch_and_pass_budget():
+    """Per call: forward three launches (quantize x, quantize W, the GEMM with its bias), backward
+    four (quantize dY, quantize W, the dX and dW GEMMs); no aten op moves an activation-sized
+    tensor besides backward's dBias, a sum of dY (autograd's, outside the kernels)."""
+    from attnopt.codegen.linear.block_gemm import linear_train_backward_triton, linear_train_forward_triton
+    from attnopt.codegen.work_count import count_work
+
+    x, w, b, gy = _operands(96, 200, 72, torch.bfloat16)
+    linear_train_forward_triton(x, w, b, "int8")
+    (_, xq, xs), fwd = count_work(lambda: linear_train_forward_triton(x, w, b, "int8"), full_size=x.numel())
+    assert fwd.launches == ["_quant_block_kernel", "_quant_block_kernel", "_block_gemm_kernel"], fwd.to_dict()
+    assert fwd.full_size_passes == [], fwd.to_dict()
+    _, bwd = count_work(lambda: linear_train_backward_triton(gy, xq, xs, w, "int8"), full_size=x.numel())
+    assert bwd.launches == ["_quant_block_kernel", "_quant_block_kernel", "_block_gemm_kernel",
+                            "_block_gemm_kernel"], bwd.to_dict()
+    assert bwd.full_size_passes == [], bwd.to_dict()
