@@ -291,7 +291,7 @@ def match_linears(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec,
         return None
     records = {s.key: _skipped_record(s) for s in sites}
     weights = {s.key: weight_nk(s, params[s.weight]).detach() for s in sites}
-    training = opts.linear.training != "off" and needs_autograd(example_inputs) and capture_all is False
+    training = opts.linear.training != "off" and needs_autograd(example_inputs) and not capture_all
     if training:
         formats = _choose_training_formats(sites, records, weights, opts, spec)
     else:
