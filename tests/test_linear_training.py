@@ -417,3 +417,19 @@ def test_launch_and_pass_budget():
     assert bwd.launches == ["_quant_block_kernel", "_quant_block_kernel", "_block_gemm_kernel",
                             "_block_gemm_kernel"], bwd.to_dict()
     assert bwd.full_size_passes == [], bwd.to_dict()
+
+
+def test_norm_train_quantizer_kernel_equals_the_reference():
+    """norm_train with impl 'triton' (its quantizer under the interpreter) saves the same Q(x) and
+    gives the same gradients as the reference."""
+    x = (torch.randn(70, 96) * 3).bfloat16()
+    w = (1 + 0.1 * torch.randn(96)).bfloat16()
+    gy = torch.randn_like(x)
+    got = []
+    for impl in ("triton", "reference"):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y, xq, xs, stats = torch.ops.attnopt.norm_train_fwd(xl, wl, None, 1e-6, "rms", "fp8", "cpu", impl)
+        y.backward(gy)
+        got.append((y, xq.view(torch.int8), xs, stats, xl.grad, wl.grad))
+    for a, b in zip(*got):
+        assert torch.equal(a, b)

@@ -51,9 +51,9 @@ def quantize_blocks(t: torch.Tensor, qfmt: str) -> tuple[torch.Tensor, torch.Ten
     return q.contiguous(), s
 
 
-def dequantize_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """float64 values of a block-quantized tensor."""
-    return q.double() * expand_scales(s, *q.shape).double()
+def dequantize_blocks(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The values of a block-quantized tensor (float64: exact; fp32: one rounding per value)."""
+    return q.to(dtype) * expand_scales(s, *q.shape).to(dtype)
 
 
 def block_gemm_ref(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
