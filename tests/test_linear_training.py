@@ -433,3 +433,15 @@ def test_norm_train_quantizer_kernel_equals_the_reference():
         got.append((y, xq.view(torch.int8), xs, stats, xl.grad, wl.grad))
     for a, b in zip(*got):
         assert torch.equal(a, b)
+
+
+def test_site_error_measures_forward_and_gradients():
+    """What the report's per-site gradient error would carry: the op against float64 autograd with
+    a seeded random upstream gradient, the same figures twice."""
+    from attnopt.ops.linear_train import site_error
+
+    x, w, b, _ = _operands(77, 200, 90, torch.bfloat16)
+    err = site_error(x, w, b, "int8")
+    assert set(err) == {"y", "dx", "dw", "db"} and err == site_error(x, w, b, "int8")
+    assert 0 < err["dw"]["rel_l1"] <= GRAD_BOUND["int8"] and err["y"]["cos"] > 0.999
+    assert site_error(x, w, None, "fp8")["dx"]["rel_l1"] > err["dx"]["rel_l1"]  # e5m2 dY: coarser

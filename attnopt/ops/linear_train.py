@@ -116,3 +116,28 @@ def linear_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 _LIB.impl("linear_train", linear_train, "CompositeImplicitAutograd")
+
+
+def site_error(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fmt: str, arch: str = "cpu",
+               impl: str = "auto", seed: int = 0) -> dict:
+    """A training site's measured error: the op's Y, dX, dW (and dBias) against float64 autograd
+    on these inputs, with a random standard-normal upstream gradient (seeded). For the report's
+    per-site gradient error: {"y": {...}, "dx": {...}, "dw": {...}[, "db": {...}]}, each
+    attnopt.metrics.compare's {rel_l1, cos, max_abs, rmse}."""
+    from ..metrics import compare
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n = weight.shape[0]
+    gy = torch.randn(*x.shape[:-1], n, generator=gen).to(device=x.device, dtype=x.dtype)
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    with torch.enable_grad():
+        y = linear_train(*leaves, fmt, arch, impl)
+        y.backward(gy)
+        exact = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        ref = torch.nn.functional.linear(*exact)
+        ref.backward(gy.double())
+    out = {"y": compare(y, ref), "dx": compare(leaves[0].grad, exact[0].grad),
+           "dw": compare(leaves[1].grad, exact[1].grad)}
+    if bias is not None:
+        out["db"] = compare(leaves[2].grad, exact[2].grad)
+    return out
