@@ -226,6 +226,10 @@ def training_format(fmt: str | None) -> str | None:
 
 def _training_reason(fmt: str, w: torch.Tensor, spec: ArchSpec) -> str | None:
     """Why the training op in `fmt` cannot run this weight on the target arch, or None."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(w):
+        return f"weight is a {type(w).__name__} (tensor parallel): the training op takes plain tensors"
     if _TRAIN_NEEDS[fmt] not in spec.linear_formats:
         return f"linear.training {fmt!r} needs sm89+ (target is {spec.name})"
     if w.dtype not in _QUANTIZABLE_DTYPES:
