@@ -1,12 +1,14 @@
 """Linear throughput: attnopt's W8A8 / FP8 / W4A16 GEMMs against torch bf16 matmul,
-torch._int_mm and torch._scaled_mm, plus prefill and decode latency of a Llama-shaped block
+torch._int_mm and torch._scaled_mm, the training linear's forward + backward (linear.training
+int8 / fp8) against bf16's, plus prefill and decode latency of a Llama-shaped block
 (attention + MLP) compiled with and without attnopt, all in one run. Needs a CUDA GPU.
 Targets on H100: INT8 GEMM >= 1.5x bf16 at M, N, K >= 4096; W4A16 at M = 1 >= 2.5x bf16.
 
     python benchmarks/linear.py [--quick] [--time-limit S]
 
 --quick: the GEMMs at M = 1 and M = N = K = 4096 (what the session runs first: they are written
-before the Llama-block rows start), then the block at 1 and 2048 tokens as time allows.
+before the Llama-block rows start), the training linear at M = N = K = 4096, then the block at 1
+and 2048 tokens as time allows.
 """
 
 from __future__ import annotations
@@ -75,6 +77,35 @@ def gemm_rows(shapes, arch, limit: common.TimeLimit):
     return rows
 
 
+def train_rows(shapes, arch, limit: common.TimeLimit):
+    """Forward + backward of one linear (dX and dW): bf16 F.linear against attnopt::linear_train
+    (each format the arch runs), TFLOPS counting the three GEMMs (6 M N K)."""
+    rows = []
+    formats = ["int8"] + (["fp8"] if arch in ("sm89", "sm90", "sm100", "sm120") else [])
+    for m, n, k in shapes:
+        if not limit.allows():
+            break
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.nn.Parameter(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        fns = {"torch bf16 fwd+bwd": lambda: torch.nn.functional.linear(x, w).backward(gy)}
+        for fmt in formats:
+            fns[f"attnopt train-{fmt} fwd+bwd"] = (
+                lambda fmt=fmt: torch.ops.attnopt.linear_train(x, w, None, fmt, arch, "auto").backward(gy))
+        with limit.item():
+            for name, fn in fns.items():
+                row = {"kind": "train", "M": m, "N": n, "K": k, "variant": name}
+                try:
+                    t = bench(fn)
+                    row.update(ms=t, tflops=6 * m * n * k / t / 1e9)
+                except Exception as e:
+                    row["error"] = repr(e)[:200]
+                x.grad = w.grad = None
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
 def block_rows(seq_lens, limit: common.TimeLimit):
     rows = []
     try:
@@ -132,6 +163,9 @@ def main():
         shapes = [(4096, 4096, 4096), (1, 4096, 4096)]
     rows = gemm_rows(shapes, arch, limit)
     common.write(out_name, rows, extra, out_dir=args.out_dir)  # kept if the block rows are cut short
+    rows += train_rows([(4096, 4096, 4096)] if args.quick else [(4096, 4096, 4096), (8192, 4096, 11008)], arch,
+                       limit)
+    common.write(out_name, rows, extra, out_dir=args.out_dir)
     rows += block_rows([1, 2048] if args.quick else [1, 512, 4096], limit)
     print("wrote", common.write(out_name, rows, {**extra, "stopped_by_time_limit": limit.stopped},
                                 out_dir=args.out_dir))

@@ -5,8 +5,10 @@
     python benchmarks/training_memory.py [--tokens 2048 --dim 128 --blocks 2]
 
 The model: `blocks` pre-norm blocks x + down(up(norm(x))), up d -> 4d with a bias, down 4d -> d.
-Rows: eager bf16, compiled bf16, compiled int8 / fp8 (norm_train on, as the linear pass does), and
-int8 / fp8 with the norms left plain (what the linears alone give). The ratio counts the weights
+Rows: eager bf16, compiled bf16, compiled int8 / fp8 (norm_train on, as the linear pass does),
+int8 / fp8 with the norms left plain (what the linears alone give), and fp8 with the ops' bodies
+traced into the graph (ATTNOPT_INLINE=always: what a GPU compiles, the partitioner free to save or
+recompute). The ratio counts the weights
 too (a saved weight is the parameter itself: its bytes are alive anyway, so the ratio without them,
 activations only, is printed beside it). Runs on the CPU (the reference arithmetic saves the same
 tensors the GPU kernels do). Writes benchmarks/results/training_memory_cpu.json.
@@ -53,9 +55,10 @@ def plain_norms():
 
 
 def measure(training: str | None, tokens: int, dim: int, blocks: int, norm: str = "rms", plain: bool = False,
-            seed: int = 0) -> dict:
+            seed: int = 0, inline: str | None = None) -> dict:
     """Saved-for-backward bytes of one forward. training None: eager; 'off' / 'int8' / 'fp8':
-    compiled by attnopt with that linear.training."""
+    compiled by attnopt with that linear.training; `inline` 'always': the ops' bodies traced into
+    the graph (as on a GPU), so Inductor's partitioner, not the ops, decides what is saved."""
     torch.manual_seed(seed)
     model = make_model(dim, blocks, norm)
     x = torch.randn(tokens // 256 or 1, min(tokens, 256), dim, dtype=torch.bfloat16, requires_grad=True)
@@ -64,7 +67,9 @@ def measure(training: str | None, tokens: int, dim: int, blocks: int, norm: str 
     ctx = plain_norms() if plain else contextlib.nullcontext()
     with ctx:
         if training is not None:
-            fn = torch.compile(model, backend=attnopt.backend({"linear": {"training": training}}), fullgraph=True)
+            backend = attnopt.backend({"linear": {"training": training}})
+            backend.ctx.inline = inline
+            fn = torch.compile(model, backend=backend, fullgraph=True)
             fn(x)  # compile outside the count
         res = saved_for_backward(lambda: fn(x), list(model.parameters()))
     res.pop("out")
@@ -72,12 +77,13 @@ def measure(training: str | None, tokens: int, dim: int, blocks: int, norm: str 
 
 
 def rows(tokens: int, dim: int, blocks: int, norm: str = "rms") -> list[dict]:
-    configs = [("eager bf16", None, False), ("compiled bf16", "off", False), ("int8", "int8", False),
-               ("fp8", "fp8", False), ("int8, plain norms", "int8", True), ("fp8, plain norms", "fp8", True)]
+    configs = [("eager bf16", None, False, None), ("compiled bf16", "off", False, None), ("int8", "int8", False, None),
+               ("fp8", "fp8", False, None), ("int8, plain norms", "int8", True, None),
+               ("fp8, plain norms", "fp8", True, None), ("fp8, bodies inlined", "fp8", False, "always")]
     out = []
     base = None
-    for name, training, plain in configs:
-        r = measure(training, tokens, dim, blocks, norm, plain)
+    for name, training, plain, inline in configs:
+        r = measure(training, tokens, dim, blocks, norm, plain, inline=inline)
         if name == "compiled bf16":
             base = r
         out.append({"config": name, "norm": norm, "tokens": tokens, "dim": dim, "blocks": blocks, **r})

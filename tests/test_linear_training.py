@@ -98,11 +98,25 @@ def test_ops_pass_opcheck(fmt):
     torch.library.opcheck(torch.ops.attnopt.linear_train_fwd.default, (x, w, b, fmt, "cpu", "auto"), test_utils=tests)
     _, xq, xs = torch.ops.attnopt.linear_train_fwd(x, w, b, fmt, "cpu", "auto")
     torch.library.opcheck(torch.ops.attnopt.linear_train_bwd.default,
-                          (torch.randn(74, 48, dtype=torch.bfloat16), xq, xs, w.detach(), fmt, "cpu", "auto"),
-                          test_utils=tests)
+                          (torch.randn(74, 48, dtype=torch.bfloat16), xq, xs, w.detach(), fmt, "cpu", "auto", True,
+                           fmt == "int8"), test_utils=tests)
     g = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
     torch.library.opcheck(torch.ops.attnopt.norm_train_fwd.default, (x, g, None, 1e-6, "rms", fmt, "cpu", "auto"),
                           test_utils=tests)
+
+
+def test_frozen_weight_keeps_no_input_and_gets_no_gradient():
+    """LoRA's base layers: a weight that needs no gradient makes backward keep only the weight
+    (no Q(x)) and compute dX alone, the same dX as with a trainable weight."""
+    from attnopt.metrics import saved_for_backward
+
+    x, w, b, gy = _operands(64, 96, 80, torch.bfloat16)
+    xl = x.clone().requires_grad_()
+    saved = saved_for_backward(lambda: torch.ops.attnopt.linear_train(xl, w, b, "int8", "cpu", "auto"), [w])
+    assert saved["activation_bytes"] == 0 and saved["param_bytes"] == w.numel() * 2
+    saved["out"].backward(gy)
+    _, dx, dw, _ = _run(x, w, b, gy, "int8")
+    assert torch.equal(xl.grad, dx)
 
 
 # ------------------------------------------------------------------------------ kernels (interpreter)
@@ -321,3 +335,113 @@ def test_hf_rmsnorm_feeding_three_linears_keeps_an_8bit_input():
     assert recs["norm:train"].status == "rewritten" and recs["norm:train"].details["consumers"] == ["q", "k", "v"]
     for (name, p), pe in zip(model.named_parameters(), exact.parameters()):
         assert rel_l1(p.grad, pe.grad) <= 0.05, name
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_a_few_optimizer_steps_track_eager_without_recompiling(fmt):
+    """AdamW updates the parameters in place every step: the training graph holds no copy of them,
+    so it is compiled once, and its loss follows the bf16 eager run's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, eager = Mlp(), Mlp()
+    eager.load_state_dict(model.state_dict())
+    model, eager = model.bfloat16(), eager.bfloat16()
+    be = attnopt.backend({"linear": {"training": fmt}})
+    compiled = torch.compile(model, backend=be, fullgraph=True)
+    x = torch.randn(4, 32, 64).bfloat16()
+    target = torch.randn(4, 32, 64).bfloat16()
+    losses = {}
+    for name, m, fn in (("attnopt", model, compiled), ("eager", eager, eager)):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        for _ in range(6):
+            opt.zero_grad()
+            loss = (fn(x).float() - target.float()).square().mean()
+            loss.backward()
+            opt.step()
+            losses.setdefault(name, []).append(loss.item())
+    print(fmt, {k: [round(v, 4) for v in vs] for k, vs in losses.items()})
+    assert be.graphs_compiled == 1
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
+    assert losses["attnopt"][-1] < losses["attnopt"][0]
+    assert abs(losses["attnopt"][-1] - losses["eager"][-1]) <= 0.03 * losses["eager"][-1], losses
+
+
+def test_autocast_region_computes_in_its_dtype():
+    """Under torch.autocast an fp32 model's linear gets its input cast to bf16 (its output is bf16,
+    as autocast's), its fp32 master weight quantized as it is and given an fp32 gradient."""
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(64, 96)
+    be = attnopt.backend({"linear": {"training": "int8"}})
+    f = torch.compile(lambda t: lin(t), backend=be, fullgraph=True)
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = f(x)
+    assert y.dtype == torch.bfloat16
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    (rec,) = be.recorder.sites()
+    assert rec.op == "attnopt::linear_train" and rec.details["autocast"] == "bfloat16"
+    ref = _float64_grads(x.bfloat16(), lin.weight, lin.bias, gy)
+    assert lin.weight.grad.dtype == torch.float32 and rel_l1(lin.weight.grad, ref[2]) <= GRAD_BOUND["int8"]
+    assert x.grad.dtype == torch.float32 and rel_l1(x.grad, ref[1]) <= GRAD_BOUND["int8"]
+
+
+def test_aten_capture_of_a_training_graph_keeps_the_ops_whole():
+    """The attention pass's trace to aten must not inline linear_train's body (on CUDA it would by
+    default; 'always' forces that here): AOT has to see the op to use its autograd formula."""
+    from attnopt.ops import aot_inline
+    from attnopt.passes.aten_capture import trace_to_aten
+
+    model = Mlp().bfloat16()
+    gm, ex = _grad_graph(model, torch.randn(2, 40, 64).bfloat16())
+    run_linear_pass(gm, ex, normalize_options({"linear": {"training": "int8"}}), ARCHS["cpu"])
+    with aot_inline.inline_mode("always"):
+        aten = trace_to_aten(gm, ex)
+    ops = [n.target for n in aten.graph.nodes if n.op == "call_function" and "attnopt" in str(n.target)]
+    assert ops == [torch.ops.attnopt.norm_train_fwd.default] + [torch.ops.attnopt.linear_train_fwd.default] * 2
+
+
+def test_launch_and_pass_budget():
+    """Per call: forward three launches (quantize x, quantize W, the GEMM with its bias), backward
+    four (quantize dY, quantize W, the dX and dW GEMMs); no aten op moves an activation-sized
+    tensor besides backward's dBias, a sum of dY (autograd's, outside the kernels)."""
+    from attnopt.codegen.linear.block_gemm import linear_train_backward_triton, linear_train_forward_triton
+    from attnopt.codegen.work_count import count_work
+
+    x, w, b, gy = _operands(96, 200, 72, torch.bfloat16)
+    linear_train_forward_triton(x, w, b, "int8")
+    (_, xq, xs), fwd = count_work(lambda: linear_train_forward_triton(x, w, b, "int8"), full_size=x.numel())
+    assert fwd.launches == ["_quant_block_kernel", "_quant_block_kernel", "_block_gemm_kernel"], fwd.to_dict()
+    assert fwd.full_size_passes == [], fwd.to_dict()
+    _, bwd = count_work(lambda: linear_train_backward_triton(gy, xq, xs, w, "int8"), full_size=x.numel())
+    assert bwd.launches == ["_quant_block_kernel", "_quant_block_kernel", "_block_gemm_kernel",
+                            "_block_gemm_kernel"], bwd.to_dict()
+    assert bwd.full_size_passes == [], bwd.to_dict()
+
+
+def test_norm_train_quantizer_kernel_equals_the_reference():
+    """norm_train with impl 'triton' (its quantizer under the interpreter) saves the same Q(x) and
+    gives the same gradients as the reference."""
+    x = (torch.randn(70, 96) * 3).bfloat16()
+    w = (1 + 0.1 * torch.randn(96)).bfloat16()
+    gy = torch.randn_like(x)
+    got = []
+    for impl in ("triton", "reference"):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y, xq, xs, stats = torch.ops.attnopt.norm_train_fwd(xl, wl, None, 1e-6, "rms", "fp8", "cpu", impl)
+        y.backward(gy)
+        got.append((y, xq.view(torch.int8), xs, stats, xl.grad, wl.grad))
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
+def test_site_error_measures_forward_and_gradients():
+    """What the report's per-site gradient error would carry: the op against float64 autograd with
+    a seeded random upstream gradient, the same figures twice."""
+    from attnopt.ops.linear_train import site_error
+
+    x, w, b, _ = _operands(77, 200, 90, torch.bfloat16)
+    err = site_error(x, w, b, "int8")
+    assert set(err) == {"y", "dx", "dw", "db"} and err == site_error(x, w, b, "int8")
+    assert 0 < err["dw"]["rel_l1"] <= GRAD_BOUND["int8"] and err["y"]["cos"] > 0.999
+    assert site_error(x, w, None, "fp8")["dx"]["rel_l1"] > err["dx"]["rel_l1"]  # e5m2 dY: coarser

@@ -51,9 +51,9 @@ def quantize_blocks(t: torch.Tensor, qfmt: str) -> tuple[torch.Tensor, torch.Ten
     return q.contiguous(), s
 
 
-def dequantize_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """float64 values of a block-quantized tensor."""
-    return q.double() * expand_scales(s, *q.shape).double()
+def dequantize_blocks(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The values of a block-quantized tensor (float64: exact; fp32: one rounding per value)."""
+    return q.to(dtype) * expand_scales(s, *q.shape).to(dtype)
 
 
 def block_gemm_ref(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -82,12 +82,17 @@ def linear_train_forward_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tenso
     return y.reshape(*x.shape[:-1], w.shape[0]), xq, xs
 
 
-def linear_train_backward_ref(gy: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, fmt: str):
+def linear_train_backward_ref(gy: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, fmt: str,
+                              need_dx: bool = True, need_dw: bool = True):
     """(dX [M, K] in gy's dtype, dW [N, K] in w's dtype) from dY [M, N] (2-D), the saved Q(x) and W:
-    dX = Q(dY) Q(W), dW = Q(dY)^T Q(x), the weight quantized again (as in forward)."""
+    dX = Q(dY) Q(W), dW = Q(dY)^T Q(x), the weight quantized again (as in forward). One not
+    needed comes back empty."""
     act, grad = operand_formats(fmt)
     gq, gs = quantize_blocks(gy, grad)
-    wq, ws = quantize_blocks(w, act)
-    dx = block_gemm_ref(gq, gs, *transposed(wq, ws), gy.dtype)
-    dw = block_gemm_ref(*transposed(gq, gs), *transposed(xq, xs), w.dtype)
+    dx, dw = gy.new_empty(0), w.new_empty(0)
+    if need_dx:
+        wq, ws = quantize_blocks(w, act)
+        dx = block_gemm_ref(gq, gs, *transposed(wq, ws), gy.dtype)
+    if need_dw:
+        dw = block_gemm_ref(*transposed(gq, gs), *transposed(xq, xs), w.dtype)
     return dx, dw

@@ -60,7 +60,7 @@ def norm_train_forward_ref(x, weight, bias, eps: float, kind: str):
 
 def norm_train_backward_ref(gy2, xq, xs, stats, weight, kind: str, has_bias: bool):
     """(dX [M, K] fp32, dgamma, dbeta or an empty tensor) from dY [M, K] and the dequantized x."""
-    x = R.dequantize_blocks(xq, xs).float()
+    x = R.dequantize_blocks(xq, xs, torch.float32)  # fp32: what the GPU runs traced (no float64)
     mean, rstd = stats[:, :1], stats[:, 1:]
     n = (x - mean) * rstd
     g = gy2.float() * weight.float()

@@ -226,6 +226,10 @@ def training_format(fmt: str | None) -> str | None:
 
 def _training_reason(fmt: str, w: torch.Tensor, spec: ArchSpec) -> str | None:
     """Why the training op in `fmt` cannot run this weight on the target arch, or None."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(w):
+        return f"weight is a {type(w).__name__} (tensor parallel): the training op takes plain tensors"
     if _TRAIN_NEEDS[fmt] not in spec.linear_formats:
         return f"linear.training {fmt!r} needs sm89+ (target is {spec.name})"
     if w.dtype not in _QUANTIZABLE_DTYPES:
@@ -291,7 +295,7 @@ def match_linears(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec,
         return None
     records = {s.key: _skipped_record(s) for s in sites}
     weights = {s.key: weight_nk(s, params[s.weight]).detach() for s in sites}
-    training = opts.linear.training != "off" and needs_autograd(example_inputs) and capture_all is False
+    training = opts.linear.training != "off" and needs_autograd(example_inputs) and not capture_all
     if training:
         formats = _choose_training_formats(sites, records, weights, opts, spec)
     else:

@@ -238,11 +238,28 @@ def _probe_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: A
     return rw.call(torch.ops.attnopt.linear_probe.default, args, s.node)
 
 
+def autocast_dtype(site: LinearSite) -> torch.dtype | None:
+    """The 16-bit dtype the linear computes in when it differs from its input's (an autocast
+    region: Dynamo's example output is bf16 / fp16 for fp32 x), else None."""
+    out, xe = example_value(site.node), example_value(site.x)
+    if isinstance(out, torch.Tensor) and isinstance(xe, torch.Tensor) and out.dtype != xe.dtype and \
+            out.dtype in (torch.float16, torch.bfloat16):
+        return out.dtype
+    return None
+
+
 def _train_call(rw: LinearRewriter, p: _Prepared, fmt: str, spec: ArchSpec) -> fx.Node:
-    """attnopt::linear_train on the weight parameter as [N, K] (a transpose view for Conv1D's [K, N])."""
+    """attnopt::linear_train on the weight parameter as [N, K] (a transpose view for Conv1D's [K, N]).
+    Under autocast x is cast to the region's dtype, as autocast would (the output then has it);
+    the weight is quantized from the fp32 master itself, which backward keeps instead of a copy."""
     s = p.site
     w_node = rw.call(torch.t, [s.weight], s.node) if s.transposed else s.weight
-    return rw.call(torch.ops.attnopt.linear_train.default, [s.x, w_node, s.bias, fmt, spec.name, "auto"], s.node)
+    x = s.x
+    cast = autocast_dtype(s)
+    if cast is not None:
+        x = rw.call(torch.Tensor.to, [s.x, cast], s.node)
+        x.meta.pop("example_value", None)  # the anchor's (the linear's output) does not describe it
+    return rw.call(torch.ops.attnopt.linear_train.default, [x, w_node, s.bias, fmt, spec.name, "auto"], s.node)
 
 
 TRAIN_FORMATS = {  # linear.training -> (forward operands, backward operands, what backward keeps of x)
@@ -261,6 +278,9 @@ def _record_training(rec: SiteRecord, p: _Prepared, fmt: str, spec: ArchSpec) ->
                   f"keeps x as {saved} + block scales for backward")
     rec.details.update(format=f"train-{fmt}", forward_format=fwd, backward_format=bwd, saved_activation=saved,
                        block=[32, 32], m=_static_m(p.site.x))
+    cast = autocast_dtype(p.site)
+    if cast is not None:
+        rec.details["autocast"] = str(cast).replace("torch.", "")
 
 
 def _rewrite_train_norm(rw: LinearRewriter, tn, fmt: str, spec: ArchSpec) -> None:

@@ -56,6 +56,9 @@ def _operands(n: fx.Node):
     shape = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (list, tuple)) else None
     if shape is None or len(shape) != 1 or shape[0] != xe.shape[-1]:
         return None
+    out = example_value(n)
+    if not isinstance(out, torch.Tensor) or out.dtype != xe.dtype:  # autocast's fp32 norm of a bf16 x
+        return None
     if n.target in _LAYER_NORMS:
         eps = _arg(n, 4, "eps", 1e-5)
         return x, _arg(n, 2, "weight"), _arg(n, 3, "bias"), eps, "layer"

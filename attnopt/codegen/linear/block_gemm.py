@@ -181,12 +181,16 @@ def linear_train_forward_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Te
     return y.reshape(*x.shape[:-1], w.shape[0]), xq, xs
 
 
-def linear_train_backward_triton(gy: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, fmt: str):
+def linear_train_backward_triton(gy: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, fmt: str,
+                                 need_dx: bool = True, need_dw: bool = True):
     """(dX [M, K], dW [N, K]) from dY [M, N]: dY quantized per block, W quantized again, two block
-    GEMMs reading transposes through strides."""
+    GEMMs reading transposes through strides; one not needed is skipped (returned empty)."""
     act, grad = operand_formats(fmt)
     gq, gs = quantize_blocks_triton(gy, grad)
-    wq, ws = quantize_blocks_triton(w, act)
-    dx = block_gemm_triton(gq, gs, wq.t(), ws.t(), gy.dtype)
-    dw = block_gemm_triton(gq.t(), gs.t(), xq.t(), xs.t(), w.dtype)
+    dx, dw = gy.new_empty(0), w.new_empty(0)
+    if need_dx:
+        wq, ws = quantize_blocks_triton(w, act)
+        dx = block_gemm_triton(gq, gs, wq.t(), ws.t(), gy.dtype)
+    if need_dw:
+        dw = block_gemm_triton(gq.t(), gs.t(), xq.t(), xs.t(), w.dtype)
     return dx, dw
