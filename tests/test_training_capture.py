@@ -224,3 +224,18 @@ def test_training_bodies_traced_into_the_joint_graph_as_on_cuda(sparse):
         else:
             assert any("backward" in t for t in calls), calls
     assert rel_l1(grads["always"].float(), grads["never"].float()) < 0.01
+
+
+def test_inspect_grad_reports_training_linears_too():
+    from attnopt.inspection.table import render_table
+
+    torch.manual_seed(0)
+    model = Attn().bfloat16().eval()
+    x = torch.randn(1, 77, 64, dtype=torch.bfloat16)
+    rep = attnopt.inspect(model, x, options={"attention": {"min_seq_len": 0}, "linear": {"training": "int8"}},
+                          grad=True, timing_runs=0)
+    lin = {s.module: s.error["grad"] for s in rep.sites if s.kind == "linear"}
+    assert set(lin) == {"q", "kv", "o"}, [(s.key, s.reason) for s in rep.sites]
+    for g in lin.values():
+        assert g["training"] == "int8" and max(g["y"], g["dx"], g["dw"]) < 0.03 and g["cos_min"] > 0.99, g
+    assert "training int8, Y" in render_table(rep, width=160)

@@ -116,7 +116,8 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     interpreter, whose times mean nothing; inspection/timing.py).
     `grad`: each rewritten dense attention site also reports the gradient error of the training
     op under `attention.backward` (dQ, dK, dV rel-L1 against float64 autograd, on the site's
-    inputs with a random upstream gradient; the record's `error["grad"]`).
+    inputs with a random upstream gradient; the record's `error["grad"]`), and with
+    `linear.training` set each selected linear that of its training op (Y, dX, dW).
     """
     bar = Progress("inspect") if progress and not callable(progress) else None  # stderr, on a terminal only
     say = progress if callable(progress) else (bar.note if bar else (lambda m: None))
@@ -140,8 +141,12 @@ def inspect(model: torch.nn.Module | Callable, *example_inputs, options: Mapping
     if switches.interpreted() and switches.impl() == "triton":
         timing_runs = 0  # Triton's interpreter runs the kernels: their time says nothing
     probe.register_sink(sink_id, measured)
-    if grad and be.ctx.options.attention.backward != "off":
-        probe.register_grad_check(sink_id, be.ctx.options.attention.backward)
+    if grad:  # gradient errors under the training options (what a training graph would run)
+        opts = be.ctx.options
+        backward = opts.attention.backward if opts.attention.backward != "off" else None
+        training = opts.linear.training if opts.linear.training != "off" else None
+        probe.register_grad_check(sink_id, backward, training)
+        be.ctx.capture_linears = be.ctx.capture_linears or training is not None  # a probe on every linear
     if timing_runs > 0:
         probe.register_timer(sink_id, timed)
     try:

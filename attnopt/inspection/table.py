@@ -260,8 +260,12 @@ def _grad_lines(sites) -> list[str]:
         return []
     out = ["gradients (training op on each site's inputs, random upstream gradient; rel-L1 vs float64):"]
     for key, g in rows:
-        out.append(f"  {key}: backward {g['backward']}, dQ {_fmt_err(g['dq'])}, dK {_fmt_err(g['dk'])}, "
-                   f"dV {_fmt_err(g['dv'])}, min cos {_fmt_err(g['cos_min'])}")
+        if "backward" in g:
+            out.append(f"  {key}: backward {g['backward']}, dQ {_fmt_err(g['dq'])}, dK {_fmt_err(g['dk'])}, "
+                       f"dV {_fmt_err(g['dv'])}, min cos {_fmt_err(g['cos_min'])}")
+        else:
+            out.append(f"  {key}: training {g['training']}, Y {_fmt_err(g['y'])}, dX {_fmt_err(g['dx'])}, "
+                       f"dW {_fmt_err(g['dw'])}, min cos {_fmt_err(g['cos_min'])}")
     return out
 
 

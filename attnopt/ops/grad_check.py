@@ -1,6 +1,6 @@
 """A site's gradient error: what `attnopt.inspect(..., grad=True)` reports for training.
 
-On a site's captured inputs, attnopt's trainable attention (`attnopt::attention_train`, the same
+On a site's captured inputs (a linear: `ops/linear_train.site_error`), attnopt's trainable attention (`attnopt::attention_train`, the same
 forward formats the site runs, the configured backward) is differentiated against a random
 upstream gradient, and dQ, dK, dV are compared with float64 autograd of unquantized attention
 under the same masks. The upstream gradient is seeded, so a report is repeatable.
@@ -16,15 +16,14 @@ from ..metrics import compare
 from .attention_ref import attention_exact
 
 
-def attention_grad_error(*args, **kwargs) -> dict:
-    """{"dq": rel-L1, "dk": ..., "dv": ..., "cos_min": the lowest cosine of the three} (arguments:
-    `_measure`'s). Called from inside an op's body, where the dispatcher has autograd switched
-    off for this thread: the measurement runs on a thread of its own, with autograd as usual."""
+def with_autograd(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with autograd on. Called from inside an op's body, where the dispatcher
+    has autograd switched off for this thread: `fn` runs on a thread of its own."""
     result: list = []
 
     def run():
         try:
-            result.append(_measure(*args, **kwargs))
+            result.append(fn(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             result.append(e)
 
@@ -34,6 +33,23 @@ def attention_grad_error(*args, **kwargs) -> dict:
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+def attention_grad_error(*args, **kwargs) -> dict:
+    """{"dq": rel-L1, "dk": ..., "dv": ..., "cos_min": the lowest cosine of the three, "backward"}
+    (arguments: `_measure`'s)."""
+    return with_autograd(_measure, *args, **kwargs)
+
+
+def linear_grad_error(x, weight, bias, fmt: str, arch: str) -> dict:
+    """A linear under `linear.training = fmt` on these inputs: {"y", "dx", "dw"[, "db"]: rel-L1,
+    "cos_min", "training": fmt} (ops/linear_train.site_error, random upstream gradient)."""
+    from .linear_train import site_error
+
+    errs = with_autograd(site_error, x, weight, bias, fmt, arch)
+    out = {k: v["rel_l1"] for k, v in errs.items()}
+    out.update(cos_min=min(v["cos"] for v in errs.values()), training=fmt)
+    return out
 
 
 def _measure(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv, smooth_k,

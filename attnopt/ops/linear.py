@@ -13,7 +13,7 @@ import torch
 
 from ..metrics import compare
 from . import linear_ref as L
-from .probe import _CAPTURES, _OVERRIDES, _SINKS, _TIMERS
+from .probe import _CAPTURES, _OVERRIDES, _SINKS, _TIMERS, linear_grad_format
 
 
 from ..switches import use_triton as _triton
@@ -88,7 +88,13 @@ def linear_probe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if sink is not None:
         with torch.no_grad():
             ref = x.double() @ weight.double().T + (bias.double() if bias is not None else 0)
-            sink(key, compare(out, ref))
+            m = compare(out, ref)
+        training = linear_grad_format(sink_id)
+        if training:
+            from .grad_check import linear_grad_error
+
+            m["grad"] = linear_grad_error(x, weight, bias, training, arch)
+        sink(key, m)
     timer: Callable | None = _TIMERS.get(sink_id)
     if timer is not None and fmt != "none":
         with torch.no_grad():

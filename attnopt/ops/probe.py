@@ -30,6 +30,7 @@ _TIMERS: dict[str, Callable[[str, Callable, Callable], None]] = {}  # inspect: (
 # calibration: (key, the site's inputs) -> the output a candidate choice computes, or None (as compiled)
 _OVERRIDES: dict[str, Callable[[str, dict], Optional[torch.Tensor]]] = {}
 _GRAD_CHECKS: dict[str, str] = {}  # inspect(grad=True): the backward ('int8' | 'exact') to measure per site
+_LINEAR_GRAD_CHECKS: dict[str, str] = {}  # inspect(grad=True): the linear.training format to measure
 _LOCK = threading.Lock()
 
 
@@ -45,12 +46,21 @@ def unregister_sink(sink_id: str) -> None:
         _TIMERS.pop(sink_id, None)
         _OVERRIDES.pop(sink_id, None)
         _GRAD_CHECKS.pop(sink_id, None)
+        _LINEAR_GRAD_CHECKS.pop(sink_id, None)
 
 
-def register_grad_check(sink_id: str, backward: str) -> None:
-    """Each measured dense site also reports its gradient error under `backward` (ops/grad_check.py)."""
+def register_grad_check(sink_id: str, backward: str | None, linear_training: str | None = None) -> None:
+    """Each measured dense attention site also reports its gradient error under `backward`, each
+    linear under `linear_training` (None: not measured; ops/grad_check.py)."""
     with _LOCK:
-        _GRAD_CHECKS[sink_id] = backward
+        if backward:
+            _GRAD_CHECKS[sink_id] = backward
+        if linear_training:
+            _LINEAR_GRAD_CHECKS[sink_id] = linear_training
+
+
+def linear_grad_format(sink_id: str) -> str | None:
+    return _LINEAR_GRAD_CHECKS.get(sink_id)
 
 
 def register_override(sink_id: str, fn: Callable[[str, dict], Optional[torch.Tensor]]) -> None:
