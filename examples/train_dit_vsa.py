@@ -1,8 +1,10 @@
 """Train a tiny DiT-style video denoiser with VSA (trainable block-sparse attention), in eager
-mode through the differentiable op `attnopt::sparse_attention_train`, next to the same model with
+mode through the differentiable op `attnopt::sparse_attention_train` (or, --compile, the dense
+model under torch.compile(backend="attnopt") with vsa in its options), next to the same model with
 dense attention from the same initialization.
 
     python examples/train_dit_vsa.py                      # 4 frames x 16 x 16 patches, CPU, 30 steps
+    python examples/train_dit_vsa.py --compile            # the compiler rewrites SDPA into VSA
     python examples/train_dit_vsa.py --steps 200 --topk 0.125 --cube 1 8 8
 
 Tokens are put into cube order once, at patchify (attnopt.ops.sparse_ref.vsa_cube_order): every
@@ -103,16 +105,29 @@ class TinyDiT(torch.nn.Module):
         return out.transpose(1, 2).reshape(x.shape)
 
 
+def compile_options(sparsity: dict) -> dict:
+    """backend="attnopt" options that turn the dense model's SDPA sites into trainable VSA (its
+    attention runs in fp32 here, hence allow_fp32: P.V then runs in bf16)."""
+    return {"attention": {"sparsity": dict(sparsity), "allow_fp32": True, "min_seq_len": 0}}
+
+
 def train(steps: int = 30, sparsity: dict | None = None, frames: int = 4, size: int = 16, channels: int = 8,
           dim: int = 128, heads: int = 4, layers: int = 2, batch: int = 2, lr: float = 1e-3,
-          cube=(1, 8, 8), seed: int = 0) -> list[float]:
-    """Train from a seed-fixed initialization; -> the loss of every step."""
+          cube=(1, 8, 8), seed: int = 0, compiled: bool = False, backend=None) -> list[float]:
+    """Train from a seed-fixed initialization; -> the loss of every step. `compiled`: the dense
+    model under torch.compile(backend="attnopt") with `sparsity` in the options (the compiler
+    rewrites its SDPA calls into attnopt::sparse_attention_train) instead of the eager op."""
     gen = torch.Generator().manual_seed(seed)
     data = smooth_videos(8, channels, frames, size, gen)
     torch.manual_seed(seed)
-    model = TinyDiT(channels, frames, size, dim, heads, layers, sparsity,
+    model = TinyDiT(channels, frames, size, dim, heads, layers, None if compiled else sparsity,
                     R.vsa_cube_order(frames, size, size, cube))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    if compiled:
+        import attnopt
+
+        torch._dynamo.reset()
+        model = torch.compile(model, backend=backend or attnopt.backend(compile_options(sparsity)), fullgraph=True)
     losses = []
     for _ in range(steps):
         x0 = data[torch.randint(0, len(data), (batch,), generator=gen)]
@@ -142,9 +157,11 @@ def main():
     ap.add_argument("--topk", type=float, default=0.25, help="share of the key tiles each query tile keeps")
     ap.add_argument("--tile", type=int, default=64)
     ap.add_argument("--cube", type=int, nargs=3, default=[1, 8, 8], help="frames x height x width per cube")
+    ap.add_argument("--compile", action="store_true",
+                    help='the dense model under torch.compile(backend="attnopt") with vsa in the options')
     args = ap.parse_args()
     sparsity = {"method": "vsa", "tile": args.tile, "topk": args.topk}
-    vsa = train(args.steps, sparsity, cube=tuple(args.cube))
+    vsa = train(args.steps, sparsity, cube=tuple(args.cube), compiled=args.compile)
     dense = train(args.steps, None, cube=tuple(args.cube))
     print(f"summary: vsa loss {vsa[0]:.4f} -> {vsa[-1]:.4f}; dense loss {dense[0]:.4f} -> {dense[-1]:.4f}; "
           f"block sparsity {vsa_sparsity(sparsity):.3f}; steps {args.steps}")

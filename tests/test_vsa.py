@@ -261,6 +261,23 @@ def test_dit_example_trains_with_vsa():
     assert max(abs(a - b) / b for a, b in zip(vsa, dense)) < 0.1  # tracks dense training from the same start
 
 
+def test_dit_example_trains_with_vsa_under_the_attnopt_backend():
+    """The dense DiT compiled with backend="attnopt" and vsa in the options: its SDPA sites become
+    attnopt::sparse_attention_train, and it trains like the eager VSA model from the same start."""
+    import attnopt
+
+    ex = _example()
+    small = dict(layers=1, dim=64, heads=2)
+    sp = {"method": "vsa", "tile": 64, "topk": 0.25}
+    be = attnopt.backend(ex.compile_options(sp))
+    compiled = ex.train(4, sp, compiled=True, backend=be, **small)
+    eager = ex.train(4, sp, **small)
+    att = [s for s in be.recorder.sites() if s.kind == "attention"]
+    assert att and all(s.op == "attnopt::sparse_attention_train" for s in att), [(s.key, s.reason) for s in att]
+    assert all(math.isfinite(x) for x in compiled)
+    assert max(abs(a - b) / b for a, b in zip(compiled, eager)) < 0.05, (compiled, eager)
+
+
 @pytest.mark.slow  # two AOT compiles: 15-25 s on 2 shared cores
 def test_train_op_in_a_compiled_training_graph():
     """fullgraph torch.compile (AOTAutograd) consults the op's autograd formula: the same gradients
