@@ -147,7 +147,7 @@ def test_a_rewrite_before_aotautograd_is_differentiated_by_the_ops_registered_ba
 def test_backend_leaves_an_untraceable_graph_to_inductor_and_says_why(monkeypatch):
     from attnopt.passes import manager
 
-    def fail(gm, example_inputs):
+    def fail(gm, example_inputs, training=False):
         raise CaptureError("RuntimeError: something aten tracing cannot do")
 
     monkeypatch.setattr(manager, "trace_to_aten", fail)
