@@ -57,9 +57,9 @@ def test_forced_arch_emulates_that_arch_on_cpu():
     assert s.error["rel_l1"] < 0.05
 
 
-def test_training_graph_is_left_to_autograd():
+def test_training_graph_with_backward_off_is_left_to_autograd():
     q, k, v = (randn(1, 2, 77, 32).requires_grad_() for _ in range(3))
-    be = attnopt.backend({"attention": {"min_seq_len": 0}}, inductor_config={"fx_graph_cache": False})
+    be = attnopt.backend({"attention": {"min_seq_len": 0, "backward": "off"}}, inductor_config={"fx_graph_cache": False})
     torch._dynamo.reset()
     with torch._functorch.config.patch(enable_autograd_cache=False):
         out = torch.compile(Attn(), backend=be)(q, k, v)
