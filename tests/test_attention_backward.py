@@ -138,15 +138,22 @@ def test_finite_masked_value_rows_take_the_mean():
         assert rel_l1(g, w) <= EXACT_REL
 
 
-def test_bias_gets_no_gradient_and_inference_is_unchanged():
+def test_a_bias_that_requires_grad_is_refused_and_inference_is_unchanged():
+    """The op gives the bias no gradient: a bias that requires one is refused, never silently
+    left without (eagerly here; the compiler leaves such sites as they were)."""
     q, k, v, do, bias, _ = make_inputs(50, 50, 64, torch.bfloat16, bias=True)
-    bias = bias.clone().requires_grad_()
+    with pytest.raises(ValueError, match="learnable bias"):
+        attnopt.attention(q, k, v, attn_mask=bias.clone().requires_grad_(), backward="int8")
+    with pytest.raises(RuntimeError, match="attn_bias requires grad"):  # the op itself, called directly
+        out, _ = torch.ops.attnopt.attention_train(q, k, v, bias.clone().requires_grad_(), None, -math.inf, False, 0,
+                                                   0.125, "int8", "fp16", True, False, "cpu", "auto", 0.0, "int8")
+        out.backward(do)
     qg = q.clone().requires_grad_()
     out = attnopt.attention(qg, k, v, attn_mask=bias, backward="int8")
-    ref = attnopt.attention(q, k, v, attn_mask=bias.detach())
+    ref = attnopt.attention(q, k, v, attn_mask=bias)
     assert torch.equal(out.detach(), ref)  # the inference op's numbers, unchanged
     out.backward(do)
-    assert bias.grad is None and qg.grad is not None and qg.grad.abs().sum() > 0
+    assert qg.grad is not None and qg.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("mode", ["int8", "exact"])
@@ -175,6 +182,10 @@ KERNEL_CASES = {
     "keep-finite-fill-d128": dict(nq=96, nk=96, d=128, dtype=torch.float16, hq=2, hkv=1, keep=True,
                                   masked_value=-1e4),
     "softcap-d96": dict(nq=65, nk=65, d=96, dtype=torch.float16, hq=2, hkv=2, softcap=8.0),
+    # causal with q longer than k and a finite fill: rows 0-59 see no key and attend to all of
+    # them uniformly, key tiles above the diagonal included (regression: the dK/dV pass skipped them)
+    "causal-finite-fill-no-key-rows": dict(nq=130, nk=70, d=64, dtype=torch.float16, hq=1, hkv=1, causal=True,
+                                          masked_value=-1e4),
 }
 
 

@@ -239,3 +239,32 @@ def test_inspect_grad_reports_training_linears_too():
     for g in lin.values():
         assert g["training"] == "int8" and max(g["y"], g["dx"], g["dw"]) < 0.03 and g["cos_min"] > 0.99, g
     assert "training int8, Y" in render_table(rep, width=160)
+
+
+def test_a_no_grad_region_stays_without_gradient():
+    """Regression: the capture trace records no grad-mode switches, so a value computed under
+    torch.no_grad() was differentiated once a site was rewritten (HF's rotary embedding runs
+    under no_grad too)."""
+
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(64))
+
+        def forward(self, x, mask=None):
+            b, n, _ = x.shape
+            with torch.no_grad():
+                g = self.w.sigmoid()
+            q = x.view(b, n, 4, 16).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, q, q)
+            return y.transpose(1, 2).reshape(b, n, -1) * g
+
+    torch.manual_seed(0)
+    model = Gated().bfloat16()
+    x = torch.randn(1, 77, 64, dtype=torch.bfloat16)
+    f, be = _compiled(model)
+    _, gx, gp = _grads(f, x)
+    assert [s.status for s in be.recorder.sites()] == ["rewritten"]
+    assert gp["w"] is None or not gp["w"].any()
+    _, want, _ = _grads(model, x)
+    assert rel_l1(gx.float(), want.float()) < 0.05

@@ -146,6 +146,9 @@ def attention(
 
         if backward not in BACKWARD_MODES:
             raise ConfigError("backward", backward, " | ".join(repr(m) for m in BACKWARD_MODES) + " | None")
+        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+            raise ValueError("attnopt.attention(backward=...) gives an additive attn_mask no gradient, and this "
+                             "one requires grad (a learnable bias): detach it, or use F.scaled_dot_product_attention")
         out, _ = torch.ops.attnopt.attention_train(q, k, v, bias, keep, -math.inf, bool(is_causal), 0, s, quant,
                                                    pv_fmt, smooth_k, smooth_q, spec.name, impl, cap, backward)
         return _to_bhnd(out, layout)

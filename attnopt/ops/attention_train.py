@@ -163,6 +163,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if ctx.needs_input_grad[3]:  # never silently drop a gradient (the compiler rejects such sites)
+        raise RuntimeError("attnopt::attention_train: attn_bias requires grad, and its backward gives the bias "
+                           "no gradient")
     q, k, v, out, lse, attn_bias, keep_mask = ctx.saved_tensors
     a = ctx.args
     if grad_out is None:

@@ -20,10 +20,17 @@ def with_autograd(fn, *args, **kwargs):
     """fn(*args, **kwargs) with autograd on. Called from inside an op's body, where the dispatcher
     has autograd switched off for this thread: `fn` runs on a thread of its own."""
     result: list = []
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    cuda = dev is not None and dev.type == "cuda"
+    stream = torch.cuda.current_stream(dev) if cuda else None
 
     def run():
         try:
-            result.append(fn(*args, **kwargs))
+            if cuda:  # a new thread starts on device 0's default stream: run on the caller's
+                with torch.cuda.device(dev), torch.cuda.stream(stream):
+                    result.append(fn(*args, **kwargs))
+            else:
+                result.append(fn(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             result.append(e)
 

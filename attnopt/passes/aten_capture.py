@@ -107,6 +107,18 @@ def own_backward_region(gm: fx.GraphModule) -> str | None:
     return None
 
 
+class _GradModeInterpreter(fx.Interpreter):
+    """Runs Dynamo's graph for a trace below autograd, keeping its `torch.no_grad()` regions: the
+    trace records no grad-mode switches, so a value computed with grad off is detached here (as
+    autograd would have left it), or AOT would differentiate through it."""
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op.startswith("call_") and not torch.is_grad_enabled():
+            out = pytree.tree_map_only(torch.Tensor, lambda t: t.detach() if t.is_floating_point() else t, out)
+        return out
+
+
 def trace_to_aten(gm: fx.GraphModule, example_inputs, training: bool = False) -> fx.GraphModule:
     """Dynamo's graph as the functional aten graph AOT would trace: node metadata (module path,
     stack trace) carried over, symbolic sizes kept in Dynamo's ShapeEnv. For inference, traced
@@ -125,7 +137,7 @@ def trace_to_aten(gm: fx.GraphModule, example_inputs, training: bool = False) ->
     fake_args = _fake_inputs(gm, example_inputs, fake_mode)
 
     def run(*args):
-        return fx.Interpreter(gm).run(*args)
+        return (_GradModeInterpreter(gm) if training else fx.Interpreter(gm)).run(*args)
 
     # Tensors the graph holds as attributes (the linear pass's quantized weights) are real: they
     # become constants of the traced graph, as AOT lifts a module's buffers.

@@ -309,7 +309,7 @@ def _attn_bwd(
     Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, sm_scale, CAP2,
     DQ_PASS: tl.constexpr, SPARSE: tl.constexpr, SPARSE_BQ: tl.constexpr, INT8: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_KEEP: tl.constexpr, SHIFT: tl.constexpr, FWD_SHIFT: tl.constexpr, SOFTCAP: tl.constexpr,
-    DQ_KMEAN: tl.constexpr, Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    DQ_KMEAN: tl.constexpr, FINITE_FILL: tl.constexpr, Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DQ_PASS: program (query tile, query head, batch) -> DA = dQ. Else program (key tile, kv
@@ -358,7 +358,9 @@ def _attn_bwd(
         n0 = pid * BLOCK_N
         hk = hh
         lo = 0
-        if IS_CAUSAL:  # query tiles wholly above this key tile's first diagonal see none of it
+        # query tiles wholly above this key tile's first diagonal see none of it, unless a finite
+        # fill makes a row with no kept key attend uniformly to every key (its dV is dO / Nk)
+        if IS_CAUSAL and not FINITE_FILL:
             lo = (tl.maximum(n0 - causal_offset, 0) // BLOCK_M) * BLOCK_M
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -473,7 +475,8 @@ def attention_backward_triton(q, k, v, out, lse, grad_out, attn_bias, keep_mask,
     consts = dict(INT8=int8, IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
                   SHIFT=int8 and bool(smooth_k), SOFTCAP=bool(softcap),
                   FWD_SHIFT=bool(smooth_k) and quant != "none" and not softcap and math.isfinite(fill),
-                  DQ_KMEAN=bool(softcap) and (bool(smooth_k) or not int8), Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(q.dtype),
+                  DQ_KMEAN=bool(softcap) and (bool(smooth_k) or not int8), FINITE_FILL=math.isfinite(float(masked_value)),
+                  Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(q.dtype),
                   EMULATE=casts.EMULATE, BLOCK_M=BWD_BM, BLOCK_N=BWD_BN, BLOCK_D=block_d, BLOCK_DV=block_dv,
                   num_warps=warps, num_stages=stages)
     sparse = lut is not None
