@@ -546,8 +546,10 @@ class AttentionOptions(_Table):
     enabled: bool = option(True, _bool, "true | false", "rewrite attention sites at all")
     quant: str = option("int8", _choice("int8", "fp8", "fp4", "none"), "'int8' | 'fp8' | 'fp4' | 'none'",
                         "QK^T format ('fp4': NVFP4, sm100+); 'none' keeps 16-bit QK^T (useful with sparsity only)")
-    pv: str = option("auto", _choice("fp16", "fp8", "fp4", "auto"), "'fp16' | 'fp8' | 'fp4' | 'auto'",
-                     "P.V format: 16-bit (the model's fp16/bf16), FP8 e4m3, NVFP4, or the arch default "
+    pv: str = option("auto", _choice("fp16", "fp8", "fp4", "fp8_acc16", "auto"),
+                     "'fp16' | 'fp8' | 'fp4' | 'fp8_acc16' | 'auto'",
+                     "P.V format: 16-bit (the model's fp16/bf16), FP8 e4m3, NVFP4, FP8 with FP16 "
+                     "accumulation per key tile (sm89 / sm120, SageAttention2++), or the arch default "
                      "('fp4' with quant 'fp4')")
     smooth_k: bool = option(True, _bool, "true | false", "subtract K's token mean before quantizing (exact)")
     smooth_q: bool = option(False, _bool, "true | false",
@@ -758,7 +760,7 @@ PLAN_SCHEMA_VERSION = 1
 PLAN_KIND = "attnopt-plan"
 LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16")
 QUANT_FORMATS = ("int8", "fp8", "fp4", "none")  # a plan's per-site attention formats (attention.quant / pv)
-PV_FORMATS = ("fp16", "fp8", "fp4")
+PV_FORMATS = ("fp16", "fp8", "fp4", "fp8_acc16")
 # calibration tunes topk per head; the config takes one value (a list would be per head there too)
 _PLAN_TOPK = _per_head(_number(0, 1, lo_open=True), "a number in (0, 1]")
 

@@ -86,7 +86,9 @@ def fp4_tiles(tiles: tuple[Tile, ...]) -> tuple[Tile, ...]:
 
 
 def _needs(fmt: str) -> str:
-    return {"fp4": "sm100+", "fp8": "sm89+", "int8": "sm80+", "fp16": "sm80+"}.get(fmt, "another arch")
+    return {"fp4": "sm100+", "fp8": "sm89+", "int8": "sm80+", "fp16": "sm80+",
+            # the FP16-accumulating FP8 MMA runs at twice the FP32 one's rate only on the consumer parts
+            "fp8_acc16": "sm89 or sm120 (FP8 MMA with FP16 accumulation at 2x rate)"}.get(fmt, "another arch")
 
 
 _AMPERE_TILES = {
@@ -128,16 +130,16 @@ ARCHS: dict[str, ArchSpec] = {
                      _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16"), **_W4),
     "sm86": ArchSpec("sm86", (8, 6), ("int8",), ("fp16",), "fp16", False, False, 99,
                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16"), **_W4),
-    "sm89": ArchSpec("sm89", (8, 9), ("int8", "fp8"), ("fp16", "fp8"), "fp8", False, False, 99,
+    "sm89": ArchSpec("sm89", (8, 9), ("int8", "fp8"), ("fp16", "fp8", "fp8_acc16"), "fp8", False, False, 99,
                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
     "sm90": ArchSpec("sm90", (9, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", False, True, 227,
                      _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
     "sm100": ArchSpec("sm100", (10, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp8", True, True, 227,
                       _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
-    "sm120": ArchSpec("sm120", (12, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp8", True, True, 99,
+    "sm120": ArchSpec("sm120", (12, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4", "fp8_acc16"), "fp8", True, True, 99,
                       _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
     # The reference path emulates every format; pv "auto" follows the Ampere default.
-    "cpu": ArchSpec("cpu", None, ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp16", True, False, 0,
+    "cpu": ArchSpec("cpu", None, ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4", "fp8_acc16"), "fp16", True, False, 0,
                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
 }
 

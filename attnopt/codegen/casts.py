@@ -85,3 +85,14 @@ def dot_8_16bit(a, b, EMULATE: tl.constexpr):
     if EMULATE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def dot_e4m3_acc16(a, b, EMULATE: tl.constexpr):
+    """e4m3 dot accumulated in fp16 (the m16n8k32 ...f16.e4m3.e4m3.f16 MMA, twice the fp32-
+    accumulating one's rate on sm89 / sm120), returned as fp32 for the caller's fp32 sum. Under
+    EMULATE the exact fp32 dot is rounded to fp16 once (the hardware rounds after each 32-key
+    step: the same fp16 grid, at most a few fp16 ulps apart)."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee").to(tl.float16).to(tl.float32)
+    return tl.dot(a, b, out_dtype=tl.float16).to(tl.float32)

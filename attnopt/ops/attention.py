@@ -118,8 +118,8 @@ def attention(
         raise ValueError("attnopt.attention does not implement dropout (dropout_p must be 0)")
     if quant not in ("int8", "fp8", "fp4", "none"):
         raise ConfigError("quant", quant, "'int8' | 'fp8' | 'fp4' | 'none'")
-    if pv not in ("fp16", "fp8", "fp4", "auto"):
-        raise ConfigError("pv", pv, "'fp16' | 'fp8' | 'fp4' | 'auto'")
+    if pv not in ("fp16", "fp8", "fp4", "fp8_acc16", "auto"):
+        raise ConfigError("pv", pv, "'fp16' | 'fp8' | 'fp4' | 'fp8_acc16' | 'auto'")
     if layout not in ("bhnd", "bnhd"):
         raise ConfigError("layout", layout, "'bhnd' | 'bnhd'")
     if impl not in IMPLS:

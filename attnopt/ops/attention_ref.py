@@ -44,6 +44,10 @@ LOG2E = 1.4426950408889634
 FP32_MAX = 3.4028234663852886e38
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # float8_e4m3fn
+# P.V "fp8_acc16" (SageAttention2++): each key tile's e4m3 product sums in fp16 (max 65504). P~ <= 448
+# per key, so V~ is scaled to +-2.25 and a tile holds at most ACC16_BLOCK_N keys: 448 * 2.25 * 64 = 64512.
+V_ACC16_MAX = 2.25
+ACC16_BLOCK_N = 64
 
 # Quantization granularity: rows of Q / K sharing one scale. The kernels read scales per row
 # (row // GRAN), so their tile sizes are free to differ from these.
@@ -283,6 +287,8 @@ def attention_reference(
         s = _masked_logits(s, rows, nq, nk, bias_c, keep_c, masked_value, is_causal, causal_offset)
         bads.append(poisoned_rows(rows, nq, nk, bad_q[:, :, r0:r1], bad_kv, bias_c, keep_c, is_causal,
                                   causal_offset))
+        if pv == "fp8_acc16":  # the fp16 tile sum is only bounded for tiles of at most 64 keys
+            block_n = min(block_n or ACC16_BLOCK_N, ACC16_BLOCK_N)
         m, l, acc = _online_softmax_pv(s, v_op, pv, pv_dtype_for(v.dtype), block_n or max(nk, 1))
         empty = torch.isneginf(m)  # row with no kept key and -inf fill
         o = unscale_pv(acc / torch.where(l > 0, l, torch.ones_like(l)), pv, v_scale, v_mean)
@@ -354,7 +360,7 @@ def quantized_operands(q, k, v, scale: float, quant: str, pv: str, smooth_k: boo
             k_deq = k_q.float() * rows_scale(k_s, K_GRAN, nk)[..., None]
         qk_scale = 1.0
     v_scale = v_mean = None
-    if pv in ("fp8", "fp4"):
+    if pv in ("fp8", "fp4", "fp8_acc16"):
         vf = v.float()
         v_mean = vf.mean(dim=-2, keepdim=True)  # V smoothing: O = P (V - vbar) + vbar, exact
         vs = vf - v_mean
@@ -362,7 +368,8 @@ def quantized_operands(q, k, v, scale: float, quant: str, pv: str, smooth_k: boo
             v_op, v_scale = nvfp4.quantize_v(vs)
         else:
             amax = vs.abs().amax(dim=-2, keepdim=True)
-            v_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+            vmax = V_ACC16_MAX if pv == "fp8_acc16" else FP8_MAX
+            v_scale = torch.where(amax > 0, amax / vmax, torch.ones_like(amax))
             v_op = (vs / v_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     elif pv == "fp16":
         v_op = v.to(pv_dtype_for(v.dtype)).float()
@@ -374,7 +381,7 @@ def quantized_operands(q, k, v, scale: float, quant: str, pv: str, smooth_k: boo
 def round_p(p: torch.Tensor, pv: str, p16: torch.dtype) -> torch.Tensor:
     """Softmax numerators (<= 1, against the running max) as the P.V dot reads them: 16-bit,
     FP8 scaled to [0, 448], or NVFP4 scaled by 448 * 6 (undone by unscale_pv)."""
-    if pv == "fp8":
+    if pv in ("fp8", "fp8_acc16"):
         return (p * FP8_MAX).to(torch.float8_e4m3fn).float()
     if pv == "fp4":
         return nvfp4.quantize_p(p)
@@ -383,11 +390,19 @@ def round_p(p: torch.Tensor, pv: str, p16: torch.dtype) -> torch.Tensor:
 
 def unscale_pv(o: torch.Tensor, pv: str, v_scale, v_mean) -> torch.Tensor:
     """Normalized P.V -> output: undo P's and V's 8 / 4-bit scales and add V's mean back."""
-    if pv == "fp8":
+    if pv in ("fp8", "fp8_acc16"):
         return o * (v_scale / FP8_MAX) + v_mean
     if pv == "fp4":
         return o * (v_scale / nvfp4.P_SCALE) + v_mean
     return o
+
+
+def pv_tile(p: torch.Tensor, v: torch.Tensor, pv: str) -> torch.Tensor:
+    """One key tile's P.V product (operands already rounded), as the kernel's accumulator holds it:
+    fp32, or for "fp8_acc16" the exact sum rounded to fp16 (the tile's fp16 accumulator) before it
+    joins the fp32 sum across tiles."""
+    out = torch.matmul(p, v)
+    return out.to(torch.float16).float() if pv == "fp8_acc16" else out
 
 
 def _online_softmax_pv(s, v_op, pv: str, p16: torch.dtype, block_n: int):
@@ -408,7 +423,7 @@ def _online_softmax_pv(s, v_op, pv: str, p16: torch.dtype, block_n: int):
         p = torch.exp2(sb - m_safe)
         alpha = torch.exp2(m - m_safe)
         l = l * alpha + p.sum(dim=-1, keepdim=True)
-        acc = acc * alpha + torch.matmul(round_p(p, pv, p16), v_op[..., c0:c0 + block_n, :])
+        acc = acc * alpha + pv_tile(round_p(p, pv, p16), v_op[..., c0:c0 + block_n, :], pv)
         m = m_new
     return m, l, acc
 

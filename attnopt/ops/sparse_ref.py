@@ -502,7 +502,7 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
     Step t takes every (batch, head, q-block)'s t-th listed kv-block at once: one batched matmul
     per step instead of one per tile, so calibration can afford it on a CPU."""
     from .attention_ref import (_full_mask, _log2_logit, apply_softcap, nonfinite_rows, pv_dtype_for,
-                                quantized_operands, round_p, sane_bias, softcap_row_shift, unscale_pv)
+                                pv_tile, quantized_operands, round_p, sane_bias, softcap_row_shift, unscale_pv)
 
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -567,11 +567,11 @@ def _second_stage(q, k, v, block_keep, bias, keep_mask, masked_value, is_causal,
         pp = round_p(p, pv, pv_dtype_for(v.dtype))
         g4 = go[..., None]
         l = torch.where(g4, l * alpha + p.sum(-1), l)
-        acc = torch.where(g4[..., None], acc * alpha[..., None] + pp @ tiles.v(col), acc)
+        acc = torch.where(g4[..., None], acc * alpha[..., None] + pv_tile(pp, tiles.v(col), pv), acc)
         m = torch.where(g4, m_new, m)
     o = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
     hk = torch.arange(hq, device=q.device) // g
-    if pv in ("fp8", "fp4"):  # [B, Hkv, 1, Dv] -> [B, H, 1, 1, Dv]
+    if pv in ("fp8", "fp4", "fp8_acc16"):  # [B, Hkv, 1, Dv] -> [B, H, 1, 1, Dv]
         o = unscale_pv(o, pv, ops.v_scale[:, hk][:, :, None], ops.v_mean[:, hk][:, :, None])
     if masked_value != -math.inf:
         o = torch.where((m <= fill)[..., None], vmean_all[:, hk][:, :, None, None], o)

@@ -160,7 +160,7 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
                      "or no rewrite met it)")
     quant = entry.get("quant", a.quant)
     pv = entry.get("pv") or resolve_pv(a.pv, quant, spec)
-    if quant == "none" and pv in ("fp8", "fp4"):
+    if quant == "none" and pv in ("fp8", "fp4", "fp8_acc16"):
         raise Reject(f"pv {pv!r} needs a quantized QK^T (attention.quant)")
     why = spec.supports(quant, pv) or on_cpu.skip_reason(q.device.type, opts)
     if why:

@@ -7,7 +7,7 @@ from ..arch import ArchSpec
 
 def variant_name(quant: str, pv: str) -> str:
     qk = {"int8": "int8qk", "fp8": "fp8qk", "fp4": "fp4qk", "none": "f16qk"}[quant]
-    return f"{qk}-{ {'fp8': 'fp8pv', 'fp4': 'fp4pv'}.get(pv, 'f16pv') }"
+    return f"{qk}-{ {'fp8': 'fp8pv', 'fp4': 'fp4pv', 'fp8_acc16': 'fp8pv-acc16'}.get(pv, 'f16pv') }"
 
 
 def describe_attention_kernel(spec: ArchSpec, quant: str, pv: str, head_dim: int, device_type: str) -> str:

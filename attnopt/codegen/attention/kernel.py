@@ -9,8 +9,11 @@ Variants are constexpr switches, chosen per architecture in codegen/arch.py:
 
   QK_FMT   0: INT8 QK^T (int32 accumulate)   1: FP8 e4m3 QK^T   2: 16-bit QK^T (quant "none")
            3: NVFP4 QK^T (e2m1 packed along D, e4m3 scales per 16 channels; tl.dot_scaled)
-  PV_FP8   True:  P scaled to [0, 448] and V per-channel scaled, both e4m3; each tile's product
+  PV_FP8   1:     P scaled to [0, 448] and V per-channel scaled, both e4m3; each tile's product
                   lands in a fresh fp32 tile added to the fp32 output (two-level accumulation)
+           2:     as 1, but each tile's product accumulates in fp16 (SageAttention2++: twice the
+                  MMA rate on sm89 / sm120), then goes up to fp32 for the cross-tile sum; V is
+                  scaled to [-V_ACC16_MAX, V_ACC16_MAX] so 448 * V_ACC16_MAX * BLOCK_N <= 65504
   PV_FP4   True:  P scaled by 448 * 6 per row, then NVFP4 with e4m3 scales per 16 keys; V per-
                   channel scaled, NVFP4 along keys; two-level accumulation as for FP8
            (neither: P and V in 16 bits, fp32 accumulate)
@@ -42,7 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..casts import dot_8_16bit, store_cast, to_16bit, to_e4m3
+from ..casts import dot_8_16bit, dot_e4m3_acc16, store_cast, to_16bit, to_e4m3
 from ..microscaling import fp4_dot, quantize_groups
 
 
@@ -177,6 +180,9 @@ def _attn_step(
             pq, pg = quantize_groups(p * 2688.0, BLOCK_M, BLOCK_N, EMULATE)
             vg = tl.load(VG_ptrs + start_n // 16)
             acc += fp4_dot(pq, pg, v, vg, BLOCK_M, BLOCK_N, BLOCK_DV, EMULATE)  # fresh fp32 tile, then added
+        elif PV_FP8 == 2:  # fp16 tile sum (no overflow: BLOCK_N <= 64, |V~| <= 2.25), then fp32
+            tl.static_assert(BLOCK_N <= 64, "fp8_acc16 P.V: the fp16 tile sum bound needs BLOCK_N <= 64")
+            acc += dot_e4m3_acc16(to_e4m3(p * 448.0, EMULATE), v, EMULATE)
         elif PV_FP8:
             acc += dot_8_16bit(to_e4m3(p * 448.0, EMULATE), v, EMULATE)  # fresh fp32 tile, then added
         else:

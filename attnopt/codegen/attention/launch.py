@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops.attention_ref import FP8_MAX, K_GRAN, LOG2E, Q_GRAN, _log2_logit
+from ...ops.attention_ref import FP8_MAX, K_GRAN, LOG2E, Q_GRAN, V_ACC16_MAX, _log2_logit
 from ...ops.nvfp4 import P_SCALE
 from ...ops.sparse_ref import BK as SPARSE_BK
 from ...ops.sparse_ref import BQ as SPARSE_BQ
@@ -108,6 +108,8 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     if out.numel() == 0:
         return (out, lse) if return_lse else out
     spec = ARCHS[arch]
+    acc16 = pv == "fp8_acc16"  # FP8 P.V with fp16 tile sums: FP8's operands, V scaled to +-V_ACC16_MAX
+    pv = "fp8" if acc16 else pv
     fp4 = quant == "fp4" or pv == "fp4"
     block_d = fp4_head_dim(d) if quant == "fp4" else padded_head_dim(d)
     block_dv = fp4_head_dim(dv) if pv == "fp4" else padded_head_dim(dv)
@@ -118,7 +120,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     # before tanh, the LSE after the softmax (both from each Q row's dot with K's mean)
     row_dot = quant != "none" and smooth_k and (bool(softcap) or return_lse)
     # launch 1: K's mean, V's mean / scale, the non-finite key rows; launch 2: Q, K, V quantized
-    v_qmax = {"fp8": FP8_MAX, "fp4": P_SCALE}.get(pv)
+    v_qmax = V_ACC16_MAX if acc16 else {"fp8": FP8_MAX, "fp4": P_SCALE}.get(pv)
     kmean, vmean, vscale, bad_kv = kv_stats(k, v, quant != "none" and smooth_k, finite_fill, v_qmax)
     ops = quantize_qkv(q, k, v, kmean, vmean, vscale, scale, quant, pv, smooth_k, smooth_q, row_dot,
                        block_d, block_dv)
@@ -179,7 +181,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E, scale,
         autotune_bucket(nk),
     )
-    consts = dict(QK_FMT=QK_FORMATS[quant], PV_FP8=pv == "fp8", PV_FP4=pv == "fp4", IS_CAUSAL=bool(is_causal),
+    consts = dict(QK_FMT=QK_FORMATS[quant], PV_FP8=2 if acc16 else int(pv == "fp8"), PV_FP4=pv == "fp4", IS_CAUSAL=bool(is_causal),
                   HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, FINITE_FILL=finite_fill,
                   SMOOTH_Q=smooth_q, EVEN_D=(d == block_d and dv == block_dv), HAS_LSE=lse is not None,
                   USE_TMA=use_tma, SPARSE=lut is not None, SPARSE_BQ=SPARSE_BQ,
