@@ -35,6 +35,7 @@ VARIANTS = {  # name: (quant, pv)
     "attnopt int8+f16pv": ("int8", "fp16"),
     "attnopt int8+fp8pv": ("int8", "fp8"),
     "attnopt fp8+fp8pv": ("fp8", "fp8"),
+    "attnopt int8+fp8pv-acc16": ("int8", "fp8_acc16"),  # sm89 / sm120 only
     "attnopt nvfp4": ("fp4", "fp4"),  # sm100 / sm120 only
 }
 

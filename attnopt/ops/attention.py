@@ -43,7 +43,7 @@ def _attention_body(
 ) -> torch.Tensor:
     """q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> out [B, Hq, Nq, Dv] (q's dtype).
 
-    `pv` must already be resolved ('fp16' | 'fp8' | 'fp4'); `arch` is a name from codegen.arch.
+    `pv` must already be resolved ('fp16' | 'fp8' | 'fp4' | 'fp8_acc16'); `arch` is a name from codegen.arch.
     `softcap` > 0: logits soft-capped to softcap * tanh(scale * q.k / softcap) before masks (0: off).
     """
     check_attention_operands("attnopt::attention", q, k, v, attn_bias, keep_mask)
