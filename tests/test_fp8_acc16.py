@@ -45,7 +45,7 @@ def test_reference_accuracy_stays_at_fp8_level(n, d):
     exact = attention_exact(q.double(), k.double(), v.double())
     fp8 = rel_l1(attention_reference(q, k, v, quant="int8", pv="fp8", block_n=64), exact)
     acc16 = attention_reference(q, k, v, quant="int8", pv="fp8_acc16", block_n=64)
-    assert rel_l1(acc16, exact) <= 1.1 * fp8 + 1e-4, (rel_l1(acc16, exact), fp8)
+    assert rel_l1(acc16, exact) <= min(0.05, 1.1 * fp8 + 1e-4), (rel_l1(acc16, exact), fp8)
 
 
 def test_reference_rounds_each_tile_sum_to_fp16(monkeypatch):
