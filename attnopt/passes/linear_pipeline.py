@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from ..codegen.arch import ArchSpec
 from ..report import SiteRecord
-from .linear_match import match_linears
+from .linear_match import match_linears, planned_sites
 from .linear_rewrite import quantize_weights, rewrite_all_or_nothing
 from .smooth_match import smooth_groups
 from .smoothquant import accept_groups, planned_act_absmax
@@ -37,7 +37,8 @@ def run_linear_pass(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec, pr
     groups = smooth_groups(matched.sites, matched.params) if smooth is not None else []
     alpha = float(smooth.alpha) if smooth is not None else 0.0
     folds, norm_records = accept_groups(groups, matched, planned_act_absmax(opts), alpha)
-    prepared, folds = quantize_weights(matched, folds)
+    awq = {k: v["awq"] for k, v in planned_sites(opts).items() if v.get("kind") == "linear" and "awq" in v}
+    prepared, folds = quantize_weights(matched, folds, awq if not matched.training else None)
     train_norms = find_train_norms(matched) if matched.training else []
     norm_records += [tn.record for tn in train_norms]
     rewrite_all_or_nothing(gm, matched, folds, prepared, norm_records, opts, spec, probe_sink, capture_all,

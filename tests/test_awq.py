@@ -1,0 +1,123 @@
+"""AWQ scales for w4a16 linears: the search (never worse than round-to-nearest on its rows,
+clearly better with outlier input channels, on held-out rows too), the plan entry's validation,
+and the compiled model applying the scales as (x / s) Q(W s)^T."""
+
+import pytest
+import torch
+
+import attnopt
+from attnopt.calibration.awq import awq_scales, awq_search, w4a16_output
+from attnopt.config import PLAN_KIND, PLAN_SCHEMA_VERSION, ConfigError
+from attnopt.ops import linear_ref as L
+from attnopt.plan import Plan
+
+
+def _rel_l1(y, ref):
+    return float((y.double() - ref).abs().sum() / ref.abs().sum())
+
+
+def _acts(m, k, outliers, gen):
+    """Rows with `outliers` input channels 30x larger than the rest (as LLM activations have)."""
+    x = torch.randn(m, k, generator=gen)
+    x[:, :outliers] *= 30
+    return x
+
+
+def test_alpha_zero_is_round_to_nearest_and_scales_straddle_one():
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(32, 256, generator=gen), torch.randn(16, 256, generator=gen)
+    mean_abs = x.abs().mean(dim=0)
+    assert torch.equal(awq_scales(mean_abs, 0.0), torch.ones(256, dtype=torch.float64))
+    assert torch.equal(w4a16_output(x, w, awq_scales(mean_abs, 0.0)), w4a16_output(x, w, None))
+    s = awq_scales(mean_abs, 0.7)
+    assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-12)
+    order = mean_abs.argsort()
+    assert bool((s[order].diff() >= 0).all())  # larger mean |x|, larger scale
+    mean_abs[5] = 0  # a channel never seen non-zero takes the smallest
+    assert float(awq_scales(mean_abs, 0.7)[5]) == pytest.approx(float(awq_scales(mean_abs, 0.7).min()))
+
+
+@pytest.mark.parametrize("outliers", [0, 6])
+def test_search_is_never_worse_than_rtn_and_clearly_better_with_outlier_channels(outliers):
+    gen = torch.Generator().manual_seed(0)
+    k, n = 256, 128
+    w = torch.randn(n, k, generator=gen) * 0.05
+    calib, held = _acts(256, k, outliers, gen), _acts(512, k, outliers, gen)
+    c = awq_search(calib, w)
+    assert c.awq_rel_l1 <= c.rtn_rel_l1  # alpha 0 is on the grid
+    ref = held.double() @ w.double().T
+    rtn, awq = _rel_l1(w4a16_output(held, w, None), ref), _rel_l1(w4a16_output(held, w, c.scales), ref)
+    if outliers:
+        assert c.alpha > 0 and awq < 0.8 * rtn, (rtn, awq)
+    else:
+        assert awq <= 1.02 * rtn, (rtn, awq)
+
+
+def test_plan_awq_entries_are_validated():
+    def plan(awq):
+        return {"schema_version": PLAN_SCHEMA_VERSION, "kind": PLAN_KIND,
+                "sites": {"fc": {"kind": "linear", "quant": "w4a16", "awq": awq}}}
+
+    ok = Plan.from_dict(plan({"alpha": 0.5, "scales": [0.5, 2], "rel_l1": {"rtn": 0.1, "awq": 0.05}}))
+    assert ok.sites["fc"]["awq"] == {"alpha": 0.5, "scales": [0.5, 2.0], "rel_l1": {"rtn": 0.1, "awq": 0.05}}
+    for bad, where in (({"alpha": 1.5, "scales": [1.0]}, r"awq\.alpha"),
+                       ({"alpha": True, "scales": [1.0]}, r"awq\.alpha"),
+                       ({"alpha": 0.5, "scales": [1.0, 0.0]}, r"awq\.scales"),
+                       ({"alpha": 0.5, "scales": [1.0, float("nan")]}, r"awq\.scales"),
+                       ({"alpha": 0.5, "scales": []}, r"awq\.scales"),
+                       ({"alpha": 0.5}, r"fc\.awq:"), ({"alpha": 0.5, "scales": [1.0], "beta": 1}, r"fc\.awq:"),
+                       ([0.5], r"fc\.awq:")):
+        with pytest.raises(ConfigError, match=where):
+            Plan.from_dict(plan(bad))
+
+
+class _NormLinear(torch.nn.Module):
+    """LayerNorm -> Linear with six large-gain channels: the linear's input has outliers."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = torch.nn.LayerNorm(256), torch.nn.Linear(256, 128)
+        with torch.no_grad():
+            self.norm.weight[:6] = 25.0
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+class _Scaled(torch.nn.Module):
+    """The same model written out with the scales: x * (1 / s) into a Linear holding W s."""
+
+    def __init__(self, m, inv):
+        super().__init__()
+        self.norm, self.inv = m.norm, inv
+        self.fc = torch.nn.Linear(256, 128)
+        with torch.no_grad():
+            self.fc.weight.copy_((m.fc.weight.double() / inv.double()).float())
+            self.fc.bias.copy_(m.fc.bias)
+
+    def forward(self, x):
+        return self.fc(self.norm(x) * self.inv)
+
+
+def test_compiled_plan_applies_the_awq_scales_and_beats_rtn():
+    torch.manual_seed(0)
+    m = _NormLinear().eval()
+    opts = {"linear": {"quant": "w4a16"}, "on_cpu": "emulate"}
+    plan = attnopt.calibrate(m, [(torch.randn(2, 64, 256),)], options=opts, awq=True, cache_dir=False)
+    entry = plan.sites["fc"]["awq"]
+    assert entry["alpha"] > 0 and entry["rel_l1"]["awq"] < entry["rel_l1"]["rtn"]
+    assert plan.meta["awq"]["sites"]["fc"]["alpha"] == entry["alpha"]
+    x = torch.randn(2, 64, 256)
+    with torch.no_grad():
+        ref = m(x).double()
+        torch._dynamo.reset()
+        y_awq = torch.compile(m, backend="attnopt", options={**opts, "plan": plan.to_dict()})(x)
+        # plain round-to-nearest, the same arithmetic as the op (weights dequantized to bf16)
+        y_rtn = L.linear_w4a16_ref(m.norm(x), *L.quantize_weight_int4(m.fc.weight), m.fc.bias)
+        inv = (1.0 / torch.tensor(entry["scales"], dtype=torch.float64)).float()
+        torch._dynamo.reset()
+        y_same = torch.compile(_Scaled(m, inv).eval(), backend="attnopt", options=opts)(x)
+    torch._dynamo.reset()
+    assert _rel_l1(y_awq, y_same.double()) < 1e-6  # (x / s) Q(W s)^T, as written out by hand
+    rtn, awq = _rel_l1(y_rtn, ref), _rel_l1(y_awq, ref)
+    assert awq < 0.9 * rtn, (rtn, awq)
