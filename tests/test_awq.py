@@ -71,53 +71,69 @@ def test_plan_awq_entries_are_validated():
             Plan.from_dict(plan(bad))
 
 
-class _NormLinear(torch.nn.Module):
-    """LayerNorm -> Linear with six large-gain channels: the linear's input has outliers."""
+def _outlier_input(gen=None):
+    x = torch.randn(2, 64, 256, generator=gen)
+    x[..., :6] *= 30
+    return x
+
+
+class _TwoLinears(torch.nn.Module):
+    """fc1 reads the model's input (nothing to fold into: x * (1 / s) in the graph); fc2 reads a
+    LayerNorm with six large-gain channels (1 / s folds into its gain and bias)."""
 
     def __init__(self):
         super().__init__()
-        self.norm, self.fc = torch.nn.LayerNorm(256), torch.nn.Linear(256, 128)
+        self.fc1, self.norm, self.fc2 = torch.nn.Linear(256, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 128)
         with torch.no_grad():
             self.norm.weight[:6] = 25.0
+            self.norm.bias.normal_()
 
     def forward(self, x):
-        return self.fc(self.norm(x))
+        return self.fc2(self.norm(self.fc1(x)))
 
 
-class _Scaled(torch.nn.Module):
-    """The same model written out with the scales: x * (1 / s) into a Linear holding W s."""
+class _WrittenOut(torch.nn.Module):
+    """The same model with the scales written out: fc1 reads x * (1 / s1) and holds W1 s1, the
+    norm holds gamma / s2 and beta / s2, fc2 holds W2 s2."""
 
-    def __init__(self, m, inv):
+    def __init__(self, m, s1, s2):
         super().__init__()
-        self.norm, self.inv = m.norm, inv
-        self.fc = torch.nn.Linear(256, 128)
+        self.inv1 = (1.0 / s1).float()
+        self.fc1, self.norm, self.fc2 = torch.nn.Linear(256, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 128)
         with torch.no_grad():
-            self.fc.weight.copy_((m.fc.weight.double() / inv.double()).float())
-            self.fc.bias.copy_(m.fc.bias)
+            self.fc1.weight.copy_((m.fc1.weight.double() / self.inv1.double()).float())
+            self.norm.weight.copy_((m.norm.weight.double() / s2).float())
+            self.norm.bias.copy_((m.norm.bias.double() / s2).float())
+            self.fc2.weight.copy_((m.fc2.weight.double() * s2).float())
+            self.fc1.bias.copy_(m.fc1.bias)
+            self.fc2.bias.copy_(m.fc2.bias)
 
     def forward(self, x):
-        return self.fc(self.norm(x) * self.inv)
+        return self.fc2(self.norm(self.fc1(x * self.inv1)))
 
 
-def test_compiled_plan_applies_the_awq_scales_and_beats_rtn():
+def test_compiled_plan_applies_the_awq_scales_folded_or_on_x_and_beats_rtn():
     torch.manual_seed(0)
-    m = _NormLinear().eval()
+    m = _TwoLinears().eval()
     opts = {"linear": {"quant": "w4a16"}, "on_cpu": "emulate"}
-    plan = attnopt.calibrate(m, [(torch.randn(2, 64, 256),)], options=opts, awq=True, cache_dir=False)
-    entry = plan.sites["fc"]["awq"]
-    assert entry["alpha"] > 0 and entry["rel_l1"]["awq"] < entry["rel_l1"]["rtn"]
-    assert plan.meta["awq"]["sites"]["fc"]["alpha"] == entry["alpha"]
-    x = torch.randn(2, 64, 256)
+    plan = attnopt.calibrate(m, [(_outlier_input(),)], options=opts, awq=True, cache_dir=False)
+    e1, e2 = plan.sites["fc1"]["awq"], plan.sites["fc2"]["awq"]
+    for e in (e1, e2):
+        assert e["alpha"] > 0 and e["rel_l1"]["awq"] < e["rel_l1"]["rtn"]
+    assert plan.meta["awq"]["sites"]["fc2"]["alpha"] == e2["alpha"]
+    x = _outlier_input()
+    s1, s2 = (torch.tensor(e["scales"], dtype=torch.float64) for e in (e1, e2))
     with torch.no_grad():
-        ref = m(x).double()
         torch._dynamo.reset()
         y_awq = torch.compile(m, backend="attnopt", options={**opts, "plan": plan.to_dict()})(x)
-        # plain round-to-nearest, the same arithmetic as the op (weights dequantized to bf16)
-        y_rtn = L.linear_w4a16_ref(m.norm(x), *L.quantize_weight_int4(m.fc.weight), m.fc.bias)
-        inv = (1.0 / torch.tensor(entry["scales"], dtype=torch.float64)).float()
         torch._dynamo.reset()
-        y_same = torch.compile(_Scaled(m, inv).eval(), backend="attnopt", options=opts)(x)
+        y_same = torch.compile(_WrittenOut(m, s1, s2).eval(), backend="attnopt", options=opts)(x)
+        # the float model, and plain round-to-nearest with the op's arithmetic
+        h = m.fc1(x)
+        ref = m.fc2(m.norm(h)).double()
+        h_rtn = L.linear_w4a16_ref(x, *L.quantize_weight_int4(m.fc1.weight), m.fc1.bias)
+        y_rtn = L.linear_w4a16_ref(m.norm(h_rtn), *L.quantize_weight_int4(m.fc2.weight), m.fc2.bias)
     torch._dynamo.reset()
-    assert _rel_l1(y_awq, y_same.double()) < 1e-6  # (x / s) Q(W s)^T, as written out by hand
+    assert _rel_l1(y_awq, y_same.double()) < 1e-6  # the same arithmetic as the scales written out
     rtn, awq = _rel_l1(y_rtn, ref), _rel_l1(y_awq, ref)
     assert awq < 0.9 * rtn, (rtn, awq)

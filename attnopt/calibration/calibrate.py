@@ -115,19 +115,31 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
 
 
 def _add_awq(plan: Plan, cap: Captured, opts) -> None:
-    """AWQ scales for each captured linear the plan leaves in w4a16 (searched on its rows)."""
-    done = {}
+    """AWQ scales for each captured linear the plan leaves in w4a16, searched on its rows.
+    Linears reading the same tensor (q / k / v after one norm: their per-channel max |x| are
+    equal to the bit) are searched together, on their stacked outputs, and share the scales: the
+    compile can then fold 1 / s into that norm instead of scaling x."""
+    by_input: dict[tuple, list[str]] = {}
     for key, calls in cap.calls.items():
         entry = plan.sites.get(key)
         if calls[0].get("kind") != "linear" or entry is None or key not in cap.weights:
             continue
         if entry.get("quant", opts.linear.quant) != "w4a16":
             continue
+        absmax = torch.stack([c["absmax"] for c in calls]).amax(dim=0)
+        by_input.setdefault((absmax.shape[0], absmax.cpu().numpy().tobytes()), []).append(key)
+    done = {}
+    for keys in by_input.values():
+        calls = cap.calls[keys[0]]
         x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
-        choice = awq_search(x, cap.weights[key][0].to(x.device))
-        entry["awq"] = choice.entry()
-        done[key] = {"alpha": choice.alpha, "rtn_rel_l1": choice.rtn_rel_l1, "awq_rel_l1": choice.awq_rel_l1}
-    plan.meta["awq"] = {"sites": done, "grid": "alpha 0..1 step 0.05", "error": "rel-L1 on the captured rows"}
+        w = torch.cat([cap.weights[k][0].to(x.device) for k in keys])
+        choice = awq_search(x, w)
+        for k in keys:
+            plan.sites[k]["awq"] = choice.entry()
+            done[k] = {"alpha": choice.alpha, "rtn_rel_l1": choice.rtn_rel_l1, "awq_rel_l1": choice.awq_rel_l1,
+                       "searched_with": keys}
+    plan.meta["awq"] = {"sites": done, "grid": "alpha 0..1 step 0.05",
+                        "error": "rel-L1 on the captured rows (of the stacked outputs when searched together)"}
 
 
 BUDGET_KEYS = {"model_rel_l1": 0.05, "rel_l1": None, "linear_rel_l1": None}

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ..codegen.arch import ArchSpec
 from ..report import SiteRecord
+from .awq_fold import awq_folds
 from .linear_match import match_linears, planned_sites
 from .linear_rewrite import quantize_weights, rewrite_all_or_nothing
 from .smooth_match import smooth_groups
@@ -37,8 +38,15 @@ def run_linear_pass(gm: fx.GraphModule, example_inputs, opts, spec: ArchSpec, pr
     groups = smooth_groups(matched.sites, matched.params) if smooth is not None else []
     alpha = float(smooth.alpha) if smooth is not None else 0.0
     folds, norm_records = accept_groups(groups, matched, planned_act_absmax(opts), alpha)
-    awq = {k: v["awq"] for k, v in planned_sites(opts).items() if v.get("kind") == "linear" and "awq" in v}
-    prepared, folds = quantize_weights(matched, folds, awq if not matched.training else None)
+    awq = {} if matched.training else {k: v["awq"] for k, v in planned_sites(opts).items()
+                                       if v.get("kind") == "linear" and "awq" in v}
+    if awq:  # AWQ scales fold into a norm / up_proj where every consumer shares them, else x * (1 / s)
+        found = groups if smooth is not None else smooth_groups(matched.sites, matched.params)
+        more = awq_folds(found, matched, awq, folds, {g.producer: r for g, r in zip(groups, norm_records)})
+        norm_records += [f.record for f in more if all(f.record is not r for r in norm_records)]
+        folds += more
+        awq = {k: v for k, v in awq.items() if not any(c.key == k for f in more for c in f.group.consumers)}
+    prepared, folds = quantize_weights(matched, folds, awq)
     train_norms = find_train_norms(matched) if matched.training else []
     norm_records += [tn.record for tn in train_norms]
     rewrite_all_or_nothing(gm, matched, folds, prepared, norm_records, opts, spec, probe_sink, capture_all,

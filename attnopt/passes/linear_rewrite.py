@@ -406,8 +406,9 @@ def _edit_graph(gm, folds, prepared, records, params, lin, spec, probe_sink, cap
         if f.group.kind in ("rmsnorm", "layernorm"):
             _fold_norm(rw, f, params, baked)
         f.record.status = "rewritten"
-        f.record.details.update(alpha=lin.smooth.alpha, scale_min=float(f.s.min()),
-                                scale_max=float(f.s.max()))
+        f.record.details.update(alpha=lin.smooth.alpha if f.awq_alpha is None else f.awq_alpha,
+                                scales="smoothquant" if f.awq_alpha is None else "awq",
+                                scale_min=float(f.s.min()), scale_max=float(f.s.max()))
     for key, p in prepared.items():
         _rewrite_linear(rw, p, lin.min_m - 1, spec, probe_sink, records[key], capture_all, baked)
         log.info("linear site %s: %s (%s)", key, records[key].status, records[key].reason or records[key].kernel)

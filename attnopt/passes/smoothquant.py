@@ -33,6 +33,7 @@ class Fold:
     s: torch.Tensor
     record: SiteRecord
     producer_site: LinearSite | None
+    awq_alpha: float | None = None  # an AWQ fold (awq_fold.py): s is the plan's AWQ scales
 
     def members(self) -> list[LinearSite]:
         return list(self.group.consumers) + ([self.producer_site] if self.producer_site else [])
