@@ -7,7 +7,8 @@ import torch
 
 import attnopt
 from attnopt.calibration.awq import awq_scales, awq_search, w4a16_output
-from attnopt.config import PLAN_KIND, PLAN_SCHEMA_VERSION, ConfigError
+from attnopt.compiler import AttnoptBackend
+from attnopt.config import PLAN_KIND, PLAN_SCHEMA_VERSION, ConfigError, normalize_options
 from attnopt.ops import linear_ref as L
 from attnopt.plan import Plan
 
@@ -78,29 +79,35 @@ def _outlier_input(gen=None):
 
 
 class _TwoLinears(torch.nn.Module):
-    """fc1 reads the model's input (nothing to fold into: x * (1 / s) in the graph); fc2 reads a
-    LayerNorm with six large-gain channels (1 / s folds into its gain and bias)."""
+    """fc1 reads the model's input (nothing to fold into: x * (1 / s) in the graph); fc2 and fc3
+    read a LayerNorm with six large-gain channels (searched together, one s, folded into its gain
+    and bias)."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.norm, self.fc2 = torch.nn.Linear(256, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 128)
+        self.fc3 = torch.nn.Linear(256, 128)
         with torch.no_grad():
             self.norm.weight[:6] = 25.0
             self.norm.bias.normal_()
 
     def forward(self, x):
-        return self.fc2(self.norm(self.fc1(x)))
+        h = self.norm(self.fc1(x))
+        return self.fc2(h) * self.fc3(h)
 
 
 class _WrittenOut(torch.nn.Module):
     """The same model with the scales written out: fc1 reads x * (1 / s1) and holds W1 s1, the
-    norm holds gamma / s2 and beta / s2, fc2 holds W2 s2."""
+    norm holds gamma / s2 and beta / s2, fc2 and fc3 hold W s2."""
 
     def __init__(self, m, s1, s2):
         super().__init__()
         self.inv1 = (1.0 / s1).float()
         self.fc1, self.norm, self.fc2 = torch.nn.Linear(256, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 128)
+        self.fc3 = torch.nn.Linear(256, 128)
         with torch.no_grad():
+            self.fc3.weight.copy_((m.fc3.weight.double() * s2).float())
+            self.fc3.bias.copy_(m.fc3.bias)
             self.fc1.weight.copy_((m.fc1.weight.double() / self.inv1.double()).float())
             self.norm.weight.copy_((m.norm.weight.double() / s2).float())
             self.norm.bias.copy_((m.norm.bias.double() / s2).float())
@@ -109,7 +116,8 @@ class _WrittenOut(torch.nn.Module):
             self.fc2.bias.copy_(m.fc2.bias)
 
     def forward(self, x):
-        return self.fc2(self.norm(self.fc1(x * self.inv1)))
+        h = self.norm(self.fc1(x * self.inv1))
+        return self.fc2(h) * self.fc3(h)
 
 
 def test_compiled_plan_applies_the_awq_scales_folded_or_on_x_and_beats_rtn():
@@ -120,20 +128,26 @@ def test_compiled_plan_applies_the_awq_scales_folded_or_on_x_and_beats_rtn():
     e1, e2 = plan.sites["fc1"]["awq"], plan.sites["fc2"]["awq"]
     for e in (e1, e2):
         assert e["alpha"] > 0 and e["rel_l1"]["awq"] < e["rel_l1"]["rtn"]
-    assert plan.meta["awq"]["sites"]["fc2"]["alpha"] == e2["alpha"]
+    assert plan.sites["fc3"]["awq"] == e2  # one input, one search, one s
+    assert plan.meta["awq"]["sites"]["fc2"]["searched_with"] == ["fc2", "fc3"]
     x = _outlier_input()
     s1, s2 = (torch.tensor(e["scales"], dtype=torch.float64) for e in (e1, e2))
     with torch.no_grad():
         torch._dynamo.reset()
-        y_awq = torch.compile(m, backend="attnopt", options={**opts, "plan": plan.to_dict()})(x)
+        be = AttnoptBackend(normalize_options({**opts, "plan": plan.to_dict()}))
+        y_awq = torch.compile(m, backend=be)(x)
         torch._dynamo.reset()
         y_same = torch.compile(_WrittenOut(m, s1, s2).eval(), backend="attnopt", options=opts)(x)
         # the float model, and plain round-to-nearest with the op's arithmetic
         h = m.fc1(x)
-        ref = m.fc2(m.norm(h)).double()
-        h_rtn = L.linear_w4a16_ref(x, *L.quantize_weight_int4(m.fc1.weight), m.fc1.bias)
-        y_rtn = L.linear_w4a16_ref(m.norm(h_rtn), *L.quantize_weight_int4(m.fc2.weight), m.fc2.bias)
+        ref = (m.fc2(m.norm(h)) * m.fc3(m.norm(h))).double()
+        h_rtn = m.norm(L.linear_w4a16_ref(x, *L.quantize_weight_int4(m.fc1.weight), m.fc1.bias))
+        y_rtn = (L.linear_w4a16_ref(h_rtn, *L.quantize_weight_int4(m.fc2.weight), m.fc2.bias)
+                 * L.linear_w4a16_ref(h_rtn, *L.quantize_weight_int4(m.fc3.weight), m.fc3.bias))
     torch._dynamo.reset()
+    recs = {r.key: r for r in be.recorder.sites()}
+    assert recs["norm:awq"].status == "rewritten" and recs["norm:awq"].details["scales"] == "awq"
+    assert recs["fc1"].details["awq_alpha"] == e1["alpha"] and "awq_alpha" not in recs["fc2"].details
     assert _rel_l1(y_awq, y_same.double()) < 1e-6  # the same arithmetic as the scales written out
     rtn, awq = _rel_l1(y_rtn, ref), _rel_l1(y_awq, ref)
     assert awq < 0.9 * rtn, (rtn, awq)
