@@ -62,16 +62,9 @@ def _rel_l1(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).abs().sum() / ref.abs().sum().clamp_min(1e-300))
 
 
-MIN_GAIN = 0.03  # scales are kept only when they cut the rows' error by this fraction (else RTN)
-
-
-def awq_search(x: torch.Tensor, w: torch.Tensor, alphas=ALPHAS, group: int = L.W4_GROUP,
-               min_gain: float | None = None) -> AwqChoice:
+def awq_search(x: torch.Tensor, w: torch.Tensor, alphas=ALPHAS, group: int = L.W4_GROUP) -> AwqChoice:
     """The alpha of `alphas` whose scales give the smallest rel-L1 of the w4a16 linear against
-    float64 x W^T on the rows x [M, K] (w [N, K]); ties keep the smaller alpha. When the best
-    beats round-to-nearest by less than `min_gain` (relative; None: MIN_GAIN), alpha 0: without salient channels
-    mean |x| is mostly the batch's noise, and fitting it made other batches worse (measured on
-    the demo model: up to +14% on a held-out batch; benchmarks/awq.py)."""
+    float64 x W^T on the rows x [M, K] (w [N, K]); ties keep the smaller alpha."""
     x2 = x.reshape(-1, x.shape[-1]).double()
     ref = x2 @ w.double().T
     rtn = _rel_l1(w4a16_output(x2, w, None, group), ref)
@@ -84,6 +77,4 @@ def awq_search(x: torch.Tensor, w: torch.Tensor, alphas=ALPHAS, group: int = L.W
         err = _rel_l1(w4a16_output(x2, w, s, group), ref)
         if err < best.awq_rel_l1:
             best = AwqChoice(float(a), s, rtn, err)
-    if best.awq_rel_l1 > (1 - (MIN_GAIN if min_gain is None else min_gain)) * rtn:
-        return AwqChoice(0.0, awq_scales(mean_abs, 0.0), rtn, rtn)
     return best
