@@ -147,7 +147,8 @@ def test_compiled_plan_applies_the_awq_scales_folded_or_on_x_and_beats_rtn():
     torch._dynamo.reset()
     recs = {r.key: r for r in be.recorder.sites()}
     assert recs["norm:awq"].status == "rewritten" and recs["norm:awq"].details["scales"] == "awq"
-    assert recs["fc1"].details["awq_alpha"] == e1["alpha"] and "awq_alpha" not in recs["fc2"].details
+    assert recs["fc1"].details["awq_alpha"] == e1["alpha"] and not recs["fc1"].details["smoothed"]
+    assert "awq_alpha" not in recs["fc2"].details
     assert _rel_l1(y_awq, y_same.double()) < 1e-6  # the same arithmetic as the scales written out
     rtn, awq = _rel_l1(y_rtn, ref), _rel_l1(y_awq, ref)
     assert awq < 0.9 * rtn, (rtn, awq)

@@ -52,6 +52,7 @@ class _Prepared:
     q: tuple | None  # quantized weight tensors
     x_scale: torch.Tensor | None = None  # AWQ: 1 / s in x's dtype, multiplied into x in the graph
     awq_alpha: float | None = None
+    smoothed: bool | None = None  # with AWQ on x: whether SmoothQuant changed W too (else: changed)
 
 
 def _quantize(site: LinearSite, fmt: str, w: torch.Tensor, changed: bool, bias) -> _Prepared:
@@ -83,7 +84,7 @@ def _with_awq(p: _Prepared, entry: dict | None) -> _Prepared:
     inv = (1.0 / torch.tensor(entry["scales"], dtype=torch.float64)).to(_x_dtype(p.site, p.w))
     w = (p.w.double() / inv.double()[None, :].to(p.w.device)).to(p.w.dtype)
     q = _quantize(p.site, p.fmt, w, True, p.bias)
-    q.x_scale, q.awq_alpha = inv.to(p.w.device), float(entry["alpha"])
+    q.x_scale, q.awq_alpha, q.smoothed = inv.to(p.w.device), float(entry["alpha"]), p.changed
     return q
 
 
@@ -362,8 +363,8 @@ def _record_rewrite(rec: SiteRecord, p: _Prepared, small_m: int, spec: ArchSpec)
     path, words = _path_note(fmt, m, small_m)
     where = "reference" if spec.name == "cpu" else f"triton/{spec.name}"
     rec.kernel = f"{where}/{fmt}: {words}" if fmt != "none" else "smoothed weights, unquantized"
-    rec.details.update(format=fmt, weight_bytes_before=before, weight_bytes_after=after, smoothed=p.changed,
-                       m=m, path=path)
+    rec.details.update(format=fmt, weight_bytes_before=before, weight_bytes_after=after,
+                       smoothed=p.changed if p.smoothed is None else p.smoothed, m=m, path=path)
     if p.awq_alpha is not None:
         rec.details.update(awq_alpha=p.awq_alpha, awq="W s quantized, x multiplied by 1 / s in the graph")
 
