@@ -5,7 +5,8 @@ and the compiled model applying the scales as (x / s) Q(W s)^T."""
 import pytest
 import torch
 
-import attnopt
+from attnopt.calibration.calibrate import _add_awq
+from attnopt.calibration.capture import Captured
 from attnopt.calibration.awq import awq_scales, awq_search, w4a16_output
 from attnopt.compiler import AttnoptBackend
 from attnopt.config import PLAN_KIND, PLAN_SCHEMA_VERSION, ConfigError, normalize_options
@@ -120,16 +121,35 @@ class _WrittenOut(torch.nn.Module):
         return self.fc2(h) * self.fc3(h)
 
 
+def test_calibrate_searches_w4a16_linears_reading_one_tensor_together():
+    """calibrate(awq=True)'s step on captured rows: sites with bit-equal per-channel max |x| share
+    one search; a site the plan puts in another format gets none."""
+    gen = torch.Generator().manual_seed(3)
+    xa, xc = _acts(128, 256, 4, gen), _acts(128, 256, 4, gen)
+    w = {k: torch.randn(64, 256, generator=gen) for k in "abcd"}
+    calls = {k: [{"kind": "linear", "absmax": x.abs().amax(dim=0), "x": x}]
+             for k, x in (("a", xa), ("b", xa), ("c", xc), ("d", xc))}
+    cap = Captured(calls, {}, {k: (v, None) for k, v in w.items()}, "cpu", None, "", False)
+    plan = Plan(sites={k: {"kind": "linear"} for k in "abc"} | {"d": {"kind": "linear", "quant": "w8a8"}})
+    _add_awq(plan, cap, normalize_options({"linear": {"quant": "w4a16"}}))
+    assert plan.sites["a"]["awq"] == plan.sites["b"]["awq"] == awq_search(xa, torch.cat([w["a"], w["b"]])).entry()
+    assert plan.sites["c"]["awq"] == awq_search(xc, w["c"]).entry() and "awq" not in plan.sites["d"]
+    assert plan.meta["awq"]["sites"]["a"]["searched_with"] == ["a", "b"]
+    assert Plan.from_dict(plan.to_dict()).sites["a"]["awq"]["scales"] == plan.sites["a"]["awq"]["scales"]
+
+
 def test_compiled_plan_applies_the_awq_scales_folded_or_on_x_and_beats_rtn():
     torch.manual_seed(0)
     m = _TwoLinears().eval()
     opts = {"linear": {"quant": "w4a16"}, "on_cpu": "emulate"}
-    plan = attnopt.calibrate(m, [(_outlier_input(),)], options=opts, awq=True, cache_dir=False)
-    e1, e2 = plan.sites["fc1"]["awq"], plan.sites["fc2"]["awq"]
+    with torch.no_grad():  # the plan calibrate(awq=True) writes (its search is tested below)
+        x0 = _outlier_input().reshape(-1, 256)
+        e1 = awq_search(x0, m.fc1.weight).entry()
+        e2 = awq_search(m.norm(m.fc1(x0)), torch.cat([m.fc2.weight, m.fc3.weight])).entry()
     for e in (e1, e2):
         assert e["alpha"] > 0 and e["rel_l1"]["awq"] < e["rel_l1"]["rtn"]
-    assert plan.sites["fc3"]["awq"] == e2  # one input, one search, one s
-    assert plan.meta["awq"]["sites"]["fc2"]["searched_with"] == ["fc2", "fc3"]
+    plan = Plan(sites={"fc1": {"kind": "linear", "awq": e1}, "fc2": {"kind": "linear", "awq": e2},
+                       "fc3": {"kind": "linear", "awq": e2}})
     x = _outlier_input()
     s1, s2 = (torch.tensor(e["scales"], dtype=torch.float64) for e in (e1, e2))
     with torch.no_grad():
