@@ -5,9 +5,9 @@ and the compiled model applying the scales as (x / s) Q(W s)^T."""
 import pytest
 import torch
 
+from attnopt.calibration.awq import awq_scales, awq_search, w4a16_output
 from attnopt.calibration.calibrate import _add_awq
 from attnopt.calibration.capture import Captured
-from attnopt.calibration.awq import awq_scales, awq_search, w4a16_output
 from attnopt.compiler import AttnoptBackend
 from attnopt.config import PLAN_KIND, PLAN_SCHEMA_VERSION, ConfigError, normalize_options
 from attnopt.ops import linear_ref as L
