@@ -172,3 +172,56 @@ def test_compiled_plan_applies_the_awq_scales_folded_or_on_x_and_beats_rtn():
     assert _rel_l1(y_awq, y_same.double()) < 1e-6  # the same arithmetic as the scales written out
     rtn, awq = _rel_l1(y_rtn, ref), _rel_l1(y_awq, ref)
     assert awq < 0.9 * rtn, (rtn, awq)
+
+
+class _SwiGLU(torch.nn.Module):
+    """RMSNorm -> gate / up -> silu(gate) * up -> down: 1 / s of gate / up folds into the norm's
+    gain, down's into up's rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(256)
+        self.gate, self.up, self.down = (torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(256, 256),
+                                         torch.nn.Linear(256, 128, bias=False))
+        with torch.no_grad():
+            self.norm.weight[:6] = 25.0
+            self.up.weight[:4] *= 20  # large channels into down too
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def test_awq_scales_fold_into_a_norm_and_into_up_for_down():
+    torch.manual_seed(0)
+    m = _SwiGLU().eval()
+    opts = {"linear": {"quant": "w4a16"}, "on_cpu": "emulate"}
+    with torch.no_grad():
+        x0 = torch.randn(128, 256)
+        h = m.norm(x0)
+        en = awq_search(h, torch.cat([m.gate.weight, m.up.weight])).entry()
+        ed = awq_search(torch.nn.functional.silu(m.gate(h)) * m.up(h), m.down.weight).entry()
+    assert en["alpha"] > 0 and ed["alpha"] > 0
+    plan = Plan(sites={"gate": {"kind": "linear", "awq": en}, "up": {"kind": "linear", "awq": en},
+                       "down": {"kind": "linear", "awq": ed}})
+    sn, sd = (torch.tensor(e["scales"], dtype=torch.float64) for e in (en, ed))
+    out = _SwiGLU().eval()  # the scales written out, as the folds compute them (float64, rounded once)
+    with torch.no_grad():
+        out.norm.weight.copy_((m.norm.weight.double() / sn).float())
+        out.gate.weight.copy_((m.gate.weight.double() * sn).float())
+        out.up.weight.copy_((m.up.weight.double() * sn[None, :] / sd[:, None]).float())
+        out.up.bias.copy_((m.up.bias.double() / sd).float())
+        out.down.weight.copy_((m.down.weight.double() * sd).float())
+    x = torch.randn(2, 32, 256)
+    with torch.no_grad():
+        be = AttnoptBackend(normalize_options({**opts, "plan": plan.to_dict()}))
+        torch._dynamo.reset()
+        y = torch.compile(m, backend=be)(x)
+        torch._dynamo.reset()
+        y_same = torch.compile(out, backend="attnopt", options=opts)(x)
+    torch._dynamo.reset()
+    recs = {r.key: r for r in be.recorder.sites()}
+    assert recs["norm:awq"].status == "rewritten" and recs["up:awq"].status == "rewritten", \
+        {k: (r.status, r.reason) for k, r in recs.items()}
+    assert not any("awq_alpha" in recs[k].details for k in ("gate", "up", "down"))  # nothing on x
+    assert _rel_l1(y, y_same.double()) < 1e-6
