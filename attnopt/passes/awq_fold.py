@@ -15,7 +15,7 @@ import torch
 
 from .linear_match import MatchedLinears
 from .smooth_match import SmoothGroup
-from .smoothquant import Fold, _group_record, _member_reason
+from .smoothquant import Fold, group_record, member_reason
 
 _FOLDABLE = ("rmsnorm", "layernorm", "linear")  # attention-v: per-head maps, not folded here
 
@@ -45,9 +45,9 @@ def awq_folds(groups: list[SmoothGroup], m: MatchedLinears, awq: dict, smooth_fo
             continue
         entry = _shared_scales(g, m, awq)
         prod = by_node.get(g.producer) if g.kind == "linear" else None
-        if entry is None or _member_reason(g, prod, m) is not None:
+        if entry is None or member_reason(g, prod, m) is not None:
             continue
-        rec = records.get(g.producer) or _group_record(g)
+        rec = records.get(g.producer) or group_record(g)
         rec.reason = None
         rec.key = f"{g.module}:awq" if g.producer not in records else rec.key
         s = torch.tensor(entry["scales"], dtype=torch.float64)

@@ -1,5 +1,6 @@
-"""The linear pass: linear match -> smoothquant -> linear rewrite, on Dynamo's graph (training
-graphs: linear match -> training norms -> linear rewrite).
+"""The linear pass: linear match -> smoothquant -> AWQ folds (a plan's AWQ scales, awq_fold.py)
+-> linear rewrite, on Dynamo's graph (training graphs: linear match -> training norms -> linear
+rewrite).
 
 It runs before Inductor (manager.py lists where every pass runs): there the weights are real
 parameters (Dynamo hands the backend its example inputs), so they can be quantized and smoothed
