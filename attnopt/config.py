@@ -829,10 +829,30 @@ def _validate_linear_site(path: str, entry: Mapping) -> dict:
             out["quant"] = val
         elif key == "act_absmax":  # per input channel max|x| seen in calibration (for smoothing)
             out["act_absmax"] = _finite_list(p, val)
+        elif key == "awq":  # AWQ's per input channel scales for a w4a16 linear (calibration/awq.py)
+            out["awq"] = _validate_awq(p, val)
         elif key in ("error", "stats", "group", "sensitivity"):  # calibration's measurements, kept for reading
             out[key] = val
         else:
-            raise ConfigError(p, val, "one of kind, quant, act_absmax, group, error, stats, sensitivity")
+            raise ConfigError(p, val, "one of kind, quant, act_absmax, awq, group, error, stats, sensitivity")
+    return out
+
+
+def _validate_awq(path: str, val: Any) -> dict:
+    """{'alpha': number in [0, 1], 'scales': positive finite numbers (one per input channel),
+    'rel_l1': calibration's measurement, kept for reading}."""
+    if not isinstance(val, Mapping) or not {"alpha", "scales"} <= set(val) or set(val) - {"alpha", "scales", "rel_l1"}:
+        raise ConfigError(path, "<dict>" if isinstance(val, Mapping) else val,
+                          "{'alpha': number in [0, 1], 'scales': [positive numbers]} (and 'rel_l1')")
+    a = val["alpha"]
+    if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= 1:
+        raise ConfigError(f"{path}.alpha", a, "a number in [0, 1]")
+    scales = _finite_list(f"{path}.scales", val["scales"])
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"{path}.scales", "<list>", "a non-empty list of numbers > 0")
+    out = {"alpha": float(a), "scales": scales}
+    if "rel_l1" in val:
+        out["rel_l1"] = val["rel_l1"]
     return out
 
 

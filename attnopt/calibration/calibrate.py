@@ -25,6 +25,7 @@ from typing import Iterable, Mapping
 import torch
 
 from . import planner as P
+from .awq import awq_search
 from .capture import Captured, capture
 from .cost_model import CostModel, attention_phases, linear_phases
 from .evaluate import ORIGINAL, ModelRunner
@@ -48,7 +49,7 @@ DENSE_FORMATS = (("int8", "fp16"), ("int8", "fp8"), ("fp8", "fp8"), ("fp4", "fp4
 def calibrate(model, example_batches: Iterable, options: Mapping | None = None, budget: Mapping | None = None,
               *, search: str = "sparsity", holdout=None, margin: float = 0.8, mixed_precision: bool = False,
               second_stage: bool = True, cost: str | None = None, cache_dir: str | None = None,
-              plot: str | None = None, max_rows: int = 2048, progress: bool = False) -> Plan:
+              plot: str | None = None, max_rows: int = 2048, progress: bool = False, awq: bool = False) -> Plan:
     """Calibrate attnopt on example batches and return a Plan.
 
     budget:
@@ -73,6 +74,9 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     cache_dir: where captured site inputs are kept (default ~/.cache/attnopt/calibration), keyed
     by model weights, batches and options: another budget or method does not re-run the capture.
     linear.smooth set: each linear's per-channel max |activation| (SmoothQuant's statistic).
+    awq: every linear whose planned format is w4a16 (the plan's choice, else linear.quant) gets
+    AWQ's per-input-channel scales searched on its captured rows (calibration/awq.py), stored
+    as the site's "awq" entry and applied when the plan is compiled.
 
     `example_batches`: an iterable of input tuples (or kwargs dicts) for `model`; sequence
     lengths may differ between batches.
@@ -92,20 +96,50 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     sp = opts.attention.sparsity
     attention = sp is not None or search == "all"
     formats = mixed_precision or search == "all"
-    if not attention and not formats and opts.linear.smooth is None:
+    if not attention and not formats and opts.linear.smooth is None and not awq:
         raise ValueError("nothing to calibrate: set attention.sparsity (e.g. {'method': 'sparge'}), "
-                         "linear.smooth, mixed_precision=True or search='all'")
+                         "linear.smooth, awq=True, mixed_precision=True or search='all'")
     def bar(stage: str, total: int | None = None) -> Progress:  # on a terminal only, unless progress=True
         return Progress(f"calibrate: {stage}", total=total, enabled=None if progress else False)
 
     with bar("capture", len(batches)) as say:
-        cap = capture(model, batches, opts, attention=attention, linears=formats or opts.linear.smooth is not None,
+        cap = capture(model, batches, opts, attention=attention, linears=formats or awq or opts.linear.smooth is not None,
                       cache_dir=cache_dir, say=say)
     plan = _plan(model, batches, held, opts, budget, cap, search, margin, formats, second_stage, cost, bar, max_rows)
+    if awq:
+        _add_awq(plan, cap, opts)
     plan.meta["calibration"]["seconds"] = time.perf_counter() - t_start
     if plot is not None and "front" in plan.meta:
         write_png(plan.meta["front"], plot)
     return plan
+
+
+def _add_awq(plan: Plan, cap: Captured, opts) -> None:
+    """AWQ scales for each captured linear the plan leaves in w4a16, searched on its rows.
+    Linears reading the same tensor (q / k / v after one norm: their per-channel max |x| are
+    equal to the bit) are searched together, on their stacked outputs, and share the scales: the
+    compile can then fold 1 / s into that norm instead of scaling x."""
+    by_input: dict[tuple, list[str]] = {}
+    for key, calls in cap.calls.items():
+        entry = plan.sites.get(key)
+        if calls[0].get("kind") != "linear" or entry is None or key not in cap.weights:
+            continue
+        if entry.get("quant", opts.linear.quant) != "w4a16":
+            continue
+        absmax = torch.stack([c["absmax"] for c in calls]).amax(dim=0)
+        by_input.setdefault((absmax.shape[0], absmax.cpu().numpy().tobytes()), []).append(key)
+    done = {}
+    for keys in by_input.values():
+        calls = cap.calls[keys[0]]
+        x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
+        w = torch.cat([cap.weights[k][0].to(x.device) for k in keys])
+        choice = awq_search(x, w)
+        for k in keys:
+            plan.sites[k]["awq"] = choice.entry()
+            done[k] = {"alpha": choice.alpha, "rtn_rel_l1": choice.rtn_rel_l1, "awq_rel_l1": choice.awq_rel_l1,
+                       "searched_with": keys}
+    plan.meta["awq"] = {"sites": done, "grid": "alpha 0..1 step 0.05",
+                        "error": "rel-L1 on the captured rows (of the stacked outputs when searched together)"}
 
 
 BUDGET_KEYS = {"model_rel_l1": 0.05, "rel_l1": None, "linear_rel_l1": None}

@@ -50,6 +50,9 @@ class _Prepared:
     changed: bool
     bias: torch.Tensor | None  # a folded bias, or None (the site's own bias node stays)
     q: tuple | None  # quantized weight tensors
+    x_scale: torch.Tensor | None = None  # AWQ: 1 / s in x's dtype, multiplied into x in the graph
+    awq_alpha: float | None = None
+    smoothed: bool | None = None  # with AWQ on x: whether SmoothQuant changed W too (else: changed)
 
 
 def _quantize(site: LinearSite, fmt: str, w: torch.Tensor, changed: bool, bias) -> _Prepared:
@@ -60,6 +63,29 @@ def _quantize(site: LinearSite, fmt: str, w: torch.Tensor, changed: bool, bias) 
     else:
         q = None
     return _Prepared(site, fmt, w, changed, bias, q)
+
+
+def _x_dtype(site: LinearSite, w: torch.Tensor) -> torch.dtype:
+    x = example_value(site.x)
+    return x.dtype if isinstance(x, torch.Tensor) and x.dtype.is_floating_point else w.dtype
+
+
+def _with_awq(p: _Prepared, entry: dict | None) -> _Prepared:
+    """A w4a16 site with AWQ scales in the plan: quantize W s instead of W, and x reads x / s.
+    1 / s is rounded to x's dtype first and W divided by exactly that, so the only new rounding
+    is the one of x / s (and W s to W's dtype before 4 bits)."""
+    if entry is None or p.fmt != "w4a16":
+        return p
+    k = p.w.shape[1]
+    if len(entry["scales"]) != k:
+        log.warning("attnopt: AWQ scales of %s have %d channels, the weight %d: not applied",
+                    p.site.key, len(entry["scales"]), k)
+        return p
+    inv = (1.0 / torch.tensor(entry["scales"], dtype=torch.float64)).to(_x_dtype(p.site, p.w))
+    w = (p.w.double() / inv.double()[None, :].to(p.w.device)).to(p.w.dtype)
+    q = _quantize(p.site, p.fmt, w, True, p.bias)
+    q.x_scale, q.awq_alpha, q.smoothed = inv.to(p.w.device), float(entry["alpha"]), p.changed
+    return q
 
 
 def _undo_folds(broken: list[Fold], folds: list[Fold], errors: dict) -> list[LinearSite]:
@@ -74,9 +100,11 @@ def _undo_folds(broken: list[Fold], folds: list[Fold], errors: dict) -> list[Lin
     return todo
 
 
-def quantize_weights(m: MatchedLinears, folds: list[Fold]) -> tuple[dict[str, _Prepared], list[Fold]]:
+def quantize_weights(m: MatchedLinears, folds: list[Fold], awq: dict | None = None) -> tuple[dict[str, _Prepared], list[Fold]]:
     """Quantize every rewritten site; a group with a member that fails is undone (its members
-    quantized again without the scales), so no fold is ever half applied."""
+    quantized again without the scales), so no fold is ever half applied. `awq`: key -> the
+    plan's AWQ entry, applied to w4a16 sites on top of any SmoothQuant fold."""
+    awq = awq or {}
     folds = list(folds)
     prepared: dict[str, _Prepared] = {}
     errors: dict[str, Exception] = {}
@@ -86,7 +114,8 @@ def quantize_weights(m: MatchedLinears, folds: list[Fold]) -> tuple[dict[str, _P
         for s in todo:
             try:
                 w = new_w.get(s.key, m.weights[s.key])
-                prepared[s.key] = _quantize(s, m.formats[s.key], w, s.key in new_w, new_b.get(s.key))
+                prepared[s.key] = _with_awq(_quantize(s, m.formats[s.key], w, s.key in new_w, new_b.get(s.key)),
+                                            awq.get(s.key))
                 errors.pop(s.key, None)
             except Exception as e:  # leave the site as it was
                 log.warning("attnopt: could not quantize linear %s: %r", s.key, e, exc_info=True)
@@ -226,6 +255,21 @@ def _quantized_weight_nodes(rw: LinearRewriter, p: _Prepared) -> tuple | None:
     return None
 
 
+def _x_node(rw: LinearRewriter, p: _Prepared) -> fx.Node:
+    """What the op reads as x: the site's input, or x * (1 / s) for AWQ scales (one elementwise
+    multiply in the graph, which Inductor fuses into the op producing x)."""
+    s = p.site
+    if p.x_scale is None:
+        return s.x
+    node = rw.call(torch.mul, [s.x, rw.const(p.x_scale, s.node, "awq_inv")], s.node)
+    xe = example_value(s.x)
+    if isinstance(xe, torch.Tensor):
+        node.meta["example_value"] = xe
+    else:
+        node.meta.pop("example_value", None)
+    return node
+
+
 def _probe_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: ArchSpec, probe_sink: str) -> fx.Node:
     """inspect's linear_probe: runs the rewritten op and measures it against the float weight."""
     s = p.site
@@ -233,7 +277,7 @@ def _probe_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: A
         w_node = rw.const(p.w, s.node, "wref")
     else:
         w_node = rw.call(torch.t, [s.weight], s.node) if s.transposed else s.weight
-    args = [s.x, w_node, bias, q[0] if q else w_node, q[1] if q else w_node, q[2] if q else None,
+    args = [_x_node(rw, p), w_node, bias, q[0] if q else w_node, q[1] if q else w_node, q[2] if q else None,
             p.fmt if q else "none", small_m, spec.name, f"{probe_sink}/{s.key}"]
     return rw.call(torch.ops.attnopt.linear_probe.default, args, s.node)
 
@@ -300,7 +344,7 @@ def _rewrite_train_norm(rw: LinearRewriter, tn, fmt: str, spec: ArchSpec) -> Non
 
 def _op_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: ArchSpec) -> fx.Node:
     """The call replacing the linear: attnopt's GEMM for the format, or aten's on smoothed weights."""
-    s, x = p.site, p.site.x
+    s, x = p.site, _x_node(rw, p)
     if q is None:
         return rw.call(torch._C._nn.linear, [x, rw.const(p.w, s.node, "wsmooth"), bias], s.node)
     if p.fmt == "w4a16":
@@ -319,8 +363,10 @@ def _record_rewrite(rec: SiteRecord, p: _Prepared, small_m: int, spec: ArchSpec)
     path, words = _path_note(fmt, m, small_m)
     where = "reference" if spec.name == "cpu" else f"triton/{spec.name}"
     rec.kernel = f"{where}/{fmt}: {words}" if fmt != "none" else "smoothed weights, unquantized"
-    rec.details.update(format=fmt, weight_bytes_before=before, weight_bytes_after=after, smoothed=p.changed,
-                       m=m, path=path)
+    rec.details.update(format=fmt, weight_bytes_before=before, weight_bytes_after=after,
+                       smoothed=p.changed if p.smoothed is None else p.smoothed, m=m, path=path)
+    if p.awq_alpha is not None:
+        rec.details.update(awq_alpha=p.awq_alpha, awq="W s quantized, x multiplied by 1 / s in the graph")
 
 
 def _rewrite_linear(rw: LinearRewriter, p: _Prepared, small_m: int, spec: ArchSpec, probe_sink: str | None,
@@ -361,8 +407,9 @@ def _edit_graph(gm, folds, prepared, records, params, lin, spec, probe_sink, cap
         if f.group.kind in ("rmsnorm", "layernorm"):
             _fold_norm(rw, f, params, baked)
         f.record.status = "rewritten"
-        f.record.details.update(alpha=lin.smooth.alpha, scale_min=float(f.s.min()),
-                                scale_max=float(f.s.max()))
+        f.record.details.update(alpha=lin.smooth.alpha if f.awq_alpha is None else f.awq_alpha,
+                                scales="smoothquant" if f.awq_alpha is None else "awq",
+                                scale_min=float(f.s.min()), scale_max=float(f.s.max()))
     for key, p in prepared.items():
         _rewrite_linear(rw, p, lin.min_m - 1, spec, probe_sink, records[key], capture_all, baked)
         log.info("linear site %s: %s (%s)", key, records[key].status, records[key].reason or records[key].kernel)

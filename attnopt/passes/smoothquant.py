@@ -33,6 +33,7 @@ class Fold:
     s: torch.Tensor
     record: SiteRecord
     producer_site: LinearSite | None
+    awq_alpha: float | None = None  # an AWQ fold (awq_fold.py): s is the plan's AWQ scales
 
     def members(self) -> list[LinearSite]:
         return list(self.group.consumers) + ([self.producer_site] if self.producer_site else [])
@@ -65,14 +66,14 @@ def smooth_scales(group: SmoothGroup, weights: dict, stats: dict, alpha: float) 
     return s.clamp_min(1e-5)
 
 
-def _group_record(g: SmoothGroup) -> SiteRecord:
+def group_record(g: SmoothGroup) -> SiteRecord:
     """A group's record ('norm' kind, key '<producer module>:smooth'): skipped until folded."""
     return SiteRecord(kind="norm", module=g.module, key=f"{g.module}:smooth", status="skipped",
                       pattern=f"{g.kind} -> {len(g.consumers) or 'no'} linear(s)", source=source_line(g.producer),
                       module_type=module_class(g.producer), details={"consumers": [c.key for c in g.consumers]})
 
 
-def _member_reason(g: SmoothGroup, producer: LinearSite | None, m: MatchedLinears) -> str | None:
+def member_reason(g: SmoothGroup, producer: LinearSite | None, m: MatchedLinears) -> str | None:
     """Why the group cannot fold because of its members, or None: every consumer must be
     rewritten, and a producer linear too (its output channels are divided by the scales)."""
     if g.skip_reason:
@@ -94,10 +95,10 @@ def accept_groups(groups: list[SmoothGroup], m: MatchedLinears, stats: dict,
     folds, recs = [], []
     as_consumer, as_producer = set(), set()
     for g in groups:
-        rec = _group_record(g)
+        rec = group_record(g)
         recs.append(rec)
         prod = by_node.get(g.producer) if g.kind in ("linear", "attention-v") else None
-        reason = _member_reason(g, prod, m)
+        reason = member_reason(g, prod, m)
         if reason is None and (any(c.key in as_consumer for c in g.consumers) or g.producer in as_producer):
             reason = "overlaps another smoothing group"
         s = smooth_scales(g, m.weights, stats, alpha) if reason is None else None
