@@ -87,7 +87,11 @@ class Throughput:
 
     def rate(self, fmt: str) -> float:
         """A QK^T / P.V / GEMM format's tensor-core rate ('none' and 'fp16' are 16-bit)."""
-        r = {"none": self.fp16, "fp16": self.fp16, "int8": self.int8, "fp8": self.fp8, "fp4": self.fp4}[fmt]
+        # fp8_acc16: the FP8 MMA accumulating in FP16, twice the FP32-accumulating rate where the
+        # arch offers it (sm89 / sm120: Ada and consumer Blackwell datasheets; SageAttention2++)
+        fp8_acc16 = 2 * self.fp8 if self.fp8 is not None else None
+        r = {"none": self.fp16, "fp16": self.fp16, "int8": self.int8, "fp8": self.fp8, "fp8_acc16": fp8_acc16,
+             "fp4": self.fp4}[fmt]
         if r is None:
             raise ValueError(f"{self.gpu} has no {fmt} tensor-core rate")
         return r
@@ -121,13 +125,14 @@ THROUGHPUT: dict[str, Throughput] = {
 }
 
 # bytes per element stored in each format (NVFP4: 4 bits plus one e4m3 scale per 16 elements)
-BYTES = {"none": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "fp4": 0.5 + 1 / 16}
+BYTES = {"none": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "fp8_acc16": 1.0, "fp4": 0.5 + 1 / 16}
 
 PREDICTORS = ("sparge", "xattention", "svg", "vsa")  # methods with a predictor launch per call
 STATIC_METHODS = ("window", "radial", "block")  # masks built once and cached
 
 # benchmarks/attention.py's variant names -> (quant, pv); its 16-bit baseline
 ATTENTION_VARIANTS = {"attnopt int8+f16pv": ("int8", "fp16"), "attnopt int8+fp8pv": ("int8", "fp8"),
+                      "attnopt int8+fp8pv-acc16": ("int8", "fp8_acc16"),
                       "attnopt fp8+fp8pv": ("fp8", "fp8"), "attnopt nvfp4": ("fp4", "fp4")}
 ATTENTION_BASELINE = "sdpa flash"
 # benchmarks/linear.py's variant names -> format; its 16-bit baseline
