@@ -31,34 +31,13 @@ VARIANTS = {"attnopt int8 bwd": "int8", "attnopt exact bwd": "exact"}
 
 
 def attention_fns(causal: bool) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def sdpa(backend):
-        def f(q, k, v):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return f
+    """attnopt with each backward, and the forward peers of benchmarks/attention.py that have a
+    backward (SageAttention's kernels are inference only)."""
+    from attention import peers
 
     fns = {name: (lambda q, k, v, bw=bw: attnopt.attention(q, k, v, is_causal=causal, backward=bw))
            for name, bw in VARIANTS.items()}
-    fns.update({"sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)})
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        flex = torch.compile(flex_attention, dynamic=False)
-        masks = {}
-
-        def f_flex(q, k, v):
-            if not causal:
-                return flex(q, k, v)
-            n = q.shape[-2]
-            if n not in masks:
-                masks[n] = create_block_mask(lambda b, h, i, j: j <= i, None, None, n, n, device=q.device)
-            return flex(q, k, v, block_mask=masks[n])
-
-        fns["flex_attention"] = f_flex
-    except ImportError:
-        pass
+    fns.update({name: fn for name, fn in peers(causal).items() if not name.startswith("sageattn")})
     return fns
 
 

@@ -31,6 +31,7 @@ from ..casts import dot_8_16bit, to_e4m3, to_e5m2
 from .block_formats import BLOCK, DTYPES, QMAX, n_blocks, operand_formats
 from ...switches import interpreted
 from .splitk import store_output
+from .tiles import grouped_tile
 
 FMT_IDS = {"int8": 0, "e4m3": 1, "e5m2": 2}
 
@@ -72,14 +73,7 @@ def _block_gemm_kernel(A, stride_am, stride_ak, SA, stride_sam, stride_sak,
                        INT8: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr, QBLOCK: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """C [M, N] = sum over 32-deep slices kb of (A[:, kb] . B[:, kb]^T) * SA[m // 32, kb] * SB[n // 32, kb]."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)  # grouped order: a band of GROUP_M row-tiles walks all columns
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % size_m)
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, QBLOCK)

@@ -36,6 +36,7 @@ from .. import casts
 from ..arch import ARCHS, FUSED_QUANT_MAX_M, GemmTile, autotune_bucket
 from ..casts import to_16bit, to_e4m3
 from ...switches import interpreted
+from .tiles import grouped_tile
 from .splitk import publish_partial, split_count, store_output, sum_partials, tile_counters
 
 @triton.jit
@@ -88,14 +89,7 @@ def _gemm_8bit_kernel(A, stride_am, stride_ak, B, stride_bn, stride_bk, C, strid
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """QUANT_A: A is the 16-bit activation, quantized per row here (AS unused); otherwise A is
     the 8-bit activation and AS its row scales."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)  # grouped order: a band of GROUP_M row-tiles walks all columns
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % size_m)
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
