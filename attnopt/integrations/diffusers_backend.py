@@ -112,14 +112,19 @@ def use_backend(model: torch.nn.Module, options: Mapping | Options | None = None
     return name
 
 
-def _options_at(a, module_path: str):
-    """The attention options in force at a site now: the first matching `attention.schedule`
-    entry for the current `attnopt.step(...)`, else `a` itself."""
-    try:
-        from .. import schedule
-    except ImportError:  # no step schedules in this attnopt
-        return a
-    return schedule.options_at(a, module_path, schedule.current_step())
+def _step_now():
+    """(step, total) of the current `attnopt.step(...)` block, or None."""
+    from .. import schedule
+
+    return schedule.current_step()
+
+
+def _options_at(a, module_path: str, step_now):
+    """The attention options in force at a site at a step: the first matching
+    `attention.schedule` entry, else `a` itself."""
+    from .. import schedule
+
+    return schedule.options_at(a, module_path, step_now)
 
 
 def _needs_site(opts: Options) -> str | None:
@@ -154,6 +159,7 @@ class _Backend:
         self.needs_site = _needs_site(opts)
         self.decisions: dict[str, str] = {}
         self._cache: dict[tuple, _Params | str] = {}
+        self._scheduled: dict[tuple, object] = {}  # (module path, step) -> attention options in force
         self._at_step: dict[object, Options] = {}  # attention options at a step -> Options with them
 
     def _options_with(self, a) -> Options:
@@ -176,7 +182,13 @@ class _Backend:
         else:
             path, index = site
         key = f"{path}#{index}"
-        a = _options_at(self.opts.attention, path)
+        a = self.opts.attention
+        if getattr(a, "schedule", None):  # merged options per (site, step), validated once
+            at = (path, _step_now())
+            got = self._scheduled.get(at)
+            if got is None:
+                got = self._scheduled[at] = _options_at(a, path, at[1])
+            a = got
         ck = (key, a, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype, q.device)
         got = self._cache.get(ck)
         if got is None:
