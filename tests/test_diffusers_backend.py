@@ -221,10 +221,15 @@ def test_per_layer_plan_is_honoured():
     assert sorted(seen.calls) == sorted([("attention", "int8", "fp16")] * 2 + [("attention", "fp8", "fp8")])
 
 
-def test_plan_without_tracked_sites_raises():
-    plan = {"schema_version": attnopt.Plan().to_dict()["schema_version"],
-            "sites": {"blocks.0.attn1#0": {"kind": "attention", "quant": "fp8"}}}
-    register_backend({"attention": ANY_LENGTH, "plan": plan}, name="attnopt_nosite")
+@pytest.mark.parametrize("extra", [
+    {"plan": {"schema_version": attnopt.Plan().to_dict()["schema_version"],
+              "sites": {"blocks.0.attn1#0": {"kind": "attention", "quant": "fp8"}}}},
+    {"attention": {**ANY_LENGTH, "exclude": ["blocks.0.*"]}},
+    {"attention": {**ANY_LENGTH, "schedule": [{"steps": [0, 1], "include": ["blocks.0.*"], "use": {"quant": "fp8"}}]}},
+], ids=["plan", "exclude", "schedule"])
+def test_options_naming_modules_need_tracked_sites(extra):
+    """Options that name modules cannot run a call whose module is unknown: they raise."""
+    register_backend({"attention": ANY_LENGTH, **extra}, name="attnopt_nosite")
     with pytest.raises(db.SiteUnknown, match="track_sites"):
         dispatch.dispatch_attention_fn(*_qkv(), backend=dispatch.AttentionBackendName("attnopt_nosite"))
 
@@ -266,7 +271,6 @@ def test_track_sites_is_idempotent_and_removable():
 
 
 def test_step_schedule_switches_formats():
-    schedule = pytest.importorskip("attnopt.schedule", reason="schedule module not merged yet")
     torch.manual_seed(0)
     m, kw = _wan()
     m.eval()
@@ -279,7 +283,7 @@ def test_step_schedule_switches_formats():
     seen = {}
     with dispatch.attention_backend("attnopt_sched"):
         for i in range(3):
-            with schedule.step(i, 3), CountFormats() as count:
+            with attnopt.step(i, 3), CountFormats() as count:
                 _run(m, kw)
             seen[i] = sorted(count.calls)
     assert seen[0] == [("attention", "fp8", "fp8")] * 4
