@@ -14,7 +14,7 @@ dispatch = pytest.importorskip("diffusers.models.attention_dispatch")
 
 import attnopt  # noqa: E402
 from attnopt.integrations import diffusers_backend as db  # noqa: E402
-from attnopt.integrations.diffusers import decisions, register_backend, track_sites  # noqa: E402
+from attnopt.integrations.diffusers import decisions, register_backend, track_sites, use_backend  # noqa: E402
 
 BOUND = 0.05  # the bound against the default backend (here: that backend in float64)
 ANY_LENGTH = {"min_seq_len": 0, "allow_fp32": True}
@@ -305,3 +305,15 @@ def test_site_keys_match_the_compiled_pass():
     with dispatch.attention_backend("attnopt_keys"):
         _run(m, kw)
     assert sorted(decisions("attnopt_keys")) == compiled
+
+
+def test_use_backend_registers_tracks_and_selects():
+    torch.manual_seed(0)
+    m, kw = _flux()
+    m.eval()
+    assert use_backend(m, {"attention": {**ANY_LENGTH, "exclude": ["single_*"]}}, name="attnopt_use") == "attnopt_use"
+    _run(m, kw)
+    d = decisions("attnopt_use")
+    assert "int8qk" in d["transformer_blocks.0.attn#0"]
+    assert d["single_transformer_blocks.0.attn#0"].startswith("sdpa: module 'single_transformer_blocks.0.attn' "
+                                                              "excluded")
