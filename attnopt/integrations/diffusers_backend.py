@@ -134,7 +134,7 @@ def _needs_site(opts: Options) -> str | None:
         return "the plan has per-site attention entries"
     if tuple(a.include) != ("*",) or tuple(a.exclude):
         return "attention.include / attention.exclude select modules by path"
-    for entry in getattr(a, "schedule", ()) or ():
+    for entry in a.schedule:
         if tuple(entry["include"]) != ("*",):
             return "an attention.schedule entry selects modules by path"
     return None
@@ -183,7 +183,7 @@ class _Backend:
             path, index = site
         key = f"{path}#{index}"
         a = self.opts.attention
-        if getattr(a, "schedule", None):  # merged options per (site, step), validated once
+        if a.schedule:  # merged options per (site, step), validated once
             at = (path, _step_now())
             got = self._scheduled.get(at)
             if got is None:
