@@ -1,0 +1,167 @@
+"""NVFP4 linears (`linear.quant = "nvfp4"`, W4A4, sm100+): the reference against float64, the
+activation quantizer and the tl.dot_scaled GEMM (interpreter) against the reference, the graph
+rewrite, and the arch refusal.
+
+Measured (this file's inputs, rel-L1 against float64): ~0.13 on standard-normal activations,
+about 0.12-0.13 with outlier channels; W4A16 is ~0.10 and W8A8 ~0.012 on the same inputs.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import attnopt
+from attnopt.codegen.linear.nvfp4 import linear_nvfp4_triton, quantize_act_nvfp4_triton
+from attnopt.ops import linear_nvfp4_ref as F
+from attnopt.ops import nvfp4
+
+from helpers import dynamo_graph, rel_l1
+from test_linear_rewrite import LinearAndConv1D, _consts, _rewrite
+
+BOUND = 0.16  # rel-L1 of the NVFP4 linear against float64 (measured 0.12-0.14)
+
+
+def exact(x, w, b=None):
+    return x.double() @ w.double().T + (b.double() if b is not None else 0)
+
+
+def cosine(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def outlier_channels(m, k, dtype=torch.bfloat16):
+    """Activations with one input channel in 32 thirty times larger than the rest."""
+    x = torch.randn(m, k)
+    x[:, torch.randperm(k)[:max(1, k // 32)]] *= 30
+    return x.to(dtype)
+
+
+# ------------------------------------------------------------------------------ reference
+
+def test_weight_quantization_grid():
+    """Codes on the e2m1 grid, an e4m3 scale per 16 inputs whose row maximum is 448, K padded."""
+    w = torch.randn(24, 100) * torch.logspace(-3, 0, 24)[:, None]
+    packed, gs, outer = F.quantize_weight_nvfp4(w)
+    assert packed.shape == (24, 56) and packed.dtype == torch.uint8  # K 100 -> 112
+    assert gs.shape == (24, 7) and gs.dtype == torch.float8_e4m3fn and outer.shape == (24,)
+    assert torch.equal(gs.float().amax(dim=1), torch.full((24,), 448.0))
+    deq = F.local_values(packed, gs) * outer[:, None]
+    assert (deq[:, 100:] == 0).all() and rel_l1(deq[:, :100], w) < 0.12
+    assert torch.equal(deq, nvfp4.fake_quantize_rows(nvfp4._pad_to(w, -1, 16), 1))
+
+
+@pytest.mark.parametrize("kind", ["normal", "outliers"])
+def test_reference_against_float64(kind):
+    x = torch.randn(64, 256).bfloat16() if kind == "normal" else outlier_channels(64, 256)
+    w = torch.randn(96, 256) * 0.05
+    b = torch.randn(96).bfloat16()
+    y = F.linear_nvfp4_ref(x, *F.quantize_weight_nvfp4(w), b)
+    ref = exact(x, w, b)
+    assert y.dtype == x.dtype and y.shape == (64, 96)
+    assert rel_l1(y, ref) < BOUND and cosine(y, ref) > 0.98, (rel_l1(y, ref), cosine(y, ref))
+    # a weight off by a sign in one group shows up: the test can fail
+    wrong = F.quantize_weight_nvfp4(w)[0].clone()
+    wrong[:, :8] ^= 0x88
+    assert rel_l1(F.linear_nvfp4_ref(x, wrong, *F.quantize_weight_nvfp4(w)[1:], b), ref) > BOUND
+
+
+def test_mismatched_k_is_refused_with_the_reason():
+    q = F.quantize_weight_nvfp4(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="padded to a multiple of 16"):
+        linear_nvfp4_triton(torch.randn(3, 80), *q, None)
+    with pytest.raises(ValueError, match="NVFP4 weight 64"):
+        F.linear_nvfp4_ref(torch.randn(3, 80), *q, None)
+
+
+# ------------------------------------------------------------------------------ kernels (interpreter)
+
+@pytest.mark.parametrize("m,k", [(1, 64), (77, 100), (40, 600)])
+def test_activation_quantizer_is_bitwise_the_reference(m, k):
+    """One K block or several (BLOCK_K 256), K padded to 16 with zero codes and scales."""
+    x = outlier_channels(m, k)
+    kp = -(-k // 16) * 16
+    xq, xg, xo = quantize_act_nvfp4_triton(x, kp)
+    rq, rg, ro = F.quantize_nvfp4(x)
+    assert torch.equal(xq, rq) and torch.equal(xg.float(), rg.float()) and torch.equal(xo, ro)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 33, 64), (77, 45, 100), (333, 17, 48)])
+def test_gemm_kernel_is_the_reference(m, n, k):
+    """Odd M (one row; partial row tiles), odd N, K not a multiple of 16; the output buffer is
+    poisoned first, so a tile left unwritten shows."""
+    x = torch.randn(m, k).bfloat16()
+    w = torch.randn(n, k) * 0.05
+    b = torch.randn(n).bfloat16()
+    q = F.quantize_weight_nvfp4(w)
+    out = torch.full((m, n), float("nan"), dtype=x.dtype)
+    y = linear_nvfp4_triton(x, *q, b, out=out)
+    ref = F.linear_nvfp4_ref(x, *q, b)
+    assert torch.isfinite(y).all() and y.dtype == x.dtype
+    # the same products (exact) summed in fp32 rather than float64: one bf16 rounding apart at most
+    assert rel_l1(y, ref) < 1e-3 and rel_l1(y, exact(x, w, b)) < BOUND
+
+
+def test_gemm_kernel_3d_input_without_bias():
+    x = torch.randn(2, 9, 32, dtype=torch.float16)
+    q = F.quantize_weight_nvfp4(torch.randn(20, 32) * 0.1)
+    y = linear_nvfp4_triton(x, *q, None)
+    assert y.shape == (2, 9, 20) and rel_l1(y, F.linear_nvfp4_ref(x, *q, None)) < 1e-3
+
+
+# ------------------------------------------------------------------------------ the pass
+
+def test_each_linear_becomes_the_nvfp4_op_on_its_quantized_weight():
+    model = LinearAndConv1D().eval().bfloat16()
+    x = torch.randn(33, 64).bfloat16()
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+    gm, ex = dynamo_graph(model, x)
+    m, _, _ = _rewrite(gm, ex, {"linear": {"quant": "nvfp4"}})
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.attnopt.linear_nvfp4.default]
+    assert len(ops) == 2
+    for op, w in zip(ops, [model.lin.weight, model.w_kn.t()]):
+        for got, want in zip(_consts(gm, op)[1:4], F.quantize_weight_nvfp4(w)):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    with torch.no_grad():
+        assert rel_l1(gm(*ex)[0], ref) <= BOUND
+    rec = m.records["lin"]
+    assert (rec.status, rec.op, rec.details["path"]) == ("rewritten", "attnopt::linear_nvfp4", "gemm")
+    assert rec.details["weight_bytes_after"] == F.weight_bytes(48, 64) == 48 * 32 + 48 * 4 + 4 * 48
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 96), nn.Linear(96, 32)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("arch", ["sm90", "sm100"])
+def test_only_fp4_archs_take_nvfp4(arch):
+    """sm90 refuses with the reason; sm100 (emulated on the CPU) rewrites every linear."""
+    model = TwoLinears().eval().bfloat16()
+    r = attnopt.inspect(model, torch.randn(4, 20, 64).bfloat16(), options={"linear": {"quant": "nvfp4"}, "arch": arch})
+    lin = [s for s in r.sites if s.kind == "linear"]
+    assert len(lin) == 2
+    if arch == "sm90":
+        assert all(s.status == "skipped" and s.reason == "linear format 'nvfp4' needs sm100+ (target is sm90)"
+                   for s in lin), [s.reason for s in lin]
+    else:
+        assert all(s.status == "rewritten" and s.op == "attnopt::linear_nvfp4" for s in lin)
+        assert all(s.error["rel_l1"] < BOUND for s in lin)
+
+
+def test_the_op_runs_the_kernel_or_the_reference():
+    """attnopt::linear_nvfp4 with impl 'triton' (the GPU's path, here interpreted) and
+    'reference' (the CPU's) give the same output."""
+    x = torch.randn(5, 48).bfloat16()
+    q = F.quantize_weight_nvfp4(torch.randn(24, 48) * 0.1)
+    b = torch.randn(24).bfloat16()
+    kernel = torch.ops.attnopt.linear_nvfp4(x, *q, b, "sm100", "triton")
+    reference = torch.ops.attnopt.linear_nvfp4(x, *q, b, "sm100", "reference")
+    assert torch.equal(reference, F.linear_nvfp4_ref(x, *q, b)) and rel_l1(kernel, reference) < 1e-3
