@@ -10,7 +10,6 @@ Runs on a CPU in seconds; the numbers of README's linear accuracy table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
