@@ -111,6 +111,34 @@ def test_gemm_kernel_3d_input_without_bias():
     assert y.shape == (2, 9, 20) and rel_l1(y, F.linear_nvfp4_ref(x, *q, None)) < 1e-3
 
 
+@pytest.mark.parametrize("shape", [(1, 200), (2, 40, 200)])
+def test_two_launches_and_no_torch_side_pass(shape):
+    """Per call: the activation quantizer and the GEMM, no aten op moving data (allocations only)."""
+    from attnopt.codegen.work_count import count_work
+
+    q = F.quantize_weight_nvfp4(torch.randn(72, 200) * 0.05)
+    x, b = torch.randn(*shape).bfloat16(), torch.randn(72).bfloat16()
+    linear_nvfp4_triton(x, *q, b)
+    _, work = count_work(lambda: linear_nvfp4_triton(x, *q, b), full_size=x.numel())
+    assert work.launches == ["_quant_act_nvfp4_kernel", "_nvfp4_gemm_kernel"], work.to_dict()
+    assert work.full_size_passes == [] and work.aten_ops == [], work.to_dict()
+
+
+def test_calibration_offers_nvfp4_where_the_arch_runs_it():
+    """A candidate with its own error and an estimated time on sm100; not offered on sm90."""
+    from attnopt.calibration import cost_model as C
+    from attnopt.calibration.linear_formats import linear_errors
+
+    assert "nvfp4" in C.linear_formats("sm100") and "nvfp4" not in C.linear_formats("sm90")
+    with pytest.raises(ValueError, match="not offered on sm90"):
+        C.linear_time("sm90", 64, 256, 256, "nvfp4")
+    # prefill: FP4 math at twice FP8's rate, a quarter of bf16's bytes
+    assert C.linear_time("sm100", 4096, 4096, 4096, "nvfp4") < C.linear_time("sm100", 4096, 4096, 4096, "fp8")
+    x, w = torch.randn(64, 128).bfloat16(), torch.randn(32, 128) * 0.05
+    errs = linear_errors(x, w, ["w4a16", "nvfp4"])
+    assert errs["w4a16"] < errs["nvfp4"] < BOUND
+
+
 # ------------------------------------------------------------------------------ the pass
 
 def test_each_linear_becomes_the_nvfp4_op_on_its_quantized_weight():
