@@ -33,7 +33,10 @@ from .splitk import store_output
 from .tiles import grouped_tile
 
 # K is 128 deep per step (two 64-deep scaled-MMA steps); a stage holds 2 x 128 x 64 packed bytes
-# plus 2 x 128 x 8 scales (18 KB), so three stages fit the consumer parts' ~100 KB too
+# plus 2 x 128 x 8 scales (18 KB), so three stages fit the consumer parts' ~100 KB too. BLOCK_M
+# stays 128 even for decode: compiled for sm100 (compile_check), 128 rows lower to tcgen05's
+# kind::mxf4nvf4.block_scale.block16, while 64 rows fall back to an upcast kind::f16 MMA and 16
+# rows to bf16 mma.sync.
 NVFP4_TILE = GemmTile(128, 128, 128, 8, 3)
 _INTERPRETER_TILE = GemmTile(32, 32, 64, 4, 1)  # speed under the interpreter
 QUANT_ROWS = 16  # rows per quantizer program
