@@ -55,6 +55,11 @@ def test_weight_quantization_grid():
     deq = F.local_values(packed, gs) * outer[:, None]
     assert (deq[:, 100:] == 0).all() and rel_l1(deq[:, :100], w) < 0.12
     assert torch.equal(deq, nvfp4.fake_quantize_rows(nvfp4._pad_to(w, -1, 16), 1))
+    grid = torch.tensor(nvfp4.E2M1_VALUES)
+    units = (F.local_values(packed, gs) / gs.float().repeat_interleave(16, -1).clamp_min(1e-30)).abs()
+    assert torch.isin(units, grid).all()
+    # the largest element of each row lands on 6 x 448 of its outer scale, within e2m1's last step
+    assert ((w.abs().amax(1) - deq.abs().amax(1)).abs() <= w.abs().amax(1) / 6).all()
 
 
 @pytest.mark.parametrize("kind", ["normal", "outliers"])
