@@ -640,8 +640,9 @@ class LinearOptions(_Table):
     """`linear.*`: which linear layers are rewritten, and into what."""
 
     _path: ClassVar[str] = "linear"
-    quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16"), "'none' | 'w8a8' | 'fp8' | 'w4a16'",
-                        "linear-layer format")
+    quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16", "nvfp4"),
+                        "'none' | 'w8a8' | 'fp8' | 'w4a16' | 'nvfp4'",
+                        "linear-layer format ('nvfp4': W4A4 with e4m3 scales per 16, sm100+)")
     training: str = option("off", _choice("off", "int8", "fp8"), "'off' | 'int8' | 'fp8'",
                            "graphs that need gradients: 'int8' / 'fp8' run each linear's forward and both backward "
                            "GEMMs in 8 bits (32x32 blocks; fp8: e4m3 forward, e5m2 gradients), keeping only the "
@@ -819,7 +820,7 @@ if __name__ == "__main__":
 
 PLAN_SCHEMA_VERSION = 1
 PLAN_KIND = "attnopt-plan"
-LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16")
+LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16", "nvfp4")
 QUANT_FORMATS = ("int8", "fp8", "fp4", "none")  # a plan's per-site attention formats (attention.quant / pv)
 PV_FORMATS = ("fp16", "fp8", "fp4", "fp8_acc16")
 # calibration tunes topk per head; the config takes one value (a list would be per head there too)

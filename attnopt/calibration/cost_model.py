@@ -33,8 +33,10 @@ tensor-core rate, bytes moved / HBM bandwidth) + LAUNCH_S.
   plus an fp32 scale per output channel; W4A16: 4 bits plus an fp32 scale and zero per 128
   inputs), the activation read in 16-bit and the output written in 16-bit. 8-bit formats above
   `FUSED_QUANT_MAX_M` rows quantize the activation in a pre-kernel (a second launch that reads
-  it in 16-bit and writes it in 8-bit for the GEMM to read). Small M is memory-bound: the
-  weight's bytes decide, so W4A16 wins decode and the 8-bit GEMMs win prefill.
+  it in 16-bit and writes it in 8-bit for the GEMM to read). NVFP4 (sm100+) always quantizes the
+  activation in a pre-kernel (4 bits plus an e4m3 scale per 16 elements and an fp32 per row,
+  the weight alike per output channel) and multiplies at the FP4 rate. Small M is memory-bound:
+  the weight's bytes decide, so W4A16 wins decode and the 8-bit GEMMs win prefill.
 
 What is ignored: the softmax's exponentials and other non-tensor-core arithmetic, caches (K and
 V are read from HBM once per launch however many query blocks revisit them), per-block scales of
@@ -136,7 +138,7 @@ ATTENTION_VARIANTS = {"attnopt int8+f16pv": ("int8", "fp16"), "attnopt int8+fp8p
                       "attnopt fp8+fp8pv": ("fp8", "fp8"), "attnopt nvfp4": ("fp4", "fp4")}
 ATTENTION_BASELINE = "sdpa flash"
 # benchmarks/linear.py's variant names -> format; its 16-bit baseline
-LINEAR_VARIANTS = {"attnopt w8a8": "w8a8", "attnopt fp8": "fp8", "attnopt w4a16": "w4a16"}
+LINEAR_VARIANTS = {"attnopt w8a8": "w8a8", "attnopt fp8": "fp8", "attnopt w4a16": "w4a16", "attnopt nvfp4": "nvfp4"}
 LINEAR_BASELINE = "torch bf16"
 
 
@@ -288,6 +290,10 @@ def linear_phases(arch: str, m: int, n: int, k: int, fmt: str) -> list[Phase]:
     if fmt == "w4a16":
         weight = n * k / 2 + 8.0 * n * -(-k // W4_GROUP)
         return [Phase("gemm", flops / tp.fp16, (weight + 2.0 * m * k + out) / tp.hbm)]
+    if fmt == "nvfp4":
+        weight, act4 = BYTES["fp4"] * n * k + 4.0 * n, BYTES["fp4"] * m * k + 4.0 * m
+        return [Phase("quantize activation", 0.0, (2.0 * m * k + act4) / tp.hbm),
+                Phase("gemm", flops / tp.rate("fp4"), (weight + act4 + out) / tp.hbm)]
     weight = 1.0 * n * k + 4.0 * n
     rate = tp.rate("int8" if fmt == "w8a8" else "fp8")
     if m <= FUSED_QUANT_MAX_M:  # the activation is quantized in the GEMM's prologue
@@ -299,7 +305,7 @@ def linear_phases(arch: str, m: int, n: int, k: int, fmt: str) -> list[Phase]:
 
 def linear_time(arch: str, m: int, n: int, k: int, fmt: str) -> float:
     """Estimated seconds of one linear of M rows, N outputs, K inputs in `fmt` on `arch`
-    (none / w8a8 / fp8 / w4a16; analytical, see the module docstring)."""
+    (none / w8a8 / fp8 / w4a16 / nvfp4; analytical, see the module docstring)."""
     return sum(p.time for p in linear_phases(arch, m, n, k, fmt))
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ..metrics import compare_outputs
 from ..ops import linear_ref as L
+from ..ops.linear_nvfp4_ref import linear_nvfp4_ref, quantize_weight_nvfp4
 from ..ops import probe
 from ..ops.probe import baseline_call
 
@@ -58,11 +59,15 @@ class LinearFormats:
         if wk not in self._weights:
             if fmt in ("w8a8", "fp8"):
                 self._weights[wk] = L.quantize_weight(weight, "int8" if fmt == "w8a8" else "fp8")
+            elif fmt == "nvfp4":
+                self._weights[wk] = quantize_weight_nvfp4(weight)
             else:
                 self._weights[wk] = L.quantize_weight_int4(weight)
         w = self._weights[wk]
         if fmt in ("w8a8", "fp8"):
             return L.linear_w8a8_ref(x, w[0], w[1], bias, "int8" if fmt == "w8a8" else "fp8", small_m=self.small_m)
+        if fmt == "nvfp4":
+            return linear_nvfp4_ref(x, *w, bias)
         return L.linear_w4a16_ref(x, *w, bias)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..metrics import compare
+from ..ops import linear_nvfp4_ref as F
 from ..ops import linear_ref as L
 
 
@@ -24,6 +25,8 @@ def linear_errors(x: torch.Tensor, w: torch.Tensor, fmts) -> dict[str, float]:
         if fmt in ("w8a8", "fp8"):
             wq, ws = L.quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
             y = L.linear_w8a8_ref(x, wq, ws, None, "int8" if fmt == "w8a8" else "fp8", small_m=0)
+        elif fmt == "nvfp4":
+            y = F.linear_nvfp4_ref(x, *F.quantize_weight_nvfp4(w), None)
         else:
             pk, sc, zr = L.quantize_weight_int4(w)
             y = L.linear_w4a16_ref(x, pk, sc, zr, None)

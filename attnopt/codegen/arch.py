@@ -9,7 +9,7 @@ forces a row; "cpu" is the pure-PyTorch reference path, which emulates every for
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -142,6 +142,15 @@ ARCHS: dict[str, ArchSpec] = {
     "cpu": ArchSpec("cpu", None, ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4", "fp8_acc16"), "fp16", True, False, 0,
                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
 }
+
+# NVFP4 linears (W4A4, tl.dot_scaled with e4m3 group scales) wherever NVFP4 runs natively
+ARCHS = {name: replace(s, linear_formats=s.linear_formats + ("nvfp4",)) if s.fp4 else s for name, s in ARCHS.items()}
+
+
+def linear_needs(fmt: str) -> str:
+    """The archs a linear format needs, for the reason a target without it is refused."""
+    return _needs({"nvfp4": "fp4", "w8a8": "int8"}.get(fmt, fmt))
+
 
 if tuple(a for a in ARCHS if a != "cpu") != switches.GPU_ARCHS:
     raise ImportError(f"attnopt.switches.GPU_ARCHS {switches.GPU_ARCHS} must list codegen/arch.py's GPU rows")

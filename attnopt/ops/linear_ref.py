@@ -116,4 +116,8 @@ def weight_bytes(fmt: str, n: int, k: int, orig_elem: int) -> tuple[int, int]:
     if fmt == "w4a16":
         g = -(-k // W4_GROUP)
         return before, n * g * W4_GROUP // 2 + 8 * n * g
+    if fmt == "nvfp4":
+        from .linear_nvfp4_ref import weight_bytes as nvfp4_bytes
+
+        return before, nvfp4_bytes(n, k)
     return before, before

@@ -8,7 +8,7 @@ never leaves a half-folded model:
    undone, and its members are quantized again without the scales.
 2. `rewrite_all_or_nothing` then edits the graph: the folded norm gains and the quantized weights
    become constants of the graph module, each linear becomes `attnopt::linear_8bit` /
-   `attnopt::linear_w4a16` (or `aten::linear` on smoothed weights, or inspect's probe; in a
+   `attnopt::linear_w4a16` / `attnopt::linear_nvfp4` (or `aten::linear` on smoothed weights, or inspect's probe; in a
    training graph `attnopt::linear_train`, reading the weight parameter itself). If any
    edit fails the graph is restored as Dynamo gave it and the added constants unregistered.
 
@@ -28,6 +28,7 @@ from torch._guards import detect_fake_mode
 from ..codegen.arch import FUSED_QUANT_MAX_M, ArchSpec
 from ..logs import log
 from ..ops import linear_ref as L
+from ..ops.linear_nvfp4_ref import quantize_weight_nvfp4
 from ..report import SiteRecord
 from .graph_utils import copy_graph, example_shape, example_value
 from .linear_match import LinearSite, MatchedLinears, training_format
@@ -35,7 +36,8 @@ from .smoothquant import Fold, folded_norm_params, folded_tensors
 
 BAKED_META_KEY = "attnopt_baked_params"  # gm.meta entry read by the backend (stale-weight check)
 _8BIT = ("w8a8", "fp8")
-_OP_NAMES = {"w8a8": "attnopt::linear_8bit", "fp8": "attnopt::linear_8bit", "w4a16": "attnopt::linear_w4a16"}
+_OP_NAMES = {"w8a8": "attnopt::linear_8bit", "fp8": "attnopt::linear_8bit", "w4a16": "attnopt::linear_w4a16",
+             "nvfp4": "attnopt::linear_nvfp4"}
 
 
 # --------------------------------------------------------------------------- weight quantization
@@ -60,6 +62,8 @@ def _quantize(site: LinearSite, fmt: str, w: torch.Tensor, changed: bool, bias) 
         q = L.quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
     elif fmt == "w4a16":
         q = L.quantize_weight_int4(w)
+    elif fmt == "nvfp4":
+        q = quantize_weight_nvfp4(w)
     else:
         q = None
     return _Prepared(site, fmt, w, changed, bias, q)
@@ -232,6 +236,10 @@ def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
         if m <= 16:
             return "small-m", f"M={m}<=16: split-K GEMV (BLOCK_M 16), int4 dequantized in registers"
         return "gemm", f"M={m}: tiled GEMM, int4 dequantized in registers"
+    if fmt == "nvfp4":
+        rows = "M known at run time" if m is None else f"M={m}"
+        return ("dynamic" if m is None else "gemm"), (f"{rows}: per-token NVFP4 activations quantized by a "
+                                                      "pre-kernel, block-scaled FP4 GEMM (every M)")
     return "none", "unquantized"
 
 
@@ -247,11 +255,13 @@ def _bias_node(rw: LinearRewriter, p: _Prepared, baked: _Baked):
 
 def _quantized_weight_nodes(rw: LinearRewriter, p: _Prepared) -> tuple | None:
     """The quantized weight's constants (8-bit: values, scales, None; W4A16: packed, scales,
-    zeros), or None for 'none' (smoothed weights only, or a calibration capture)."""
+    zeros; NVFP4: packed, group scales, outer scales), or None for 'none' (smoothed weights only, or a calibration capture)."""
     if p.fmt in _8BIT:
         return rw.const(p.q[0], p.site.node, "wq"), rw.const(p.q[1], p.site.node, "ws"), None
     if p.fmt == "w4a16":
         return tuple(rw.const(t, p.site.node, nm) for t, nm in zip(p.q, ("w4", "w4s", "w4z")))
+    if p.fmt == "nvfp4":
+        return tuple(rw.const(t, p.site.node, nm) for t, nm in zip(p.q, ("fp4", "fp4g", "fp4s")))
     return None
 
 
@@ -349,6 +359,8 @@ def _op_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: Arch
         return rw.call(torch._C._nn.linear, [x, rw.const(p.w, s.node, "wsmooth"), bias], s.node)
     if p.fmt == "w4a16":
         return rw.call(torch.ops.attnopt.linear_w4a16.default, [x, *q, bias, L.W4_GROUP, spec.name, "auto"], s.node)
+    if p.fmt == "nvfp4":
+        return rw.call(torch.ops.attnopt.linear_nvfp4.default, [x, *q, bias, spec.name, "auto"], s.node)
     return rw.call(torch.ops.attnopt.linear_8bit.default, [x, q[0], q[1], bias, "int8" if p.fmt == "w8a8" else "fp8",
                                                            small_m, spec.name, "auto"], s.node)
 
