@@ -172,6 +172,11 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     if sparsity is not None and sparsity.get("min_seq_len") and not bool(nk >= sparsity["min_seq_len"]):
         sparsity = None  # short: dense quantized attention (may guard on a symbolic length); no warning
         note = (note + "; " if note else "") + f"dense: key length {nk} < sparsity.min_seq_len"
+    if sparsity is not None and sparsity["method"] == "svg2":  # ops/svg2.py: its centroids are kept per site
+        if site.keep.causal_offset is not None:
+            sparsity, note = None, (note + "; " if note else "") + "dense: svg2 permutes tokens, no causal form"
+        else:
+            sparsity = {**sparsity, "site": key}
     if sparsity is None and quant == "none":
         raise Reject((note + "; " if note else "plan keeps this site dense and ") + "attention.quant is 'none': "
                      "nothing to change")
@@ -217,6 +222,8 @@ def _untrainable_sparsity(site: AttentionSite, sparsity: dict) -> str | None:
         return "with logit soft-capping has no trainable op"
     if sparsity.get("pv_threshold") is not None:
         return "with P.V skipping has no trainable op"
+    if sparsity["method"] == "svg2":
+        return "permutes tokens by per-call clusters: no trainable op"
     return None
 
 
