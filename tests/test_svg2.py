@@ -197,7 +197,7 @@ def test_svg2_beats_svg_and_radial_where_semantics_are_not_local():
     exact = attention_exact(q, k, v, None, None, -math.inf, False, 0, scale)
     probe = bench.Svg2Probe(q, k, v, scale)
     curve = [probe.run(top_p, exact) for top_p in (0.9, 0.6, 0.4)]  # (sparsity, error)
-    for p in bench.baseline_configs(256)[::2]:  # svg spatial_frames 1, radial dense_frames 1
+    for p in bench.baseline_configs(256)[::2]:  # svg (spatial_frames 1), radial
         keep = predict_block_mask(q, k, v, p, scale, False, 0, False)
         sp = block_sparsity(keep, n, n, False, 0)
         err = rel_l1(R.sparse_attention_reference(q, k, v, keep, None, None, -math.inf, False, 0, scale), exact)
