@@ -15,7 +15,9 @@ Centroids are per-site state (`CentroidState`): a site's next call starts k-mean
 halves of classifier-free guidance cluster differently). The state of a site resets when its
 batch size, lengths, heads or cluster counts change, on `reset()`, and on `on_step(0)`: the
 step API (`attnopt.step(i, total)`) is to call `on_step` so that a new generation starts cold.
-k-means is deterministic: its cold start takes evenly spaced tokens as the first centroids.
+k-means has no randomness: its cold start takes evenly spaced tokens as the first centroids
+(bitwise repeatable on the CPU; on CUDA, scatter_add's float atomics may order a centroid's sum
+differently from run to run).
 """
 
 from __future__ import annotations
