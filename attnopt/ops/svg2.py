@@ -15,7 +15,7 @@ Centroids are per-site state (`CentroidState`): a site's next call starts k-mean
 halves of classifier-free guidance cluster differently). The state of a site resets when its
 batch size, lengths, heads or cluster counts change, on `reset()`, and on `on_step(0)`: the
 step API (`attnopt.step(i, total)`) is to call `on_step` so that a new generation starts cold.
-k-means has no randomness: its cold start takes evenly spaced tokens as the first centroids
+k-means has no randomness: its cold start takes farthest-point tokens as the first centroids
 (bitwise repeatable on the CPU; on CUDA, scatter_add's float atomics may order a centroid's sum
 differently from run to run).
 """
@@ -52,14 +52,27 @@ def _centroids(x: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor) -> tor
     return torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], prev)
 
 
+def farthest_points(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k rows of each group as first centroids [G, k, D]: row 0, then each time the row farthest
+    from those taken (maximin). Deterministic, and one start in each well-separated group (evenly
+    spaced rows can put several in one group and merge others, a minimum Lloyd never leaves)."""
+    g, n, d = x.shape
+    sq = (x * x).sum(-1)  # [G, N]
+    picks = [torch.zeros(g, dtype=torch.long, device=x.device)]
+    dist = torch.full_like(sq, float("inf"))
+    for _ in range(1, k):
+        c = x.gather(1, picks[-1][:, None, None].expand(-1, 1, d))  # [G, 1, D]
+        d2 = sq - 2 * (x @ c.transpose(1, 2))[..., 0] + (c * c).sum(-1)
+        dist = torch.minimum(dist, d2)
+        picks.append(dist.argmax(-1))
+    return x.gather(1, torch.stack(picks, 1)[..., None].expand(-1, -1, d))
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int, init: torch.Tensor | None = None):
     """Lloyd's k-means of each group's rows: x [G, N, D] fp32 -> (centroids [G, k, D], labels
-    [G, N]); k at most N. Without `init`, the first centroids are k evenly spaced rows."""
-    n = x.shape[1]
-    k = min(k, n)
-    if init is None:
-        init = x[:, torch.linspace(0, n - 1, k, device=x.device).round().long()]
-    c = init
+    [G, N]); k at most N. Without `init`, it starts from `farthest_points`."""
+    k = min(k, x.shape[1])
+    c = farthest_points(x, k) if init is None else init
     for _ in range(iters):
         c = _centroids(x, _assign(x, c), c)
     return c, _assign(x, c)
