@@ -192,7 +192,7 @@ def test_svg2_beats_svg_and_radial_where_semantics_are_not_local():
     """Video-like tokens (4 frames of 16 x 16) whose attention follows scattered objects: at the
     block sparsity of svg and of radial, svg2 errs less; at their error, it skips more blocks."""
     bench = _bench()
-    q, k, v = bench.semantic_video(4, 16)
+    q, k, v = bench.semantic_video(4, 16, heads=1)
     n, scale = q.shape[2], 64 ** -0.5
     exact = attention_exact(q, k, v, None, None, -math.inf, False, 0, scale)
     probe = bench.Svg2Probe(q, k, v, scale)
