@@ -160,6 +160,10 @@ def test_state_per_batch_element_warm_start_and_resets():
     assert not lay.warm and sorted(state.sites()) == ["other", "s"]
     _, lay = run(q[:1], k[:1], v[:1], params(), state=state, site="s")  # batch size changed
     assert not lay.warm
+    _, lay = run(q[:1, :, :200], k[:1], v[:1], params(), state=state, site="s")  # token count changed
+    assert not lay.warm
+    _, lay = run(q[:1, :, :200], k[:1], v[:1], params(), state=state, site="s")
+    assert lay.warm
     saved = svg2.STATE
     try:
         svg2.STATE = state
