@@ -381,6 +381,29 @@ class SvgOptions(SparsityOptions):
     min_seq_len: int = _min_seq_len()
 
 
+@dataclass(frozen=True)
+class Svg2Options(SparsityOptions):
+    """Sparse VideoGen2: per head, k-means clusters of queries and of keys (warm-started from the
+    site's previous call), tokens permuted so each cluster is contiguous, cluster pairs kept by
+    top-p of the centroid-estimated attention mass (docs/algorithms.md#svg2)."""
+
+    method: ClassVar[str] = "svg2"
+    q_clusters: int = option(100, _number(1, math.inf, integer=True), "integer >= 1",
+                             "k-means clusters of the query tokens, per head")
+    k_clusters: int = option(500, _number(1, math.inf, integer=True), "integer >= 1",
+                             "k-means clusters of the key tokens, per head")
+    top_p: float | tuple[float, ...] = option(0.9, _per_head(_number(0, 1, lo_open=True), "a number in (0, 1]"),
+                                              "number in (0, 1] or per-head list",
+                                              "centroid-estimated attention mass each query cluster keeps")
+    min_key_share: float = option(0.1, _number(0, 1), "number in [0, 1]",
+                                  "share of the key clusters each query cluster keeps at least")
+    init_iters: int = option(50, _number(0, math.inf, integer=True), "integer >= 0",
+                             "k-means iterations without centroids to start from (a site's first call)")
+    warm_iters: int = option(2, _number(0, math.inf, integer=True), "integer >= 0",
+                             "k-means iterations from the site's previous centroids")
+    min_seq_len: int = _min_seq_len()
+
+
 def _vsa_topk(path, v):
     """VSA's top-k: an integer >= 1 counts key tiles, a number in (0, 1] is a share of them."""
     allowed = "an integer >= 1 (key tiles) or a number in (0, 1] (share of the key tiles)"
@@ -423,7 +446,7 @@ class VsaOptions(SparsityOptions):
 SPARSITY_METHODS: dict[str, type[SparsityOptions]] = {
     cls.method: cls
     for cls in (SpargeOptions, XAttentionOptions, WindowOptions, RadialOptions, BlockOptions, SvgOptions,
-                VsaOptions)
+                Svg2Options, VsaOptions)
 }
 _METHOD_NAMES = " | ".join(repr(m) for m in SPARSITY_METHODS)
 

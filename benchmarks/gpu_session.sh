@@ -12,7 +12,8 @@
 #   attention  attention TOPS, attnopt against torch SDPA (flash, cuDNN) and FlexAttention,
 #              4K-32K tokens, head dims 128 and 64
 #   budget     launches and GPU time per op (benchmarks/launch_budget.py --gpu-times: launch_budget.json)
-#   sparse     block-sparse attention at 0.5 sparsity (and 0, 0.9) against attnopt's own dense kernel
+#   sparse     block-sparse attention at 0.5 sparsity (and 0, 0.9) against attnopt's own dense kernel;
+#              the predictors' cost, svg2's warm predictor and whole op (k-means, permutation, kernel)
 #   linear     attnopt's GEMMs against cuBLAS bf16, the training linear's fwd+bwd against bf16's, then a
 #              Llama block as time allows; on sm100 / sm120 also the NVFP4 linear ("attnopt nvfp4"
 #              rows of linear_<arch>.json: never timed on a GPU yet)

@@ -148,7 +148,7 @@ def test_options_are_typed_and_read_by_attribute():
     assert normalize_options(None).plan is None and normalize_options(None).attention.sparsity is None
     with pytest.raises(TypeError):
         o["attention"]  # no dict-style access: every reader uses attributes
-    assert set(SPARSITY_METHODS) == {"sparge", "xattention", "window", "radial", "block", "svg", "vsa"}
+    assert set(SPARSITY_METHODS) == {"sparge", "xattention", "window", "radial", "block", "svg", "svg2", "vsa"}
     assert all(cls.method == name for name, cls in SPARSITY_METHODS.items())
 
 

@@ -129,7 +129,7 @@ THROUGHPUT: dict[str, Throughput] = {
 # bytes per element stored in each format (NVFP4: 4 bits plus one e4m3 scale per 16 elements)
 BYTES = {"none": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "fp8_acc16": 1.0, "fp4": 0.5 + 1 / 16}
 
-PREDICTORS = ("sparge", "xattention", "svg", "vsa")  # methods with a predictor launch per call
+PREDICTORS = ("sparge", "xattention", "svg", "svg2", "vsa")  # methods with a predictor launch per call
 STATIC_METHODS = ("window", "radial", "block")  # masks built once and cached
 
 # benchmarks/attention.py's variant names -> (quant, pv); its 16-bit baseline
@@ -220,6 +220,11 @@ def _predictor_phase(tp: Throughput, method: str, params: dict, b: int, hq: int,
         rows = min(int(params.get("sample_rows", 32)), nq)
         flops = 8.0 * b * hq * rows * nk * d
         read = 2 * k16
+    elif method == "svg2":  # warm k-means (each iteration and the last assignment: one distance GEMM) + gathers
+        its = int(params.get("warm_iters", 2)) + 1
+        qc, kc = min(int(params.get("q_clusters", 100)), nq), min(int(params.get("k_clusters", 500)), nk)
+        flops = 2.0 * its * (b * hq * nq * qc + b * hkv * nk * kc) * d
+        read = its * (q16 + k16) + 2 * (q16 + 2 * k16)  # k-means passes; Q, K, V permuted (read and written)
     else:
         raise ValueError(f"unknown predictor {method!r}")
     return Phase(f"predict {method}", flops / tp.fp16, (read + lut) / tp.hbm)

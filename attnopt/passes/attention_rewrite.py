@@ -128,8 +128,8 @@ def check_operands(a, dtypes: tuple, device_type: str, d: int, dv: int, nq, nk) 
         raise Reject(f"key length {nk} < attention.min_seq_len ({a.min_seq_len})")
 
 
-def choose_formats(opts, key: str, spec: ArchSpec, heads: int, nq, nk,
-                   device_type: str) -> tuple[str, str, dict | None, str | None]:
+def choose_formats(opts, key: str, spec: ArchSpec, heads: int, nq, nk, device_type: str,
+                   causal: bool = False) -> tuple[str, str, dict | None, str | None]:
     """(quant, resolved pv, sparsity or None, note or None) for the site `key`: its calibrated
     plan entry over `opts.attention`. Raise Reject where the result would change nothing or the
     target cannot run it. The compile pass and the diffusers backend both decide here."""
@@ -152,6 +152,11 @@ def choose_formats(opts, key: str, spec: ArchSpec, heads: int, nq, nk,
     if sparsity is not None and sparsity.get("min_seq_len") and not bool(nk >= sparsity["min_seq_len"]):
         sparsity = None  # short: dense quantized attention (may guard on a symbolic length); no warning
         note = (note + "; " if note else "") + f"dense: key length {nk} < sparsity.min_seq_len"
+    if sparsity is not None and sparsity["method"] == "svg2":  # ops/svg2.py: its centroids are kept per site
+        if causal:
+            sparsity, note = None, (note + "; " if note else "") + "dense: svg2 permutes tokens, no causal form"
+        else:
+            sparsity = {**sparsity, "site": key}
     if sparsity is None and quant == "none":
         raise Reject((note + "; " if note else "plan keeps this site dense and ") + "attention.quant is 'none': "
                      "nothing to change")
@@ -206,7 +211,8 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     nq, nk = _size(site.q.rows), _size(site.k.rows)
     check_operands(a, (q.dtype, k.dtype, v.dtype), q.device.type, d, dv, nq, nk)
     heads = static_int(site.heads) if site.heads is not None else static_int(_size(site.q.batch[-1:]))
-    quant, pv, sparsity, note = choose_formats(opts, key, spec, heads, nq, nk, q.device.type)
+    quant, pv, sparsity, note = choose_formats(opts, key, spec, heads, nq, nk, q.device.type,
+                                               causal=site.keep.causal_offset is not None)
     backward = None
     if training:
         if site.softcap and not TRAINABLE_SOFTCAP:
@@ -239,6 +245,8 @@ def _untrainable_sparsity(site: AttentionSite, sparsity: dict) -> str | None:
         return "with logit soft-capping has no trainable op"
     if sparsity.get("pv_threshold") is not None:
         return "with P.V skipping has no trainable op"
+    if sparsity["method"] == "svg2":
+        return "permutes tokens by per-call clusters: no trainable op"
     return None
 
 
