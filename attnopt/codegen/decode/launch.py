@@ -1,0 +1,59 @@
+"""Host side of the decode kernels: how many splits, the fp32 partials, two launches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ...decode.decode_ref import LOG2E
+from ...decode.kv_quant import KVLayout
+from .kernel import _kv_decode_combine, _kv_decode_split
+
+FMT = {"int8": 0, "int4": 1, "int4+int8": 2}
+TARGET_PROGRAMS = 512  # about four waves of an H100's 132 SMs
+
+
+def num_splits(batch_heads: int, slots: int, group: int) -> int:
+    """Splits of the quantized tokens per (batch, kv head): enough programs to fill the GPU, at
+    most one per group. From static shapes only, so a compiled step launches the same grid."""
+    return max(1, min(slots // group, -(-TARGET_PROGRAMS // batch_heads)))
+
+
+def kv_decode_triton(q, kv, lengths, key_valid=None, scale=None, draft=False, splits=None):
+    """decode_attention_ref's result from the Triton kernels (same arguments)."""
+    lay: KVLayout = kv.layout
+    b, hq, nq, d = q.shape
+    hkv = kv.ring_k.shape[1]
+    if d & (d - 1) or d < 16:
+        raise NotImplementedError(f"decode kernel: head dim {d} is not a power of two >= 16")
+    gq = hq // hkv
+    block_m = max(16, triton.next_power_of_2(gq * nq))
+    splits = splits or num_splits(b * hkv, kv.k_codes.shape[2], lay.group)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    fmt = FMT[lay.quant] + (1 if draft and lay.has_low else 0)
+    parts = b * hkv * (splits + 1) * block_m
+    op = torch.empty(parts * d, dtype=torch.float32, device=q.device)
+    mp = torch.empty(parts, dtype=torch.float32, device=q.device)
+    lp = torch.empty(parts, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    valid = key_valid.to(device=q.device, dtype=torch.uint8).contiguous() if key_valid is not None else lengths
+    k_low = kv.k_low if kv.k_low is not None else kv.k_codes
+    v_low = kv.v_low if kv.v_low is not None else kv.v_codes
+    for x in (kv.k_codes, kv.v_codes, kv.k_scale, kv.v_scale, kv.ring_k, kv.ring_v, q):
+        assert x.stride(-1) == 1, "decode kernel: the last dim must be contiguous"
+    assert kv.k_codes.stride() == kv.v_codes.stride() == k_low.stride() == v_low.stride()
+    assert kv.k_scale.stride() == kv.k_zero.stride() and kv.v_scale.stride() == kv.v_zero.stride()
+    assert kv.ring_k.stride() == kv.ring_v.stride()
+    _kv_decode_split[(b * hkv, splits + 1)](
+        q, kv.k_codes, k_low, kv.k_scale, kv.k_zero, kv.v_codes, v_low, kv.v_scale, kv.v_zero,
+        kv.ring_k, kv.ring_v, lengths, valid, op, mp, lp,
+        *q.stride()[:3], *kv.k_codes.stride()[:3], *kv.k_scale.stride()[:3], *kv.v_scale.stride()[:3],
+        *kv.ring_k.stride()[:3], valid.stride(0) if key_valid is not None else 0, scale * LOG2E,
+        HKV=hkv, GQ=gq, NQ=nq, D=d, G=lay.group, R=lay.residual, SPLITS=splits, FMT=fmt,
+        HAS_VALID=key_valid is not None, BLOCK_M=block_m, num_warps=4)
+    _kv_decode_combine[(b * hkv,)](op, mp, lp, out, *out.stride()[:3], HKV=hkv, GQ=gq, NQ=nq, D=d,
+                                   SPLITS=splits, BLOCK_M=block_m, num_warps=4)
+    return out
