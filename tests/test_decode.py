@@ -1,0 +1,226 @@
+"""Quantized KV cache (attnopt.decode) and decode attention over it: layout round trips against
+float64, the reference decode attention against float64 attention, the Triton split-KV kernel
+(Triton's interpreter) against the reference, memory bounds, and transformers generate()."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attnopt.decode.decode_ref import decode_attention_ref
+from attnopt.decode.kv_quant import FORMATS, KVLayout, dequantize_k, dequantize_v, quantize_k, quantize_v
+from attnopt.decode.storage import PLANES, QuantizedKV
+
+from helpers import rel_l1
+
+# rel-L1 of the dequantized K / V (standard normal, group 64) against float64, per format
+ROUND_TRIP = {"int8": 0.01, "int4": 0.13, "int4+int8": 0.01}
+DRAFT = 0.16  # "int4+int8" read through its upper nibbles only
+
+
+@pytest.mark.parametrize("quant", FORMATS)
+def test_round_trip_against_float64(quant):
+    lay = KVLayout(quant, 64, 128)
+    x = torch.randn(2, 3, 128, 64, dtype=torch.float64)
+    x[..., 5] *= 50  # an outlier channel: K's per-channel scales keep it from the other channels
+    kc, kl, ks, kz = quantize_k(x, lay)
+    assert kc.dtype == torch.uint8 and kc.shape[-1] == (64 if quant == "int8" else 32)
+    assert (kl is not None) == (quant == "int4+int8") and ks.shape == (2, 3, 2, 64) and ks.dtype == torch.float16
+    k = dequantize_k(kc, kl, ks, kz, lay)
+    others = [c for c in range(64) if c != 5]
+    assert 0 < rel_l1(k[..., others], x[..., others]) < ROUND_TRIP[quant]
+    y = torch.randn(2, 3, 128, 64, dtype=torch.float64)
+    vc, vl, vs, vz = quantize_v(y, lay)
+    assert vs.shape == (2, 3, 128, 1)
+    assert 0 < rel_l1(dequantize_v(vc, vl, vs, vz, lay), y) < ROUND_TRIP[quant]
+    if quant == "int4+int8":
+        # 8-bit codes as two nibble planes: all of them give int8's values; the upper plane alone (the
+        # draft's read) needs no low plane and is within int4's error
+        assert torch.equal(k, dequantize_k(*quantize_k(x, KVLayout("int8")), KVLayout("int8")))
+        draft = dequantize_k(kc, None, ks, kz, lay, draft=True)
+        assert ROUND_TRIP["int8"] < rel_l1(draft[..., others], x[..., others]) < DRAFT
+
+
+def test_appends_equal_one_write():
+    """Prefill then token-by-token appends store what one write of every token stores: groups a
+    step touches are re-quantized whole (their earlier tokens from the 16-bit ring)."""
+    lay = KVLayout("int4+int8", 32, 64)
+    k, v = torch.randn(2, 2, 150, 64), torch.randn(2, 2, 150, 64)
+    once, steps = (QuantizedKV(lay, 2, 2, 160, 64, torch.float32, "cpu") for _ in range(2))
+    once.append(k, v, torch.tensor(0))
+    steps.append(k[:, :, :70], v[:, :, :70], torch.tensor(0))
+    steps.append(k[:, :, 70:75], v[:, :, 70:75], torch.tensor(70))
+    for t in range(75, 150):
+        steps.append(k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor(t))
+    for name in PLANES:
+        assert torch.equal(getattr(once, name), getattr(steps, name)), name
+    assert torch.equal(steps.ring_k[:, :, torch.arange(86, 150) % 64], k[:, :, 86:150])
+
+
+def _stores(lay, lengths, heads=2, dim=64, max_len=400, dtype=torch.float32):
+    """Per-row storage of random K / V for rows of different lengths: (stacked storage, K, V)."""
+    rows, k, v = [], torch.randn(len(lengths), heads, max_len, dim), torch.randn(len(lengths), heads, max_len, dim)
+    for b, n in enumerate(lengths):
+        s = QuantizedKV(lay, 1, heads, max_len, dim, dtype, "cpu")
+        s.append(k[b:b + 1, :, :n].to(dtype), v[b:b + 1, :, :n].to(dtype), torch.tensor(0))
+        rows.append(s)
+    planes = {n: None if getattr(rows[0], n) is None else torch.cat([getattr(s, n) for s in rows]) for n in PLANES}
+    return SimpleNamespace(layout=lay, **planes), k, v
+
+
+def _exact(q, k, v, lengths, starts):
+    """float64 attention of q [B, Hq, nq, D] over each row's keys starts[b] .. lengths[b]-1, causal offset."""
+    b, hq, nq, d = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i in range(b):
+        kk = k[i, :, starts[i]:lengths[i]].double().repeat_interleave(group, 0)
+        vv = v[i, :, starts[i]:lengths[i]].double().repeat_interleave(group, 0)
+        s = q[i].double() @ kk.transpose(-1, -2) / d ** 0.5
+        t = torch.arange(starts[i], lengths[i])
+        s = s.masked_fill(t[None, :] > (lengths[i] - nq + torch.arange(nq))[:, None], -torch.inf)
+        out[i] = torch.softmax(s, -1) @ vv
+    return out
+
+
+LENGTHS, STARTS = [333, 77, 1], [40, 0, 0]  # row 0 left-padded; row 1's ring partly filled; row 2 one token
+
+
+@pytest.mark.parametrize("quant", FORMATS)
+def test_reference_against_float64(quant):
+    lay = KVLayout(quant, 64, 128)
+    kv, k, v = _stores(lay, LENGTHS)
+    valid = torch.ones(3, 400, dtype=torch.bool)
+    valid[0, :STARTS[0]] = False
+    for nq in (1, 3):
+        q = torch.randn(3, 8, nq, 64)
+        out = decode_attention_ref(q, kv, torch.tensor(LENGTHS), valid)
+        exact = _exact(q, k, v, LENGTHS, STARTS)
+        exact[2, :, :-1] = 0  # the one-token row: only its last query row has a key
+        assert 0 < rel_l1(out, exact) < {"int8": 0.01, "int4": 0.1, "int4+int8": 0.01}[quant]
+        assert torch.allclose(out[1:], exact[1:].float(), atol=0.05)  # short rows: 16-bit ring mostly
+
+
+@pytest.mark.parametrize("quant", FORMATS)
+def test_triton_kernel_equals_reference(quant):
+    pytest.importorskip("triton")
+    from attnopt.codegen.decode.launch import kv_decode_triton
+
+    lay = KVLayout(quant, 64, 128)
+    kv, _, _ = _stores(lay, LENGTHS, max_len=336)
+    valid = torch.ones(3, 336, dtype=torch.bool)
+    valid[0, :STARTS[0]] = False
+    lengths = torch.tensor(LENGTHS)
+    for nq, draft in ((1, False), (3, quant == "int4+int8")):
+        q = torch.randn(3, 8, nq, 64)
+        ref = decode_attention_ref(q, kv, lengths, valid, draft=draft)
+        out = kv_decode_triton(q, kv, lengths, valid, draft=draft, splits=2)
+        assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()
+
+
+def test_op_runs_triton_under_impl_switch(monkeypatch):
+    """torch.ops.attnopt.kv_decode's body: the kernels with ATTNOPT_IMPL=triton, else the reference."""
+    from attnopt.decode.op import decode_attention
+
+    kv, _, _ = _stores(KVLayout("int8", 32, 32), [40, 9], heads=1, dim=32, max_len=64)
+    q = torch.randn(2, 2, 1, 32)
+    ref = decode_attention(q, kv, torch.tensor([40, 9]))
+    monkeypatch.setenv("ATTNOPT_IMPL", "triton")
+    assert torch.allclose(decode_attention(q, kv, torch.tensor([40, 9])), ref, atol=2e-6)
+
+
+transformers = pytest.importorskip("transformers")
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=64, vocab_size=128)
+
+
+class CountDecode(TorchDispatchMode):
+    """Counts torch.ops.attnopt.kv_decode calls: proof decode read the quantized storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.attnopt.kv_decode.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("quant,size", [("int8", 4096), ("int4", 4096), ("int4+int8", 4096), ("int8", 4000)])
+def test_cache_memory_against_bf16_static_cache(quant, size):
+    import attnopt.integrations.transformers as att
+
+    cfg = transformers.LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                   num_key_value_heads=8, vocab_size=128)
+    cache = att.AttnoptCache(cfg, size, quant=quant, group=64, residual=128)
+    ratio = cache.nbytes(batch_size=8) / att.static_cache_nbytes(cfg, size, batch_size=8)
+    assert ratio <= {"int8": 0.6, "int4": 0.35, "int4+int8": 0.6}[quant], ratio
+    assert ratio > 0.25
+
+
+def _models(attn="attnopt"):
+    import attnopt.integrations.transformers as att
+
+    att.register()
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attn_implementation="sdpa")).eval()
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attn_implementation=attn)).eval()
+    model.load_state_dict(ref.state_dict())
+    return ref, model
+
+
+def _generate(model, ids, mask, cache, steps):
+    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("quant,bound", [("int8", 0.02), ("int4", 0.06)])
+def test_generate_against_16bit_static_cache(quant, bound):
+    """Greedy generate with a left-padded batch of 8: per-step logits within the bound of the same
+    model with a 16-bit StaticCache, the same tokens for INT8, every decode step on the quantized
+    storage."""
+    import attnopt.integrations.transformers as att
+
+    ref, model = _models()
+    ids = torch.randint(1, 128, (8, 100))
+    mask = torch.ones_like(ids)
+    for b in range(8):
+        mask[b, : 9 * b] = 0
+    steps = 5
+    want, want_logits = _generate(ref, ids, mask, transformers.StaticCache(ref.config, 112), steps)
+    cache = att.AttnoptCache(model.config, 112, quant=quant, group=32, residual=64)
+    with torch.no_grad(), CountDecode() as spy:
+        got, logits = _generate(model, ids, mask, cache, steps)
+    assert spy.calls == (steps - 1) * TINY["num_hidden_layers"]
+    err = rel_l1(logits, want_logits)
+    print(f"{quant}: per-step logits rel-L1 {err:.4f}")
+    assert 0 < err <= bound
+    if quant == "int8":
+        assert torch.equal(got, want)
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for lay in cache.layers for t in lay.store.tensors())
+
+
+def test_cache_needs_attnopt_attention():
+    import attnopt.integrations.transformers as att
+
+    ref, _ = _models()
+    ids = torch.randint(1, 128, (1, 40))
+    with pytest.raises(RuntimeError, match="attn_implementation='attnopt'"):
+        ref.generate(ids, cache=att.AttnoptCache(ref.config, 64), max_new_tokens=3, do_sample=False)
+
+
+def test_cache_from_options():
+    import attnopt.integrations.transformers as att
+    from attnopt.config import ConfigError
+
+    cfg = transformers.LlamaConfig(**TINY)
+    cache = att.AttnoptCache.from_options(cfg, 256, {"attention": {"kv_cache": {"quant": "int4", "group": 32}}})
+    assert isinstance(cache, att.AttnoptCache) and cache.layout == KVLayout("int4", 32, 128)
+    assert type(att.AttnoptCache.from_options(cfg, 256)) is transformers.StaticCache  # kv_cache null: 16-bit
+    with pytest.raises(ConfigError, match=r"attention\.kv_cache\.residual.*multiple of group \(64\)"):
+        att.AttnoptCache.from_options(cfg, 256, {"attention": {"kv_cache": {"residual": 96}}})
+    with pytest.raises(ConfigError, match=r"attention\.kv_cache\.quant.*'int4\+int8'"):
+        att.AttnoptCache.from_options(cfg, 256, {"attention": {"kv_cache": {"quant": "int2"}}})
