@@ -244,3 +244,31 @@ def test_gpu_kernel_equals_reference(quant):
         ref = decode_attention_ref(q.float(), kv, lengths, valid, draft=draft)
         out = kv_decode_triton(q, kv, lengths, valid, draft=draft)
         assert out.dtype == torch.bfloat16 and rel_l1(out.float(), ref) < 5e-3
+
+
+@pytest.mark.slow
+def test_decode_step_compiles_once():
+    """fullgraph torch.compile of decode steps with AttnoptCache: one graph for every step (static
+    shapes, the length a tensor), the same logits as eager."""
+    import attnopt.integrations.transformers as att
+    from torch._dynamo.utils import counters
+
+    _, model = _models()
+    ids = torch.randint(1, 128, (2, 100))
+
+    def run(forward):
+        cache = att.AttnoptCache(model.config, 112, quant="int4", group=32, residual=64)
+        tok = model(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        logits = []
+        for _ in range(5):
+            logits.append(forward(tok, cache=cache, use_cache=True).logits[:, -1])
+            tok = logits[-1][:, None].argmax(-1)
+        return torch.stack(logits)
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        want = run(model)
+        got = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(got, want)

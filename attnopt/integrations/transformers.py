@@ -182,14 +182,14 @@ def _classes():
                 return StaticCache(config, max_cache_len)
             return cls(config, max_cache_len, quant=kv.quant, group=kv.group, residual=kv.residual)
 
-        def nbytes(self, batch_size: int = 1, dtype=torch.bfloat16) -> int:
-            """Bytes of its storage: the allocated tensors once filled in, else what `batch_size`
-            sequences of `dtype` K / V will allocate."""
-            if all(layer.store is not None for layer in self.layers):
+        def nbytes(self, batch_size: int | None = None, dtype: torch.dtype | None = None) -> int:
+            """Bytes of its storage: the allocated tensors (once the first update() made them), or
+            what `batch_size` sequences of `dtype` K / V allocate (computed from the shapes)."""
+            if batch_size is None and dtype is None and all(layer.store is not None for layer in self.layers):
                 return sum(layer.store.nbytes() for layer in self.layers)
             c = self.text_config
-            return len(self.layers) * self.layout.nbytes(batch_size, c.num_key_value_heads, self.max_cache_len,
-                                                         _head_dim(c), dtype)
+            return len(self.layers) * self.layout.nbytes(batch_size or 1, c.num_key_value_heads, self.max_cache_len,
+                                                         _head_dim(c), dtype or torch.bfloat16)
 
     return AttnoptLayer, AttnoptCache
 
