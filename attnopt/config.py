@@ -675,7 +675,6 @@ def _leaf_paths() -> list[str]:
 
     walk(Options, "")
     walk(SmoothOptions, "linear.smooth")
-    walk(KvCacheOptions, "attention.kv_cache")
     for cls in SPARSITY_METHODS.values():
         walk(cls, "attention.sparsity")
     return list(dict.fromkeys(out))
@@ -683,9 +682,10 @@ def _leaf_paths() -> list[str]:
 
 def _suggest(key: str, known, path: str = "") -> str:
     """Closest sibling key, and any full path elsewhere whose last part is (or is close to) `key`."""
-    siblings = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
     elsewhere = [p for p in _leaf_paths() if p != path and p not in known]
     exact = [p for p in elsewhere if p.rsplit(".", 1)[-1] == key]
+    # a key that exists elsewhere was most likely put at the wrong level: only a close sibling competes
+    siblings = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75 if exact else 0.5)
     close = [] if siblings or exact else [
         p for p in elsewhere if difflib.get_close_matches(key, [p.rsplit(".", 1)[-1]], cutoff=0.8)]
     names = list(dict.fromkeys(exact + siblings + close))[:3]
