@@ -62,7 +62,7 @@ def _kv_decode_split(Q, KC, KL, KS, KZ, VC, VL, VS, VZ, RK, RV, LENS, VALID, OP,
                      BLOCK_M: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)  # batch offsets of a 32K-token cache pass 2^31 bytes
     h = bh % HKV
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
@@ -119,7 +119,7 @@ def _kv_decode_combine(OP, MP, LP, OUT, so_b, so_h, so_n,
                        HKV: tl.constexpr, GQ: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr,
                        SPLITS: tl.constexpr, BLOCK_M: tl.constexpr):
     bh = tl.program_id(0)
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)
     h = bh % HKV
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
