@@ -9,16 +9,18 @@ import triton
 
 from ...decode.decode_ref import LOG2E
 from ...decode.kv_quant import KVLayout
+from ...switches import interpreted
 from .kernel import _kv_decode_combine, _kv_decode_split
 
 FMT = {"int8": 0, "int4": 1, "int4+int8": 2}
 TARGET_PROGRAMS = 512  # about four waves of an H100's 132 SMs
 
 
-def num_splits(batch_heads: int, slots: int, group: int) -> int:
+def num_splits(batch_heads: int, slots: int, group: int, most: int = TARGET_PROGRAMS) -> int:
     """Splits of the quantized tokens per (batch, kv head): enough programs to fill the GPU, at
-    most one per group. From static shapes only, so a compiled step launches the same grid."""
-    return max(1, min(slots // group, -(-TARGET_PROGRAMS // batch_heads)))
+    most one per group (and at most `most`). From static shapes only, so a compiled step launches
+    the same grid."""
+    return max(1, min(slots // group, -(-TARGET_PROGRAMS // batch_heads), most))
 
 
 def kv_decode_triton(q, kv, lengths, key_valid=None, scale=None, draft=False, splits=None):
@@ -30,7 +32,8 @@ def kv_decode_triton(q, kv, lengths, key_valid=None, scale=None, draft=False, sp
         raise NotImplementedError(f"decode kernel: head dim {d} is not a power of two >= 16")
     gq = hq // hkv
     block_m = max(16, triton.next_power_of_2(gq * nq))
-    splits = splits or num_splits(b * hkv, kv.k_codes.shape[2], lay.group)
+    if splits is None:  # the interpreter runs programs one by one: two splits show the combine just as well
+        splits = num_splits(b * hkv, kv.k_codes.shape[2], lay.group, 2 if interpreted() else TARGET_PROGRAMS)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     fmt = FMT[lay.quant] + (1 if draft and lay.has_low else 0)
     parts = b * hkv * (splits + 1) * block_m
