@@ -13,7 +13,8 @@ Per layer, for K and V each (B batch, H kv heads, T token slots, D head dim, G =
 x ~= zero + scale * code, asymmetric min-max codes in [0, levels]: 255 ("int8", "int4+int8") or
 15 ("int4"). A draft read of "int4+int8" takes code = 16 * hi + 7.5, the middle of the 16 codes
 the upper nibble stands for. Scale and zero are rounded to fp16 before the codes are computed,
-so the stored pair is exactly the one the codes were made with.
+so the stored pair is exactly the one the codes were made with. The arithmetic, and where it
+differs from KIVI / QuantSpec: docs/algorithms.md#quantized-kv-cache.
 """
 
 from __future__ import annotations
