@@ -102,18 +102,19 @@ def test_reference_against_float64(quant):
         assert torch.allclose(out[1:], exact[1:].float(), atol=0.05)  # short rows: 16-bit ring mostly
 
 
-@pytest.mark.parametrize("quant", FORMATS)
-def test_triton_kernel_equals_reference(quant):
+@pytest.mark.parametrize("quant,dim,group", [(f, 64, 64) for f in FORMATS] + [("int4", 96, 32)])
+def test_triton_kernel_equals_reference(quant, dim, group):
+    """Head dim 96: the kernel's tiles are 128 channels wide, those past 96 masked."""
     pytest.importorskip("triton")
     from attnopt.codegen.decode.launch import kv_decode_triton
 
-    lay = KVLayout(quant, 64, 128)
-    kv, _, _ = _stores(lay, LENGTHS, max_len=336)
+    lay = KVLayout(quant, group, 128)
+    kv, _, _ = _stores(lay, LENGTHS, dim=dim, max_len=336)
     valid = torch.ones(3, 336, dtype=torch.bool)
     valid[0, :STARTS[0]] = False
     lengths = torch.tensor(LENGTHS)
     for nq, draft in ((1, False), (3, quant == "int4+int8")):
-        q = torch.randn(3, 8, nq, 64)
+        q = torch.randn(3, 8, nq, dim)
         ref = decode_attention_ref(q, kv, lengths, valid, draft=draft)
         out = kv_decode_triton(q, kv, lengths, valid, draft=draft, splits=2)
         assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()

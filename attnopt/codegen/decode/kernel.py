@@ -22,17 +22,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _codes(hi_ptr, lo_ptr, offs, d, FMT: tl.constexpr):
-    """Float codes of the elements at byte rows `offs` [N, 1] and channels d [1, D]."""
+def _codes(hi_ptr, lo_ptr, offs, d, dmask, FMT: tl.constexpr):
+    """Float codes of the elements at byte rows `offs` [N, 1] and channels d [1, BLOCK_D] (0 past D)."""
     if FMT == 0:
-        c = tl.load(hi_ptr + offs + d).to(tl.float32)
+        c = tl.load(hi_ptr + offs + d, mask=dmask, other=0).to(tl.float32)
     else:
         shift = (d % 2) * 4
-        hi = ((tl.load(hi_ptr + offs + d // 2) >> shift) & 15).to(tl.float32)
+        hi = ((tl.load(hi_ptr + offs + d // 2, mask=dmask, other=0) >> shift) & 15).to(tl.float32)
         if FMT == 1:
             c = hi
         elif FMT == 2:
-            lo = ((tl.load(lo_ptr + offs + d // 2) >> shift) & 15).to(tl.float32)
+            lo = ((tl.load(lo_ptr + offs + d // 2, mask=dmask, other=0) >> shift) & 15).to(tl.float32)
             c = hi * 16.0 + lo
         else:
             c = hi * 16.0 + 7.5
@@ -59,24 +59,26 @@ def _kv_decode_split(Q, KC, KL, KS, KZ, VC, VL, VS, VZ, RK, RV, LENS, VALID, OP,
                      sr_b, sr_h, sr_t, s_valid, qk_scale,
                      HKV: tl.constexpr, GQ: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                      R: tl.constexpr, SPLITS: tl.constexpr, FMT: tl.constexpr, HAS_VALID: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)  # batch offsets of a 32K-token cache pass 2^31 bytes
     h = bh % HKV
     rows = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    dm = dmask[None, :]
     head, qi = rows // NQ, rows % NQ
     row_ok = rows < GQ * NQ
     q_ptr = Q + b * sq_b + (h * GQ + head)[:, None] * sq_h + qi[:, None] * sq_n + d[None, :]
-    qs = tl.load(q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+    qs = tl.load(q_ptr, mask=row_ok[:, None] & dm, other=0.0).to(tl.float32) * qk_scale
     length = tl.load(LENS + b).to(tl.int32)
     limit = length - NQ + qi  # the last key each row sees (causal offset)
     quant_end = tl.maximum(length - R, 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, G)
     if sp < SPLITS:
         chunk = tl.cdiv(tl.cdiv(quant_end, SPLITS), G) * G
@@ -86,12 +88,15 @@ def _kv_decode_split(Q, KC, KL, KS, KZ, VC, VL, VS, VZ, RK, RV, LENS, VALID, OP,
         for start in range(lo, hi, G):
             t = start + offs_n
             byte_rows = kc_base + t[:, None] * sc_t
-            kc = _codes(KC, KL, byte_rows, d[None, :], FMT)
+            kc = _codes(KC, KL, byte_rows, d[None, :], dm, FMT)
             g_off = b * sks_b + h * sks_h + (start // G) * sks_g + d
-            k = kc * tl.load(KS + g_off).to(tl.float32)[None, :] + tl.load(KZ + g_off).to(tl.float32)[None, :]
-            vc = _codes(VC, VL, byte_rows, d[None, :], FMT)
+            ks = tl.load(KS + g_off, mask=dmask, other=0).to(tl.float32)
+            kz = tl.load(KZ + g_off, mask=dmask, other=0).to(tl.float32)
+            k = kc * ks[None, :] + kz[None, :]
+            vc = _codes(VC, VL, byte_rows, d[None, :], dm, FMT)
             v_off = b * svs_b + h * svs_h + t[:, None] * svs_t + (d // G)[None, :]
-            v = vc * tl.load(VS + v_off).to(tl.float32) + tl.load(VZ + v_off).to(tl.float32)
+            v = vc * tl.load(VS + v_off, mask=dm, other=0).to(tl.float32) + tl.load(VZ + v_off, mask=dm,
+                                                                                     other=0).to(tl.float32)
             ok = (t[None, :] < quant_end) & (t[None, :] <= limit[:, None])
             if HAS_VALID:
                 ok = ok & (tl.load(VALID + b * s_valid + t) != 0)[None, :]
@@ -102,14 +107,14 @@ def _kv_decode_split(Q, KC, KL, KS, KZ, VC, VL, VS, VZ, RK, RV, LENS, VALID, OP,
             back = ((length - 1 - slot) % R + R) % R  # C remainder: may be negative before + R
             t = length - 1 - back  # the token the slot holds (< 0: never written)
             r_off = b * sr_b + h * sr_h + slot[:, None] * sr_t + d[None, :]
-            k = tl.load(RK + r_off).to(tl.float32)
-            v = tl.load(RV + r_off).to(tl.float32)
+            k = tl.load(RK + r_off, mask=dm, other=0).to(tl.float32)
+            v = tl.load(RV + r_off, mask=dm, other=0).to(tl.float32)
             ok = (t[None, :] >= 0) & (t[None, :] <= limit[:, None])
             if HAS_VALID:
                 ok = ok & (tl.load(VALID + b * s_valid + tl.maximum(t, 0)) != 0)[None, :]
             m_i, l_i, acc = _step(qs, k, v, ok, m_i, l_i, acc)
     part = bh * (SPLITS + 1) + sp
-    tl.store(OP + (part * BLOCK_M + rows)[:, None] * D + d[None, :], acc)
+    tl.store(OP + (part * BLOCK_M + rows)[:, None] * BLOCK_D + d[None, :], acc)
     tl.store(MP + part * BLOCK_M + rows, m_i)
     tl.store(LP + part * BLOCK_M + rows, l_i)
 
@@ -117,24 +122,24 @@ def _kv_decode_split(Q, KC, KL, KS, KZ, VC, VL, VS, VZ, RK, RV, LENS, VALID, OP,
 @triton.jit
 def _kv_decode_combine(OP, MP, LP, OUT, so_b, so_h, so_n,
                        HKV: tl.constexpr, GQ: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr,
-                       SPLITS: tl.constexpr, BLOCK_M: tl.constexpr):
+                       SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
     b = (bh // HKV).to(tl.int64)
     h = bh % HKV
     rows = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BLOCK_D)
     top = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for sp in range(0, SPLITS + 1):
         top = tl.maximum(top, tl.load(MP + (bh * (SPLITS + 1) + sp) * BLOCK_M + rows))
     top = tl.where(top == float("-inf"), 0.0, top)
     den = tl.zeros([BLOCK_M], tl.float32)
-    num = tl.zeros([BLOCK_M, D], tl.float32)
+    num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for sp in range(0, SPLITS + 1):
         part = bh * (SPLITS + 1) + sp
         w = tl.exp2(tl.load(MP + part * BLOCK_M + rows) - top)
         den += w * tl.load(LP + part * BLOCK_M + rows)
-        num += w[:, None] * tl.load(OP + (part * BLOCK_M + rows)[:, None] * D + d[None, :])
+        num += w[:, None] * tl.load(OP + (part * BLOCK_M + rows)[:, None] * BLOCK_D + d[None, :])
     out = tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-30)[:, None], 0.0)
     head, qi = rows // NQ, rows % NQ
     o_ptr = OUT + b * so_b + (h * GQ + head)[:, None] * so_h + qi[:, None] * so_n + d[None, :]
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=(rows < GQ * NQ)[:, None])
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=(rows < GQ * NQ)[:, None] & (d < D)[None, :])

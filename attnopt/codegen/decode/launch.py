@@ -28,16 +28,15 @@ def kv_decode_triton(q, kv, lengths, key_valid=None, scale=None, draft=False, sp
     lay: KVLayout = kv.layout
     b, hq, nq, d = q.shape
     hkv = kv.ring_k.shape[1]
-    if d & (d - 1) or d < 16:
-        raise NotImplementedError(f"decode kernel: head dim {d} is not a power of two >= 16")
     gq = hq // hkv
     block_m = max(16, triton.next_power_of_2(gq * nq))
+    block_d = max(16, triton.next_power_of_2(d))  # channels past the head dim load as 0
     if splits is None:  # the interpreter runs programs one by one: two splits show the combine just as well
         splits = num_splits(b * hkv, kv.k_codes.shape[2], lay.group, 2 if interpreted() else TARGET_PROGRAMS)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     fmt = FMT[lay.quant] + (1 if draft and lay.has_low else 0)
     parts = b * hkv * (splits + 1) * block_m
-    op = torch.empty(parts * d, dtype=torch.float32, device=q.device)
+    op = torch.empty(parts * block_d, dtype=torch.float32, device=q.device)
     mp = torch.empty(parts, dtype=torch.float32, device=q.device)
     lp = torch.empty(parts, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
@@ -56,7 +55,7 @@ def kv_decode_triton(q, kv, lengths, key_valid=None, scale=None, draft=False, sp
         *q.stride()[:3], *kv.k_codes.stride()[:3], *kv.k_scale.stride()[:3], *kv.v_scale.stride()[:3],
         *kv.ring_k.stride()[:3], valid.stride(0) if key_valid is not None else 0, scale * LOG2E,
         HKV=hkv, GQ=gq, NQ=nq, D=d, G=lay.group, R=lay.residual, SPLITS=splits, FMT=fmt,
-        HAS_VALID=key_valid is not None, BLOCK_M=block_m, num_warps=4)
+        HAS_VALID=key_valid is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     _kv_decode_combine[(b * hkv,)](op, mp, lp, out, *out.stride()[:3], HKV=hkv, GQ=gq, NQ=nq, D=d,
-                                   SPLITS=splits, BLOCK_M=block_m, num_warps=4)
+                                   SPLITS=splits, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return out
