@@ -13,8 +13,10 @@ GPU (default): one decode step's attention (Llama-3-8B's shape: 32 query heads, 
 dim 128) at batch 1 / 8 / 32 and 4K-32K tokens of context: attnopt's split-KV kernel on each cache
 format against torch SDPA on the bf16 cache of the same length, its rel-L1 against SDPA, the cache's
 bytes against bf16's, and tokens/s of the attention of a 32-layer model (batch / (32 x step time)).
-Then whole-model decode steps (a 4-layer Llama-3-8B-shaped model, random weights, eager) with
-transformers' bf16 StaticCache + SDPA against AttnoptCache + attnopt's attention: tokens/s.
+Then whole-model decode steps (a 4-layer Llama-3-8B-shaped model, random weights; eager, or
+--compile) with transformers' bf16 StaticCache + SDPA against AttnoptCache + attnopt's attention:
+tokens/s. (Eager, each step's cache write is a few dozen small ops per layer; compiled, Inductor
+fuses them, as in generate() on CUDA, which compiles decode steps of static caches itself.)
 --quick: what fits gpu_session.sh's decode step. The JSON is written after every row.
 """
 
@@ -51,6 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--model-contexts", type=int, nargs="+", default=[4096, 16384],
                     help="contexts of the whole-model decode rows (0 rows: none)")
+    ap.add_argument("--compile", action="store_true",
+                    help="model rows: torch.compile each model (as generate() does on CUDA for static caches)")
     ap.add_argument("--quick", action="store_true", help="4K / 16K / 32K attention, 4K model rows: the session's run")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run under TRITON_INTERPRET
     ap.add_argument("--out-dir", default=common.RESULTS)
@@ -231,21 +235,22 @@ def model_rows(args, limit, rows, extra) -> None:
     models = {attn: transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, attn_implementation=attn))
               .eval().to(dev, torch.bfloat16) for attn in ("sdpa", name)}
     models[name].load_state_dict(models["sdpa"].state_dict())
+    run = {k: torch.compile(m) if args.compile else m for k, m in models.items()}
     steps = 16 if dev == "cuda" else 2
     for ctx in args.model_contexts:
         for b in args.batches:
             if not limit.allows():
                 return
             with limit.item(), torch.no_grad():
-                caches = [("transformers StaticCache bf16 + SDPA", models["sdpa"],
+                caches = [("transformers StaticCache bf16 + SDPA", run["sdpa"],
                            transformers.StaticCache(models["sdpa"].config, ctx + steps + 1))]
-                caches += [(f"AttnoptCache {quant} + attnopt", models[name],
+                caches += [(f"AttnoptCache {quant} + attnopt", run[name],
                             att.AttnoptCache(models[name].config, ctx + steps + 1, quant=quant, group=args.group,
                                              residual=args.residual)) for quant in args.formats]
                 for variant, model, cache in caches:
-                    _fill(cache, model, b, ctx, dev)
+                    _fill(cache, models["sdpa"], b, ctx, dev)
                     tok = torch.zeros(b, 1, dtype=torch.long, device=dev)
-                    model(tok, cache=cache, use_cache=True)  # warm-up step
+                    model(tok, cache=cache, use_cache=True)  # warm-up step (and compile)
                     if dev == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -256,7 +261,8 @@ def model_rows(args, limit, rows, extra) -> None:
                     dt = (time.perf_counter() - t0) / steps
                     nbytes = (cache.nbytes() if hasattr(cache, "nbytes")
                               else sum(2 * lay.keys.numel() * lay.keys.element_size() for lay in cache.layers))
-                    rows.append({"kind": "model", "layers": cfg["num_hidden_layers"], "batch": b, "context": ctx,
+                    rows.append({"kind": "model", "compiled": args.compile, "layers": cfg["num_hidden_layers"],
+                                 "batch": b, "context": ctx,
                                  "variant": variant, "ms_per_step": dt * 1e3, "tokens_per_s": b / dt,
                                  "cache_bytes": nbytes})
                     print(f"  model ctx {ctx:>6} batch {b:>2} {variant:<40} {b / dt:10.1f} tokens/s")
