@@ -4,8 +4,9 @@
     att.register(quant="int8", pv="auto")
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnopt")
 
-Prefill runs attnopt's quantized attention; decode (one query token), soft-capping and requested
-attention weights fall back to transformers' own SDPA path, so nothing is silently changed there.
+Prefill runs attnopt's quantized attention; without an AttnoptCache, decode (one query token),
+soft-capping and requested attention weights fall back to transformers' own SDPA path, so nothing
+is silently changed there.
 
 With an `AttnoptCache` (a quantized static KV cache, decode/ holds its storage and kernels) the
 same attention function also runs decode: the cache's update() writes the new K / V into the
@@ -19,7 +20,7 @@ dequantized copy.
     att.register()
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="attnopt")
     cache = att.AttnoptCache(model.config, max_cache_len=4096, quant="int8")
-    model.generate(ids, past_key_values=cache, max_new_tokens=256)
+    model.generate(ids, cache=cache, max_new_tokens=256)
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def register(quant: str = "int8", pv: str = "auto", smooth_k: bool = True, min_s
         layer = kwargs.pop(HANDLE, None)
         if layer is not None:  # an AttnoptCache layer: key / value are the tokens just written
             layer.read = True
+            extra = [k for k in ("softcap", "output_attentions", "position_bias", "sliding_window", "s_aux")
+                     if kwargs.get(k) not in (None, False)] + (["dropout"] if dropout else [])
+            if extra:  # SDPA cannot take over: it would see the new tokens only
+                raise NotImplementedError(f"AttnoptCache: attention with {', '.join(extra)}")
             if not layer.prefill_from_empty:
                 return _decode(query, layer, attention_mask, scaling)
             if attention_mask is not None:
