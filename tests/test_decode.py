@@ -292,3 +292,28 @@ def test_decode_step_compiles_once():
         got = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
     assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_generate_with_quantized_cache():
+    """generate() on CUDA (bf16, eager steps) with the INT8 cache: the Triton kernels read it, logits
+    within the INT8 bound of the bf16 StaticCache's."""
+    import attnopt.integrations.transformers as att
+
+    ref, model = _models()
+    ref, model = ref.cuda().to(torch.bfloat16), model.cuda().to(torch.bfloat16)
+    ids = torch.randint(1, 128, (8, 200), device="cuda")
+    mask = torch.ones_like(ids)
+    for b in range(8):
+        mask[b, : 23 * b] = 0
+
+    def run(m, cache):
+        out = m.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True, disable_compile=True)
+        return torch.stack(out.logits, 1).float()
+
+    want = run(ref, transformers.StaticCache(ref.config, 208))
+    with torch.no_grad(), CountDecode() as spy:
+        got = run(model, att.AttnoptCache(model.config, 208, quant="int8", group=64, residual=128))
+    assert spy.calls == 5 * TINY["num_hidden_layers"]
+    assert 0 < rel_l1(got, want) <= 0.02
