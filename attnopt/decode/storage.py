@@ -11,8 +11,9 @@ re-quantizes every group it touches from the ring (earlier tokens of the group) 
 tokens. Readers take tokens older than the last `residual` from the quantized storage (their
 groups are complete, since residual >= group) and the rest from the ring.
 
-Positions are token slots from 0; a reader's per-row first token (`kv_start` in the kernel)
-is how left padding, and later a window that drops old tokens, is expressed.
+Positions are token slots from 0. Readers take which keys a row has from a per-row key mask
+(left padding) and the row's length; a window that drops old tokens (per-head windows) would
+start the kernel's splits at the window's first token and could reuse the slots behind it.
 """
 
 from __future__ import annotations
