@@ -6,7 +6,9 @@ time, so a static grid balances whatever the length), program s = SPLITS the 16-
 last `residual` tokens. Codes are dequantized in registers (K: the tile's one group row of per-
 channel scale / zero; V: per token and channel group), never written back. All query heads of a
 KV head and all query tokens are the rows of one tile (GQA without copying K / V). Each program
-writes its unnormalized P.V, running max and sum (exp2 domain) to fp32 partials.
+writes its unnormalized P.V, running max and sum (exp2 domain) to fp32 partials. A launch takes
+NQ of the query tokens; `q_behind` says how many come after them (the host splits many queries
+into launches of a few, so a tile keeps at most MAX_ROWS rows).
 
 `_kv_decode_combine`: grid (batch * kv heads,), merges the SPLITS + 1 partials of each row and
 writes the output in the query's dtype. The arithmetic is decode_ref's, in the same order.
@@ -56,7 +58,7 @@ def _step(qs, k, v, ok, m_i, l_i, acc):
 @triton.jit
 def _kv_decode_split(Q, KC, KL, KS, KZ, VC, VL, VS, VZ, RK, RV, LENS, VALID, OP, MP, LP,
                      sq_b, sq_h, sq_n, sc_b, sc_h, sc_t, sks_b, sks_h, sks_g, svs_b, svs_h, svs_t,
-                     sr_b, sr_h, sr_t, s_valid, qk_scale,
+                     sr_b, sr_h, sr_t, s_valid, qk_scale, q_behind,
                      HKV: tl.constexpr, GQ: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                      R: tl.constexpr, SPLITS: tl.constexpr, FMT: tl.constexpr, HAS_VALID: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -73,7 +75,7 @@ def _kv_decode_split(Q, KC, KL, KS, KZ, VC, VL, VS, VZ, RK, RV, LENS, VALID, OP,
     q_ptr = Q + b * sq_b + (h * GQ + head)[:, None] * sq_h + qi[:, None] * sq_n + d[None, :]
     qs = tl.load(q_ptr, mask=row_ok[:, None] & dm, other=0.0).to(tl.float32) * qk_scale
     length = tl.load(LENS + b).to(tl.int32)
-    limit = length - NQ + qi  # the last key each row sees (causal offset)
+    limit = length - q_behind - NQ + qi  # the last key each row sees (causal offset; q_behind: later queries)
     quant_end = tl.maximum(length - R, 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
