@@ -6,7 +6,8 @@
 --accuracy: tiny Llama and Qwen2 configs (random weights, fp32) after long synthetic prompts; the
 same model decodes greedily with transformers' StaticCache (unquantized) and with AttnoptCache in
 each format, fed the same tokens, and each decode step's logits are compared (rel-L1). Prefill
-runs SDPA in both, so only the cache differs ("int4+int8" read in full is "int8": same codes). Writes decode_accuracy_cpu.json and a PNG of rel-L1
+runs SDPA in both, so only the cache differs ("int4+int8" read in full is "int8": same codes;
+"int4+int8 draft" reads its upper nibbles only, as a self-speculative draft would). Writes decode_accuracy_cpu.json and a PNG of rel-L1
 over the generated steps (benchmarks/results/).
 
 GPU (default): one decode step's attention (Llama-3-8B's shape: 32 query heads, 8 KV heads, head
@@ -109,10 +110,13 @@ def accuracy(args) -> None:
                 size = n + args.steps
                 want = _decode(ref, transformers.StaticCache(ref.config, size), ids, args.steps)
                 tokens = want.argmax(-1)
-                for quant in args.formats:
+                variants = [(q, False) for q in args.formats] + [("int4+int8", True)] * ("int4+int8" in args.formats)
+                for quant, draft in variants:
                     cache = att.AttnoptCache(model.config, size, quant=quant, group=args.group,
                                              residual=args.residual)
+                    cache.set_draft(draft)
                     got = _decode(model, cache, ids, args.steps, feed=tokens)
+                    quant = quant + (" draft" if draft else "")
                     # step 0's logits are the prefill's (SDPA on the 16-bit K / V in both): decode steps only
                     per_step = [compare(got[:, i], want[:, i])["rel_l1"] for i in range(1, args.steps)]
                     rows.append({"model": kind, "prompt": n, "quant": quant, "rel_l1": per_step,

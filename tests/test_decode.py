@@ -225,6 +225,26 @@ def test_generate_runs_the_triton_kernel(monkeypatch):
     assert torch.allclose(runs[0][1], runs[1][1], atol=1e-4)
 
 
+def test_cache_draft_reads_four_bits():
+    """set_draft: decode over "int4+int8" reads the upper nibbles (about int4's error), then the full
+    8 bits again (int8's logits exactly)."""
+    import attnopt.integrations.transformers as att
+
+    _, model = _models()
+    ids = torch.randint(1, 128, (2, 100))
+    mask = torch.ones_like(ids)
+    runs = {}
+    for quant, draft in (("int8", False), ("int4+int8", True), ("int4+int8", False)):
+        cache = att.AttnoptCache(model.config, 112, quant=quant, group=32, residual=64)
+        cache.set_draft(draft)
+        with torch.no_grad():
+            runs[quant, draft] = _generate(model, ids, mask, cache, 4)[1]
+    assert torch.equal(runs["int8", False], runs["int4+int8", False])
+    assert 0.003 < rel_l1(runs["int4+int8", True], runs["int8", False]) < 0.06
+    with pytest.raises(ValueError, match="int4\\+int8"):
+        att.AttnoptCache(model.config, 112, quant="int8").set_draft()
+
+
 def test_cache_needs_attnopt_attention():
     import attnopt.integrations.transformers as att
 

@@ -84,7 +84,7 @@ def _decode(query, layer, attention_mask, scaling):
         row = attention_mask[:, 0, -1, :]
         valid = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
     lengths = layer.cumulative_length.expand(query.shape[0])
-    out = decode_attention(query, layer.store, lengths, valid, scaling)
+    out = decode_attention(query, layer.store, lengths, valid, scaling, draft=layer.draft)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -108,6 +108,7 @@ def _classes():
             self.layout = layout
             self.store = None
             self.prefill_from_empty = False
+            self.draft = False  # "int4+int8": decode reads the upper nibbles only (AttnoptCache.set_draft)
             self.read = True  # False between an update() and the attention function reading the storage
 
         def lazy_initialization(self, key_states, value_states):
@@ -186,6 +187,14 @@ def _classes():
             if kv is None:
                 return StaticCache(config, max_cache_len)
             return cls(config, max_cache_len, quant=kv.quant, group=kv.group, residual=kv.residual)
+
+        def set_draft(self, on: bool = True) -> None:
+            """"int4+int8" only: decode steps read the 4-bit upper nibbles (a self-speculative draft,
+            QuantSpec) until set_draft(False); the stored cache is the same either way."""
+            if on and not self.layout.has_low:
+                raise ValueError(f"AttnoptCache: a draft read needs quant='int4+int8', not {self.layout.quant!r}")
+            for layer in self.layers:
+                layer.draft = bool(on)
 
         def nbytes(self, batch_size: int | None = None, dtype: torch.dtype | None = None) -> int:
             """Bytes of its storage: the allocated tensors (once the first update() made them), or
