@@ -166,7 +166,9 @@ def _classes():
         last `residual` tokens in 16 bits. Needs attn_implementation="attnopt" (register())."""
 
         def __init__(self, config, max_cache_len: int, quant: str = "int8", group: int = 64, residual: int = 128,
-                     **kwargs):
+                     offloading: bool = False, **kwargs):
+            if offloading:
+                raise NotImplementedError("AttnoptCache: offloading")
             self.layout = KVLayout(quant, group, residual)
             self.text_config = config.get_text_config(decoder=True)
             self.layout.check_head_dim(_head_dim(self.text_config))
