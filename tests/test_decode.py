@@ -339,3 +339,42 @@ def test_gpu_generate_with_quantized_cache():
         got = run(model, att.AttnoptCache(model.config, 208, quant="int8", group=64, residual=128))
     assert spy.calls == 5 * TINY["num_hidden_layers"]
     assert 0 < rel_l1(got, want) <= 0.02
+
+
+@pytest.mark.parametrize("quant,dim,group,residual", [("int8", 64, 64, 128), ("int4", 96, 32, 64),
+                                                      ("int4+int8", 64, 32, 32)])
+def test_fused_one_token_write_equals_torch_ops(quant, dim, group, residual, monkeypatch):
+    """A decode step's write as one Triton kernel (interpreter) stores exactly what the torch ops
+    store: ring, re-quantized K group (codes, fp16 scale / zero), V row."""
+    lay = KVLayout(quant, group, residual)
+    k, v = torch.randn(2, 2, 140, dim).bfloat16(), torch.randn(2, 2, 140, dim).bfloat16()
+    ops, fused = (QuantizedKV(lay, 2, 2, 160, dim, torch.bfloat16, "cpu") for _ in range(2))
+    first = 2 * group - 3
+    for s in (ops, fused):
+        s.append(k[:, :, :first], v[:, :, :first], torch.tensor(0))
+    for t in range(first, first + 6):  # the last tokens of a group, then the first of the next
+        ops.append(k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor(t))
+        monkeypatch.setenv("ATTNOPT_IMPL", "triton")
+        fused.append(k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor(t))
+        monkeypatch.delenv("ATTNOPT_IMPL")
+        for name in PLANES:
+            a, b = getattr(ops, name), getattr(fused, name)
+            assert a is None or torch.equal(a[:, :, :t + 1 if name not in ("k_scale", "k_zero") else t // group + 1],
+                                            b[:, :, :t + 1 if name not in ("k_scale", "k_zero") else t // group + 1]), name
+
+
+@pytest.mark.gpu
+def test_gpu_fused_write_equals_torch_ops(monkeypatch):
+    lay = KVLayout("int4+int8", 64, 128)
+    k, v = (torch.randn(4, 8, 300, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ops, fused = (QuantizedKV(lay, 4, 8, 320, 128, torch.bfloat16, "cuda") for _ in range(2))
+    for s in (ops, fused):
+        s.append(k[:, :, :250], v[:, :, :250], torch.tensor(0, device="cuda"))
+    for t in range(250, 300):
+        monkeypatch.setenv("ATTNOPT_IMPL", "reference")  # the torch ops
+        ops.append(k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor(t, device="cuda"))
+        monkeypatch.delenv("ATTNOPT_IMPL")  # one token on CUDA: the fused kernel
+        fused.append(k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor(t, device="cuda"))
+    for name in PLANES:
+        n = 300 if name not in ("k_scale", "k_zero") else 300 // 64 + 1
+        assert torch.equal(getattr(ops, name)[:, :, :n], getattr(fused, name)[:, :, :n]), name

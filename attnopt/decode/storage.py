@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import switches
 from .kv_quant import SCALE_DTYPE, KVLayout, quantize_k, quantize_v
 
 PLANES = ("k_codes", "k_low", "k_scale", "k_zero", "v_codes", "v_low", "v_scale", "v_zero", "ring_k", "ring_v")
@@ -59,9 +60,15 @@ class QuantizedKV:
             x.zero_()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
-        """Write k, v [B, H, n, D] at token slots start .. start+n-1 (`start` a 0-dim int tensor)."""
+        """Write k, v [B, H, n, D] at token slots start .. start+n-1 (`start` a 0-dim int tensor).
+        One token, eager, where the ops launch Triton kernels: one fused kernel does it all
+        (codegen/decode/append.py); compiled, Inductor fuses the ops below."""
         lay = self.layout
         n, g, r = k.shape[2], lay.group, lay.residual
+        if n == 1 and not torch.compiler.is_compiling() and switches.use_triton(k, "auto", "auto"):
+            from ..codegen.decode.append import append_one_triton
+
+            return append_one_triton(self, k, v, start)
         dev = k.device
         groups = (n - 1) // g + 2  # every group tokens start..start+n-1 touch, and at most one more
         first = start // g * g
