@@ -16,8 +16,8 @@ format against torch SDPA on the bf16 cache of the same length, its rel-L1 again
 bytes against bf16's, and tokens/s of the attention of a 32-layer model (batch / (32 x step time)).
 Then whole-model decode steps (a 4-layer Llama-3-8B-shaped model, random weights; eager, or
 --compile) with transformers' bf16 StaticCache + SDPA against AttnoptCache + attnopt's attention:
-tokens/s. (Eager, each step's cache write is a few dozen small ops per layer; compiled, Inductor
-fuses them, as in generate() on CUDA, which compiles decode steps of static caches itself.)
+tokens/s. (Eager, each step's cache write is one fused Triton kernel per layer; compiled, Inductor
+fuses the torch ops, as in generate() on CUDA, which compiles decode steps of static caches itself.)
 --quick: what fits gpu_session.sh's decode step. The JSON is written after every row.
 """
 
