@@ -16,6 +16,7 @@ from .ops import sparse_train as _sparse_train_op  # noqa: E402,F401  (trainable
 from .ops import linear as _linear_op  # noqa: E402,F401
 from .ops import linear_train as _linear_train_op  # noqa: E402,F401
 from .ops import norm_train as _norm_train_op  # noqa: E402,F401
+from .decode import op as _kv_decode_op  # noqa: E402,F401  (torch.ops.attnopt.kv_decode)
 from .ops.attention import attention  # noqa: E402
 from .compiler import AttnoptBackend, backend  # noqa: E402
 from .inspection.run import inspect  # noqa: E402

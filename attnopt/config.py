@@ -6,7 +6,8 @@ read by attribute: `opts.attention.quant`, `opts.attention.sparsity.method`, `op
 
 - `Options`: the top level (`attention`, `linear`, `arch`, `on_cpu`, `plan`);
 - `AttentionOptions` (`attention.*`), whose `sparsity` is None or a `SparsityOptions`: one class
-  per sparse method (`SpargeOptions`, ... listed in `SPARSITY_METHODS`), each with its `method`;
+  per sparse method (`SpargeOptions`, ... listed in `SPARSITY_METHODS`), each with its `method`,
+  and whose `kv_cache` is None or a `KvCacheOptions` (read by AttnoptCache, not by the passes);
 - `LinearOptions` (`linear.*`), whose `smooth` is None or a `SmoothOptions`;
 - `PlanOptions`: a validated calibration plan, read-only (plan.py holds the `Plan` class that
   calibrate returns and that loads and saves plan files).
@@ -495,6 +496,34 @@ def _smooth(path, v):
     return SmoothOptions.from_dict(v)
 
 
+@dataclass(frozen=True)
+class KvCacheOptions(_Table):
+    """`attention.kv_cache`: the quantized KV cache for generation (integrations.transformers.AttnoptCache)."""
+
+    _path: ClassVar[str] = "attention.kv_cache"
+    quant: str = option("int8", _choice("int8", "int4", "int4+int8"), "'int8' | 'int4' | 'int4+int8'",
+                        "K / V code width ('int4+int8': 8-bit codes stored as two nibble planes, a draft reads "
+                        "the upper one only)")
+    group: int = option(64, _choice(32, 64, 128), "32 | 64 | 128",
+                        "tokens per K scale (per channel), channels per V scale (per token)")
+    residual: int = option(128, _number(32, math.inf, integer=True), "integer multiple of group",
+                           "most recent tokens kept in 16 bits")
+
+    def _finish(self, values: dict) -> dict:
+        if values["residual"] % values["group"]:
+            raise ConfigError("attention.kv_cache.residual", values["residual"],
+                              f"an integer multiple of group ({values['group']})")
+        return values
+
+
+def _kv_cache(path, v):
+    if v is None or isinstance(v, KvCacheOptions):
+        return v
+    if not isinstance(v, Mapping):
+        raise ConfigError(path, v, "null or {'quant': 'int8' | 'int4' | 'int4+int8', 'group': ..., 'residual': ...}")
+    return KvCacheOptions.from_dict(v)
+
+
 @dataclass(frozen=True, eq=False)
 class PlanOptions:
     """A validated calibration plan as the passes read it. `sites`: site key -> its entry,
@@ -634,6 +663,9 @@ class AttentionOptions(_Table):
                               "sites whose key length is shorter stay as they were")
     decode: bool = option(False, _bool, "true | false", "also rewrite sites with one query token (decode)")
     allow_fp32: bool = option(False, _bool, "true | false", "also rewrite fp32 sites (P.V then runs in bf16)")
+    kv_cache: KvCacheOptions | None = option(
+        None, _kv_cache, "null or {'quant': 'int8' | 'int4' | 'int4+int8', 'group': ..., 'residual': ...}",
+        "quantized KV cache for generation: AttnoptCache.from_options (README 'Generation')")
     backward: str = option("int8", _choice("int8", "exact", "off"), "'int8' | 'exact' | 'off'",
                            "in graphs that need grad: 'int8' runs the backward's matmuls in INT8 except "
                            "dO.V^T (SageBwd), 'exact' a 16-bit backward from the saved log-sum-exp "
@@ -735,9 +767,10 @@ def _leaf_paths() -> list[str]:
 
 def _suggest(key: str, known, path: str = "") -> str:
     """Closest sibling key, and any full path elsewhere whose last part is (or is close to) `key`."""
-    siblings = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
     elsewhere = [p for p in _leaf_paths() if p != path and p not in known]
     exact = [p for p in elsewhere if p.rsplit(".", 1)[-1] == key]
+    # a key that exists elsewhere was most likely put at the wrong level: only a close sibling competes
+    siblings = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75 if exact else 0.5)
     close = [] if siblings or exact else [
         p for p in elsewhere if difflib.get_close_matches(key, [p.rsplit(".", 1)[-1]], cutoff=0.8)]
     names = list(dict.fromkeys(exact + siblings + close))[:3]

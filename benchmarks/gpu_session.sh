@@ -19,7 +19,10 @@
 #              rows of linear_<arch>.json: never timed on a GPU yet)
 #   training   attention forward+backward against SDPA / FlexAttention, then a training step of a
 #              small Qwen3 under attnopt against bf16 eager and Inductor (training_gpu.py)
-# Each step has its own limit in seconds (TESTS_S, ATTN_S, BUDGET_S, SPARSE_S, LINEAR_S, TRAIN_S), cut to
+#   decode     decode attention on the quantized KV cache (int8 / int4 / int4+int8) against SDPA on
+#              the bf16 cache at batch 1/8/32, 4K-32K tokens, then whole-model decode tokens/s with
+#              AttnoptCache against transformers' bf16 StaticCache (decode.py)
+# Each step has its own limit in seconds (TESTS_S, ATTN_S, BUDGET_S, SPARSE_S, LINEAR_S, TRAIN_S, DECODE_S), cut to
 # what is left of TOTAL_S (the whole session, default 525); the benchmarks get it as --time-limit
 # and stop starting new configurations in time. A failing or missing step does not stop the next.
 # Everything goes to $OUT (the device tool's return folder; benchmarks/results/gpu elsewhere):
@@ -29,9 +32,10 @@
 set -u
 cd "$(dirname "$0")/.."
 
-ALL_STEPS="tests attention budget sparse linear training"
-declare -A LIMIT=([tests]=${TESTS_S:-200} [attention]=${ATTN_S:-120} [budget]=${BUDGET_S:-40}
-                  [sparse]=${SPARSE_S:-45} [linear]=${LINEAR_S:-45} [training]=${TRAIN_S:-60})
+ALL_STEPS="tests attention budget sparse linear training decode"
+declare -A LIMIT=([tests]=${TESTS_S:-185} [attention]=${ATTN_S:-120} [budget]=${BUDGET_S:-35}
+                  [sparse]=${SPARSE_S:-40} [linear]=${LINEAR_S:-40} [training]=${TRAIN_S:-45}
+                  [decode]=${DECODE_S:-45})
 TOTAL_S=${TOTAL_S:-525}
 RESERVE_S=15  # what the end (summary, JSON) needs, and timeout's --kill-after
 
@@ -64,6 +68,7 @@ command_for() {  # command_for STEP LIMIT: the step's command line
         sparse) echo python3 benchmarks/sparse.py --quick --time-limit "$limit" --out-dir "$RUN" ;;
         linear) echo python3 benchmarks/linear.py --quick --time-limit "$limit" --out-dir "$RUN" ;;
         training) echo python3 benchmarks/training_gpu.py --quick --time-limit "$limit" --out-dir "$RUN" ;;
+        decode) echo python3 benchmarks/decode.py --quick --time-limit "$limit" --out-dir "$RUN" ;;
     esac
 }
 

@@ -197,7 +197,7 @@ def test_to_json_format_is_unchanged():
     """to_json() is hashed into the cache keys: its format stays what it was (sorted keys, compact)."""
     assert normalize_options(None).to_json() == (
         '{"arch":"auto","attention":{"allow_fp32":false,"backward":"int8","decode":false,"enabled":true,"exclude":[],"include":["*"],'
-        '"min_seq_len":128,"pv":"auto","quant":"int8","schedule":[],"smooth_k":true,"smooth_q":false,"sparsity":null},'
+        '"kv_cache":null,"min_seq_len":128,"pv":"auto","quant":"int8","schedule":[],"smooth_k":true,"smooth_q":false,"sparsity":null},'
         '"linear":{"exclude":["lm_head","*.lm_head"],"include":["*"],"min_m":17,"quant":"none","smooth":null,'
         '"training":"off"},'
         '"on_cpu":"emulate","plan":null}')

@@ -49,6 +49,8 @@ def test_llm_generate():
     assert "generated 3 tokens" in out
     # prefill quantized: a real but bounded difference; decode (dense) reads a cache the prefill filled
     assert 0 < s["prefill"] <= BOUND and s["decode"] <= BOUND, s
+    # generate() with the INT8 KV cache (prefill also attnopt's) against the 16-bit StaticCache
+    assert 0 < s["quantized cache"] <= BOUND, s
 
 
 def test_vit_classifier():

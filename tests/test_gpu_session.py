@@ -14,7 +14,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
-DEFAULT_ORDER = ["tests", "attention", "budget", "sparse", "linear", "training"]
+DEFAULT_ORDER = ["tests", "attention", "budget", "sparse", "linear", "training", "decode"]
 
 
 def _plan(**env) -> subprocess.CompletedProcess:
@@ -44,6 +44,7 @@ def test_default_plan_runs_every_step_in_priority_order():
     for name in ("attention", "sparse", "linear"):
         assert f"benchmarks/{name}.py --quick" in steps[name][1] and "--time-limit" in steps[name][1]
     assert "benchmarks/training_gpu.py --quick" in steps["training"][1] and "--time-limit" in steps["training"][1]
+    assert "benchmarks/decode.py --quick" in steps["decode"][1] and "--time-limit" in steps["decode"][1]
 
 
 def test_steps_are_selectable_with_their_own_seconds():
@@ -60,7 +61,7 @@ def test_steps_are_selectable_with_their_own_seconds():
 def test_unknown_step_or_bad_seconds_are_refused():
     r = _plan(STEPS="tests,atention")
     assert r.returncode == 2 and r.stdout == ""
-    assert "unknown step 'atention'" in r.stderr and "tests, attention, budget, sparse, linear, training" in r.stderr
+    assert "unknown step 'atention'" in r.stderr and "tests, attention, budget, sparse, linear, training, decode" in r.stderr
     r = _plan(STEPS="sparse", SPARSE_S="1m")
     assert r.returncode == 2 and "seconds for sparse must be a positive integer, got '1m'" in r.stderr
 
@@ -73,7 +74,7 @@ def _benchmark(name: str):
     return module
 
 
-@pytest.mark.parametrize("name", ["attention", "sparse", "linear", "training_gpu"])
+@pytest.mark.parametrize("name", ["attention", "sparse", "linear", "training_gpu", "decode"])
 def test_benchmark_parses_its_arguments_and_needs_cuda(name, monkeypatch, capsys):
     bench = _benchmark(name)
     args = bench.parse_args(["--quick", "--time-limit", "60", "--out-dir", "x"])
@@ -84,6 +85,8 @@ def test_benchmark_parses_its_arguments_and_needs_cuda(name, monkeypatch, capsys
         assert args.seqs == [16384] and 0.5 in args.sparsities
     if name == "training_gpu":
         assert args.seqs == [2048, 8192] and args.backward == "int8"
+    if name == "decode":
+        assert args.batches == [1, 8, 32] and args.contexts == [4096, 16384, 32768] and not args.accuracy
     with pytest.raises(SystemExit) as e:
         bench.parse_args(["--help"])
     assert e.value.code == 0 and "--time-limit" in capsys.readouterr().out

@@ -1,0 +1,1 @@
+"""Triton split-KV decode attention over the quantized KV cache (attnopt.decode)."""
