@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..config import ConfigError
 from ..schedule import site_entries
 from .attention_match import AttentionSite
 from .attention_rewrite import Reject, SiteParams, decide
@@ -82,7 +83,7 @@ def scheduled(site: AttentionSite, opts, spec, key: str, grad=None) -> Scheduled
     for where, entry in matching:
         try:
             p = decide(site, opts, spec, False, key, grad, use=entry["use"], plain_ok=True)
-        except Reject as e:
+        except (Reject, ConfigError) as e:  # ConfigError: a plan entry's use the section's options refuse
             raise Reject(f"{where} (steps {entry['steps']}, use {entry['use']}): {e}") from None
         v = ids.setdefault(_same(p), len(params))
         if v == len(params):
