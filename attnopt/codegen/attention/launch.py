@@ -100,10 +100,10 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     and `counts` (ops/sparse_ref.block_mask_to_lut) only the kept kv-blocks are visited;
     `pv_threshold` [Hq] (log2 units) turns on the second stage. `softcap` > 0 soft-caps the
     logits (attention_ref's semantics; K smoothing's row shift is added back before the cap).
-    `gate` (int32, one element on the device): the attention kernel's programs exit at once unless
-    it holds `gate_id` (a scheduled site's inactive variant; `out` is then left unwritten). The
-    statistics and quantize launches still run. A gated call takes the arch table's default tile:
-    the autotuner would time programs that exited at once."""
+    `gate` (int32, one element on the device): the programs of all three launches exit at once
+    unless it holds `gate_id` (a scheduled site's inactive variant; `out` is then left unwritten).
+    A gated call takes the arch table's default tile: the autotuner would time programs that
+    exited at once."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     if out is None:
@@ -125,9 +125,9 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     row_dot = quant != "none" and smooth_k and (bool(softcap) or return_lse)
     # launch 1: K's mean, V's mean / scale, the non-finite key rows; launch 2: Q, K, V quantized
     v_qmax = V_ACC16_MAX if acc16 else {"fp8": FP8_MAX, "fp4": P_SCALE}.get(pv)
-    kmean, vmean, vscale, bad_kv = kv_stats(k, v, quant != "none" and smooth_k, finite_fill, v_qmax)
+    kmean, vmean, vscale, bad_kv = kv_stats(k, v, quant != "none" and smooth_k, finite_fill, v_qmax, gate, gate_id)
     ops = quantize_qkv(q, k, v, kmean, vmean, vscale, scale, quant, pv, smooth_k, smooth_q, row_dot,
-                       block_d, block_dv)
+                       block_d, block_dv, gate, gate_id)
     qbuf, kbuf, vbuf = ops.q, ops.k, ops.v
     qs = ops.qs if ops.qs is not None else out
     ks = ops.ks if ops.ks is not None else out
