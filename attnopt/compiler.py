@@ -81,7 +81,7 @@ class AttnoptBackend:
             graph = run_attention(self.ctx, gm, example_inputs)
             devices = step_devices(graph.graph)
             if devices:  # scheduled sites read the step tensors, passed after Dynamo's inputs
-                example_inputs = [*example_inputs, *(step_tensor(d) for d in devices)]
+                example_inputs = [*example_inputs, *_step_examples(devices)]
             fn = self._compile_fx(graph, example_inputs, patches)
             if devices:
                 fn = StepInputs(fn, devices)
@@ -137,6 +137,19 @@ class AttnoptBackend:
 
     def __repr__(self) -> str:
         return f"AttnoptBackend({self.options.to_json()}, mode={self.mode!r})"
+
+
+def _step_examples(devices) -> list[torch.Tensor]:
+    """The step tensors as compile_fx's example inputs. Under Dynamo, as fake tensors of its fake
+    mode with static shapes: AOTAutograd takes such a tensor as it is, where a real tensor it has
+    no symbolic context for would get a symbolic size (a [s0] input, guarded s0 >= 2)."""
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    fake_mode = ctx.fake_mode if ctx is not None else None
+    if fake_mode is None:
+        return [step_tensor(d) for d in devices]
+    return [fake_mode.from_tensor(step_tensor(d), static_shapes=True) for d in devices]
 
 
 class StepInputs:
