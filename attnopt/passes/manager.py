@@ -220,11 +220,9 @@ class AttentionPass:
                 if sched:
                     rec.details["schedule"] = {"variants": sched.describe(), "entries": sched.entries}
                     rec.kernel = " | ".join(f"v{v}: {p.kernel}" for v, p in enumerate(sched.params))
-                    if any(p.sparsity for p in sched.params):
-                        rec.op = "attnopt::attention + attnopt::sparse_attention (scheduled)" if not all(
-                            p.sparsity for p in sched.params) else "attnopt::sparse_attention (scheduled)"
-                    else:
-                        rec.op = "attnopt::attention (scheduled)"
+                    ops = sorted({"attnopt::sparse_attention" if p.sparsity else "attnopt::attention"
+                                  for p in sched.params})
+                    rec.op = " + ".join(ops) + " (scheduled)"
                 if params.backward:
                     rec.details["backward"] = params.backward
                 q4, k4 = op.args[0].meta["val"], op.args[1].meta["val"]
