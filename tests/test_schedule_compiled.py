@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 import attnopt
 from attnopt import schedule as S
+from attnopt.codegen.arch import ARCHS, resolve_pv
 from attnopt.config import normalize_options
 
 from helpers import randn
@@ -58,7 +59,8 @@ def _backend(opts, inline="never"):
 
 def _direct(x, k, v, a, impl="auto"):
     """What a site computes under attention options `a`, the op called eagerly."""
-    args = (x, k, v, None, None, -math.inf, False, 0, x.shape[-1] ** -0.5, a.quant, a.pv, a.smooth_k)
+    pv = resolve_pv(a.pv, a.quant, ARCHS["cpu"])
+    args = (x, k, v, None, None, -math.inf, False, 0, x.shape[-1] ** -0.5, a.quant, pv, a.smooth_k)
     if a.sparsity is not None:
         sp = json.dumps(a.sparsity.to_dict(), sort_keys=True)
         return torch.ops.attnopt.sparse_attention(*args, "cpu", impl, sp)
@@ -199,6 +201,25 @@ def test_unscheduled_sites_take_no_step_input(monkeypatch):
     assert made == [[torch.device("cpu")]]  # one step input for the graph, both sites reading it
 
 
+def test_sixteen_bit_section_quantized_in_the_middle_steps():
+    """quant 'none' and no sparsity is a variant like any other (attnopt's 16-bit kernel) when
+    another variant changes something; a site whose every variant is 16-bit dense stays as it was."""
+    torch._dynamo.reset()
+    mid = [{"steps": [0.25, 0.75], "include": ["blocks.1.*"], "use": {"quant": "int8"}}]
+    be = _backend({"attention": {"min_seq_len": 0, "quant": "none", "schedule": mid}})
+    q, k, v = (randn(1, 2, 128, 32) for _ in range(3))
+    f = torch.compile(TinyDiT(), backend=be)
+    a = normalize_options(be.options).attention
+    with torch.no_grad():
+        for i, quant in ((0, "none"), (1, "int8"), (3, "none")):
+            with attnopt.step(i, 4):
+                out = f(q, k, v)
+            assert torch.equal(out[1], _direct(q * 2, k, v, S.apply_use(a, {"quant": quant}))), i
+    rec = {r.module: r for r in be.recorder.sites()}
+    assert rec["blocks.0.attn"].status == "skipped" and "nothing to change" in rec["blocks.0.attn"].reason
+    assert rec["blocks.1.attn"].status == "rewritten"
+
+
 def test_graph_that_needs_grad_uses_the_section_options():
     torch._dynamo.reset()
     be = _backend({"attention": {**SECTION, "sparsity": None, "schedule": SCHEDULE}})
@@ -231,10 +252,11 @@ def test_reduce_overhead_replays_read_the_current_step():
 
 
 def _direct_cuda(x, k, v, a):
-    args = (x, k, v, None, None, -math.inf, False, 0, x.shape[-1] ** -0.5, a.quant, a.pv, a.smooth_k)
     from attnopt.codegen.arch import detect_arch
 
     arch = detect_arch(x.device)
+    pv = resolve_pv(a.pv, a.quant, ARCHS[arch])
+    args = (x, k, v, None, None, -math.inf, False, 0, x.shape[-1] ** -0.5, a.quant, pv, a.smooth_k)
     if a.sparsity is not None:
         return torch.ops.attnopt.sparse_attention(*args, arch, "auto", json.dumps(a.sparsity.to_dict(),
                                                                                   sort_keys=True))
