@@ -330,3 +330,13 @@ def test_gated_kernels_inline_into_the_graph_a_gpu_compiles(tmp_path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["attnopt_ops"] == []  # nothing left as an extern call
     assert got["kernels"].count("_attn_fwd") == got["gated"] == 4 + 3  # every variant of both sites, gated
+
+
+def test_a_plan_file_keeps_its_site_schedules(tmp_path):
+    from attnopt.plan import Plan
+
+    entry = {"kind": "attention", "quant": "fp8", "schedule": [{"steps": [0, 5], "use": {"quant": "int8"}}]}
+    Plan.from_dict({"schema_version": 1, "sites": {"blocks.0.attn#0": entry}}).save(tmp_path / "plan.json")
+    opts = normalize_options({"plan": str(tmp_path / "plan.json")})
+    assert opts.plan.site("blocks.0.attn#0")["schedule"] == [
+        {"steps": [0, 5], "include": ["*"], "use": {"quant": "int8"}}]
