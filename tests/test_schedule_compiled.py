@@ -340,3 +340,15 @@ def test_a_plan_file_keeps_its_site_schedules(tmp_path):
     opts = normalize_options({"plan": str(tmp_path / "plan.json")})
     assert opts.plan.site("blocks.0.attn#0")["schedule"] == [
         {"steps": [0, 5], "include": ["*"], "use": {"quant": "int8"}}]
+
+
+def test_inspect_lists_the_variants_it_does_not_measure():
+    """attnopt.inspect measures the section's options (its probes take no step) and says so; the
+    report still lists each site's variants."""
+    torch._dynamo.reset()
+    x = randn(1, 2, 128, 32)
+    report = attnopt.inspect(TinyDiT(), x, x, x, options={"attention": {**SECTION, "schedule": SCHEDULE}})
+    rec = {r.module: r for r in report.sites}
+    sched = rec["blocks.0.attn"].details["schedule"]
+    assert sched["applied"] is False and [v["quant"] for v in sched["variants"]] == ["int8", "none", "int8", "fp8"]
+    assert "attention.schedule not applied in attnopt.inspect's measuring probes" in rec["blocks.0.attn"].reason

@@ -165,14 +165,24 @@ class AttentionPass:
         self.step_inputs = step_inputs  # the backend feeds step tensors (scheduled sites may add inputs)
 
     def _schedule(self, site, key: str, spec: ArchSpec, probe: str | None) -> tuple[ScheduledSite | None, str | None]:
-        """(the site's schedule variants or None, why its schedule entries are not applied or None)."""
+        """(the site's schedule variants or None, why they are not applied here or None). Under
+        inspect's probes the variants are still decided, for the report, but not built."""
         if not site_schedule(self.ctx.options, key, site.module):
             return None, None
         why = ("a graph that needs grad" if self.training else "attnopt.inspect's measuring probes" if probe
                else "the joint-graph fallback (no step input)" if not self.step_inputs else None)
-        if why:
-            return None, f"attention.schedule not applied in {why}: the section's options at every step"
-        return scheduled(site, self.ctx.options, spec, key, self.grad), None
+        if not why:
+            return scheduled(site, self.ctx.options, spec, key, self.grad), None
+        note = f"attention.schedule not applied in {why}: the section's options at every step"
+        sched = None
+        if probe and not self.training:  # inspect: the report still lists the variants a compile would run
+            try:
+                sched = scheduled(site, self.ctx.options, spec, key, self.grad)
+            except Reject as e:
+                return None, note + f" (compiled, the site would be left as it was: {e})"
+            if sched is None:  # its entries change nothing here
+                return None, None
+        return sched, note
 
     def __call__(self, graph: fx.Graph) -> bool:
         t0 = time.perf_counter()
@@ -200,8 +210,9 @@ class AttentionPass:
                     raise Reject(f"internal error while rewriting (left as it was): {ctx.internal_errors[key]}")
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
                 sched, why_not = self._schedule(site, key, spec, probe)
-                params = sched.params[0] if sched else decide(site, ctx.options, spec, self.training, key, self.grad)
-                if sched:
+                applied = sched is not None and why_not is None
+                params = sched.params[0] if applied else decide(site, ctx.options, spec, self.training, key, self.grad)
+                if applied:
                     op = rewrite(graph, site, params, tag=key, variants=sched.params,
                                  gate=lambda b, s=sched, d=site.q.traced.src.meta["val"].device:
                                  variant_index(b, step_input(graph, d), s.ranges))
@@ -217,8 +228,10 @@ class AttentionPass:
                     rec.reason = params.note
                 if why_not:
                     rec.reason = (rec.reason + "; " if rec.reason else "") + why_not
-                if sched:
-                    rec.details["schedule"] = {"variants": sched.describe(), "entries": sched.entries}
+                if sched:  # also when not applied here (inspect's probes): the variants a compile would run
+                    rec.details["schedule"] = {"variants": sched.describe(), "entries": sched.entries,
+                                               "applied": applied}
+                if applied:
                     rec.kernel = " | ".join(f"v{v}: {p.kernel}" for v, p in enumerate(sched.params))
                     ops = sorted({"attnopt::sparse_attention" if p.sparsity else "attnopt::attention"
                                   for p in sched.params})
