@@ -23,7 +23,9 @@ from .passes.graph_utils import copy_graph
 from .passes.linear_rewrite import BAKED_META_KEY
 from .passes.manager import (JointGraphFallback, PassContext, SiteInternalError, config_patches, needs_linear_pass,
                              run_attention, run_linear)
+from .passes.schedule_rewrite import step_devices
 from .report import Recorder
+from .schedule import step_tensor
 
 # keys torch.compile may leave in `options` that belong to torch, not to attnopt
 _TORCH_KEYS = ("guard_filter_fn", "use_aoti")
@@ -77,7 +79,12 @@ class AttnoptBackend:
             run_linear(self.ctx, gm, example_inputs)
             baked = gm.meta.pop(BAKED_META_KEY, None)
             graph = run_attention(self.ctx, gm, example_inputs)
+            devices = step_devices(graph.graph)
+            if devices:  # scheduled sites read the step tensors, passed after Dynamo's inputs
+                example_inputs = [*example_inputs, *_step_examples(devices)]
             fn = self._compile_fx(graph, example_inputs, patches)
+            if devices:
+                fn = StepInputs(fn, devices)
             if not baked:
                 return fn
             return FreshWeights(self, fn, baked, pristine)
@@ -130,6 +137,41 @@ class AttnoptBackend:
 
     def __repr__(self) -> str:
         return f"AttnoptBackend({self.options.to_json()}, mode={self.mode!r})"
+
+
+def _step_examples(devices) -> list[torch.Tensor]:
+    """The step tensors as compile_fx's example inputs. Under Dynamo, as fake tensors of its fake
+    mode with static shapes: AOTAutograd takes such a tensor as it is, where a real tensor it has
+    no symbolic context for would get a symbolic size (a [s0] input, guarded s0 >= 2)."""
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    fake_mode = ctx.fake_mode if ctx is not None else None
+    if fake_mode is None:
+        return [step_tensor(d) for d in devices]
+    return [fake_mode.from_tensor(step_tensor(d), static_shapes=True) for d in devices]
+
+
+class StepInputs:
+    """The compiled graph of a model with scheduled attention sites: each call passes, after
+    Dynamo's arguments, the step tensor of each device the graph's scheduled sites run on.
+
+    The backend passes them, not Dynamo: Dynamo never sees the tensors, so it installs no guard on
+    them and a new step never recompiles. They are the same tensors for the life of the process,
+    written in place by `attnopt.step`. Under mode="reduce-overhead", Inductor's CUDA graph trees
+    treat them as ordinary (non-static) inputs: they are not parameters or buffers Dynamo lifted
+    nor marked static, so `CUDAGraphNode.run` copies them into the graph's input buffers before
+    every replay (checked in torch/_inductor/cudagraph_trees.py, torch 2.13:
+    `_copy_inputs_and_remove_from_src` for indices not in `static_input_idxs`); the replay then
+    reads the current step. Had Inductor treated them as static, their address would be fixed and
+    the in-place write would still reach the replay."""
+
+    def __init__(self, fn, devices):
+        self.fn, self.devices = fn, list(devices)
+        self.tensors = tuple(step_tensor(d) for d in self.devices)
+
+    def __call__(self, *args):
+        return self.fn(*args, *self.tensors)
 
 
 def _site_failure(e: BaseException) -> SiteInternalError | None:

@@ -928,10 +928,12 @@ def _validate_attention_site(path: str, entry: Mapping) -> dict:
             if val not in PV_FORMATS:
                 raise ConfigError(p, val, " | ".join(repr(f) for f in PV_FORMATS))
             out[key] = val
+        elif key == "schedule":  # this site's own entries, tried before attention.schedule's
+            out[key] = _schedule(p, val)
         elif key in ("error", "stats"):
             out[key] = val  # informational, written by calibrate
         else:
-            raise ConfigError(p, val, "one of kind, sparsity, dense, original, quant, pv, error, stats")
+            raise ConfigError(p, val, "one of kind, sparsity, dense, original, quant, pv, schedule, error, stats")
     return out
 
 

@@ -14,8 +14,9 @@ from attnopt.ops.schema import ATTENTION_ARGS
 SHARED = [a.split()[-1] for a in ATTENTION_ARGS.split(", ")]
 OPS = {
     # op: (module, the op's Python name, its body's function name, the op's own arguments)
-    "attention": (A, "attention_op", "_attention_body", ["smooth_q", "arch", "impl", "softcap"]),
-    "sparse_attention": (S, "sparse_attention_op", "_sparse_attention_body", ["arch", "impl", "sparsity", "softcap"]),
+    "attention": (A, "attention_op", "_attention_body", ["smooth_q", "arch", "impl", "softcap", "gate", "gate_id"]),
+    "sparse_attention": (S, "sparse_attention_op", "_sparse_attention_body",
+                         ["arch", "impl", "sparsity", "softcap", "gate", "gate_id"]),
     "attention_probe": (P, "attention_probe", "attention_probe",
                         ["smooth_q", "arch", "impl", "sparsity", "probe_key", "softcap"]),
 }
@@ -28,13 +29,15 @@ def test_op_schema_is_the_shared_prefix_then_its_own(name):
     names = [a.name for a in schema.arguments]
     assert names == SHARED + own
     assert str(schema).startswith(f"attnopt::{name}({ATTENTION_ARGS}, ")
-    assert [a.default_value for a in schema.arguments if a.has_default_value()] == [0.0]  # softcap=0.
-    # the Python body and the fake take exactly the schema's arguments, softcap defaulting to 0
+    # softcap=0., and on the scheduled ops gate=None, gate_id=0 (ops/schema.py GATE_ARGS)
+    defaults = [0.0, None, 0] if "gate" in own else [0.0]
+    assert [a.default_value for a in schema.arguments if a.has_default_value()] == defaults
+    # the Python body and the fake take exactly the schema's arguments, with the same defaults
     defs = _defs(module, py_name, body)
     assert len(defs) == 2, [d.name for d in defs]  # the body, then its register_fake
     for d in defs:
         assert [a.arg for a in d.args.args] == names, d.name
-        assert len(d.args.defaults) == 1 and ast.literal_eval(d.args.defaults[0]) == 0.0, d.name
+        assert [ast.literal_eval(x) for x in d.args.defaults] == defaults, d.name
 
 
 def _defs(module, op_name, body):

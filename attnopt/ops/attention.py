@@ -18,7 +18,7 @@ from . import aot_inline
 from ..codegen.arch import ARCHS, resolve_pv
 from .attention_ref import attention_reference
 from .checks import check_attention_operands
-from .schema import attention_schema
+from .schema import GATE_ARGS, attention_schema, gate_closed
 
 IMPLS = switches.IMPLS
 
@@ -40,18 +40,26 @@ def _attention_body(
     arch: str,
     impl: str,
     softcap: float = 0.0,
+    gate: Optional[torch.Tensor] = None,
+    gate_id: int = 0,
 ) -> torch.Tensor:
     """q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> out [B, Hq, Nq, Dv] (q's dtype).
 
     `pv` must already be resolved ('fp16' | 'fp8' | 'fp4' | 'fp8_acc16'); `arch` is a name from codegen.arch.
     `softcap` > 0: logits soft-capped to softcap * tanh(scale * q.k / softcap) before masks (0: off).
+    `gate` (int32, one element; a scheduled site's variant index, passes/schedule_rewrite.py): the
+    attention runs only when it holds `gate_id`; otherwise the result is left unwritten (the graph
+    selects another variant's output with torch.where).
     """
     check_attention_operands("attnopt::attention", q, k, v, attn_bias, keep_mask)
     if switches.use_triton(q, arch, impl):
         from ..codegen.attention.launch import attention_triton
 
         return attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset,
-                                scale, quant, pv, smooth_k, smooth_q, arch, softcap=softcap)
+                                scale, quant, pv, smooth_k, smooth_q, arch, softcap=softcap, gate=gate,
+                                gate_id=gate_id)
+    if gate_closed(gate, gate_id):
+        return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     # the key tile the kernel's online softmax uses; head dims no kernel runs take one tile
     block_n = ARCHS[arch].default_tile(q.shape[-1], quant, pv).block_n \
         if q.shape[-1] <= max(ARCHS[arch].attn_tiles) else None
@@ -61,13 +69,13 @@ def _attention_body(
 
 attention_op = torch.library.triton_op(
     "attnopt::attention", mutates_args=(),
-    schema=attention_schema("bool smooth_q", "str arch", "str impl", "float softcap=0."))(_attention_body)
+    schema=attention_schema("bool smooth_q", "str arch", "str impl", "float softcap=0.", *GATE_ARGS))(_attention_body)
 aot_inline.install(attention_op, _attention_body)
 
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
-                    smooth_k, smooth_q, arch, impl, softcap=0.0):
+                    smooth_k, smooth_q, arch, impl, softcap=0.0, gate=None, gate_id=0):
     # Shape only: running the body on fake tensors would guard on the sequence length (the
     # reference's block padding) and recompile for every new length under dynamic shapes. The
     # operands are checked as the kernels would, so a wrong rewrite fails here, at compile time.

@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import is_fake
 from . import aot_inline
 from . import sparse_ref as R
 from .checks import check_attention_operands
-from .schema import attention_schema
+from .schema import GATE_ARGS, attention_schema, gate_closed
 from .sparse_cache import built_once
 from .sparse_params import Params, freeze, parse
 from ..switches import use_triton as use_triton_for
@@ -213,13 +213,18 @@ def pv_thresholds(params, hq: int, device) -> torch.Tensor | None:
 
 
 def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv,
-                          smooth_k, arch, impl, params, return_stats: bool = False, softcap: float = 0.0):
+                          smooth_k, arch, impl, params, return_stats: bool = False, softcap: float = 0.0,
+                          gate: torch.Tensor | None = None, gate_id: int = 0):
     params = freeze(params)
     use_triton = use_triton_for(q, arch, impl)
     nq, nk = q.shape[2], k.shape[2]
+    if not use_triton and gate_closed(gate, gate_id):
+        return q.new_empty(q.shape[0], q.shape[1], nq, v.shape[3])
     if params["method"] in PERMUTED_METHODS:
         from . import svg2
 
+        if gate_closed(gate, gate_id):  # an inactive scheduled variant: its clusters are not computed either
+            return q.new_empty(q.shape[0], q.shape[1], nq, v.shape[3])
         out, lay = svg2.svg2_attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, scale, quant, pv,
                                        smooth_k, arch, params, use_triton, svg2.STATE, str(params.get("site", "")),
                                        softcap)
@@ -230,7 +235,8 @@ def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal
         lut, counts = predict_lut(q, k, v, params, scale, is_causal, causal_offset)
         lam = _heads(q, params).get("pv_threshold")
         out = attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
-                               pv, smooth_k, False, arch, lut=lut, counts=counts, pv_threshold=lam, softcap=softcap)
+                               pv, smooth_k, False, arch, lut=lut, counts=counts, pv_threshold=lam, softcap=softcap,
+                               gate=gate, gate_id=gate_id)
         if return_stats:
             return out, {"sparsity": lut_sparsity(counts, nq, nk, is_causal, causal_offset)}
         return out
@@ -263,27 +269,31 @@ def _sparse_attention_body(
     impl: str,
     sparsity: str,
     softcap: float = 0.0,
+    gate: Optional[torch.Tensor] = None,
+    gate_id: int = 0,
 ) -> torch.Tensor:
     """Block-sparse quantized attention; `sparsity` is the JSON of the method and its parameters.
     `softcap` > 0 soft-caps the logits as in `attnopt::attention` (the predictors see raw logits:
-    the cap is monotonic, so the blocks they rank highest stay the highest)."""
+    the cap is monotonic, so the blocks they rank highest stay the highest). `gate` / `gate_id`
+    as in `attnopt::attention` (the predictor still runs; the attention kernel exits)."""
     check_attention_operands("attnopt::sparse_attention", q, k, v, attn_bias, keep_mask)
     params = parse(sparsity)
     if params["method"] in PERMUTED_METHODS and is_fake(q):  # aot_inline then keeps the call, which runs per
         raise RuntimeError(f"sparsity {params['method']!r} keeps per-site state: not traced into a graph")  # call
     return sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
-                                 pv, smooth_k, arch, impl, params, softcap=softcap)
+                                 pv, smooth_k, arch, impl, params, softcap=softcap, gate=gate, gate_id=gate_id)
 
 
 sparse_attention_op = torch.library.triton_op(
     "attnopt::sparse_attention", mutates_args=(),
-    schema=attention_schema("str arch", "str impl", "str sparsity", "float softcap=0."))(_sparse_attention_body)
+    schema=attention_schema("str arch", "str impl", "str sparsity", "float softcap=0.", *GATE_ARGS))(
+        _sparse_attention_body)
 aot_inline.install(sparse_attention_op, _sparse_attention_body)
 
 
 @sparse_attention_op.register_fake
 def _sparse_fake(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant, pv, smooth_k,
-                 arch, impl, sparsity, softcap=0.0):
+                 arch, impl, sparsity, softcap=0.0, gate=None, gate_id=0):
     check_attention_operands("attnopt::sparse_attention", q, k, v, attn_bias, keep_mask)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 

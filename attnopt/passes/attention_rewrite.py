@@ -18,6 +18,7 @@ import torch.fx as fx
 from ..codegen.arch import ArchSpec, resolve_pv
 from ..codegen.attention.describe import describe_attention_kernel
 from ..logs import log
+from ..schedule import apply_use
 from . import on_cpu
 from .attention_match import AttentionSite, FillBias, Operand, QkBias
 from .grad_flow import GradFlow
@@ -72,13 +73,16 @@ def _misfit(sp: dict, heads: int) -> str | None:
     return None
 
 
-def sparsity_for(opts, key: str, heads: int) -> tuple[dict | None, str | None]:
+def sparsity_for(opts, key: str, heads: int, attention=None, entry=None) -> tuple[dict | None, str | None]:
     """(the site's sparse method and parameters, a note or None): its calibrated plan entry, else
     the config's. Parameters that do not fit the site (a plan made for another model, a per-head
     list of another length) fall back, with a note for the report, instead of losing the site:
-    a plan entry to the config's defaults, the config's to dense (quantized) attention."""
-    default = opts.attention.sparsity.to_dict() if opts.attention.sparsity is not None else None
-    entry = opts.plan.site(key) if opts.plan is not None else None
+    a plan entry to the config's defaults, the config's to dense (quantized) attention.
+    `attention` / `entry`: a schedule variant's options and plan entry (default: opts')."""
+    a = attention if attention is not None else opts.attention
+    default = a.sparsity.to_dict() if a.sparsity is not None else None
+    if entry is None:
+        entry = opts.plan.site(key) if opts.plan is not None else None
     note = None
     if entry is not None and entry.get("kind") == "attention":
         if entry.get("dense"):
@@ -97,15 +101,15 @@ def sparsity_for(opts, key: str, heads: int) -> tuple[dict | None, str | None]:
     return dict(default), note
 
 
-def check_selected(a, module: str) -> None:
+def check_selected(a, module: str, plain_ok: bool = False) -> None:
     """Raise Reject unless the attention options `a` select the site at module path `module`
-    and ask for a change there."""
+    and ask for a change there (`plain_ok`: 16-bit dense attention counts as one, see decide)."""
     if not a.enabled:
         raise Reject("attention.enabled is false")
     why = glob_selected(module, list(a.include), list(a.exclude))
     if why:
         raise Reject(why)
-    if a.quant == "none" and a.sparsity is None:
+    if a.quant == "none" and a.sparsity is None and not plain_ok:
         raise Reject("attention.quant is 'none' and no sparsity is configured: nothing to change")
 
 
@@ -129,13 +133,17 @@ def check_operands(a, dtypes: tuple, device_type: str, d: int, dv: int, nq, nk) 
 
 
 def choose_formats(opts, key: str, spec: ArchSpec, heads: int, nq, nk, device_type: str,
-                   causal: bool = False) -> tuple[str, str, dict | None, str | None]:
+                   causal: bool = False, attention=None, use=None,
+                   plain_ok: bool = False) -> tuple[str, str, dict | None, str | None]:
     """(quant, resolved pv, sparsity or None, note or None) for the site `key`: its calibrated
     plan entry over `opts.attention`. Raise Reject where the result would change nothing or the
-    target cannot run it. The compile pass and the diffusers backend both decide here."""
-    a = opts.attention
+    target cannot run it. The compile pass and the diffusers backend both decide here.
+    `attention` / `use` / `plain_ok`: a schedule variant's options, its entry's `use` (which wins
+    over the plan entry for the keys it sets) and whether 16-bit dense attention is an answer."""
+    a = attention if attention is not None else opts.attention
     entry = opts.plan.site(key) if opts.plan is not None else None
     entry = entry if entry is not None and entry.get("kind") == "attention" else {}
+    entry = overridden(entry, use)
     if entry.get("original"):
         raise Reject("the calibrated plan keeps this site as it was (its error budget is spent elsewhere, "
                      "or no rewrite met it)")
@@ -146,7 +154,7 @@ def choose_formats(opts, key: str, spec: ArchSpec, heads: int, nq, nk, device_ty
     why = spec.supports(quant, pv) or on_cpu.skip_reason(device_type, opts)
     if why:
         raise Reject(why)
-    sparsity, note = sparsity_for(opts, key, heads)
+    sparsity, note = sparsity_for(opts, key, heads, a, entry)
     if note:
         log.warning("attnopt: attention site %s: %s", key, note)
     if sparsity is not None and sparsity.get("min_seq_len") and not bool(nk >= sparsity["min_seq_len"]):
@@ -157,7 +165,7 @@ def choose_formats(opts, key: str, spec: ArchSpec, heads: int, nq, nk, device_ty
             sparsity, note = None, (note + "; " if note else "") + "dense: svg2 permutes tokens, no causal form"
         else:
             sparsity = {**sparsity, "site": key}
-    if sparsity is None and quant == "none":
+    if sparsity is None and quant == "none" and not plain_ok:
         raise Reject((note + "; " if note else "plan keeps this site dense and ") + "attention.quant is 'none': "
                      "nothing to change")
     if sparsity is not None and sparsity["method"] == "block":
@@ -182,12 +190,15 @@ JOINT_GRAPH = ("the graph requires grad and reached attnopt after autograd was t
 
 
 def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str = "",
-           grad: GradFlow | None = None) -> SiteParams:
+           grad: GradFlow | None = None, use=None, plain_ok: bool = False) -> SiteParams:
     """Raise Reject(reason) unless the site can be rewritten; return what it will run.
     `training`: the graph will be differentiated; `grad` says which of its values need a
-    gradient (None: autograd is already traced, as in the joint-graph fallback)."""
-    a = opts.attention
-    check_selected(a, site.module)
+    gradient (None: autograd is already traced, as in the joint-graph fallback).
+    `use`: a schedule entry's options, merged over the section's and over the site's plan entry
+    (passes/schedule_rewrite.py). `plain_ok`: 16-bit dense attention (quant 'none', no sparsity)
+    is a valid answer, as one variant of a scheduled site whose other variants change something."""
+    a = opts.attention if use is None else apply_use(opts.attention, use)
+    check_selected(a, site.module, plain_ok)
     if training and grad is None:  # checked before the matcher's reasons: a joint graph's saved tensors trip those
         raise Reject(JOINT_GRAPH)
     if training and a.backward == "off":
@@ -212,7 +223,8 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     check_operands(a, (q.dtype, k.dtype, v.dtype), q.device.type, d, dv, nq, nk)
     heads = static_int(site.heads) if site.heads is not None else static_int(_size(site.q.batch[-1:]))
     quant, pv, sparsity, note = choose_formats(opts, key, spec, heads, nq, nk, q.device.type,
-                                               causal=site.keep.causal_offset is not None)
+                                               causal=site.keep.causal_offset is not None,
+                                               attention=a, use=use, plain_ok=plain_ok)
     backward = None
     if training:
         if site.softcap and not TRAINABLE_SOFTCAP:
@@ -235,6 +247,14 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
         kernel += f" | backward {backward}"
     return SiteParams(quant, pv, a.smooth_k, a.smooth_q and sparsity is None, spec.name, kernel, sparsity,
                       note, backward)
+
+
+def overridden(entry: dict, use) -> dict:
+    """A site's plan entry without what a schedule entry's `use` sets (the schedule wins there)."""
+    if not use:
+        return entry
+    drop = {k for k in ("quant", "pv") if k in use} | ({"sparsity", "dense"} if "sparsity" in use else set())
+    return {k: v for k, v in entry.items() if k not in drop}
 
 
 def _untrainable_sparsity(site: AttentionSite, sparsity: dict) -> str | None:
@@ -425,34 +445,49 @@ def _fill_bias(b: GraphBuilder, fb: FillBias) -> fx.Node:
 
 
 def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key: str | None = None,
-            tag: str | None = None) -> fx.Node:
+            tag: str | None = None, variants: list[SiteParams] | None = None, gate=None) -> fx.Node:
     """Replace the site by the op (or, for inspect, the measuring probe). Returns the op node.
-    New nodes carry `tag` (the site key) in their meta, for the graph view."""
+    New nodes carry `tag` (the site key) in their meta, for the graph view. `variants` (a
+    scheduled site, passes/schedule_rewrite.py): one gated op call per variant, `gate(builder)`
+    building the variant index they read, their outputs combined by torch.where on it."""
     b = GraphBuilder(graph, site.anchor)
     try:
         q4, k4, v4, hq = build_qkv(b, site)
         bias, keep = build_masks(b, site, hq, q4, k4)
         causal = site.keep.causal_offset is not None
         offset = site.keep.causal_offset if causal else 0
-        head = (q4, k4, v4, bias, keep, float(site.fill), causal, int(offset), float(site.scale),
-                params.quant, params.pv, params.smooth_k)
-        sp = json.dumps(params.sparsity, sort_keys=True) if params.sparsity is not None else ""
-        cap = (float(site.softcap),) if site.softcap else ()  # the ops' last argument, 0.0 (off) by default
-        if params.backward is not None and sp:  # a graph that needs grad: the ops with attnopt's own backward
-            op = b.call(torch.ops.attnopt.sparse_attention_train.default, q4, k4, v4, causal, int(offset),
-                        float(site.scale), params.quant, params.pv, params.smooth_k, params.arch, "auto", sp)
-            out = b.call(operator.getitem, op, 0)
-        elif params.backward is not None:
-            op = b.call(torch.ops.attnopt.attention_train.default, *head, params.smooth_q, params.arch, "auto",
-                        float(site.softcap or 0.0), params.backward)
-            out = b.call(operator.getitem, op, 0)
-        elif probe_key is not None:
-            out = b.call(torch.ops.attnopt.attention_probe.default, *head, params.smooth_q, params.arch, "auto", sp,
-                         probe_key, *cap)
-        elif sp:
-            out = b.call(torch.ops.attnopt.sparse_attention.default, *head, params.arch, "auto", sp, *cap)
+
+        def call(params: SiteParams, **gated):
+            head = (q4, k4, v4, bias, keep, float(site.fill), causal, int(offset), float(site.scale),
+                    params.quant, params.pv, params.smooth_k)
+            sp = json.dumps(params.sparsity, sort_keys=True) if params.sparsity is not None else ""
+            cap = (float(site.softcap or 0.0),) if site.softcap or gated else ()  # 0.0 (off) by default
+            if params.backward is not None and sp:  # a graph that needs grad: the ops with attnopt's own backward
+                op = b.call(torch.ops.attnopt.sparse_attention_train.default, q4, k4, v4, causal, int(offset),
+                            float(site.scale), params.quant, params.pv, params.smooth_k, params.arch, "auto", sp)
+                return op, b.call(operator.getitem, op, 0)
+            if params.backward is not None:
+                op = b.call(torch.ops.attnopt.attention_train.default, *head, params.smooth_q, params.arch, "auto",
+                            float(site.softcap or 0.0), params.backward)
+                return op, b.call(operator.getitem, op, 0)
+            if probe_key is not None:
+                out = b.call(torch.ops.attnopt.attention_probe.default, *head, params.smooth_q, params.arch, "auto",
+                             sp, probe_key, *cap)
+            elif sp:
+                out = b.call(torch.ops.attnopt.sparse_attention.default, *head, params.arch, "auto", sp, *cap, **gated)
+            else:
+                out = b.call(torch.ops.attnopt.attention.default, *head, params.smooth_q, params.arch, "auto", *cap,
+                             **gated)
+            return out, out
+
+        if variants:
+            index = gate(b)
+            calls = [call(p, gate=index, gate_id=v) for v, p in enumerate(variants)]
+            op, out = calls[0]
+            for v, (_, other) in enumerate(calls[1:], 1):
+                out = b.call(aten.where.self, b.call(aten.eq.Scalar, index, v), other, out)
         else:
-            out = b.call(torch.ops.attnopt.attention.default, *head, params.smooth_q, params.arch, "auto", *cap)
+            op, out = call(params)
         anchor_shape = shape(site.anchor)
         if len(anchor_shape) == 4:
             final = b.reshape(out, [-1, hq, b.dim(out, 2), b.dim(out, 3)])
@@ -472,7 +507,7 @@ def rewrite(graph: fx.Graph, site: AttentionSite, params: SiteParams, probe_key:
     if tag is not None:
         for n in b.created:
             n.meta["attnopt_site"] = tag
-    return op if params.backward is not None else out
+    return op
 
 
 def _in_anchor_layout(b: GraphBuilder, out: fx.Node, want: torch.Tensor) -> fx.Node:

@@ -28,6 +28,7 @@ from .attention_match import find_attention_sites
 from .graph_snapshot import snapshot
 from ..logs import trace_sites
 from .attention_rewrite import Reject, decide, rewrite, site_flops
+from .schedule_rewrite import ScheduledSite, scheduled, site_schedule, step_input, variant_index
 from .aten_capture import CaptureError, might_hold_attention, needs_autograd, own_backward_region, trace_to_aten
 from .grad_flow import GradFlow
 from .linear_pipeline import run_linear_pass
@@ -156,10 +157,32 @@ class AttentionPass:
 
     name = "attention"
 
-    def __init__(self, ctx: PassContext, training: bool = False, grad: GradFlow | None = None):
+    def __init__(self, ctx: PassContext, training: bool = False, grad: GradFlow | None = None,
+                 step_inputs: bool = False):
         self.ctx = ctx
         self.training = training  # the graph will be differentiated (AOTAutograd's own test)
         self.grad = grad  # which values need a gradient; None in a joint graph (autograd already traced)
+        self.step_inputs = step_inputs  # the backend feeds step tensors (scheduled sites may add inputs)
+
+    def _schedule(self, site, key: str, spec: ArchSpec, probe: str | None) -> tuple[ScheduledSite | None, str | None]:
+        """(the site's schedule variants or None, why they are not applied here or None). Under
+        inspect's probes the variants are still decided, for the report, but not built."""
+        if not site_schedule(self.ctx.options, key, site.module):
+            return None, None
+        why = ("a graph that needs grad" if self.training else "attnopt.inspect's measuring probes" if probe
+               else "the joint-graph fallback (no step input)" if not self.step_inputs else None)
+        if not why:
+            return scheduled(site, self.ctx.options, spec, key, self.grad), None
+        note = f"attention.schedule not applied in {why}: the section's options at every step"
+        sched = None
+        if probe and not self.training:  # inspect: the report still lists the variants a compile would run
+            try:
+                sched = scheduled(site, self.ctx.options, spec, key, self.grad)
+            except Reject as e:
+                return None, note + f" (compiled, the site would be left as it was: {e})"
+            if sched is None:  # its entries change nothing here
+                return None, None
+        return sched, note
 
     def __call__(self, graph: fx.Graph) -> bool:
         t0 = time.perf_counter()
@@ -185,9 +208,16 @@ class AttentionPass:
                 _describe(rec, site)
                 if key in ctx.internal_errors:  # failed in an earlier try: left as it was
                     raise Reject(f"internal error while rewriting (left as it was): {ctx.internal_errors[key]}")
-                params = decide(site, ctx.options, spec, self.training, key, self.grad)
                 probe = f"{ctx.probe_sink}/{key}" if ctx.probe_sink else None
-                op = rewrite(graph, site, params, probe, tag=key)
+                sched, why_not = self._schedule(site, key, spec, probe)
+                applied = sched is not None and why_not is None
+                params = sched.params[0] if applied else decide(site, ctx.options, spec, self.training, key, self.grad)
+                if applied:
+                    op = rewrite(graph, site, params, tag=key, variants=sched.params,
+                                 gate=lambda b, s=sched, d=site.q.traced.src.meta["val"].device:
+                                 variant_index(b, step_input(graph, d), s.ranges))
+                else:
+                    op = rewrite(graph, site, params, probe, tag=key)
                 changed = True
                 rec.status = "rewritten"
                 rec.op = {(True, True): "attnopt::sparse_attention_train", (True, False): "attnopt::attention_train",
@@ -196,6 +226,16 @@ class AttentionPass:
                 rec.kernel = params.kernel
                 if params.note:  # planned / configured sparse parameters set aside here, and why
                     rec.reason = params.note
+                if why_not:
+                    rec.reason = (rec.reason + "; " if rec.reason else "") + why_not
+                if sched:  # also when not applied here (inspect's probes): the variants a compile would run
+                    rec.details["schedule"] = {"variants": sched.describe(), "entries": sched.entries,
+                                               "applied": applied}
+                if applied:
+                    rec.kernel = " | ".join(f"v{v}: {p.kernel}" for v, p in enumerate(sched.params))
+                    ops = sorted({"attnopt::sparse_attention" if p.sparsity else "attnopt::attention"
+                                  for p in sched.params})
+                    rec.op = " + ".join(ops) + " (scheduled)"
                 if params.backward:
                     rec.details["backward"] = params.backward
                 q4, k4 = op.args[0].meta["val"], op.args[1].meta["val"]
@@ -341,7 +381,7 @@ def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> fx.Gr
             ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)
         try:
             grad = GradFlow(aten.graph, example_inputs) if training else None
-            changed = AttentionPass(ctx, training=training, grad=grad)(aten.graph)
+            changed = AttentionPass(ctx, training=training, grad=grad, step_inputs=True)(aten.graph)
         except SiteInternalError:
             ctx.recorder.drop_sites(gi, kind="attention")
             continue

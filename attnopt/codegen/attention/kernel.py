@@ -243,6 +243,7 @@ def _attn_fwd(
     LUT, stride_lutb, stride_luth, stride_lutr,
     CNT, stride_cntb, stride_cnth, stride_cntr,
     LAM,
+    GATE, GATE_ID,
     QKM, stride_qkmb, stride_qkmh, CAP2,
     NB, HQ, HKV, NPAD,
     Nq, Nk, DQK, DV, GROUP, causal_offset, FILL, qk_scale, sm_scale, N_BUCKET,
@@ -252,10 +253,14 @@ def _attn_fwd(
     HAS_LSE: tl.constexpr, USE_TMA: tl.constexpr, SPARSE: tl.constexpr, SPARSE_BQ: tl.constexpr,
     HAS_LAMBDA: tl.constexpr,
     Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, PV_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-    SOFTCAP: tl.constexpr, ROW_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ROW_DOT: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (batch, query head) against all its keys."""
+    """One program: BLOCK_M query rows of one (batch, query head) against all its keys.
+    HAS_GATE: a scheduled site's variant, run only when GATE holds GATE_ID (else exit at once)."""
+    if HAS_GATE:
+        if tl.load(GATE) != GATE_ID:
+            return
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)

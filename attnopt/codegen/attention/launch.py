@@ -93,13 +93,17 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
                      smooth_k, smooth_q, arch, tile: Tile | None = None, out: torch.Tensor | None = None,
                      return_lse: bool = False, use_tma: bool | None = None, lut: torch.Tensor | None = None,
                      counts: torch.Tensor | None = None, pv_threshold: torch.Tensor | None = None,
-                     softcap: float = 0.0):
+                     softcap: float = 0.0, gate: torch.Tensor | None = None, gate_id: int = 0):
     """The op's CUDA body (and, under TRITON_INTERPRET, a CPU one). `tile` forces a config;
     `out` lets tests pass a poisoned buffer to prove every element gets written; `use_tma`
     forces the tensor-descriptor path on or off (default: the arch table's choice). With `lut`
     and `counts` (ops/sparse_ref.block_mask_to_lut) only the kept kv-blocks are visited;
     `pv_threshold` [Hq] (log2 units) turns on the second stage. `softcap` > 0 soft-caps the
-    logits (attention_ref's semantics; K smoothing's row shift is added back before the cap)."""
+    logits (attention_ref's semantics; K smoothing's row shift is added back before the cap).
+    `gate` (int32, one element on the device): the programs of all three launches exit at once
+    unless it holds `gate_id` (a scheduled site's inactive variant; `out` is then left unwritten).
+    A gated call takes the arch table's default tile: the autotuner would time programs that
+    exited at once."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     if out is None:
@@ -121,9 +125,9 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
     row_dot = quant != "none" and smooth_k and (bool(softcap) or return_lse)
     # launch 1: K's mean, V's mean / scale, the non-finite key rows; launch 2: Q, K, V quantized
     v_qmax = V_ACC16_MAX if acc16 else {"fp8": FP8_MAX, "fp4": P_SCALE}.get(pv)
-    kmean, vmean, vscale, bad_kv = kv_stats(k, v, quant != "none" and smooth_k, finite_fill, v_qmax)
+    kmean, vmean, vscale, bad_kv = kv_stats(k, v, quant != "none" and smooth_k, finite_fill, v_qmax, gate, gate_id)
     ops = quantize_qkv(q, k, v, kmean, vmean, vscale, scale, quant, pv, smooth_k, smooth_q, row_dot,
-                       block_d, block_dv)
+                       block_d, block_dv, gate, gate_id)
     qbuf, kbuf, vbuf = ops.q, ops.k, ops.v
     qs = ops.qs if ops.qs is not None else out
     ks = ops.ks if ops.ks is not None else out
@@ -176,6 +180,7 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
         lut if lut is not None else out, *(tuple(lut.stride()[:3]) if lut is not None else (0, 0, 0)),
         counts if counts is not None else out, *(tuple(counts.stride()[:3]) if counts is not None else (0, 0, 0)),
         pv_threshold if pv_threshold is not None else out,
+        gate if gate is not None else out, int(gate_id),
         qkm, *((qkm.stride(0), qkm.stride(1)) if row_dot else (0, 0)), softcap * LOG2E if softcap else 1.0,
         b, hq, hkv, vbuf.shape[-1] if pv == "fp8" else nk,
         nq, nk, d, dv, hq // hkv, int(causal_offset), _log2_logit(float(masked_value)), scale * LOG2E, scale,
@@ -187,8 +192,8 @@ def attention_triton(q, k, v, attn_bias, keep_mask, masked_value, is_causal, cau
                   USE_TMA=use_tma, SPARSE=lut is not None, SPARSE_BQ=SPARSE_BQ,
                   HAS_LAMBDA=pv_threshold is not None,
                   Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, PV_DTYPE=_pv_dtype(v.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
-                  EMULATE=casts.EMULATE, SOFTCAP=bool(softcap), ROW_DOT=row_dot)
-    if tile is None and (interpreted() or q.device.type != "cuda"):
+                  EMULATE=casts.EMULATE, SOFTCAP=bool(softcap), ROW_DOT=row_dot, HAS_GATE=gate is not None)
+    if tile is None and (interpreted() or q.device.type != "cuda" or gate is not None):
         tile = spec.default_tile(block_d, quant, pv)
     if tile is not None and lut is not None:
         tile = _sparse_tile(tile, pv_threshold is not None)

@@ -185,16 +185,20 @@ def _quant_qkv_kernel(
     VMEAN, VSCALE, stride_vcb, stride_vch,
     VQ, stride_vqb, stride_vqh, stride_vqd,
     VG, stride_vgb, stride_vgh, stride_vgd,
-    NQP, NKP, NBQ, NBK, NBV, GROUP, NQ, NK, D, DV, q_mult,
+    NQP, NKP, NBQ, NBK, NBV, GROUP, NQ, NK, D, DV, q_mult, GATE, GATE_ID,
     QK_FMT: tl.constexpr, V_FMT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr,
     ROW_DOT: tl.constexpr, Q_GRAN: tl.constexpr, K_GRAN: tl.constexpr, V_BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EMULATE: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     """Q, K and V quantized in one launch (the op's second): programs [0, NQP) take Q blocks
     (NBQ per query head), [NQP, NQP + NKP) K blocks (NBK per kv head), the rest V blocks (NBV per
     kv head, V_FMT 1: FP8, 2: NVFP4; 0: V stays 16-bit and has none). QK_FMT 3 ("none"): Q and
     K stay 16-bit and have no programs (NQP = NKP = 0). K's mean and V's mean and scale come from
-    the statistics kernel; BADQ gets Q's non-finite rows (K's and V's came with the statistics)."""
+    the statistics kernel; BADQ gets Q's non-finite rows (K's and V's came with the statistics).
+    HAS_GATE: a scheduled site's variant, run only when GATE holds GATE_ID (else exit at once)."""
+    if HAS_GATE:
+        if tl.load(GATE) != GATE_ID:
+            return
     pid = tl.program_id(0)
     b = tl.program_id(1)
     if pid < NQP:
@@ -287,11 +291,13 @@ class Quantized(NamedTuple):
     vg: torch.Tensor | None
 
 
-def kv_stats(k: torch.Tensor, v: torch.Tensor, k_mean: bool, v_mean: bool, v_qmax: float | None):
+def kv_stats(k: torch.Tensor, v: torch.Tensor, k_mean: bool, v_mean: bool, v_qmax: float | None,
+             gate: torch.Tensor | None = None, gate_id: int = 0):
     """One launch over K and V -> (kmean [B, Hkv, D] (zeros without `k_mean`), vmean [B, Hkv, Dv]
     or None, vscale [B, Hkv, Dv] (max |V - mean| / v_qmax) or None, bad_kv uint8 [B, Hkv, Nk]).
     Each non-finite value counts as 0; bad_kv flags the keys whose K or V row holds one. Long
-    keys run as several chunks per (batch, kv head), merged in the launch (stats.py)."""
+    keys run as several chunks per (batch, kv head), merged in the launch (stats.py). `gate`:
+    the launch runs only when it holds `gate_id` (launch.attention_triton)."""
     b, h, n, d = k.shape
     dv = v.shape[3]
     v_mean = v_mean or v_qmax is not None
@@ -314,9 +320,9 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, k_mean: bool, v_mean: bool, v_qma
         vc, vscale if vscale is not None else vc, vc.stride(0), vc.stride(1),
         bad_kv, bad_kv.stride(0), bad_kv.stride(1),
         part, counters,
-        n, d, dv, float(v_qmax or 1.0), chunk_len, chunks,
+        n, d, dv, float(v_qmax or 1.0), chunk_len, chunks, gate if gate is not None else kmean, int(gate_id),
         K_MEAN=bool(k_mean), V_MEAN=bool(v_mean), V_SCALE=v_qmax is not None, CHUNKED=chunks > 1,
-        BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv,
+        BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, HAS_GATE=gate is not None,
     )
     return kmean, vmean, vscale, bad_kv
 
@@ -326,11 +332,12 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple:
 
 
 def quantize_qkv(q, k, v, kmean, vmean, vscale, scale: float, quant: str, pv: str, smooth_k: bool,
-                 smooth_q: bool, row_dot: bool, block_d: int, block_dv: int) -> Quantized:
+                 smooth_q: bool, row_dot: bool, block_d: int, block_dv: int, gate: torch.Tensor | None = None,
+                 gate_id: int = 0) -> Quantized:
     """Q (scale * log2(e) folded, optionally block-smoothed, its non-finite rows flagged and, with
     `row_dot`, each row's dot with K's mean), K (mean-smoothed) and, for FP8 / NVFP4 P.V, V
     (smoothed, per-channel scaled, transposed) in one launch; none when nothing is quantized.
-    kmean / vmean / vscale come from `kv_stats`."""
+    kmean / vmean / vscale come from `kv_stats`; `gate` as there."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dev = q.device
@@ -386,9 +393,10 @@ def quantize_qkv(q, k, v, kmean, vmean, vscale, scale: float, quant: str, pv: st
         vc, ptr(vscale), vc.stride(0), vc.stride(1),
         ptr(vq), *_strides(vq, 3), ptr(vg), *_strides(vg, 3),
         nqp, nkp, nbq, nbk, nbv, hq // hkv, nq, nk, d, dv, float(scale * LOG2E),
+        gate if gate is not None else kmean, int(gate_id),
         QK_FMT=QK_FORMATS_Q[quant], V_FMT={"fp8": 1, "fp4": 2}.get(pv, 0), SMOOTH_K=bool(smooth_k),
         SMOOTH_Q=smooth_q, ROW_DOT=row_dot, Q_GRAN=Q_GRAN, K_GRAN=K_GRAN, V_BLOCK_N=V_BLOCK_N,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, EMULATE=casts.EMULATE,
+        BLOCK_D=block_d, BLOCK_DV=block_dv, EMULATE=casts.EMULATE, HAS_GATE=gate is not None,
     )
     return out
 

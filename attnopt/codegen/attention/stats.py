@@ -36,15 +36,20 @@ def _kv_stats_kernel(
     VMEAN, VSCALE, stride_vcb, stride_vch,
     BAD, stride_badb, stride_badh,
     PART, CNT,
-    N, D, DV, v_qmax, chunk_len, chunks,
+    N, D, DV, v_qmax, chunk_len, chunks, GATE, GATE_ID,
     K_MEAN: tl.constexpr, V_MEAN: tl.constexpr, V_SCALE: tl.constexpr, CHUNKED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     """One program: `chunk_len` keys (all of them without CHUNKED) of one (batch, kv head),
     BLOCK_N rows at a time. KMEAN gets K's token mean (zeros without K_MEAN: the unsmoothed K's
     correction term reads it); BAD gets 1 for each key whose K or V row holds a non-finite value.
     CHUNKED: PART holds each chunk's record [sum K | sum V | max V | min V] (fp32, BLOCK_D +
-    3 BLOCK_DV wide, per (batch, kv head, chunk)); CNT one ticket counter per (batch, kv head)."""
+    3 BLOCK_DV wide, per (batch, kv head, chunk)); CNT one ticket counter per (batch, kv head).
+    HAS_GATE: a scheduled site's variant: every program exits at once unless GATE holds GATE_ID
+    (no ticket is taken then, so the counters stay as they were)."""
+    if HAS_GATE:
+        if tl.load(GATE) != GATE_ID:
+            return
     c = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
