@@ -151,8 +151,8 @@ def _linear_internal_error(ctx: PassContext, gi: int | None) -> bool:
                for r in ctx.recorder.graphs[gi]["sites"])
 
 
-OP_NAMES = ("attention", "sparse_attention", "attention_probe", "linear_8bit", "linear_w4a16", "linear_probe",
-            "linear_train", "norm_train", "attention_train", "attention_backward", "sparse_attention_train",
+OP_NAMES = ("attention", "sparse_attention", "attention_probe", "linear_8bit", "linear_w4a16", "linear_w4a8",
+            "linear_probe", "linear_train", "norm_train", "attention_train", "attention_backward", "sparse_attention_train",
             "sparse_attention_backward")
 
 

@@ -579,8 +579,8 @@ class LinearOptions(_Table):
     """`linear.*`: which linear layers are rewritten, and into what."""
 
     _path: ClassVar[str] = "linear"
-    quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16"), "'none' | 'w8a8' | 'fp8' | 'w4a16'",
-                        "linear-layer format")
+    quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16", "w4a8"),
+                        "'none' | 'w8a8' | 'fp8' | 'w4a16' | 'w4a8'", "linear-layer format")
     training: str = option("off", _choice("off", "int8", "fp8"), "'off' | 'int8' | 'fp8'",
                            "graphs that need gradients: 'int8' / 'fp8' run each linear's forward and both backward "
                            "GEMMs in 8 bits (32x32 blocks; fp8: e4m3 forward, e5m2 gradients), keeping only the "
@@ -758,7 +758,7 @@ if __name__ == "__main__":
 
 PLAN_SCHEMA_VERSION = 1
 PLAN_KIND = "attnopt-plan"
-LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16")
+LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16", "w4a8")
 QUANT_FORMATS = ("int8", "fp8", "fp4", "none")  # a plan's per-site attention formats (attention.quant / pv)
 PV_FORMATS = ("fp16", "fp8", "fp4", "fp8_acc16")
 # calibration tunes topk per head; the config takes one value (a list would be per head there too)
@@ -829,7 +829,7 @@ def _validate_linear_site(path: str, entry: Mapping) -> dict:
             out["quant"] = val
         elif key == "act_absmax":  # per input channel max|x| seen in calibration (for smoothing)
             out["act_absmax"] = _finite_list(p, val)
-        elif key == "awq":  # AWQ's per input channel scales for a w4a16 linear (calibration/awq.py)
+        elif key == "awq":  # AWQ's per input channel scales for a w4a16 / w4a8 linear (calibration/awq.py)
             out["awq"] = _validate_awq(p, val)
         elif key in ("error", "stats", "group", "sensitivity"):  # calibration's measurements, kept for reading
             out[key] = val

@@ -54,11 +54,14 @@ class ArchSpec:
     # attention tiles per head-dim bucket (padded head dim <= key); first entry is the default
     attn_tiles: dict[int, tuple[Tile, ...]] = field(default_factory=dict)
     gemm_tiles: tuple[GemmTile, ...] = ()
-    linear_formats: tuple[str, ...] = ("w8a8", "w4a16")
+    linear_formats: tuple[str, ...] = ("w8a8", "w4a16", "w4a8")
     # W4A16 tiles (BLOCK_K divides the 128-wide quantization group): M > 16, and decode
     # (M <= 16, split K); the first of each is the default
     w4_tiles: tuple[GemmTile, ...] = ()
     w4_decode_tiles: tuple[GemmTile, ...] = ()
+    # W4A8 tiles (K steps one weight group at a time: block_k unused): M > 16, and M <= 16
+    w4a8_tiles: tuple[GemmTile, ...] = ()
+    w4a8_decode_tiles: tuple[GemmTile, ...] = ()
 
     def attention_tiles(self, head_dim: int) -> tuple[Tile, ...]:
         for bucket in sorted(self.attn_tiles):
@@ -78,6 +81,12 @@ class ArchSpec:
         if pv not in self.pv_formats:
             return f"P.V format {pv!r} needs {_needs(pv)} (target is {self.name})"
         return None
+
+
+def linear_format_needs(fmt: str) -> str:
+    """What a linear format needs of the GPU (the reason a target without it refuses it)."""
+    return {"fp8": "sm89+ (FP8 tensor cores)", "w8a8": "sm80+ (INT8 tensor cores)",
+            "w4a8": "sm80+ (INT8 tensor cores)", "w4a16": "sm80+"}.get(fmt, "another arch")
 
 
 def fp4_tiles(tiles: tuple[Tile, ...]) -> tuple[Tile, ...]:
@@ -122,25 +131,34 @@ _W4_DECODE_TILES = (  # one row-tile of 16; a wider or deeper weight tile per pr
     GemmTile(16, 64, 64, 4, 3), GemmTile(16, 128, 64, 4, 3), GemmTile(16, 64, 128, 4, 4),
     GemmTile(16, 32, 128, 2, 4),
 )
-_W4 = dict(w4_tiles=_W4_TILES, w4_decode_tiles=_W4_DECODE_TILES)
+# W4A8 steps K by one 128-wide group: a stage holds BLOCK_M x 128 int8 x and BLOCK_N x 64 packed
+# bytes (at most 32 KB at 128 x 256), so these fit the consumer parts too. Untimed: no GPU has
+# autotuned them yet.
+_W4A8_TILES = (
+    GemmTile(128, 128, 128, 8, 3), GemmTile(64, 128, 128, 4, 3), GemmTile(128, 64, 128, 4, 3),
+    GemmTile(64, 64, 128, 4, 4), GemmTile(128, 256, 128, 8, 3),
+)
+_W4A8_DECODE_TILES = (GemmTile(16, 64, 128, 4, 3), GemmTile(16, 128, 128, 4, 3), GemmTile(16, 32, 128, 2, 4))
+_W4 = dict(w4_tiles=_W4_TILES, w4_decode_tiles=_W4_DECODE_TILES, w4a8_tiles=_W4A8_TILES,
+           w4a8_decode_tiles=_W4A8_DECODE_TILES)
 
 ARCHS: dict[str, ArchSpec] = {
     # name     capability  QK^T formats      P.V formats       pv auto  fp4    tma    smem
     "sm80": ArchSpec("sm80", (8, 0), ("int8",), ("fp16",), "fp16", False, False, 163,
-                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16"), **_W4),
+                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16", "w4a8"), **_W4),
     "sm86": ArchSpec("sm86", (8, 6), ("int8",), ("fp16",), "fp16", False, False, 99,
-                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16"), **_W4),
+                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16", "w4a8"), **_W4),
     "sm89": ArchSpec("sm89", (8, 9), ("int8", "fp8"), ("fp16", "fp8", "fp8_acc16"), "fp8", False, False, 99,
-                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
     "sm90": ArchSpec("sm90", (9, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", False, True, 227,
-                     _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                     _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
     "sm100": ArchSpec("sm100", (10, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp8", True, True, 227,
-                      _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                      _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
     "sm120": ArchSpec("sm120", (12, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4", "fp8_acc16"), "fp8", True, True, 99,
-                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
     # The reference path emulates every format; pv "auto" follows the Ampere default.
     "cpu": ArchSpec("cpu", None, ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4", "fp8_acc16"), "fp16", True, False, 0,
-                    _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                    _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
 }
 
 if tuple(a for a in ARCHS if a != "cpu") != switches.GPU_ARCHS:

@@ -8,7 +8,7 @@ never leaves a half-folded model:
    undone, and its members are quantized again without the scales.
 2. `rewrite_all_or_nothing` then edits the graph: the folded norm gains and the quantized weights
    become constants of the graph module, each linear becomes `attnopt::linear_8bit` /
-   `attnopt::linear_w4a16` (or `aten::linear` on smoothed weights, or inspect's probe; in a
+   `attnopt::linear_w4a16` / `attnopt::linear_w4a8` (or `aten::linear` on smoothed weights, or inspect's probe; in a
    training graph `attnopt::linear_train`, reading the weight parameter itself). If any
    edit fails the graph is restored as Dynamo gave it and the added constants unregistered.
 
@@ -35,7 +35,8 @@ from .smoothquant import Fold, folded_norm_params, folded_tensors
 
 BAKED_META_KEY = "attnopt_baked_params"  # gm.meta entry read by the backend (stale-weight check)
 _8BIT = ("w8a8", "fp8")
-_OP_NAMES = {"w8a8": "attnopt::linear_8bit", "fp8": "attnopt::linear_8bit", "w4a16": "attnopt::linear_w4a16"}
+_OP_NAMES = {"w8a8": "attnopt::linear_8bit", "fp8": "attnopt::linear_8bit", "w4a16": "attnopt::linear_w4a16",
+             "w4a8": "attnopt::linear_w4a8"}
 
 
 # --------------------------------------------------------------------------- weight quantization
@@ -60,6 +61,8 @@ def _quantize(site: LinearSite, fmt: str, w: torch.Tensor, changed: bool, bias) 
         q = L.quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
     elif fmt == "w4a16":
         q = L.quantize_weight_int4(w)
+    elif fmt == "w4a8":
+        q = L.quantize_weight_w4a8(w)
     else:
         q = None
     return _Prepared(site, fmt, w, changed, bias, q)
@@ -71,10 +74,10 @@ def _x_dtype(site: LinearSite, w: torch.Tensor) -> torch.dtype:
 
 
 def _with_awq(p: _Prepared, entry: dict | None) -> _Prepared:
-    """A w4a16 site with AWQ scales in the plan: quantize W s instead of W, and x reads x / s.
+    """A w4a16 / w4a8 site with AWQ scales in the plan: quantize W s instead of W, and x reads x / s.
     1 / s is rounded to x's dtype first and W divided by exactly that, so the only new rounding
     is the one of x / s (and W s to W's dtype before 4 bits)."""
-    if entry is None or p.fmt != "w4a16":
+    if entry is None or p.fmt not in L.AWQ_FORMATS:
         return p
     k = p.w.shape[1]
     if len(entry["scales"]) != k:
@@ -103,7 +106,7 @@ def _undo_folds(broken: list[Fold], folds: list[Fold], errors: dict) -> list[Lin
 def quantize_weights(m: MatchedLinears, folds: list[Fold], awq: dict | None = None) -> tuple[dict[str, _Prepared], list[Fold]]:
     """Quantize every rewritten site; a group with a member that fails is undone (its members
     quantized again without the scales), so no fold is ever half applied. `awq`: key -> the
-    plan's AWQ entry, applied to w4a16 sites on top of any SmoothQuant fold."""
+    plan's AWQ entry, applied to w4a16 / w4a8 sites on top of any SmoothQuant fold."""
     awq = awq or {}
     folds = list(folds)
     prepared: dict[str, _Prepared] = {}
@@ -216,7 +219,8 @@ def _static_m(x: fx.Node) -> int | None:
 
 def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
     """(path, words) for what runs at this site's M: the small-M paths of linear_8bit (weight-only
-    split-K GEMV below min_m) and linear_w4a16 (split-K with BLOCK_M 16 at M <= 16)."""
+    split-K GEMV below min_m), linear_w4a16 (split-K with BLOCK_M 16 at M <= 16) and linear_w4a8
+    (one path: x quantized per token by a pre-kernel, then the group-stepped INT8 GEMM)."""
     if fmt in _8BIT:
         act = "INT8" if fmt == "w8a8" else "FP8"
         if m is None:
@@ -232,6 +236,10 @@ def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
         if m <= 16:
             return "small-m", f"M={m}<=16: split-K GEMV (BLOCK_M 16), int4 dequantized in registers"
         return "gemm", f"M={m}: tiled GEMM, int4 dequantized in registers"
+    if fmt == "w4a8":
+        words = ("per-token INT8 activations quantized by a pre-kernel, int4 weights unpacked in registers, "
+                 "int8 dot per 128-wide group (int32), group scales applied in fp32")
+        return ("dynamic", f"M known at run time: {words}") if m is None else ("gemm", f"M={m}: {words}")
     return "none", "unquantized"
 
 
@@ -247,11 +255,14 @@ def _bias_node(rw: LinearRewriter, p: _Prepared, baked: _Baked):
 
 def _quantized_weight_nodes(rw: LinearRewriter, p: _Prepared) -> tuple | None:
     """The quantized weight's constants (8-bit: values, scales, None; W4A16: packed, scales,
-    zeros), or None for 'none' (smoothed weights only, or a calibration capture)."""
+    zeros; W4A8: packed, scales, None), or None for 'none' (smoothed weights only, or a
+    calibration capture)."""
     if p.fmt in _8BIT:
         return rw.const(p.q[0], p.site.node, "wq"), rw.const(p.q[1], p.site.node, "ws"), None
     if p.fmt == "w4a16":
         return tuple(rw.const(t, p.site.node, nm) for t, nm in zip(p.q, ("w4", "w4s", "w4z")))
+    if p.fmt == "w4a8":
+        return rw.const(p.q[0], p.site.node, "w4a8"), rw.const(p.q[1], p.site.node, "w4a8s"), None
     return None
 
 
@@ -349,6 +360,9 @@ def _op_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: Arch
         return rw.call(torch._C._nn.linear, [x, rw.const(p.w, s.node, "wsmooth"), bias], s.node)
     if p.fmt == "w4a16":
         return rw.call(torch.ops.attnopt.linear_w4a16.default, [x, *q, bias, L.W4_GROUP, spec.name, "auto"], s.node)
+    if p.fmt == "w4a8":
+        return rw.call(torch.ops.attnopt.linear_w4a8.default, [x, q[0], q[1], bias, L.W4A8_GROUP, spec.name, "auto"],
+                       s.node)
     return rw.call(torch.ops.attnopt.linear_8bit.default, [x, q[0], q[1], bias, "int8" if p.fmt == "w8a8" else "fp8",
                                                            small_m, spec.name, "auto"], s.node)
 
