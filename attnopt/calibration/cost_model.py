@@ -33,8 +33,10 @@ tensor-core rate, bytes moved / HBM bandwidth) + LAUNCH_S.
   plus an fp32 scale per output channel; W4A16: 4 bits plus an fp32 scale and zero per 128
   inputs), the activation read in 16-bit and the output written in 16-bit. 8-bit formats above
   `FUSED_QUANT_MAX_M` rows quantize the activation in a pre-kernel (a second launch that reads
-  it in 16-bit and writes it in 8-bit for the GEMM to read). Small M is memory-bound: the
-  weight's bytes decide, so W4A16 wins decode and the 8-bit GEMMs win prefill.
+  it in 16-bit and writes it in 8-bit for the GEMM to read). W4A8 always takes that pre-kernel,
+  then multiplies at the INT8 rate reading 4-bit weights plus an fp32 scale per 128 inputs.
+  Small M is memory-bound: the weight's bytes decide, so W4A16 (and W4A8) win decode and the
+  8-bit-activation GEMMs win prefill, W4A8 with half W8A8's weight bytes.
 
 What is ignored: the softmax's exponentials and other non-tensor-core arithmetic, caches (K and
 V are read from HBM once per launch however many query blocks revisit them), per-block scales of
@@ -68,7 +70,7 @@ from ..codegen.arch import ARCHS, FUSED_QUANT_MAX_M, resolve_pv
 
 LAUNCH_S = 4e-6  # fixed cost per kernel launch (host dispatch and GPU launch latency, a few us)
 BQ, BK = 128, 64  # the block grid causal and sparse attention is counted on (ops/sparse_ref.py's)
-W4_GROUP = 128  # W4A16 inputs per scale / zero (ops/linear_ref.py's)
+W4_GROUP = 128  # W4A16 inputs per scale / zero, W4A8 inputs per scale (ops/linear_ref.py's)
 DECODE_ROWS = 16  # measured attention ratios apply above this many query rows
 
 
@@ -136,7 +138,7 @@ ATTENTION_VARIANTS = {"attnopt int8+f16pv": ("int8", "fp16"), "attnopt int8+fp8p
                       "attnopt fp8+fp8pv": ("fp8", "fp8"), "attnopt nvfp4": ("fp4", "fp4")}
 ATTENTION_BASELINE = "sdpa flash"
 # benchmarks/linear.py's variant names -> format; its 16-bit baseline
-LINEAR_VARIANTS = {"attnopt w8a8": "w8a8", "attnopt fp8": "fp8", "attnopt w4a16": "w4a16"}
+LINEAR_VARIANTS = {"attnopt w8a8": "w8a8", "attnopt fp8": "fp8", "attnopt w4a16": "w4a16", "attnopt w4a8": "w4a8"}
 LINEAR_BASELINE = "torch bf16"
 
 
@@ -288,18 +290,21 @@ def linear_phases(arch: str, m: int, n: int, k: int, fmt: str) -> list[Phase]:
     if fmt == "w4a16":
         weight = n * k / 2 + 8.0 * n * -(-k // W4_GROUP)
         return [Phase("gemm", flops / tp.fp16, (weight + 2.0 * m * k + out) / tp.hbm)]
+    act8 = 1.0 * m * k + 4.0 * m
+    quantize = Phase("quantize activation", 0.0, (2.0 * m * k + act8) / tp.hbm)
+    if fmt == "w4a8":
+        weight = n * k / 2 + 4.0 * n * -(-k // W4_GROUP)
+        return [quantize, Phase("gemm", flops / tp.rate("int8"), (weight + act8 + out) / tp.hbm)]
     weight = 1.0 * n * k + 4.0 * n
     rate = tp.rate("int8" if fmt == "w8a8" else "fp8")
     if m <= FUSED_QUANT_MAX_M:  # the activation is quantized in the GEMM's prologue
         return [Phase("gemm", flops / rate, (weight + 2.0 * m * k + out) / tp.hbm)]
-    act8 = 1.0 * m * k + 4.0 * m
-    return [Phase("quantize activation", 0.0, (2.0 * m * k + act8) / tp.hbm),
-            Phase("gemm", flops / rate, (weight + act8 + out) / tp.hbm)]
+    return [quantize, Phase("gemm", flops / rate, (weight + act8 + out) / tp.hbm)]
 
 
 def linear_time(arch: str, m: int, n: int, k: int, fmt: str) -> float:
     """Estimated seconds of one linear of M rows, N outputs, K inputs in `fmt` on `arch`
-    (none / w8a8 / fp8 / w4a16; analytical, see the module docstring)."""
+    (none / w8a8 / fp8 / w4a16 / w4a8; analytical, see the module docstring)."""
     return sum(p.time for p in linear_phases(arch, m, n, k, fmt))
 
 

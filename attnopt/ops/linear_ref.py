@@ -162,6 +162,29 @@ def linear_w4a8_ref(x, packed, scale, bias, group: int = W4A8_GROUP) -> torch.Te
     return y.to(x.dtype).reshape(*shape[:-1], n)
 
 
+def quantize_format(w: torch.Tensor, fmt: str) -> tuple:
+    """A linear format's compile-time weight tensors: (wq, ws) 8-bit, (packed, scales, zeros)
+    w4a16, (packed, scales) w4a8."""
+    if fmt in ("w8a8", "fp8"):
+        return quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
+    if fmt == "w4a16":
+        return quantize_weight_int4(w)
+    if fmt == "w4a8":
+        return quantize_weight_w4a8(w)
+    raise ValueError(f"no quantized weights for linear format {fmt!r}")
+
+
+def format_output(x: torch.Tensor, q: tuple, bias, fmt: str, small_m: int = 16) -> torch.Tensor:
+    """The reference output of a linear in `fmt` whose weights are quantize_format's `q`."""
+    if fmt in ("w8a8", "fp8"):
+        return linear_w8a8_ref(x, q[0], q[1], bias, "int8" if fmt == "w8a8" else "fp8", small_m)
+    if fmt == "w4a16":
+        return linear_w4a16_ref(x, *q, bias)
+    if fmt == "w4a8":
+        return linear_w4a8_ref(x, *q, bias)
+    raise ValueError(f"no reference for linear format {fmt!r}")
+
+
 def weight_bytes(fmt: str, n: int, k: int, orig_elem: int) -> tuple[int, int]:
     """(bytes before, bytes after) of one linear's weight (scales and zeros included)."""
     before = n * k * orig_elem

@@ -57,14 +57,7 @@ class _Prepared:
 
 
 def _quantize(site: LinearSite, fmt: str, w: torch.Tensor, changed: bool, bias) -> _Prepared:
-    if fmt in _8BIT:
-        q = L.quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
-    elif fmt == "w4a16":
-        q = L.quantize_weight_int4(w)
-    elif fmt == "w4a8":
-        q = L.quantize_weight_w4a8(w)
-    else:
-        q = None
+    q = L.quantize_format(w, fmt) if fmt in _OP_NAMES else None
     return _Prepared(site, fmt, w, changed, bias, q)
 
 
