@@ -13,8 +13,8 @@
 #              4K-32K tokens, head dims 128 and 64
 #   budget     launches and GPU time per op (benchmarks/launch_budget.py --gpu-times: launch_budget.json)
 #   sparse     block-sparse attention at 0.5 sparsity (and 0, 0.9) against attnopt's own dense kernel
-#   linear     attnopt's GEMMs against cuBLAS bf16, the training linear's fwd+bwd against bf16's, then a
-#              Llama block as time allows
+#   linear     attnopt's GEMMs (w8a8, fp8, w4a16, w4a8) against cuBLAS bf16, the training linear's
+#              fwd+bwd against bf16's, then a Llama block as time allows
 #   training   attention forward+backward against SDPA / FlexAttention, then a training step of a
 #              small Qwen3 under attnopt against bf16 eager and Inductor (training_gpu.py)
 # Each step has its own limit in seconds (TESTS_S, ATTN_S, BUDGET_S, SPARSE_S, LINEAR_S, TRAIN_S), cut to

@@ -1,4 +1,4 @@
-"""Linear throughput: attnopt's W8A8 / FP8 / W4A16 GEMMs against torch bf16 matmul,
+"""Linear throughput: attnopt's W8A8 / FP8 / W4A16 / W4A8 GEMMs against torch bf16 matmul,
 torch._int_mm and torch._scaled_mm, the training linear's forward + backward (linear.training
 int8 / fp8) against bf16's, plus prefill and decode latency of a Llama-shaped block
 (attention + MLP) compiled with and without attnopt, all in one run. Needs a CUDA GPU.
@@ -26,6 +26,7 @@ import common  # noqa: E402
 import attnopt  # noqa: E402
 from attnopt.codegen.arch import detect_arch  # noqa: E402
 from attnopt.codegen.linear.w4a16 import linear_w4a16_triton  # noqa: E402
+from attnopt.codegen.linear.w4a8 import linear_w4a8_triton  # noqa: E402
 from attnopt.codegen.linear.w8a8 import linear_8bit_triton  # noqa: E402
 from attnopt.ops import linear_ref as L  # noqa: E402
 from attnopt.progress import Progress  # noqa: E402
@@ -62,6 +63,8 @@ def gemm_rows(shapes, arch, limit: common.TimeLimit):
                     xf, wf.T, scale_a=xfs[:, None], scale_b=wfs[None, :], out_dtype=torch.bfloat16)
         pk, sc, zr = L.quantize_weight_int4(w)
         fns["attnopt w4a16"] = lambda: linear_w4a16_triton(x, pk, sc, zr, None)
+        p8, s8 = L.quantize_weight_w4a8(w)
+        fns["attnopt w4a8"] = lambda: linear_w4a8_triton(x, p8, s8, None, arch=arch)
         with limit.item():
             for name, fn in fns.items():
                 row = {"kind": "gemm", "M": m, "N": n, "K": k, "variant": name}

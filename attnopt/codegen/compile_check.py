@@ -319,6 +319,25 @@ def drive_w4a16(arch, spec, cap):
             linear_w4a16_triton(torch.randn(m, 512, dtype=torch.bfloat16), pk, sc, zr, None, arch=arch, tile=t)
 
 
+@driver("linear w4a8")
+def drive_w4a8(arch, spec, cap):
+    """W4A8: the activation quantizer, then the group-stepped INT8 GEMM in each table tile
+    (prefill and M <= 16 tiles; the first of each is what an autotune-less launch takes)."""
+    if "w4a8" not in spec.linear_formats:
+        return
+    from ..ops.linear_ref import quantize_weight_w4a8
+    from .linear.w4a8 import linear_w4a8_triton
+
+    pk, sc = quantize_weight_w4a8(torch.randn(256, 512) * 0.05)
+    for dtype in (torch.float16, torch.bfloat16):
+        cap.label = f"linear w4a8 {str(dtype)[6:]} M=64"
+        linear_w4a8_triton(torch.randn(64, 512, dtype=dtype), pk, sc, torch.randn(256, dtype=dtype), arch=arch)
+    for m, tiles in ((64, spec.w4a8_tiles), (1, spec.w4a8_decode_tiles)):
+        for t in tiles[1 if m == 64 else 0:]:  # autotuned on the GPU too
+            cap.label = f"linear w4a8 M={m} tile {t.block_m}x{t.block_n}"
+            linear_w4a8_triton(torch.randn(m, 512, dtype=torch.bfloat16), pk, sc, None, arch=arch, tile=t)
+
+
 @driver("linear training")
 def drive_linear_training(arch, spec, cap):
     """The training linear's per-block quantizer (INT8, e4m3, e5m2) and block GEMM: forward (with
