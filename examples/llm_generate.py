@@ -49,7 +49,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", choices=SIZES, default="tiny")
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--linear", default="none", help="linear.quant: none | w8a8 | fp8 | w4a16")
+    ap.add_argument("--linear", default="none", help="linear.quant: none | w8a8 | fp8 | w4a16 | w4a8")
     args = ap.parse_args()
     cfg = dict(SIZES[args.size])
     prompt_len = cfg.pop("prompt")
