@@ -203,3 +203,63 @@ def test_compiled_plan_applies_awq_scales_to_a_w4a8_linear():
     assert rel_l1(y, want) <= 1e-6
     rtn = L.linear_w4a8_ref(x, *L.quantize_weight_w4a8(m[0].weight.detach()), m[0].bias)
     assert rel_l1(y, ref) < 0.8 * rel_l1(rtn, ref)
+
+
+def test_planner_offers_w4a8_with_its_own_error_and_cost():
+    from attnopt.calibration.calibrate import _linear_site
+
+    x = _outlier_acts(96, 256)
+    w = torch.randn(64, 256) * 0.05
+    cap = Captured({"fc": [{"kind": "linear", "absmax": x.abs().amax(dim=0), "x": x, "rows": 96}]}, {},
+                   {"fc": (w, None)}, "sm80", None, "", False)
+    site = _linear_site("fc", cap.calls["fc"], cap, normalize_options({"arch": "sm80"}), float("inf"), "all", None)
+    cands = {c.label: c for c in site.candidates}
+    assert set(cands) == {"none", "w8a8", "w4a16", "w4a8"}  # sm80: no fp8
+    assert cands["w4a8"].entry == {"kind": "linear", "quant": "w4a8"}
+    assert site.own_error["w4a8"] == pytest.approx(linear_errors(x, w, ["w4a8"])["w4a8"])
+    assert cands["w4a8"].time == pytest.approx(linear_time("sm80", 96, 64, 256, "w4a8"))
+
+
+class _NormTwo(nn.Module):
+    """LayerNorm -> fc2, fc3 (both w4a8): shared AWQ scales fold into the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc2, self.fc3 = nn.LayerNorm(256), nn.Linear(256, 128), nn.Linear(256, 96)
+        with torch.no_grad():
+            self.norm.weight[:5] = 20.0
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.fc2(h).sum(-1) + self.fc3(h).sum(-1)
+
+
+def test_shared_awq_scales_of_w4a8_linears_fold_into_the_norm():
+    torch.manual_seed(0)
+    m = _NormTwo().eval()
+    x = torch.randn(2, 32, 256)
+    with torch.no_grad():
+        h = m.norm(x).reshape(-1, 256)
+        e = awq_search(h, torch.cat([m.fc2.weight, m.fc3.weight]), fmt="w4a8").entry()
+    assert e["alpha"] > 0
+    s = torch.tensor(e["scales"], dtype=torch.float64)
+    out = _NormTwo().eval()  # the scales written out
+    with torch.no_grad():
+        out.norm.weight.copy_((m.norm.weight.double() / s).float())
+        out.norm.bias.copy_((m.norm.bias.double() / s).float())
+        for a, b in ((out.fc2, m.fc2), (out.fc3, m.fc3)):
+            a.weight.copy_((b.weight.double() * s).float())
+            a.bias.copy_(b.bias)
+    opts = {"linear": {"quant": "w4a8"}}
+    plan = {"schema_version": 1, "sites": {k: {"kind": "linear", "awq": e} for k in ("fc2", "fc3")}}
+    with torch.no_grad():
+        be = AttnoptBackend(normalize_options({**opts, "plan": plan}))
+        torch._dynamo.reset()
+        y = torch.compile(m, backend=be)(x)
+        torch._dynamo.reset()
+        y_same = torch.compile(out, backend="attnopt", options=opts)(x)
+    torch._dynamo.reset()
+    recs = {r.key: r for r in be.recorder.sites()}
+    assert recs["norm:awq"].status == "rewritten" and recs["norm:awq"].details["scales"] == "awq"
+    assert not any("awq_alpha" in recs[k].details for k in ("fc2", "fc3"))  # nothing on x
+    assert rel_l1(y, y_same) < 1e-6
