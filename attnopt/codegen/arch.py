@@ -84,9 +84,9 @@ class ArchSpec:
 
 
 def linear_format_needs(fmt: str) -> str:
-    """What a linear format needs of the GPU (the reason a target without it refuses it)."""
-    return {"fp8": "sm89+ (FP8 tensor cores)", "w8a8": "sm80+ (INT8 tensor cores)",
-            "w4a8": "sm80+ (INT8 tensor cores)", "w4a16": "sm80+"}.get(fmt, "another arch")
+    """What a linear format needs of the GPU (the reason a target without it refuses it): FP8
+    tensor cores from sm89, INT8 ones (w8a8, w4a8) and 16-bit ones (w4a16) from sm80."""
+    return {"fp8": "sm89+", "w8a8": "sm80+", "w4a8": "sm80+", "w4a16": "sm80+"}.get(fmt, "another arch")
 
 
 def fp4_tiles(tiles: tuple[Tile, ...]) -> tuple[Tile, ...]:
