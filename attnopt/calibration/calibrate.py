@@ -75,8 +75,9 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     cache_dir: where captured site inputs are kept (default ~/.cache/attnopt/calibration), keyed
     by model weights, batches and options: another budget or method does not re-run the capture.
     linear.smooth set: each linear's per-channel max |activation| (SmoothQuant's statistic).
-    awq: every linear whose planned format is w4a16 or w4a8 (the plan's choice, else linear.quant) gets
-    AWQ's per-input-channel scales searched on its captured rows (calibration/awq.py), stored
+    awq: every linear whose planned format is w4a16 or w4a8 (the plan's choice, else
+    linear.quant) gets AWQ's per-input-channel scales searched on its captured rows for that
+    format (calibration/awq.py), stored
     as the site's "awq" entry and applied when the plan is compiled.
 
     `example_batches`: an iterable of input tuples (or kwargs dicts) for `model`; sequence
@@ -118,8 +119,9 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
 def _add_awq(plan: Plan, cap: Captured, opts) -> None:
     """AWQ scales for each captured linear the plan leaves in w4a16 / w4a8, searched on its rows
     for its format. Linears reading the same tensor in the same format (q / k / v after one norm:
-    their per-channel max |x| are equal to the bit) are searched together, on their stacked outputs, and share the scales: the
-    compile can then fold 1 / s into that norm instead of scaling x."""
+    their per-channel max |x| are equal to the bit) are searched together, on their stacked
+    outputs, and share the scales: the compile can then fold 1 / s into that norm instead of
+    scaling x."""
     by_input: dict[tuple, list[str]] = {}
     for key, calls in cap.calls.items():
         entry = plan.sites.get(key)

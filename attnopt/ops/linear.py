@@ -1,5 +1,5 @@
-"""`torch.ops.attnopt.linear_8bit` / `linear_w4a16` / `linear_w4a8`: the ops quantized linear sites become, and the
-probe `attnopt.inspect` / `attnopt.calibrate` put there instead.
+"""`torch.ops.attnopt.linear_8bit` / `linear_w4a16` / `linear_w4a8`: the ops quantized linear sites
+become, and the probe `attnopt.inspect` / `attnopt.calibrate` put there instead.
 
 Weights arrive already quantized (once, at compile time). On CUDA the body launches the Triton
 GEMMs (inlined by Inductor); elsewhere it is the pure-PyTorch reference arithmetic.

@@ -8,9 +8,10 @@ never leaves a half-folded model:
    undone, and its members are quantized again without the scales.
 2. `rewrite_all_or_nothing` then edits the graph: the folded norm gains and the quantized weights
    become constants of the graph module, each linear becomes `attnopt::linear_8bit` /
-   `attnopt::linear_w4a16` / `attnopt::linear_w4a8` (or `aten::linear` on smoothed weights, or inspect's probe; in a
-   training graph `attnopt::linear_train`, reading the weight parameter itself). If any
-   edit fails the graph is restored as Dynamo gave it and the added constants unregistered.
+   `attnopt::linear_w4a16` / `attnopt::linear_w4a8` (or `aten::linear` on smoothed weights, or
+   inspect's probe; in a training graph `attnopt::linear_train`, reading the weight parameter
+   itself). If any edit fails the graph is restored as Dynamo gave it and the added constants
+   unregistered.
 
 Baked-weight bookkeeping: the parameters whose values the graph now holds copies of go to
 gm.meta[BAKED_META_KEY]; the backend checks them on every call, since the graph would not see
