@@ -80,6 +80,17 @@ def test_kernel_equals_reference_on_odd_shapes(m, k, n, group, dtype):
     assert rel_l1(got, exact(x, w, b)) <= 0.12
 
 
+def test_quantizing_x_in_the_prologue_or_a_pre_kernel_gives_the_same_output():
+    """Up to 64 rows the GEMM quantizes x itself (one launch), beyond a pre-kernel does: the
+    same rounding, so either forced on the same rows gives the reference's output bit for bit."""
+    x = (torch.randn(40, 300) * torch.linspace(0.1, 5, 300)).bfloat16()
+    w = torch.randn(50, 300) * 0.05
+    pk, sc = L.quantize_weight_w4a8(w)
+    ref = L.linear_w4a8_ref(x, pk, sc, None)
+    fused, pre = (linear_w4a8_triton(x, pk, sc, None, fuse=f) for f in (True, False))
+    assert torch.equal(fused, pre) and torch.equal(fused, ref)
+
+
 def test_kernel_without_bias_leading_dims_and_zero_rows():
     x = torch.randn(2, 20, 130).bfloat16()
     x[0, 3] = 0  # a zero row: scale 1, output 0
@@ -137,13 +148,14 @@ def test_options_plan_and_arch_refusal():
     assert _format_reason("w4a8", torch.zeros(4, 4), ARCHS["sm80"]) is None
 
 
-def test_cost_model_counts_the_pre_kernel_int8_rate_and_half_byte_weights():
+def test_cost_model_counts_the_quantizer_int8_rate_and_half_byte_weights():
     phases = linear_phases("sm90", 4096, 4096, 4096, "w4a8")
     assert [p.name for p in phases] == ["quantize activation", "gemm"]
     assert phases[1].compute_s == pytest.approx(linear_phases("sm90", 4096, 4096, 4096, "w8a8")[1].compute_s)
-    # decode is weight-bound: fewer weight bytes than W8A8's, more launches than W4A16's one
-    w8 = linear_phases("sm90", 1, 4096, 4096, "w8a8")[0].memory_s
-    assert phases[1].memory_s > 0 and linear_phases("sm90", 1, 4096, 4096, "w4a8")[1].memory_s < 0.6 * w8
+    # decode: x quantized in the GEMM's prologue (one launch), half W8A8's weight bytes
+    (w8,), (w4,) = linear_phases("sm90", 1, 4096, 4096, "w8a8"), linear_phases("sm90", 1, 4096, 4096, "w4a8")
+    assert w4.name == "gemm" and 0 < w4.memory_s < 0.6 * w8.memory_s
+    assert linear_time("sm90", 1, 4096, 4096, "w4a8") < linear_time("sm90", 1, 4096, 4096, "w8a8")
     assert linear_time("sm90", 4096, 4096, 4096, "w4a8") < linear_time("sm90", 4096, 4096, 4096, "w4a16")
 
 

@@ -33,10 +33,10 @@ tensor-core rate, bytes moved / HBM bandwidth) + LAUNCH_S.
   plus an fp32 scale per output channel; W4A16: 4 bits plus an fp32 scale and zero per 128
   inputs), the activation read in 16-bit and the output written in 16-bit. 8-bit formats above
   `FUSED_QUANT_MAX_M` rows quantize the activation in a pre-kernel (a second launch that reads
-  it in 16-bit and writes it in 8-bit for the GEMM to read). W4A8 always takes that pre-kernel,
-  then multiplies at the INT8 rate reading 4-bit weights plus an fp32 scale per 128 inputs.
-  Small M is memory-bound: the weight's bytes decide, so W4A16 (and W4A8) win decode and the
-  8-bit-activation GEMMs win prefill, W4A8 with half W8A8's weight bytes.
+  it in 16-bit and writes it in 8-bit for the GEMM to read). W4A8 quantizes the activation the
+  same way and multiplies at the INT8 rate, reading 4-bit weights plus an fp32 scale per 128
+  inputs. Small M is memory-bound: the weight's bytes decide, so W4A16 and W4A8 win decode and
+  the 8-bit-activation GEMMs win prefill, W4A8 with half W8A8's weight bytes.
 
 What is ignored: the softmax's exponentials and other non-tensor-core arithmetic, caches (K and
 V are read from HBM once per launch however many query blocks revisit them), per-block scales of
@@ -290,16 +290,16 @@ def linear_phases(arch: str, m: int, n: int, k: int, fmt: str) -> list[Phase]:
     if fmt == "w4a16":
         weight = n * k / 2 + 8.0 * n * -(-k // W4_GROUP)
         return [Phase("gemm", flops / tp.fp16, (weight + 2.0 * m * k + out) / tp.hbm)]
-    act8 = 1.0 * m * k + 4.0 * m
-    quantize = Phase("quantize activation", 0.0, (2.0 * m * k + act8) / tp.hbm)
-    if fmt == "w4a8":
+    if fmt == "w4a8":  # 4 bits and an fp32 scale per group of 128 inputs
         weight = n * k / 2 + 4.0 * n * -(-k // W4_GROUP)
-        return [quantize, Phase("gemm", flops / tp.rate("int8"), (weight + act8 + out) / tp.hbm)]
-    weight = 1.0 * n * k + 4.0 * n
-    rate = tp.rate("int8" if fmt == "w8a8" else "fp8")
+    else:
+        weight = 1.0 * n * k + 4.0 * n
+    rate = tp.rate("fp8" if fmt == "fp8" else "int8")
     if m <= FUSED_QUANT_MAX_M:  # the activation is quantized in the GEMM's prologue
         return [Phase("gemm", flops / rate, (weight + 2.0 * m * k + out) / tp.hbm)]
-    return [quantize, Phase("gemm", flops / rate, (weight + act8 + out) / tp.hbm)]
+    act8 = 1.0 * m * k + 4.0 * m
+    return [Phase("quantize activation", 0.0, (2.0 * m * k + act8) / tp.hbm),
+            Phase("gemm", flops / rate, (weight + act8 + out) / tp.hbm)]
 
 
 def linear_time(arch: str, m: int, n: int, k: int, fmt: str) -> float:

@@ -132,11 +132,13 @@ _W4_DECODE_TILES = (  # one row-tile of 16; a wider or deeper weight tile per pr
     GemmTile(16, 32, 128, 2, 4),
 )
 # W4A8 steps K by one 128-wide group: a stage holds BLOCK_M x 128 int8 x and BLOCK_N x 64 packed
-# bytes, so these fit the consumer parts too. The program keeps two accumulators (the group's
-# int32 dot and the fp32 sum): 128 x 256 spilled registers in compile_check (sm80 / sm90), so
-# 128 x 128 is the widest. Untimed: no GPU has autotuned them yet.
+# bytes, so these fit the consumer parts too. A program keeps two accumulators (the group's
+# int32 dot and the fp32 sum), so registers are tight (compile_check): 128 x 256 spilled
+# everywhere and is left out, 128 x 64 takes 8 warps (with 4 it spilled); on sm100 every tile of
+# 64+ rows spills some (8-892 bytes), on sm90 128 x 128 spills 176 bytes when it also quantizes
+# x (M <= 64). Untimed: no GPU has autotuned them yet.
 _W4A8_TILES = (
-    GemmTile(128, 128, 128, 8, 3), GemmTile(64, 128, 128, 4, 3), GemmTile(128, 64, 128, 4, 3),
+    GemmTile(128, 128, 128, 8, 3), GemmTile(64, 128, 128, 4, 3), GemmTile(128, 64, 128, 8, 3),
     GemmTile(64, 64, 128, 4, 4),
 )
 _W4A8_DECODE_TILES = (GemmTile(16, 64, 128, 4, 3), GemmTile(16, 128, 128, 4, 3), GemmTile(16, 32, 128, 2, 4))

@@ -12,7 +12,7 @@ The CPU path of the linear ops and what the Triton GEMMs are tested against:
   per group and output channel, s = max|W_group| / 7, values -7..7 stored + 8, two per byte),
   activations per token INT8 at run time (as W8A8). Each group's int8 x int4 dot is an exact
   int32 partial sum; partial * group scale is added up in fp32 over the groups, then times the
-  token's scale, + bias. Every row takes this path (no weight-only small-M path).
+  token's scale, + bias. Every M takes this path (no weight-only small-M path).
 - Small M (decode, conditioning): W8A8 / FP8 weights are used without quantizing the
   activation (a weight-only GEMV path, more accurate, and what small M can use).
 """

@@ -214,7 +214,7 @@ def _static_m(x: fx.Node) -> int | None:
 def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
     """(path, words) for what runs at this site's M: the small-M paths of linear_8bit (weight-only
     split-K GEMV below min_m), linear_w4a16 (split-K with BLOCK_M 16 at M <= 16) and linear_w4a8
-    (one path: x quantized per token by a pre-kernel, then the group-stepped INT8 GEMM)."""
+    (one GEMM for every M, x quantized per token in its prologue up to FUSED_QUANT_MAX_M rows)."""
     if fmt in _8BIT:
         act = "INT8" if fmt == "w8a8" else "FP8"
         if m is None:
@@ -231,9 +231,13 @@ def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
             return "small-m", f"M={m}<=16: split-K GEMV (BLOCK_M 16), int4 dequantized in registers"
         return "gemm", f"M={m}: tiled GEMM, int4 dequantized in registers"
     if fmt == "w4a8":
-        words = ("per-token INT8 activations quantized by a pre-kernel, int4 weights unpacked in registers, "
-                 "int8 dot per 128-wide group (int32), group scales applied in fp32")
-        return ("dynamic", f"M known at run time: {words}") if m is None else ("gemm", f"M={m}: {words}")
+        words = ("int4 weights unpacked in registers, int8 dot per 128-wide group (int32), group scales "
+                 "applied in fp32")
+        if m is None:
+            return "dynamic", (f"M known at run time: per-token INT8 activations (quantized in the GEMM's "
+                               f"prologue up to M={FUSED_QUANT_MAX_M}), {words}")
+        where = "in the GEMM's prologue (one launch)" if m <= FUSED_QUANT_MAX_M else "by a pre-kernel"
+        return "gemm", f"M={m}: per-token INT8 activations quantized {where}, {words}"
     return "none", "unquantized"
 
 
