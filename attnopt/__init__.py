@@ -22,10 +22,11 @@ from .inspection.run import inspect  # noqa: E402
 from .calibration import calibrate  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .report import Report, SiteRecord  # noqa: E402
+from .schedule import step  # noqa: E402
 
 _logs.register()
 
 __all__ = [
     "attention", "backend", "calibrate", "inspect", "AttnoptBackend", "ConfigError", "Plan", "Report", "SiteRecord",
-    "default_options", "normalize_options", "__version__",
+    "default_options", "normalize_options", "step", "__version__",
 ]

@@ -41,7 +41,7 @@ class ConfigError(ValueError):
     """A configuration value is invalid. Names the full key path, the value and what is allowed."""
 
     def __init__(self, path: str, value: Any, allowed: str, hint: str = ""):
-        self.path, self.value, self.allowed = path, value, allowed
+        self.path, self.value, self.allowed, self.hint = path, value, allowed, hint
         msg = f"{path}: got {value!r}; allowed: {allowed}"
         if hint:
             msg += f" ({hint})"
@@ -381,6 +381,29 @@ class SvgOptions(SparsityOptions):
     min_seq_len: int = _min_seq_len()
 
 
+@dataclass(frozen=True)
+class Svg2Options(SparsityOptions):
+    """Sparse VideoGen2: per head, k-means clusters of queries and of keys (warm-started from the
+    site's previous call), tokens permuted so each cluster is contiguous, cluster pairs kept by
+    top-p of the centroid-estimated attention mass (docs/algorithms.md#svg2)."""
+
+    method: ClassVar[str] = "svg2"
+    q_clusters: int = option(100, _number(1, math.inf, integer=True), "integer >= 1",
+                             "k-means clusters of the query tokens, per head")
+    k_clusters: int = option(500, _number(1, math.inf, integer=True), "integer >= 1",
+                             "k-means clusters of the key tokens, per head")
+    top_p: float | tuple[float, ...] = option(0.9, _per_head(_number(0, 1, lo_open=True), "a number in (0, 1]"),
+                                              "number in (0, 1] or per-head list",
+                                              "centroid-estimated attention mass each query cluster keeps")
+    min_key_share: float = option(0.1, _number(0, 1), "number in [0, 1]",
+                                  "share of the key clusters each query cluster keeps at least")
+    init_iters: int = option(50, _number(0, math.inf, integer=True), "integer >= 0",
+                             "k-means iterations without centroids to start from (a site's first call)")
+    warm_iters: int = option(2, _number(0, math.inf, integer=True), "integer >= 0",
+                             "k-means iterations from the site's previous centroids")
+    min_seq_len: int = _min_seq_len()
+
+
 def _vsa_topk(path, v):
     """VSA's top-k: an integer >= 1 counts key tiles, a number in (0, 1] is a share of them."""
     allowed = "an integer >= 1 (key tiles) or a number in (0, 1] (share of the key tiles)"
@@ -423,7 +446,7 @@ class VsaOptions(SparsityOptions):
 SPARSITY_METHODS: dict[str, type[SparsityOptions]] = {
     cls.method: cls
     for cls in (SpargeOptions, XAttentionOptions, WindowOptions, RadialOptions, BlockOptions, SvgOptions,
-                VsaOptions)
+                Svg2Options, VsaOptions)
 }
 _METHOD_NAMES = " | ".join(repr(m) for m in SPARSITY_METHODS)
 
@@ -537,6 +560,57 @@ def _plan(path, v):
 
 ARCHS = ("auto", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "cpu")
 
+# what a schedule entry's `use` may set: the choices a compiled site can switch between at run time
+SCHEDULE_USE_KEYS = ("quant", "pv", "smooth_k", "smooth_q", "sparsity")
+
+
+def _step_range(path, v):
+    allowed = ("[lo, hi] with lo < hi: two integers >= 0 (step indices) or two numbers in [0, 1] "
+               "(fractions of the run), half-open")
+    if not isinstance(v, (list, tuple)) or len(v) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                                                            for x in v):
+        raise ConfigError(path, v, allowed)
+    lo, hi = v
+    if isinstance(lo, int) and isinstance(hi, int):
+        if not 0 <= lo < hi:
+            raise ConfigError(path, v, allowed)
+        return [lo, hi]
+    if not (0.0 <= lo < hi <= 1.0) or math.isnan(lo) or math.isnan(hi):
+        raise ConfigError(path, v, allowed)
+    return [float(lo), float(hi)]
+
+
+def _schedule(path, v):
+    """`attention.schedule`: a list of {steps, include, use} entries (attnopt.schedule)."""
+    if not isinstance(v, (list, tuple)):
+        raise ConfigError(path, v, "a list of {'steps': [lo, hi], 'include': globs, 'use': {...}}")
+    fields_by_name = {f.name: f for f in fields(AttentionOptions)}
+    out = []
+    for n, entry in enumerate(v):
+        at = f"{path}[{n}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(at, entry, "a dict with 'steps', 'use' and optionally 'include'")
+        for key in entry:
+            if key not in ("steps", "include", "use"):
+                raise ConfigError(f"{at}.{key}", entry[key], "one of include, steps, use")
+        for key in ("steps", "use"):
+            if key not in entry:
+                raise ConfigError(f"{at}.{key}", None, "required")
+        use = entry["use"]
+        if not isinstance(use, Mapping):
+            raise ConfigError(f"{at}.use", use, "a dict of " + ", ".join(SCHEDULE_USE_KEYS))
+        checked = {}
+        for key, x in use.items():
+            if key not in SCHEDULE_USE_KEYS:
+                raise ConfigError(f"{at}.use.{key}", x, "one of " + ", ".join(SCHEDULE_USE_KEYS),
+                                  _suggest(str(key), SCHEDULE_USE_KEYS, f"{at}.use.{key}"))
+            val = fields_by_name[key].metadata["check"](f"{at}.use.{key}", _thaw(x))
+            checked[key] = val.to_dict() if isinstance(val, SparsityOptions) else val
+        out.append({"steps": _step_range(f"{at}.steps", _thaw(entry["steps"])),
+                    "include": _globs(f"{at}.include", _thaw(entry.get("include", ["*"]))),
+                    "use": checked})
+    return out
+
 
 @dataclass(frozen=True)
 class AttentionOptions(_Table):
@@ -566,11 +640,21 @@ class AttentionOptions(_Table):
                            "(straight-through over the quantized forward), 'off' keeps such sites as they were")
     include: tuple[str, ...] = option(["*"], _globs, "glob or list of globs", "module paths to rewrite")
     exclude: tuple[str, ...] = option([], _globs, "glob or list of globs", "module paths to leave alone")
+    schedule: tuple = option([], _schedule, "list of {'steps': [lo, hi], 'include': globs, 'use': {...}}",
+                             "options per denoising step range and module glob, read at run time from "
+                             "`attnopt.step(i, total)`; the first matching entry wins (see Schedules)")
 
     def _finish(self, values: dict) -> dict:
         if values["smooth_q"] and values["sparsity"] is not None:
             raise ConfigError("attention.smooth_q", True, "false when attention.sparsity is set",
                               "the block-sparse kernels do not apply Q smoothing")
+        for n, entry in enumerate(values["schedule"]):  # each entry's merged options must be valid too
+            merged = {**values, **entry["use"], "schedule": []}
+            path = f"attention.schedule[{n}].use"
+            try:
+                AttentionOptions(**merged)
+            except ConfigError as e:
+                raise ConfigError(path + e.path[len("attention"):], e.value, e.allowed, e.hint) from None
         return values
 
 
@@ -579,8 +663,9 @@ class LinearOptions(_Table):
     """`linear.*`: which linear layers are rewritten, and into what."""
 
     _path: ClassVar[str] = "linear"
-    quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16", "w4a8"),
-                        "'none' | 'w8a8' | 'fp8' | 'w4a16' | 'w4a8'", "linear-layer format")
+    quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16", "w4a8", "nvfp4"),
+                        "'none' | 'w8a8' | 'fp8' | 'w4a16' | 'w4a8' | 'nvfp4'",
+                        "linear-layer format ('nvfp4': W4A4 with e4m3 scales per 16, sm100+)")
     training: str = option("off", _choice("off", "int8", "fp8"), "'off' | 'int8' | 'fp8'",
                            "graphs that need gradients: 'int8' / 'fp8' run each linear's forward and both backward "
                            "GEMMs in 8 bits (32x32 blocks; fp8: e4m3 forward, e5m2 gradients), keeping only the "
@@ -758,7 +843,7 @@ if __name__ == "__main__":
 
 PLAN_SCHEMA_VERSION = 1
 PLAN_KIND = "attnopt-plan"
-LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16", "w4a8")
+LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16", "w4a8", "nvfp4")
 QUANT_FORMATS = ("int8", "fp8", "fp4", "none")  # a plan's per-site attention formats (attention.quant / pv)
 PV_FORMATS = ("fp16", "fp8", "fp4", "fp8_acc16")
 # calibration tunes topk per head; the config takes one value (a list would be per head there too)

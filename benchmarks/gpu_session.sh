@@ -12,9 +12,11 @@
 #   attention  attention TOPS, attnopt against torch SDPA (flash, cuDNN) and FlexAttention,
 #              4K-32K tokens, head dims 128 and 64
 #   budget     launches and GPU time per op (benchmarks/launch_budget.py --gpu-times: launch_budget.json)
-#   sparse     block-sparse attention at 0.5 sparsity (and 0, 0.9) against attnopt's own dense kernel
+#   sparse     block-sparse attention at 0.5 sparsity (and 0, 0.9) against attnopt's own dense kernel;
+#              the predictors' cost, svg2's warm predictor and whole op (k-means, permutation, kernel)
 #   linear     attnopt's GEMMs (w8a8, fp8, w4a16, w4a8) against cuBLAS bf16, the training linear's
-#              fwd+bwd against bf16's, then a Llama block as time allows
+#              fwd+bwd against bf16's, then a Llama block as time allows; on sm100 / sm120 also the
+#              NVFP4 linear ("attnopt nvfp4" rows of linear_<arch>.json: never timed on a GPU yet)
 #   training   attention forward+backward against SDPA / FlexAttention, then a training step of a
 #              small Qwen3 under attnopt against bf16 eager and Inductor (training_gpu.py)
 # Each step has its own limit in seconds (TESTS_S, ATTN_S, BUDGET_S, SPARSE_S, LINEAR_S, TRAIN_S), cut to

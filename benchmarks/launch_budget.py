@@ -38,7 +38,8 @@ SMALL_LINEAR_SHAPES = {"prefill": dict(m=96, k=256, n=128), "decode": dict(m=4, 
 # (quant, pv, arch): the dense formats, on an arch that runs them natively
 DENSE = (("int8", "fp16", "sm80"), ("int8", "fp8", "sm90"), ("fp8", "fp8", "sm90"), ("fp4", "fp4", "sm100"))
 SPARSE = ("sparge", "xattention", "window", "radial", "block", "svg")
-LINEAR = ("w8a8", "fp8", "w4a16", "w4a8")
+LINEAR = ("w8a8", "fp8", "w4a16", "w4a8", "nvfp4")
+LINEAR_ARCH = {"nvfp4": "sm100"}  # the CPU's rows run each format on an arch that offers it (else sm90)
 
 # the most each row may do per call (issue 15's budgets); None: not bounded
 BUDGETS = {
@@ -110,7 +111,12 @@ def linear_case(phase: str, quant: str, device, arch: str = "sm90", shapes: dict
     x = torch.randn(s["m"], s["k"], generator=g).to(device, torch.float16)
     w = torch.randn(s["n"], s["k"], generator=g) / math.sqrt(s["k"])
     bias = torch.randn(s["n"], generator=g).to(device, torch.float16)
-    if quant == "w4a16":
+    if quant == "nvfp4":
+        from attnopt.codegen.linear.nvfp4 import linear_nvfp4_triton
+        from attnopt.ops.linear_nvfp4_ref import quantize_weight_nvfp4
+
+        fn, args = linear_nvfp4_triton, (x, *(t.to(device) for t in quantize_weight_nvfp4(w)), bias, arch)
+    elif quant == "w4a16":
         from attnopt.codegen.linear.w4a16 import linear_w4a16_triton
 
         packed, sc, zero = (t.to(device) for t in L.quantize_weight_int4(w, L.W4_GROUP))
@@ -154,7 +160,9 @@ def cases(device, shapes: dict = SHAPES, linear_shapes: dict = LINEAR_SHAPES):
         for quant in LINEAR:
             if gpu is not None and quant == "fp8" and "fp8" not in ARCHS[gpu].qk_formats:
                 continue
-            yield ("linear", *linear_case(phase, quant, device, gpu or "sm90", linear_shapes))
+            if gpu is not None and quant == "nvfp4" and "nvfp4" not in ARCHS[gpu].linear_formats:
+                continue
+            yield ("linear", *linear_case(phase, quant, device, gpu or LINEAR_ARCH.get(quant, "sm90"), linear_shapes))
 
 
 def _kernel_times(fn, args) -> dict:

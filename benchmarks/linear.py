@@ -1,4 +1,5 @@
-"""Linear throughput: attnopt's W8A8 / FP8 / W4A16 / W4A8 GEMMs against torch bf16 matmul,
+"""Linear throughput: attnopt's W8A8 / FP8 / W4A16 / W4A8 GEMMs (and NVFP4 where the arch offers
+it: sm100 / sm120, its activation quantizer included) against torch bf16 matmul,
 torch._int_mm and torch._scaled_mm, the training linear's forward + backward (linear.training
 int8 / fp8) against bf16's, plus prefill and decode latency of a Llama-shaped block
 (attention + MLP) compiled with and without attnopt, all in one run. Needs a CUDA GPU.
@@ -24,11 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import attnopt  # noqa: E402
-from attnopt.codegen.arch import detect_arch  # noqa: E402
+from attnopt.codegen.arch import ARCHS, detect_arch  # noqa: E402
+from attnopt.codegen.linear.nvfp4 import linear_nvfp4_triton  # noqa: E402
 from attnopt.codegen.linear.w4a16 import linear_w4a16_triton  # noqa: E402
 from attnopt.codegen.linear.w4a8 import linear_w4a8_triton  # noqa: E402
 from attnopt.codegen.linear.w8a8 import linear_8bit_triton  # noqa: E402
 from attnopt.ops import linear_ref as L  # noqa: E402
+from attnopt.ops.linear_nvfp4_ref import quantize_weight_nvfp4  # noqa: E402
 from attnopt.progress import Progress  # noqa: E402
 
 
@@ -65,6 +68,9 @@ def gemm_rows(shapes, arch, limit: common.TimeLimit):
         fns["attnopt w4a16"] = lambda: linear_w4a16_triton(x, pk, sc, zr, None)
         p8, s8 = L.quantize_weight_w4a8(w)
         fns["attnopt w4a8"] = lambda: linear_w4a8_triton(x, p8, s8, None, arch=arch)
+        if "nvfp4" in ARCHS[arch].linear_formats:
+            q4 = quantize_weight_nvfp4(w)
+            fns["attnopt nvfp4"] = lambda: linear_nvfp4_triton(x, *q4, None, arch)
         with limit.item():
             for name, fn in fns.items():
                 row = {"kind": "gemm", "M": m, "N": n, "K": k, "variant": name}
@@ -109,7 +115,7 @@ def train_rows(shapes, arch, limit: common.TimeLimit):
     return rows
 
 
-def block_rows(seq_lens, limit: common.TimeLimit):
+def block_rows(seq_lens, arch, limit: common.TimeLimit):
     rows = []
     try:
         import transformers
@@ -122,10 +128,13 @@ def block_rows(seq_lens, limit: common.TimeLimit):
     for n in seq_lens:
         bar.note(f"seq {n}")
         ids = torch.randint(0, 32000, (1, n), device="cuda")
-        for name, backend in (("eager", None), ("inductor", "inductor"),
-                              ("attnopt int8 attn", attnopt.backend({})),
-                              ("attnopt int8 attn + w8a8", attnopt.backend({"linear": {"quant": "w8a8"}})),
-                              ("attnopt w4a16", attnopt.backend({"linear": {"quant": "w4a16"}}))):
+        variants = [("eager", None), ("inductor", "inductor"),
+                    ("attnopt int8 attn", attnopt.backend({})),
+                    ("attnopt int8 attn + w8a8", attnopt.backend({"linear": {"quant": "w8a8"}})),
+                    ("attnopt w4a16", attnopt.backend({"linear": {"quant": "w4a16"}}))]
+        if "nvfp4" in ARCHS[arch].linear_formats:
+            variants.append(("attnopt nvfp4", attnopt.backend({"linear": {"quant": "nvfp4"}})))
+        for name, backend in variants:
             if not limit.allows():
                 break
             torch._dynamo.reset()
@@ -169,7 +178,7 @@ def main():
     rows += train_rows([(4096, 4096, 4096)] if args.quick else [(4096, 4096, 4096), (8192, 4096, 11008)], arch,
                        limit)
     common.write(out_name, rows, extra, out_dir=args.out_dir)
-    rows += block_rows([1, 2048] if args.quick else [1, 512, 4096], limit)
+    rows += block_rows([1, 2048] if args.quick else [1, 512, 4096], arch, limit)
     print("wrote", common.write(out_name, rows, {**extra, "stopped_by_time_limit": limit.stopped},
                                 out_dir=args.out_dir))
 

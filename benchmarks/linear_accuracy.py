@@ -1,33 +1,39 @@
-"""Accuracy of the linear formats (rel-L1 and cosine against float64 x W^T), CPU reference
-arithmetic (what the kernels compute; tests hold the kernels to it), DiT-XL-sized linears
-(1152 -> 1152 and 4608 -> 1152, 512 bf16 tokens), two kinds of activations:
+"""Accuracy of each linear format on the CPU reference: rel-L1 and cosine of one linear against
+float64 x W^T (the arithmetic the kernels compute; tests hold the kernels to it), DiT-XL-sized
+linears (1152 -> 1152 and 4608 -> 1152, weights N(0, 1/K), 512 bf16 tokens), two kinds of
+activations:
 
 - normal: standard-normal x;
 - outliers: per-channel scales drawn log-normal (sigma 0.5) and 1% of the channels 30x larger,
   the channel-wise outliers DiT and LLM activations show.
 
-Per format: plain round-to-nearest; SmoothQuant-style channel balancing (alpha 0.5, statistics
-from separate calibration rows: what `linear.smooth` folds, and what ViDiT-Q's static channel
-balance is); AWQ scales searched on the calibration rows (w4a16, w4a8). Errors are measured on
-held-out rows. CPU, a few minutes on two cores.
+Per format (bf16, w8a8, fp8, w4a16, w4a8, nvfp4): plain round-to-nearest; SmoothQuant-style
+channel balancing (alpha 0.5, statistics from separate calibration rows: what `linear.smooth`
+folds, and what ViDiT-Q's static channel balance is); AWQ scales searched on the calibration
+rows (the int4-weight formats w4a16 and w4a8). Errors are measured on held-out rows. The numbers
+of README's linear accuracy table; CPU, a few minutes on two cores.
 
-    python benchmarks/linear_accuracy.py    # writes benchmarks/results/linear_accuracy_cpu.json
+    python benchmarks/linear_accuracy.py    # writes benchmarks/results/linear_accuracy.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 
 import torch
 
-from attnopt.calibration.awq import awq_search
-from attnopt.ops import linear_ref as L
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "linear_accuracy_cpu.json")
+from attnopt.calibration.awq import awq_search  # noqa: E402
+from attnopt.ops import linear_ref as L  # noqa: E402
+
 SHAPES = ((1152, 1152), (4608, 1152))  # (K, N): attention / MLP-up input width, MLP-down
 ROWS = 512
-FORMATS = ("w8a8", "fp8", "w4a16", "w4a8")
+FORMATS = ("bf16", "w8a8", "fp8", "w4a16", "w4a8", "nvfp4")
 
 
 def activations(kind: str, m: int, k: int, gen: torch.Generator, chan: torch.Tensor | None) -> torch.Tensor:
@@ -51,9 +57,12 @@ def metrics(y: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def output(x: torch.Tensor, w: torch.Tensor, fmt: str, s: torch.Tensor | None = None) -> torch.Tensor:
-    """The format's reference output with x / s and W s (s None: as is); x / s rounded to bf16."""
+    """The format's reference output (every M on its GEMM path) with x / s and W s (s None: as
+    is); x / s rounded to bf16. bf16: the unquantized linear on bf16 x and W."""
     if s is not None:
         x, w = (x.double() / s).bfloat16(), (w.double() * s).float()
+    if fmt == "bf16":
+        return torch.nn.functional.linear(x, w.bfloat16())
     return L.format_output(x, L.quantize_format(w, fmt), None, fmt, small_m=0)
 
 
@@ -64,7 +73,10 @@ def smooth_scales(calib: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> t
     return ax ** alpha / aw ** (1 - alpha)
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", default=common.RESULTS)
+    args = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for k, n in SHAPES:
@@ -82,11 +94,8 @@ def main():
                     c = awq_search(calib.float(), w, fmt=fmt)
                     row["awq"] = {**metrics(output(held, w, fmt, c.scales), ref), "alpha": c.alpha}
                 rows.append(row)
-                print(json.dumps(row))
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
-        json.dump({"what": __doc__.splitlines()[0], "torch": torch.__version__, "rows": rows}, f, indent=1)
-    print("wrote", OUT)
+                print(json.dumps(row), flush=True)
+    print("wrote", common.write("linear_accuracy.json", rows, {"what": __doc__.splitlines()[0]}, out_dir=args.out_dir))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,19 @@ def test_every_kernel_variant_compiles(arch):
     assert all(mma in l for l in attn), "\n".join(attn)  # every attention variant runs on tensor cores
     if arch in ("sm100", "sm120"):
         assert any("fp4/fp4" in l and "mxf4nvf4" in l for l in attn)  # NVFP4 lowers to block-scaled MMA
+        assert all("mxf4nvf4" in l for l in compiled if "_nvfp4_gemm_kernel" in l)  # the NVFP4 linear too
+        assert any("_nvfp4_gemm_kernel" in l for l in compiled)
+
+
+@pytest.mark.slow
+def test_the_nvfp4_linear_compiles_to_block_scaled_fp4_mma_on_sm100():
+    """The NVFP4 GEMM's tl.dot_scaled lowers to tcgen05's mxf4nvf4 with 16-element e4m3 scales
+    (the interpreter tests cannot see this); the quantizer fits too. ~13 s on 2 cores."""
+    proc = _compile_check("--arch", "sm100", "--driver", "linear nvfp4", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    gemm = [l for l in proc.stdout.splitlines() if l.startswith("sm100") and "_nvfp4_gemm_kernel" in l]
+    assert len(gemm) == 2 and all("mxf4nvf4.block_scale.block16" in l for l in gemm), proc.stdout
+    assert sum("_quant_act_nvfp4_ker" in l for l in proc.stdout.splitlines()) == 2, proc.stdout
 
 
 def test_a_driver_that_raises_is_a_failed_row(monkeypatch):

@@ -148,7 +148,7 @@ def test_options_are_typed_and_read_by_attribute():
     assert normalize_options(None).plan is None and normalize_options(None).attention.sparsity is None
     with pytest.raises(TypeError):
         o["attention"]  # no dict-style access: every reader uses attributes
-    assert set(SPARSITY_METHODS) == {"sparge", "xattention", "window", "radial", "block", "svg", "vsa"}
+    assert set(SPARSITY_METHODS) == {"sparge", "xattention", "window", "radial", "block", "svg", "svg2", "vsa"}
     assert all(cls.method == name for name, cls in SPARSITY_METHODS.items())
 
 
@@ -197,7 +197,7 @@ def test_to_json_format_is_unchanged():
     """to_json() is hashed into the cache keys: its format stays what it was (sorted keys, compact)."""
     assert normalize_options(None).to_json() == (
         '{"arch":"auto","attention":{"allow_fp32":false,"backward":"int8","decode":false,"enabled":true,"exclude":[],"include":["*"],'
-        '"min_seq_len":128,"pv":"auto","quant":"int8","smooth_k":true,"smooth_q":false,"sparsity":null},'
+        '"min_seq_len":128,"pv":"auto","quant":"int8","schedule":[],"smooth_k":true,"smooth_q":false,"sparsity":null},'
         '"linear":{"exclude":["lm_head","*.lm_head"],"include":["*"],"min_m":17,"quant":"none","smooth":null,'
         '"training":"off"},'
         '"on_cpu":"emulate","plan":null}')

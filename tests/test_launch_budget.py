@@ -44,6 +44,8 @@ COVERED = {
     **{f"attention-int8-fp16-{m}-prefill": "test_sparse_budget.py::test_sparse_call_budget" for m in LB.SPARSE},
     "linear-w8a8-dense-prefill": "test_linear_budget.py::test_8bit_launch_and_pass_budget",
     "linear-fp8-dense-prefill": "test_linear_budget.py::test_8bit_launch_and_pass_budget",
+    **{f"linear-nvfp4-dense-{p}": "test_linear_nvfp4.py::test_two_launches_and_no_torch_side_pass"
+       for p in ("prefill", "decode")},
 }
 ROWS = [pytest.param(c, id=_label(c), marks=[pytest.mark.slow] if _label(c) in COVERED else []) for c in CASES]
 

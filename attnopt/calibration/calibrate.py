@@ -377,7 +377,7 @@ def _linear_site(key, calls, cap: Captured, opts, lin_cap, search, cost) -> P.Si
     w, _bias = cap.weights[key]
     arch = cap.arch
     cm = CostModel(arch, measured=cost)
-    fmts = [f for f in ("fp8", "w8a8", "w4a16", "w4a8") if f in ARCHS[arch].linear_formats]
+    fmts = [f for f in ("fp8", "w8a8", "w4a16", "w4a8", "nvfp4") if f in ARCHS[arch].linear_formats]
     x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
     own = linear_errors(x, w.to(x.device), fmts)
     rows = [int(c.get("rows", c["x"].reshape(-1, c["x"].shape[-1]).shape[0])) for c in calls]

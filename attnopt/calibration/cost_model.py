@@ -35,8 +35,11 @@ tensor-core rate, bytes moved / HBM bandwidth) + LAUNCH_S.
   `FUSED_QUANT_MAX_M` rows quantize the activation in a pre-kernel (a second launch that reads
   it in 16-bit and writes it in 8-bit for the GEMM to read). W4A8 quantizes the activation the
   same way and multiplies at the INT8 rate, reading 4-bit weights plus an fp32 scale per 128
-  inputs. Small M is memory-bound: the weight's bytes decide, so W4A16 and W4A8 win decode and
-  the 8-bit-activation GEMMs win prefill, W4A8 with half W8A8's weight bytes.
+  inputs. NVFP4 (sm100+) always quantizes the activation in a pre-kernel (4 bits plus an e4m3
+  scale per 16 elements and an fp32 per row, the weight alike per output channel) and
+  multiplies at the FP4 rate. Small M is memory-bound: the weight's bytes decide, so the 4-bit
+  weights (W4A16, W4A8, NVFP4) win decode and the low-bit-activation GEMMs win prefill, W4A8
+  with half W8A8's weight bytes.
 
 What is ignored: the softmax's exponentials and other non-tensor-core arithmetic, caches (K and
 V are read from HBM once per launch however many query blocks revisit them), per-block scales of
@@ -129,7 +132,7 @@ THROUGHPUT: dict[str, Throughput] = {
 # bytes per element stored in each format (NVFP4: 4 bits plus one e4m3 scale per 16 elements)
 BYTES = {"none": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "fp8_acc16": 1.0, "fp4": 0.5 + 1 / 16}
 
-PREDICTORS = ("sparge", "xattention", "svg", "vsa")  # methods with a predictor launch per call
+PREDICTORS = ("sparge", "xattention", "svg", "svg2", "vsa")  # methods with a predictor launch per call
 STATIC_METHODS = ("window", "radial", "block")  # masks built once and cached
 
 # benchmarks/attention.py's variant names -> (quant, pv); its 16-bit baseline
@@ -138,7 +141,8 @@ ATTENTION_VARIANTS = {"attnopt int8+f16pv": ("int8", "fp16"), "attnopt int8+fp8p
                       "attnopt fp8+fp8pv": ("fp8", "fp8"), "attnopt nvfp4": ("fp4", "fp4")}
 ATTENTION_BASELINE = "sdpa flash"
 # benchmarks/linear.py's variant names -> format; its 16-bit baseline
-LINEAR_VARIANTS = {"attnopt w8a8": "w8a8", "attnopt fp8": "fp8", "attnopt w4a16": "w4a16", "attnopt w4a8": "w4a8"}
+LINEAR_VARIANTS = {"attnopt w8a8": "w8a8", "attnopt fp8": "fp8", "attnopt w4a16": "w4a16", "attnopt w4a8": "w4a8",
+                   "attnopt nvfp4": "nvfp4"}
 LINEAR_BASELINE = "torch bf16"
 
 
@@ -220,6 +224,11 @@ def _predictor_phase(tp: Throughput, method: str, params: dict, b: int, hq: int,
         rows = min(int(params.get("sample_rows", 32)), nq)
         flops = 8.0 * b * hq * rows * nk * d
         read = 2 * k16
+    elif method == "svg2":  # warm k-means (each iteration and the last assignment: one distance GEMM) + gathers
+        its = int(params.get("warm_iters", 2)) + 1
+        qc, kc = min(int(params.get("q_clusters", 100)), nq), min(int(params.get("k_clusters", 500)), nk)
+        flops = 2.0 * its * (b * hq * nq * qc + b * hkv * nk * kc) * d
+        read = its * (q16 + k16) + 2 * (q16 + 2 * k16)  # k-means passes; Q, K, V permuted (read and written)
     else:
         raise ValueError(f"unknown predictor {method!r}")
     return Phase(f"predict {method}", flops / tp.fp16, (read + lut) / tp.hbm)
@@ -290,6 +299,10 @@ def linear_phases(arch: str, m: int, n: int, k: int, fmt: str) -> list[Phase]:
     if fmt == "w4a16":
         weight = n * k / 2 + 8.0 * n * -(-k // W4_GROUP)
         return [Phase("gemm", flops / tp.fp16, (weight + 2.0 * m * k + out) / tp.hbm)]
+    if fmt == "nvfp4":
+        weight, act4 = BYTES["fp4"] * n * k + 4.0 * n, BYTES["fp4"] * m * k + 4.0 * m
+        return [Phase("quantize activation", 0.0, (2.0 * m * k + act4) / tp.hbm),
+                Phase("gemm", flops / tp.rate("fp4"), (weight + act4 + out) / tp.hbm)]
     if fmt == "w4a8":  # 4 bits and an fp32 scale per group of 128 inputs
         weight = n * k / 2 + 4.0 * n * -(-k // W4_GROUP)
     else:
@@ -304,7 +317,7 @@ def linear_phases(arch: str, m: int, n: int, k: int, fmt: str) -> list[Phase]:
 
 def linear_time(arch: str, m: int, n: int, k: int, fmt: str) -> float:
     """Estimated seconds of one linear of M rows, N outputs, K inputs in `fmt` on `arch`
-    (none / w8a8 / fp8 / w4a16 / w4a8; analytical, see the module docstring)."""
+    (none / w8a8 / fp8 / w4a16 / w4a8 / nvfp4; analytical, see the module docstring)."""
     return sum(p.time for p in linear_phases(arch, m, n, k, fmt))
 
 

@@ -12,7 +12,7 @@ import torch
 from ..config import SparsityOptions
 from ..ops import sparse_ref as R
 from ..ops.attention_ref import attention_exact
-from ..ops.sparse import block_sparsity, predict_block_mask, pv_thresholds
+from ..ops.sparse import PERMUTED_METHODS, block_sparsity, predict_block_mask, pv_thresholds
 
 MIN_GAIN = 0.1  # heads sparser than this are not worth a sparse kernel (SpargeAttn's rule)
 # Sparge's self-similarity thresholds, searched per head; -1 turns the rule off (no block is
@@ -66,20 +66,58 @@ class SiteSearch:
         self.heads = calls[0]["q"].shape[1]
         self.chunks = [row_chunks(c["q"].shape[2], max_rows) for c in calls]
         self.refs = [[_exact(_rows(c, r0, r1)) for r0, r1 in chunks] for c, chunks in zip(calls, self.chunks)]
+        self._centroids = None  # svg2's clustering of each call (ops/svg2.CentroidState), made once
 
     def _outputs(self, c: dict, chunks, keep: torch.Tensor, quant: str, pv: str, lam):
         """The rewritten site's output on each chunk of rows, blocks chosen on the whole call."""
         for r0, r1 in chunks:
             yield _run(_rows(c, r0, r1), keep[:, :, r0 // 128:-(-r1 // 128)], quant, pv, self.smooth_k, self.arch, lam)
 
+    def _sparse(self, i: int, c: dict, chunks, params: dict, quant: str, pv: str):
+        """(outputs on each chunk, the block mask the sparsity is counted on) of call i."""
+        if params["method"] in PERMUTED_METHODS:
+            lay = self._layout(i, c, params)
+            return self._permuted_outputs(c, chunks, lay, quant, pv), lay.keep
+        keep = self._keep(c, params)
+        return self._outputs(c, chunks, keep, quant, pv, pv_thresholds(params, self.heads, c["q"].device)), keep
+
+    def _layout(self, i: int, c: dict, params: dict):
+        """svg2's layout of call i. k-means runs once per call and cluster counts (its cold start
+        is deterministic, so it is the clustering a fresh run finds): later candidates reuse its
+        centroids as they are (warm_iters 0) and only the pair selection changes."""
+        from ..ops import svg2
+
+        if self._centroids is None:
+            self._centroids = svg2.CentroidState()
+        return svg2.predict_layout(c["q"], c["k"], {**params, "warm_iters": 0}, c["scale"], self._centroids, str(i))
+
+    def _permuted_outputs(self, c: dict, chunks, lay, quant: str, pv: str):
+        """svg2's output on each chunk of rows, in the original order: quantized attention where
+        the (query, key) pair lies in a kept block of the permuted layout. (The kernel quantizes
+        Q and K in blocks of the permuted order; this reference, in blocks of the original one.)"""
+        from ..ops.attention_ref import attention_reference
+
+        nkb = lay.keep.shape[-1]
+        g = self.heads // c["k"].shape[1]
+        block_q = lay.perm_q.argsort(dim=-1) // R.BQ  # [B, H, Nq] each row's permuted q-block
+        block_k = (lay.perm_k.argsort(dim=-1) // R.BK).repeat_interleave(g, 1)  # [B, H, Nk]
+        for r0, r1 in chunks:
+            sub = _rows(c, r0, r1)
+            rows = lay.keep.gather(2, block_q[:, :, r0:r1, None].expand(-1, -1, -1, nkb))
+            kept = rows.gather(3, block_k[:, :, None, :].expand(-1, -1, r1 - r0, -1))
+            bias = 0.0 if sub["attn_bias"] is None else sub["attn_bias"].float()
+            bias = torch.where(kept, bias, torch.full((), float("-inf"), device=kept.device))
+            yield attention_reference(sub["q"], sub["k"], sub["v"], bias, sub["keep_mask"], sub["masked_value"],
+                                      False, 0, sub["scale"], quant, pv, self.smooth_k, False,
+                                      softcap=sub.get("softcap", 0.0))
+
     def evaluate(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(rel-L1 [H], block sparsity [H]) of the rewritten site under `params`."""
         num = den = 0
         sparsity = torch.zeros(self.heads, dtype=torch.float64)
-        for c, chunks, refs in zip(self.calls, self.chunks, self.refs):
-            keep = self._keep(c, params)
-            lam = pv_thresholds(params, self.heads, c["q"].device)
-            for out, ref in zip(self._outputs(c, chunks, keep, self.quant, self.pv, lam), refs):
+        for i, (c, chunks, refs) in enumerate(zip(self.calls, self.chunks, self.refs)):
+            outs, keep = self._sparse(i, c, chunks, params, self.quant, self.pv)
+            for out, ref in zip(outs, refs):
                 n, d = _per_head_rel_l1(out, ref)
                 num, den = num + n, den + d
             nq, nk = c["q"].shape[2], c["k"].shape[2]
@@ -100,12 +138,11 @@ class SiteSearch:
 
         worst = 0.0
         params = choice.get("sparsity")
-        for c, chunks, refs in zip(self.calls, self.chunks, self.refs):
+        for i, (c, chunks, refs) in enumerate(zip(self.calls, self.chunks, self.refs)):
             if params is None:
                 outs = (attention_output(_rows(c, r0, r1), choice, site) for r0, r1 in chunks)
             else:
-                outs = self._outputs(c, chunks, self._keep(c, params), choice["quant"], choice["pv"],
-                                     pv_thresholds(params, self.heads, c["q"].device))
+                outs = self._sparse(i, c, chunks, params, choice["quant"], choice["pv"])[0]
             num = den = 0.0
             for out, ref in zip(outs, refs):
                 n, d = _per_head_rel_l1(out, ref)
@@ -185,6 +222,12 @@ def search_site(search: SiteSearch, sp: SparsityOptions, target: float, second_s
     elif method == "xattention":
         x, ok, _, _ = _bisect(search, lambda t: {**base, "tau": t.tolist()}, 0.05, 1.0, target)
         params = {**base, "tau": x.tolist()}
+    elif method == "svg2" and any(bool(c["is_causal"]) for c in search.calls):
+        return {"kind": "attention", "dense": True, "error": {"rel_l1": [0.0] * h},
+                "stats": {"sparsity": [0.0] * h, "note": "svg2 has no causal form"}}
+    elif method == "svg2":  # the centroid mass each query cluster keeps, per head
+        x, ok, _, _ = _bisect(search, lambda t: {**base, "top_p": t.tolist()}, 0.05, 1.0, target)
+        params = {**base, "top_p": x.tolist()}
     elif method == "vsa":  # the share of key tiles each query tile keeps, per head
         x, ok, _, _ = _bisect(search, lambda t: {**base, "topk": t.tolist()}, 0.05, 1.0, target)
         params = {**base, "topk": x.tolist()}

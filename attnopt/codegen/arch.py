@@ -9,7 +9,7 @@ forces a row; "cpu" is the pure-PyTorch reference path, which emulates every for
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -81,12 +81,6 @@ class ArchSpec:
         if pv not in self.pv_formats:
             return f"P.V format {pv!r} needs {_needs(pv)} (target is {self.name})"
         return None
-
-
-def linear_format_needs(fmt: str) -> str:
-    """What a linear format needs of the GPU (the reason a target without it refuses it): FP8
-    tensor cores from sm89, INT8 ones (w8a8, w4a8) and 16-bit ones (w4a16) from sm80."""
-    return {"fp8": "sm89+", "w8a8": "sm80+", "w4a8": "sm80+", "w4a16": "sm80+"}.get(fmt, "another arch")
 
 
 def fp4_tiles(tiles: tuple[Tile, ...]) -> tuple[Tile, ...]:
@@ -163,6 +157,17 @@ ARCHS: dict[str, ArchSpec] = {
     "cpu": ArchSpec("cpu", None, ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4", "fp8_acc16"), "fp16", True, False, 0,
                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
 }
+
+# NVFP4 linears (W4A4, tl.dot_scaled with e4m3 group scales) wherever NVFP4 runs natively
+ARCHS = {name: replace(s, linear_formats=s.linear_formats + ("nvfp4",)) if s.fp4 else s for name, s in ARCHS.items()}
+
+
+def linear_needs(fmt: str) -> str:
+    """The archs a linear format needs, for the reason a target without it is refused: the tensor
+    cores of its GEMM's operands (NVFP4 from sm100, FP8 from sm89, INT8 for w8a8 / w4a8 and 16-bit
+    for w4a16 from sm80)."""
+    return _needs({"nvfp4": "fp4", "w8a8": "int8", "w4a8": "int8", "w4a16": "fp16"}.get(fmt, fmt))
+
 
 if tuple(a for a in ARCHS if a != "cpu") != switches.GPU_ARCHS:
     raise ImportError(f"attnopt.switches.GPU_ARCHS {switches.GPU_ARCHS} must list codegen/arch.py's GPU rows")

@@ -339,6 +339,21 @@ def drive_w4a8(arch, spec, cap):
             linear_w4a8_triton(torch.randn(m, 512, dtype=torch.bfloat16), pk, sc, None, arch=arch, tile=t)
 
 
+@driver("linear nvfp4")
+def drive_nvfp4(arch, spec, cap):
+    """The NVFP4 linear's activation quantizer and block-scaled GEMM, where the arch offers it
+    (one tile: not autotuned); K 600 is not a multiple of the GEMM's 128-deep step."""
+    from ..ops.linear_nvfp4_ref import quantize_weight_nvfp4
+    from .linear.nvfp4 import linear_nvfp4_triton
+
+    if "nvfp4" not in spec.linear_formats:
+        return
+    for m, k, dtype in ((200, 512, torch.bfloat16), (1, 600, torch.float16)):
+        q = quantize_weight_nvfp4(torch.randn(256, k) * 0.05)
+        cap.label = f"linear nvfp4 M={m} K={k} {str(dtype)[6:]}"
+        linear_nvfp4_triton(torch.randn(m, k, dtype=dtype), *q, torch.randn(256, dtype=dtype), arch)
+
+
 @driver("linear training")
 def drive_linear_training(arch, spec, cap):
     """The training linear's per-block quantizer (INT8, e4m3, e5m2) and block GEMM: forward (with

@@ -10,6 +10,11 @@ the middle. Every other processor (rotary embeddings, joint text-video attention
 is kept and the reason logged: those models can be compiled with `backend="attnopt"` instead,
 which rewrites the attention inside any processor. AttnoptProcessor raises on inputs it does not
 implement (rotary embeddings, extra arguments) instead of ignoring them.
+
+Models whose processors go through diffusers' attention dispatcher (Flux, Wan, HunyuanVideo,
+QwenImage, ...) can instead use attnopt as a dispatcher backend, without torch.compile:
+`register_backend(options)`, `track_sites(model)`, `model.set_attention_backend("attnopt")`
+(diffusers_backend.py).
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.attention import attention
+from .diffusers_backend import decisions, register_backend, use_backend
+from .diffusers_sites import track_sites
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+
+__all__ = ["AttnoptProcessor", "apply", "swappable", "register_backend", "track_sites", "use_backend", "decisions"]
 
 
 class AttnoptProcessor:

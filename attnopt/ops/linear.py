@@ -1,5 +1,5 @@
-"""`torch.ops.attnopt.linear_8bit` / `linear_w4a16` / `linear_w4a8`: the ops quantized linear sites
-become, and the probe `attnopt.inspect` / `attnopt.calibrate` put there instead.
+"""`torch.ops.attnopt.linear_8bit` / `linear_w4a16` / `linear_w4a8` / `linear_nvfp4`: the ops quantized
+linear sites become, and the probe `attnopt.inspect` / `attnopt.calibrate` put there instead.
 
 Weights arrive already quantized (once, at compile time). On CUDA the body launches the Triton
 GEMMs (inlined by Inductor); elsewhere it is the pure-PyTorch reference arithmetic.
@@ -13,6 +13,7 @@ import torch
 
 from ..metrics import compare
 from . import linear_ref as L
+from .linear_nvfp4_ref import linear_nvfp4_ref
 from .probe import _CAPTURES, _OVERRIDES, _SINKS, _TIMERS, linear_grad_format
 
 
@@ -68,6 +69,22 @@ def _(x, packed, scale, bias, group, arch, impl):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
+@torch.library.triton_op("attnopt::linear_nvfp4", mutates_args=())
+def linear_nvfp4(x: torch.Tensor, packed: torch.Tensor, gscale: torch.Tensor, outer: torch.Tensor,
+                 bias: Optional[torch.Tensor], arch: str, impl: str) -> torch.Tensor:
+    """x [..., K] @ W^T + b, W and (per call, per token) x in NVFP4 (ops/linear_nvfp4_ref.py)."""
+    if _triton(x, arch, impl):
+        from ..codegen.linear.nvfp4 import linear_nvfp4_triton
+
+        return linear_nvfp4_triton(x, packed, gscale, outer, bias, arch)
+    return linear_nvfp4_ref(x, packed, gscale, outer, bias)
+
+
+@linear_nvfp4.register_fake
+def _(x, packed, gscale, outer, bias, arch, impl):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
 _CAPTURE_ROWS = 4096  # rows of activations kept per site per call for calibration
 
 
@@ -77,8 +94,8 @@ def linear_probe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  probe_key: str) -> torch.Tensor:
     """The quantized linear (or, fmt 'none', the original) plus, on the side, its error against
     float64 x W^T + b, and (calibration) per-input-channel max |x| and a sample of rows.
-    weight is the original [N, K]; (q0, q1, q2) = (wq, ws, -), (packed, scale, zero) (w4a16) or
-    (packed, scale, -) (w4a8)."""
+    weight is the original [N, K]; (q0, q1, q2) = (wq, ws, -), (packed, scale, zero) (w4a16),
+    (packed, scale, -) (w4a8) or (packed, group scales, outer scales) (nvfp4)."""
     def original():
         return torch.nn.functional.linear(x, weight, bias)
 
@@ -89,6 +106,8 @@ def linear_probe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             return linear_w4a16(x, q0, q1, q2, bias, L.W4_GROUP, arch, "auto")
         if fmt == "w4a8":
             return linear_w4a8(x, q0, q1, bias, L.W4A8_GROUP, arch, "auto")
+        if fmt == "nvfp4":
+            return linear_nvfp4(x, q0, q1, q2, bias, arch, "auto")
         return original()
 
     sink_id, _, key = probe_key.partition("/")

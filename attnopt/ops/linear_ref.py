@@ -13,6 +13,7 @@ The CPU path of the linear ops and what the Triton GEMMs are tested against:
   activations per token INT8 at run time (as W8A8). Each group's int8 x int4 dot is an exact
   int32 partial sum; partial * group scale is added up in fp32 over the groups, then times the
   token's scale, + bias. Every M takes this path (no weight-only small-M path).
+- NVFP4 (W4A4, sm100+): ops/linear_nvfp4_ref.py; quantize_format / format_output dispatch to it.
 - Small M (decode, conditioning): W8A8 / FP8 weights are used without quantizing the
   activation (a weight-only GEMV path, more accurate, and what small M can use).
 """
@@ -20,6 +21,8 @@ The CPU path of the linear ops and what the Triton GEMMs are tested against:
 from __future__ import annotations
 
 import torch
+
+from . import linear_nvfp4_ref as F
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -164,13 +167,15 @@ def linear_w4a8_ref(x, packed, scale, bias, group: int = W4A8_GROUP) -> torch.Te
 
 def quantize_format(w: torch.Tensor, fmt: str) -> tuple:
     """A linear format's compile-time weight tensors: (wq, ws) 8-bit, (packed, scales, zeros)
-    w4a16, (packed, scales) w4a8."""
+    w4a16, (packed, scales) w4a8, (packed, group scales, outer scales) nvfp4."""
     if fmt in ("w8a8", "fp8"):
         return quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
     if fmt == "w4a16":
         return quantize_weight_int4(w)
     if fmt == "w4a8":
         return quantize_weight_w4a8(w)
+    if fmt == "nvfp4":
+        return F.quantize_weight_nvfp4(w)
     raise ValueError(f"no quantized weights for linear format {fmt!r}")
 
 
@@ -182,6 +187,8 @@ def format_output(x: torch.Tensor, q: tuple, bias, fmt: str, small_m: int = 16) 
         return linear_w4a16_ref(x, *q, bias)
     if fmt == "w4a8":
         return linear_w4a8_ref(x, *q, bias)
+    if fmt == "nvfp4":
+        return F.linear_nvfp4_ref(x, *q, bias)
     raise ValueError(f"no reference for linear format {fmt!r}")
 
 
@@ -196,4 +203,6 @@ def weight_bytes(fmt: str, n: int, k: int, orig_elem: int) -> tuple[int, int]:
     if fmt == "w4a8":
         g = -(-k // W4A8_GROUP)
         return before, n * g * W4A8_GROUP // 2 + 4 * n * g
+    if fmt == "nvfp4":
+        return before, F.weight_bytes(n, k)
     return before, before

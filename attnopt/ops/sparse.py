@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import aot_inline
 from . import sparse_ref as R
@@ -21,6 +22,7 @@ from ..switches import use_triton as use_triton_for
 
 STATIC_METHODS = ("window", "radial", "block")  # masks from the parameters and shapes alone
 PREDICTED_METHODS = ("sparge", "xattention", "svg", "vsa")  # masks predicted from each call's Q / K (/ V)
+PERMUTED_METHODS = ("svg2",)  # masks over a permuted token order, with per-site state (ops/svg2.py)
 
 
 def head_tensors(params: Params, hq: int, device) -> dict:
@@ -155,6 +157,9 @@ def predict_block_mask(q, k, v, params, scale: float, is_causal: bool, causal_of
     params = freeze(params)
     b, hq = q.shape[0], q.shape[1]
     method = params["method"]
+    if method in PERMUTED_METHODS:
+        raise ValueError(f"sparsity {method!r} keeps blocks of a permuted token order, not of the sequence's: "
+                         "it has no block mask to calibrate or train with")
     if method in STATIC_METHODS:
         return static_mask(q, k, params, is_causal, causal_offset, use_triton).expand(b, hq, -1, -1).clone()
     if method not in PREDICTED_METHODS:
@@ -212,6 +217,13 @@ def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal
     params = freeze(params)
     use_triton = use_triton_for(q, arch, impl)
     nq, nk = q.shape[2], k.shape[2]
+    if params["method"] in PERMUTED_METHODS:
+        from . import svg2
+
+        out, lay = svg2.svg2_attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, scale, quant, pv,
+                                       smooth_k, arch, params, use_triton, svg2.STATE, str(params.get("site", "")),
+                                       softcap)
+        return (out, {"sparsity": block_sparsity(lay.keep, nq, nk, False, 0)}) if return_stats else out
     if use_triton:
         from ..codegen.attention.launch import attention_triton
 
@@ -256,8 +268,11 @@ def _sparse_attention_body(
     `softcap` > 0 soft-caps the logits as in `attnopt::attention` (the predictors see raw logits:
     the cap is monotonic, so the blocks they rank highest stay the highest)."""
     check_attention_operands("attnopt::sparse_attention", q, k, v, attn_bias, keep_mask)
+    params = parse(sparsity)
+    if params["method"] in PERMUTED_METHODS and is_fake(q):  # aot_inline then keeps the call, which runs per
+        raise RuntimeError(f"sparsity {params['method']!r} keeps per-site state: not traced into a graph")  # call
     return sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal, causal_offset, scale, quant,
-                                 pv, smooth_k, arch, impl, parse(sparsity), softcap=softcap)
+                                 pv, smooth_k, arch, impl, params, softcap=softcap)
 
 
 sparse_attention_op = torch.library.triton_op(

@@ -97,6 +97,81 @@ def sparsity_for(opts, key: str, heads: int) -> tuple[dict | None, str | None]:
     return dict(default), note
 
 
+def check_selected(a, module: str) -> None:
+    """Raise Reject unless the attention options `a` select the site at module path `module`
+    and ask for a change there."""
+    if not a.enabled:
+        raise Reject("attention.enabled is false")
+    why = glob_selected(module, list(a.include), list(a.exclude))
+    if why:
+        raise Reject(why)
+    if a.quant == "none" and a.sparsity is None:
+        raise Reject("attention.quant is 'none' and no sparsity is configured: nothing to change")
+
+
+def check_operands(a, dtypes: tuple, device_type: str, d: int, dv: int, nq, nk) -> None:
+    """Raise Reject unless the options `a` rewrite operands of these dtypes (q, k, v), device,
+    head dims and query / key lengths (symbolic lengths may install a guard)."""
+    dtype = dtypes[0]
+    if dtype not in _DTYPES_16 and not (dtype == torch.float32 and a.allow_fp32):
+        raise Reject(f"dtype {dtype} (fp16/bf16 only; fp32 needs attention.allow_fp32)")
+    if len(set(dtypes)) != 1:
+        raise Reject("q/k/v dtypes differ ({}, {}, {})".format(*dtypes))
+    if device_type not in ("cuda", "cpu"):
+        raise Reject(f"device {device_type}")
+    for name, x in (("head dim", d), ("value head dim", dv)):
+        if x > MAX_HEAD_DIM:
+            raise Reject(f"{name} {x} > {MAX_HEAD_DIM}")
+    if isinstance(nq, int) and nq == 1 and not a.decode:
+        raise Reject("decode (one query token): stays dense unless attention.decode is true")
+    if a.min_seq_len and not bool(nk >= a.min_seq_len):  # may guard on a symbolic length
+        raise Reject(f"key length {nk} < attention.min_seq_len ({a.min_seq_len})")
+
+
+def choose_formats(opts, key: str, spec: ArchSpec, heads: int, nq, nk, device_type: str,
+                   causal: bool = False) -> tuple[str, str, dict | None, str | None]:
+    """(quant, resolved pv, sparsity or None, note or None) for the site `key`: its calibrated
+    plan entry over `opts.attention`. Raise Reject where the result would change nothing or the
+    target cannot run it. The compile pass and the diffusers backend both decide here."""
+    a = opts.attention
+    entry = opts.plan.site(key) if opts.plan is not None else None
+    entry = entry if entry is not None and entry.get("kind") == "attention" else {}
+    if entry.get("original"):
+        raise Reject("the calibrated plan keeps this site as it was (its error budget is spent elsewhere, "
+                     "or no rewrite met it)")
+    quant = entry.get("quant", a.quant)
+    pv = entry.get("pv") or resolve_pv(a.pv, quant, spec)
+    if quant == "none" and pv in ("fp8", "fp4", "fp8_acc16"):
+        raise Reject(f"pv {pv!r} needs a quantized QK^T (attention.quant)")
+    why = spec.supports(quant, pv) or on_cpu.skip_reason(device_type, opts)
+    if why:
+        raise Reject(why)
+    sparsity, note = sparsity_for(opts, key, heads)
+    if note:
+        log.warning("attnopt: attention site %s: %s", key, note)
+    if sparsity is not None and sparsity.get("min_seq_len") and not bool(nk >= sparsity["min_seq_len"]):
+        sparsity = None  # short: dense quantized attention (may guard on a symbolic length); no warning
+        note = (note + "; " if note else "") + f"dense: key length {nk} < sparsity.min_seq_len"
+    if sparsity is not None and sparsity["method"] == "svg2":  # ops/svg2.py: its centroids are kept per site
+        if causal:
+            sparsity, note = None, (note + "; " if note else "") + "dense: svg2 permutes tokens, no causal form"
+        else:
+            sparsity = {**sparsity, "site": key}
+    if sparsity is None and quant == "none":
+        raise Reject((note + "; " if note else "plan keeps this site dense and ") + "attention.quant is 'none': "
+                     "nothing to change")
+    if sparsity is not None and sparsity["method"] == "block":
+        if not (isinstance(nq, int) and isinstance(nk, int)):
+            raise Reject("a user block mask needs static sequence lengths")
+        bs = sparsity["block_size"]
+        need = (-(-nq // bs), -(-nk // bs))
+        mask = sparsity["mask"]
+        got = (len(mask[0]), len(mask[0][0])) if isinstance(mask[0][0], list) else (len(mask), len(mask[0]))
+        if got != need:
+            raise Reject(f"block mask is {got[0]}x{got[1]} blocks; this site needs {need[0]}x{need[1]}")
+    return quant, pv, sparsity, note
+
+
 # what attnopt's attention backward differentiates (docs/algorithms.md#attention-backward)
 TRAINABLE_SOFTCAP = True
 
@@ -112,13 +187,7 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     `training`: the graph will be differentiated; `grad` says which of its values need a
     gradient (None: autograd is already traced, as in the joint-graph fallback)."""
     a = opts.attention
-    if not a.enabled:
-        raise Reject("attention.enabled is false")
-    why = glob_selected(site.module, list(a.include), list(a.exclude))
-    if why:
-        raise Reject(why)
-    if a.quant == "none" and a.sparsity is None:
-        raise Reject("attention.quant is 'none' and no sparsity is configured: nothing to change")
+    check_selected(a, site.module)
     if training and grad is None:  # checked before the matcher's reasons: a joint graph's saved tensors trip those
         raise Reject(JOINT_GRAPH)
     if training and a.backward == "off":
@@ -137,54 +206,13 @@ def decide(site: AttentionSite, opts, spec: ArchSpec, training: bool, key: str =
     if training and any(grad(n) for n in _bias_sources(site)):
         raise Reject("the attention bias needs a gradient (a learnable bias): attnopt's attention backward "
                      "gives none, left for autograd")
-    if q.dtype not in _DTYPES_16 and not (q.dtype == torch.float32 and a.allow_fp32):
-        raise Reject(f"dtype {q.dtype} (fp16/bf16 only; fp32 needs attention.allow_fp32)")
-    if len({q.dtype, k.dtype, v.dtype}) != 1:
-        raise Reject(f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if q.device.type not in ("cuda", "cpu"):
-        raise Reject(f"device {q.device.type}")
     d = static_int(_size(site.q.cols))
     dv = static_int(_size(site.v.cols))
-    for name, x in (("head dim", d), ("value head dim", dv)):
-        if x > MAX_HEAD_DIM:
-            raise Reject(f"{name} {x} > {MAX_HEAD_DIM}")
     nq, nk = _size(site.q.rows), _size(site.k.rows)
-    if isinstance(nq, int) and nq == 1 and not a.decode:
-        raise Reject("decode (one query token): stays dense unless attention.decode is true")
-    if a.min_seq_len and not bool(nk >= a.min_seq_len):  # may guard on a symbolic length
-        raise Reject(f"key length {nk} < attention.min_seq_len ({a.min_seq_len})")
-    entry = opts.plan.site(key) if opts.plan is not None else None
-    entry = entry if entry is not None and entry.get("kind") == "attention" else {}
-    if entry.get("original"):
-        raise Reject("the calibrated plan keeps this site as it was (its error budget is spent elsewhere, "
-                     "or no rewrite met it)")
-    quant = entry.get("quant", a.quant)
-    pv = entry.get("pv") or resolve_pv(a.pv, quant, spec)
-    if quant == "none" and pv in ("fp8", "fp4", "fp8_acc16"):
-        raise Reject(f"pv {pv!r} needs a quantized QK^T (attention.quant)")
-    why = spec.supports(quant, pv) or on_cpu.skip_reason(q.device.type, opts)
-    if why:
-        raise Reject(why)
+    check_operands(a, (q.dtype, k.dtype, v.dtype), q.device.type, d, dv, nq, nk)
     heads = static_int(site.heads) if site.heads is not None else static_int(_size(site.q.batch[-1:]))
-    sparsity, note = sparsity_for(opts, key, heads)
-    if note:
-        log.warning("attnopt: attention site %s: %s", key, note)
-    if sparsity is not None and sparsity.get("min_seq_len") and not bool(nk >= sparsity["min_seq_len"]):
-        sparsity = None  # short: dense quantized attention (may guard on a symbolic length); no warning
-        note = (note + "; " if note else "") + f"dense: key length {nk} < sparsity.min_seq_len"
-    if sparsity is None and quant == "none":
-        raise Reject((note + "; " if note else "plan keeps this site dense and ") + "attention.quant is 'none': "
-                     "nothing to change")
-    if sparsity is not None and sparsity["method"] == "block":
-        nq_, nk_ = _size(site.q.rows), _size(site.k.rows)
-        if not (isinstance(nq_, int) and isinstance(nk_, int)):
-            raise Reject("a user block mask needs static sequence lengths")
-        bs = sparsity["block_size"]
-        need = (-(-nq_ // bs), -(-nk_ // bs))
-        mask = sparsity["mask"]
-        got = (len(mask[0]), len(mask[0][0])) if isinstance(mask[0][0], list) else (len(mask), len(mask[0]))
-        if got != need:
-            raise Reject(f"block mask is {got[0]}x{got[1]} blocks; this site needs {need[0]}x{need[1]}")
+    quant, pv, sparsity, note = choose_formats(opts, key, spec, heads, nq, nk, q.device.type,
+                                               causal=site.keep.causal_offset is not None)
     backward = None
     if training:
         if site.softcap and not TRAINABLE_SOFTCAP:
@@ -217,6 +245,8 @@ def _untrainable_sparsity(site: AttentionSite, sparsity: dict) -> str | None:
         return "with logit soft-capping has no trainable op"
     if sparsity.get("pv_threshold") is not None:
         return "with P.V skipping has no trainable op"
+    if sparsity["method"] == "svg2":
+        return "permutes tokens by per-call clusters: no trainable op"
     return None
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..codegen.arch import ArchSpec, linear_format_needs
+from ..codegen.arch import ArchSpec, linear_needs
 from ..report import SiteRecord
 from . import on_cpu
 from .aten_capture import needs_autograd
@@ -242,7 +242,7 @@ def _format_reason(fmt: str, w: torch.Tensor, spec: ArchSpec) -> str | None:
     if fmt == "none":
         return None
     if fmt not in spec.linear_formats:
-        return f"linear format {fmt!r} needs {linear_format_needs(fmt)} (target is {spec.name})"
+        return f"linear format {fmt!r} needs {linear_needs(fmt)} (target is {spec.name})"
     if w.dtype not in _QUANTIZABLE_DTYPES:
         return f"weight dtype {w.dtype} (fp16 / bf16 / fp32 quantize)"
     return None

@@ -8,10 +8,10 @@ never leaves a half-folded model:
    undone, and its members are quantized again without the scales.
 2. `rewrite_all_or_nothing` then edits the graph: the folded norm gains and the quantized weights
    become constants of the graph module, each linear becomes `attnopt::linear_8bit` /
-   `attnopt::linear_w4a16` / `attnopt::linear_w4a8` (or `aten::linear` on smoothed weights, or
-   inspect's probe; in a training graph `attnopt::linear_train`, reading the weight parameter
-   itself). If any edit fails the graph is restored as Dynamo gave it and the added constants
-   unregistered.
+   `attnopt::linear_w4a16` / `attnopt::linear_w4a8` / `attnopt::linear_nvfp4` (or `aten::linear` on
+   smoothed weights, or inspect's probe; in a training graph `attnopt::linear_train`, reading the
+   weight parameter itself). If any edit fails the graph is restored as Dynamo gave it and the
+   added constants unregistered.
 
 Baked-weight bookkeeping: the parameters whose values the graph now holds copies of go to
 gm.meta[BAKED_META_KEY]; the backend checks them on every call, since the graph would not see
@@ -37,7 +37,7 @@ from .smoothquant import Fold, folded_norm_params, folded_tensors
 BAKED_META_KEY = "attnopt_baked_params"  # gm.meta entry read by the backend (stale-weight check)
 _8BIT = ("w8a8", "fp8")
 _OP_NAMES = {"w8a8": "attnopt::linear_8bit", "fp8": "attnopt::linear_8bit", "w4a16": "attnopt::linear_w4a16",
-             "w4a8": "attnopt::linear_w4a8"}
+             "w4a8": "attnopt::linear_w4a8", "nvfp4": "attnopt::linear_nvfp4"}
 
 
 # --------------------------------------------------------------------------- weight quantization
@@ -238,6 +238,10 @@ def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
                                f"prologue up to M={FUSED_QUANT_MAX_M}), {words}")
         where = "in the GEMM's prologue (one launch)" if m <= FUSED_QUANT_MAX_M else "by a pre-kernel"
         return "gemm", f"M={m}: per-token INT8 activations quantized {where}, {words}"
+    if fmt == "nvfp4":
+        rows = "M known at run time" if m is None else f"M={m}"
+        return ("dynamic" if m is None else "gemm"), (f"{rows}: per-token NVFP4 activations quantized by a "
+                                                      "pre-kernel, block-scaled FP4 GEMM (every M)")
     return "none", "unquantized"
 
 
@@ -253,14 +257,16 @@ def _bias_node(rw: LinearRewriter, p: _Prepared, baked: _Baked):
 
 def _quantized_weight_nodes(rw: LinearRewriter, p: _Prepared) -> tuple | None:
     """The quantized weight's constants (8-bit: values, scales, None; W4A16: packed, scales,
-    zeros; W4A8: packed, scales, None), or None for 'none' (smoothed weights only, or a
-    calibration capture)."""
+    zeros; W4A8: packed, scales, None; NVFP4: packed, group scales, outer scales), or None for
+    'none' (smoothed weights only, or a calibration capture)."""
     if p.fmt in _8BIT:
         return rw.const(p.q[0], p.site.node, "wq"), rw.const(p.q[1], p.site.node, "ws"), None
     if p.fmt == "w4a16":
         return tuple(rw.const(t, p.site.node, nm) for t, nm in zip(p.q, ("w4", "w4s", "w4z")))
     if p.fmt == "w4a8":
         return rw.const(p.q[0], p.site.node, "w4a8"), rw.const(p.q[1], p.site.node, "w4a8s"), None
+    if p.fmt == "nvfp4":
+        return tuple(rw.const(t, p.site.node, nm) for t, nm in zip(p.q, ("fp4", "fp4g", "fp4s")))
     return None
 
 
@@ -361,6 +367,8 @@ def _op_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: Arch
     if p.fmt == "w4a8":
         return rw.call(torch.ops.attnopt.linear_w4a8.default, [x, q[0], q[1], bias, L.W4A8_GROUP, spec.name, "auto"],
                        s.node)
+    if p.fmt == "nvfp4":
+        return rw.call(torch.ops.attnopt.linear_nvfp4.default, [x, *q, bias, spec.name, "auto"], s.node)
     return rw.call(torch.ops.attnopt.linear_8bit.default, [x, q[0], q[1], bias, "int8" if p.fmt == "w8a8" else "fp8",
                                                            small_m, spec.name, "auto"], s.node)
 
