@@ -193,9 +193,9 @@ def _linear_internal_error(ctx: PassContext, gi: int | None) -> bool:
                for r in ctx.recorder.graphs[gi]["sites"])
 
 
-OP_NAMES = ("attention", "sparse_attention", "attention_probe", "linear_8bit", "linear_w4a16", "linear_nvfp4", "linear_probe",
-            "linear_train", "norm_train", "attention_train", "attention_backward", "sparse_attention_train",
-            "sparse_attention_backward")
+OP_NAMES = ("attention", "sparse_attention", "attention_probe", "linear_8bit", "linear_w4a16", "linear_w4a8",
+            "linear_nvfp4", "linear_probe", "linear_train", "norm_train", "attention_train", "attention_backward",
+            "sparse_attention_train", "sparse_attention_backward")
 
 
 def check_ops_registered() -> None:

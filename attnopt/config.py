@@ -695,8 +695,8 @@ class LinearOptions(_Table):
     """`linear.*`: which linear layers are rewritten, and into what."""
 
     _path: ClassVar[str] = "linear"
-    quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16", "nvfp4"),
-                        "'none' | 'w8a8' | 'fp8' | 'w4a16' | 'nvfp4'",
+    quant: str = option("none", _choice("none", "w8a8", "fp8", "w4a16", "w4a8", "nvfp4"),
+                        "'none' | 'w8a8' | 'fp8' | 'w4a16' | 'w4a8' | 'nvfp4'",
                         "linear-layer format ('nvfp4': W4A4 with e4m3 scales per 16, sm100+)")
     training: str = option("off", _choice("off", "int8", "fp8"), "'off' | 'int8' | 'fp8'",
                            "graphs that need gradients: 'int8' / 'fp8' run each linear's forward and both backward "
@@ -876,7 +876,7 @@ if __name__ == "__main__":
 
 PLAN_SCHEMA_VERSION = 1
 PLAN_KIND = "attnopt-plan"
-LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16", "nvfp4")
+LINEAR_FORMATS = ("none", "w8a8", "fp8", "w4a16", "w4a8", "nvfp4")
 QUANT_FORMATS = ("int8", "fp8", "fp4", "none")  # a plan's per-site attention formats (attention.quant / pv)
 PV_FORMATS = ("fp16", "fp8", "fp4", "fp8_acc16")
 # calibration tunes topk per head; the config takes one value (a list would be per head there too)
@@ -949,7 +949,7 @@ def _validate_linear_site(path: str, entry: Mapping) -> dict:
             out["quant"] = val
         elif key == "act_absmax":  # per input channel max|x| seen in calibration (for smoothing)
             out["act_absmax"] = _finite_list(p, val)
-        elif key == "awq":  # AWQ's per input channel scales for a w4a16 linear (calibration/awq.py)
+        elif key == "awq":  # AWQ's per input channel scales for a w4a16 / w4a8 linear (calibration/awq.py)
             out["awq"] = _validate_awq(p, val)
         elif key in ("error", "stats", "group", "sensitivity"):  # calibration's measurements, kept for reading
             out[key] = val

@@ -14,9 +14,9 @@
 #   budget     launches and GPU time per op (benchmarks/launch_budget.py --gpu-times: launch_budget.json)
 #   sparse     block-sparse attention at 0.5 sparsity (and 0, 0.9) against attnopt's own dense kernel;
 #              the predictors' cost, svg2's warm predictor and whole op (k-means, permutation, kernel)
-#   linear     attnopt's GEMMs against cuBLAS bf16, the training linear's fwd+bwd against bf16's, then a
-#              Llama block as time allows; on sm100 / sm120 also the NVFP4 linear ("attnopt nvfp4"
-#              rows of linear_<arch>.json: never timed on a GPU yet)
+#   linear     attnopt's GEMMs (w8a8, fp8, w4a16, w4a8) against cuBLAS bf16, the training linear's
+#              fwd+bwd against bf16's, then a Llama block as time allows; on sm100 / sm120 also the
+#              NVFP4 linear ("attnopt nvfp4" rows of linear_<arch>.json: never timed on a GPU yet)
 #   training   attention forward+backward against SDPA / FlexAttention, then a training step of a
 #              small Qwen3 under attnopt against bf16 eager and Inductor (training_gpu.py)
 #   decode     decode attention on the quantized KV cache (int8 / int4 / int4+int8) against SDPA on

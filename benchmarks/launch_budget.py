@@ -38,7 +38,7 @@ SMALL_LINEAR_SHAPES = {"prefill": dict(m=96, k=256, n=128), "decode": dict(m=4, 
 # (quant, pv, arch): the dense formats, on an arch that runs them natively
 DENSE = (("int8", "fp16", "sm80"), ("int8", "fp8", "sm90"), ("fp8", "fp8", "sm90"), ("fp4", "fp4", "sm100"))
 SPARSE = ("sparge", "xattention", "window", "radial", "block", "svg")
-LINEAR = ("w8a8", "fp8", "w4a16", "nvfp4")
+LINEAR = ("w8a8", "fp8", "w4a16", "w4a8", "nvfp4")
 LINEAR_ARCH = {"nvfp4": "sm100"}  # the CPU's rows run each format on an arch that offers it (else sm90)
 
 # the most each row may do per call (issue 15's budgets); None: not bounded
@@ -121,6 +121,11 @@ def linear_case(phase: str, quant: str, device, arch: str = "sm90", shapes: dict
 
         packed, sc, zero = (t.to(device) for t in L.quantize_weight_int4(w, L.W4_GROUP))
         fn, args = linear_w4a16_triton, (x, packed, sc, zero, bias, L.W4_GROUP)
+    elif quant == "w4a8":
+        from attnopt.codegen.linear.w4a8 import linear_w4a8_triton
+
+        packed, sc = (t.to(device) for t in L.quantize_weight_w4a8(w, L.W4A8_GROUP))
+        fn, args = linear_w4a8_triton, (x, packed, sc, bias, L.W4A8_GROUP, arch)
     else:
         from attnopt.codegen.linear.w8a8 import linear_8bit_triton
 

@@ -1,5 +1,5 @@
-"""Linear throughput: attnopt's W8A8 / FP8 / W4A16 GEMMs (and NVFP4 where the arch offers it:
-sm100 / sm120, its activation quantizer included) against torch bf16 matmul,
+"""Linear throughput: attnopt's W8A8 / FP8 / W4A16 / W4A8 GEMMs (and NVFP4 where the arch offers
+it: sm100 / sm120, its activation quantizer included) against torch bf16 matmul,
 torch._int_mm and torch._scaled_mm, the training linear's forward + backward (linear.training
 int8 / fp8) against bf16's, plus prefill and decode latency of a Llama-shaped block
 (attention + MLP) compiled with and without attnopt, all in one run. Needs a CUDA GPU.
@@ -28,6 +28,7 @@ import attnopt  # noqa: E402
 from attnopt.codegen.arch import ARCHS, detect_arch  # noqa: E402
 from attnopt.codegen.linear.nvfp4 import linear_nvfp4_triton  # noqa: E402
 from attnopt.codegen.linear.w4a16 import linear_w4a16_triton  # noqa: E402
+from attnopt.codegen.linear.w4a8 import linear_w4a8_triton  # noqa: E402
 from attnopt.codegen.linear.w8a8 import linear_8bit_triton  # noqa: E402
 from attnopt.ops import linear_ref as L  # noqa: E402
 from attnopt.ops.linear_nvfp4_ref import quantize_weight_nvfp4  # noqa: E402
@@ -65,6 +66,8 @@ def gemm_rows(shapes, arch, limit: common.TimeLimit):
                     xf, wf.T, scale_a=xfs[:, None], scale_b=wfs[None, :], out_dtype=torch.bfloat16)
         pk, sc, zr = L.quantize_weight_int4(w)
         fns["attnopt w4a16"] = lambda: linear_w4a16_triton(x, pk, sc, zr, None)
+        p8, s8 = L.quantize_weight_w4a8(w)
+        fns["attnopt w4a8"] = lambda: linear_w4a8_triton(x, p8, s8, None, arch=arch)
         if "nvfp4" in ARCHS[arch].linear_formats:
             q4 = quantize_weight_nvfp4(w)
             fns["attnopt nvfp4"] = lambda: linear_nvfp4_triton(x, *q4, None, arch)

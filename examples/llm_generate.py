@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", choices=SIZES, default="tiny")
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--linear", default="none", help="linear.quant: none | w8a8 | fp8 | w4a16")
+    ap.add_argument("--linear", default="none", help="linear.quant: none | w8a8 | fp8 | w4a16 | w4a8 | nvfp4")
     ap.add_argument("--kv-cache", default="int8", help="attention.kv_cache.quant: int8 | int4 | int4+int8")
     args = ap.parse_args()
     cfg = dict(SIZES[args.size])

@@ -16,6 +16,7 @@ from attnopt.codegen.arch import ARCHS, detect_arch
 from attnopt.codegen.attention.launch import attention_triton
 from attnopt.codegen.attention.quantize import fp4_head_dim, padded_head_dim
 from attnopt.codegen.linear.w4a16 import linear_w4a16_triton
+from attnopt.codegen.linear.w4a8 import linear_w4a8_triton
 from attnopt.codegen.linear.w8a8 import linear_8bit_triton
 from attnopt.ops import linear_ref as L
 from attnopt.ops.attention_ref import attention_exact
@@ -175,6 +176,28 @@ def test_w4a16_gemm(m, dtype):
             out = linear_w4a16_triton(x, pk, sc, zr, bias, arch=ARCH, tile=tile)
             assert out.dtype == dtype and not torch.isnan(out).any()
             assert rel_l1(out, L.linear_w4a16_ref(x, pk, sc, zr, bias)) <= 2e-3, tile
+    assert rel_l1(out, x.double() @ w.double().T + b.double()) <= 0.12
+
+
+@pytest.mark.parametrize("m,k", [(1, 1000), (16, 4096), (77, 1000), (4096, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w4a8_gemm(m, k, dtype):
+    """Autotuned, then each tile of the table forced, into a NaN-poisoned buffer: the same int32
+    partial sums per group as the reference, so only the fp32 summation order may differ."""
+    if "w4a8" not in SPEC.linear_formats:
+        pytest.skip(f"{ARCH} does not offer w4a8")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(3001, k, device="cuda") * 0.05
+    b = torch.randn(3001, device="cuda", dtype=dtype)
+    pk, sc = L.quantize_weight_w4a8(w)
+    tiles = SPEC.w4a8_decode_tiles if m <= 16 else SPEC.w4a8_tiles
+    for bias in (None, b):
+        ref = L.linear_w4a8_ref(x, pk, sc, bias)
+        for tile in (None, *tiles):
+            out = torch.full((m, 3001), float("nan"), device="cuda", dtype=dtype)
+            out = linear_w4a8_triton(x, pk, sc, bias, arch=ARCH, tile=tile, out=out)
+            assert out.dtype == dtype and not torch.isnan(out).any()
+            assert rel_l1(out, ref) <= 2e-3, tile
     assert rel_l1(out, x.double() @ w.double().T + b.double()) <= 0.12
 
 

@@ -1,4 +1,6 @@
-"""AWQ: an activation-aware per-input-channel scale for each weight-only INT4 (`w4a16`) linear.
+"""AWQ: an activation-aware per-input-channel scale for each INT4-weight linear (`w4a16`, and
+`w4a8`, whose activations are then rounded to INT8 per token after the division by s, so the
+search measures that rounding too: for W4A8 the scales also balance x's channels).
 
 Salient input channels (large mean |x|) lose less to 4-bit rounding when their weight columns
 are scaled up before quantizing and x is divided by the same scale: x W^T = (x / s)(W s)^T
@@ -58,23 +60,40 @@ def w4a16_output(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,
     return x64 @ L.dequantize_int4(pk, sc, zr, w.shape[1], group).double().T
 
 
+def w4a8_output(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None,
+                group: int = L.W4A8_GROUP) -> torch.Tensor:
+    """Q8(x / s) Q4(W s)^T in float64: x / s rounded per token to INT8 and W s to attnopt's
+    symmetric group int4, as the w4a8 linear does (s None: no scales)."""
+    w64, x64 = w.double(), x.double()
+    if s is not None:
+        w64, x64 = w64 * s[None, :], x64 / s[None, :]
+    xq, xs = L.quantize_rows(x64, "int8")
+    pk, sc = L.quantize_weight_w4a8(w64, group)
+    return (xq.double() * xs.double()[:, None]) @ L.dequantize_w4a8(pk, sc, w.shape[1], group).double().T
+
+
+OUTPUTS = {"w4a16": w4a16_output, "w4a8": w4a8_output}  # format -> its output under scales s
+
+
 def _rel_l1(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).abs().sum() / ref.abs().sum().clamp_min(1e-300))
 
 
-def awq_search(x: torch.Tensor, w: torch.Tensor, alphas=ALPHAS, group: int = L.W4_GROUP) -> AwqChoice:
-    """The alpha of `alphas` whose scales give the smallest rel-L1 of the w4a16 linear against
-    float64 x W^T on the rows x [M, K] (w [N, K]); ties keep the smaller alpha."""
+def awq_search(x: torch.Tensor, w: torch.Tensor, alphas=ALPHAS, group: int = L.W4_GROUP,
+               fmt: str = "w4a16") -> AwqChoice:
+    """The alpha of `alphas` whose scales give the smallest rel-L1 of the `fmt` (w4a16 | w4a8)
+    linear against float64 x W^T on the rows x [M, K] (w [N, K]); ties keep the smaller alpha."""
+    output = OUTPUTS[fmt]
     x2 = x.reshape(-1, x.shape[-1]).double()
     ref = x2 @ w.double().T
-    rtn = _rel_l1(w4a16_output(x2, w, None, group), ref)
+    rtn = _rel_l1(output(x2, w, None, group), ref)
     mean_abs = x2.abs().mean(dim=0)
     best = AwqChoice(0.0, awq_scales(mean_abs, 0.0), rtn, rtn)
     for a in alphas:
         if a <= 0:
             continue
         s = awq_scales(mean_abs, a)
-        err = _rel_l1(w4a16_output(x2, w, s, group), ref)
+        err = _rel_l1(output(x2, w, s, group), ref)
         if err < best.awq_rel_l1:
             best = AwqChoice(float(a), s, rtn, err)
     return best

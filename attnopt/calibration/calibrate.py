@@ -34,6 +34,7 @@ from .linear_formats import linear_errors
 from .site_search import SiteSearch, search_site
 from ..codegen.arch import ARCHS, resolve_pv
 from ..config import normalize_options
+from ..ops import linear_ref as L
 from ..plan import Plan
 from ..progress import Progress
 
@@ -74,8 +75,9 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
     cache_dir: where captured site inputs are kept (default ~/.cache/attnopt/calibration), keyed
     by model weights, batches and options: another budget or method does not re-run the capture.
     linear.smooth set: each linear's per-channel max |activation| (SmoothQuant's statistic).
-    awq: every linear whose planned format is w4a16 (the plan's choice, else linear.quant) gets
-    AWQ's per-input-channel scales searched on its captured rows (calibration/awq.py), stored
+    awq: every linear whose planned format is w4a16 or w4a8 (the plan's choice, else
+    linear.quant) gets AWQ's per-input-channel scales searched on its captured rows for that
+    format (calibration/awq.py), stored
     as the site's "awq" entry and applied when the plan is compiled.
 
     `example_batches`: an iterable of input tuples (or kwargs dicts) for `model`; sequence
@@ -115,29 +117,31 @@ def calibrate(model, example_batches: Iterable, options: Mapping | None = None, 
 
 
 def _add_awq(plan: Plan, cap: Captured, opts) -> None:
-    """AWQ scales for each captured linear the plan leaves in w4a16, searched on its rows.
-    Linears reading the same tensor (q / k / v after one norm: their per-channel max |x| are
-    equal to the bit) are searched together, on their stacked outputs, and share the scales: the
-    compile can then fold 1 / s into that norm instead of scaling x."""
+    """AWQ scales for each captured linear the plan leaves in w4a16 / w4a8, searched on its rows
+    for its format. Linears reading the same tensor in the same format (q / k / v after one norm:
+    their per-channel max |x| are equal to the bit) are searched together, on their stacked
+    outputs, and share the scales: the compile can then fold 1 / s into that norm instead of
+    scaling x."""
     by_input: dict[tuple, list[str]] = {}
     for key, calls in cap.calls.items():
         entry = plan.sites.get(key)
         if calls[0].get("kind") != "linear" or entry is None or key not in cap.weights:
             continue
-        if entry.get("quant", opts.linear.quant) != "w4a16":
+        fmt = entry.get("quant", opts.linear.quant)
+        if fmt not in L.AWQ_FORMATS:
             continue
         absmax = torch.stack([c["absmax"] for c in calls]).amax(dim=0)
-        by_input.setdefault((absmax.shape[0], absmax.cpu().numpy().tobytes()), []).append(key)
+        by_input.setdefault((fmt, absmax.shape[0], absmax.cpu().numpy().tobytes()), []).append(key)
     done = {}
-    for keys in by_input.values():
+    for (fmt, *_), keys in by_input.items():
         calls = cap.calls[keys[0]]
         x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
         w = torch.cat([cap.weights[k][0].to(x.device) for k in keys])
-        choice = awq_search(x, w)
+        choice = awq_search(x, w, fmt=fmt)
         for k in keys:
             plan.sites[k]["awq"] = choice.entry()
-            done[k] = {"alpha": choice.alpha, "rtn_rel_l1": choice.rtn_rel_l1, "awq_rel_l1": choice.awq_rel_l1,
-                       "searched_with": keys}
+            done[k] = {"format": fmt, "alpha": choice.alpha, "rtn_rel_l1": choice.rtn_rel_l1,
+                       "awq_rel_l1": choice.awq_rel_l1, "searched_with": keys}
     plan.meta["awq"] = {"sites": done, "grid": "alpha 0..1 step 0.05",
                         "error": "rel-L1 on the captured rows (of the stacked outputs when searched together)"}
 
@@ -373,7 +377,7 @@ def _linear_site(key, calls, cap: Captured, opts, lin_cap, search, cost) -> P.Si
     w, _bias = cap.weights[key]
     arch = cap.arch
     cm = CostModel(arch, measured=cost)
-    fmts = [f for f in ("fp8", "w8a8", "w4a16", "nvfp4") if f in ARCHS[arch].linear_formats]
+    fmts = [f for f in ("fp8", "w8a8", "w4a16", "w4a8", "nvfp4") if f in ARCHS[arch].linear_formats]
     x = torch.cat([c["x"].reshape(-1, c["x"].shape[-1]) for c in calls])
     own = linear_errors(x, w.to(x.device), fmts)
     rows = [int(c.get("rows", c["x"].reshape(-1, c["x"].shape[-1]).shape[0])) for c in calls]

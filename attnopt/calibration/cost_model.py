@@ -33,10 +33,13 @@ tensor-core rate, bytes moved / HBM bandwidth) + LAUNCH_S.
   plus an fp32 scale per output channel; W4A16: 4 bits plus an fp32 scale and zero per 128
   inputs), the activation read in 16-bit and the output written in 16-bit. 8-bit formats above
   `FUSED_QUANT_MAX_M` rows quantize the activation in a pre-kernel (a second launch that reads
-  it in 16-bit and writes it in 8-bit for the GEMM to read). NVFP4 (sm100+) always quantizes the
-  activation in a pre-kernel (4 bits plus an e4m3 scale per 16 elements and an fp32 per row,
-  the weight alike per output channel) and multiplies at the FP4 rate. Small M is memory-bound:
-  the weight's bytes decide, so W4A16 wins decode and the 8-bit GEMMs win prefill.
+  it in 16-bit and writes it in 8-bit for the GEMM to read). W4A8 quantizes the activation the
+  same way and multiplies at the INT8 rate, reading 4-bit weights plus an fp32 scale per 128
+  inputs. NVFP4 (sm100+) always quantizes the activation in a pre-kernel (4 bits plus an e4m3
+  scale per 16 elements and an fp32 per row, the weight alike per output channel) and
+  multiplies at the FP4 rate. Small M is memory-bound: the weight's bytes decide, so the 4-bit
+  weights (W4A16, W4A8, NVFP4) win decode and the low-bit-activation GEMMs win prefill, W4A8
+  with half W8A8's weight bytes.
 
 What is ignored: the softmax's exponentials and other non-tensor-core arithmetic, caches (K and
 V are read from HBM once per launch however many query blocks revisit them), per-block scales of
@@ -70,7 +73,7 @@ from ..codegen.arch import ARCHS, FUSED_QUANT_MAX_M, resolve_pv
 
 LAUNCH_S = 4e-6  # fixed cost per kernel launch (host dispatch and GPU launch latency, a few us)
 BQ, BK = 128, 64  # the block grid causal and sparse attention is counted on (ops/sparse_ref.py's)
-W4_GROUP = 128  # W4A16 inputs per scale / zero (ops/linear_ref.py's)
+W4_GROUP = 128  # W4A16 inputs per scale / zero, W4A8 inputs per scale (ops/linear_ref.py's)
 DECODE_ROWS = 16  # measured attention ratios apply above this many query rows
 
 
@@ -138,7 +141,8 @@ ATTENTION_VARIANTS = {"attnopt int8+f16pv": ("int8", "fp16"), "attnopt int8+fp8p
                       "attnopt fp8+fp8pv": ("fp8", "fp8"), "attnopt nvfp4": ("fp4", "fp4")}
 ATTENTION_BASELINE = "sdpa flash"
 # benchmarks/linear.py's variant names -> format; its 16-bit baseline
-LINEAR_VARIANTS = {"attnopt w8a8": "w8a8", "attnopt fp8": "fp8", "attnopt w4a16": "w4a16", "attnopt nvfp4": "nvfp4"}
+LINEAR_VARIANTS = {"attnopt w8a8": "w8a8", "attnopt fp8": "fp8", "attnopt w4a16": "w4a16", "attnopt w4a8": "w4a8",
+                   "attnopt nvfp4": "nvfp4"}
 LINEAR_BASELINE = "torch bf16"
 
 
@@ -299,8 +303,11 @@ def linear_phases(arch: str, m: int, n: int, k: int, fmt: str) -> list[Phase]:
         weight, act4 = BYTES["fp4"] * n * k + 4.0 * n, BYTES["fp4"] * m * k + 4.0 * m
         return [Phase("quantize activation", 0.0, (2.0 * m * k + act4) / tp.hbm),
                 Phase("gemm", flops / tp.rate("fp4"), (weight + act4 + out) / tp.hbm)]
-    weight = 1.0 * n * k + 4.0 * n
-    rate = tp.rate("int8" if fmt == "w8a8" else "fp8")
+    if fmt == "w4a8":  # 4 bits and an fp32 scale per group of 128 inputs
+        weight = n * k / 2 + 4.0 * n * -(-k // W4_GROUP)
+    else:
+        weight = 1.0 * n * k + 4.0 * n
+    rate = tp.rate("fp8" if fmt == "fp8" else "int8")
     if m <= FUSED_QUANT_MAX_M:  # the activation is quantized in the GEMM's prologue
         return [Phase("gemm", flops / rate, (weight + 2.0 * m * k + out) / tp.hbm)]
     act8 = 1.0 * m * k + 4.0 * m
@@ -310,7 +317,7 @@ def linear_phases(arch: str, m: int, n: int, k: int, fmt: str) -> list[Phase]:
 
 def linear_time(arch: str, m: int, n: int, k: int, fmt: str) -> float:
     """Estimated seconds of one linear of M rows, N outputs, K inputs in `fmt` on `arch`
-    (none / w8a8 / fp8 / w4a16 / nvfp4; analytical, see the module docstring)."""
+    (none / w8a8 / fp8 / w4a16 / w4a8 / nvfp4; analytical, see the module docstring)."""
     return sum(p.time for p in linear_phases(arch, m, n, k, fmt))
 
 

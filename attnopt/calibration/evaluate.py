@@ -19,7 +19,6 @@ import torch
 
 from ..metrics import compare_outputs
 from ..ops import linear_ref as L
-from ..ops.linear_nvfp4_ref import linear_nvfp4_ref, quantize_weight_nvfp4
 from ..ops import probe
 from ..ops.probe import baseline_call
 
@@ -57,18 +56,8 @@ class LinearFormats:
             return torch.nn.functional.linear(x, weight, bias)
         wk = (key, fmt, weight.data_ptr(), tuple(weight.shape))
         if wk not in self._weights:
-            if fmt in ("w8a8", "fp8"):
-                self._weights[wk] = L.quantize_weight(weight, "int8" if fmt == "w8a8" else "fp8")
-            elif fmt == "nvfp4":
-                self._weights[wk] = quantize_weight_nvfp4(weight)
-            else:
-                self._weights[wk] = L.quantize_weight_int4(weight)
-        w = self._weights[wk]
-        if fmt in ("w8a8", "fp8"):
-            return L.linear_w8a8_ref(x, w[0], w[1], bias, "int8" if fmt == "w8a8" else "fp8", small_m=self.small_m)
-        if fmt == "nvfp4":
-            return linear_nvfp4_ref(x, *w, bias)
-        return L.linear_w4a16_ref(x, *w, bias)
+            self._weights[wk] = L.quantize_format(weight, fmt)
+        return L.format_output(x, self._weights[wk], bias, fmt, self.small_m)
 
 
 def run_batches(fn: Callable, batches: Sequence) -> list:

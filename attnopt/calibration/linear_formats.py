@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from ..metrics import compare
-from ..ops import linear_nvfp4_ref as F
 from ..ops import linear_ref as L
 
 
@@ -22,15 +21,7 @@ def linear_errors(x: torch.Tensor, w: torch.Tensor, fmts) -> dict[str, float]:
     ref = x.double() @ w.double().T
     out = {"none": compare(torch.nn.functional.linear(x, w.to(x.dtype)), ref)["rel_l1"]}
     for fmt in fmts:
-        if fmt in ("w8a8", "fp8"):
-            wq, ws = L.quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
-            y = L.linear_w8a8_ref(x, wq, ws, None, "int8" if fmt == "w8a8" else "fp8", small_m=0)
-        elif fmt == "nvfp4":
-            y = F.linear_nvfp4_ref(x, *F.quantize_weight_nvfp4(w), None)
-        else:
-            pk, sc, zr = L.quantize_weight_int4(w)
-            y = L.linear_w4a16_ref(x, pk, sc, zr, None)
-        out[fmt] = compare(y, ref)["rel_l1"]
+        out[fmt] = compare(L.format_output(x, L.quantize_format(w, fmt), None, fmt, small_m=0), ref)["rel_l1"]
     return out
 
 

@@ -54,11 +54,14 @@ class ArchSpec:
     # attention tiles per head-dim bucket (padded head dim <= key); first entry is the default
     attn_tiles: dict[int, tuple[Tile, ...]] = field(default_factory=dict)
     gemm_tiles: tuple[GemmTile, ...] = ()
-    linear_formats: tuple[str, ...] = ("w8a8", "w4a16")
+    linear_formats: tuple[str, ...] = ("w8a8", "w4a16", "w4a8")
     # W4A16 tiles (BLOCK_K divides the 128-wide quantization group): M > 16, and decode
     # (M <= 16, split K); the first of each is the default
     w4_tiles: tuple[GemmTile, ...] = ()
     w4_decode_tiles: tuple[GemmTile, ...] = ()
+    # W4A8 tiles (K steps one weight group at a time: block_k unused): M > 16, and M <= 16
+    w4a8_tiles: tuple[GemmTile, ...] = ()
+    w4a8_decode_tiles: tuple[GemmTile, ...] = ()
 
     def attention_tiles(self, head_dim: int) -> tuple[Tile, ...]:
         for bucket in sorted(self.attn_tiles):
@@ -122,25 +125,37 @@ _W4_DECODE_TILES = (  # one row-tile of 16; a wider or deeper weight tile per pr
     GemmTile(16, 64, 64, 4, 3), GemmTile(16, 128, 64, 4, 3), GemmTile(16, 64, 128, 4, 4),
     GemmTile(16, 32, 128, 2, 4),
 )
-_W4 = dict(w4_tiles=_W4_TILES, w4_decode_tiles=_W4_DECODE_TILES)
+# W4A8 steps K by one 128-wide group: a stage holds BLOCK_M x 128 int8 x and BLOCK_N x 64 packed
+# bytes, so these fit the consumer parts too. A program keeps two accumulators (the group's
+# int32 dot and the fp32 sum), so registers are tight (compile_check): 128 x 256 spilled
+# everywhere and is left out, 128 x 64 takes 8 warps (with 4 it spilled); on sm100 every tile of
+# 64+ rows spills some (8-892 bytes), on sm90 128 x 128 spills 176 bytes when it also quantizes
+# x (M <= 64). Untimed: no GPU has autotuned them yet.
+_W4A8_TILES = (
+    GemmTile(128, 128, 128, 8, 3), GemmTile(64, 128, 128, 4, 3), GemmTile(128, 64, 128, 8, 3),
+    GemmTile(64, 64, 128, 4, 4),
+)
+_W4A8_DECODE_TILES = (GemmTile(16, 64, 128, 4, 3), GemmTile(16, 128, 128, 4, 3), GemmTile(16, 32, 128, 2, 4))
+_W4 = dict(w4_tiles=_W4_TILES, w4_decode_tiles=_W4_DECODE_TILES, w4a8_tiles=_W4A8_TILES,
+           w4a8_decode_tiles=_W4A8_DECODE_TILES)
 
 ARCHS: dict[str, ArchSpec] = {
     # name     capability  QK^T formats      P.V formats       pv auto  fp4    tma    smem
     "sm80": ArchSpec("sm80", (8, 0), ("int8",), ("fp16",), "fp16", False, False, 163,
-                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16"), **_W4),
+                     _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16", "w4a8"), **_W4),
     "sm86": ArchSpec("sm86", (8, 6), ("int8",), ("fp16",), "fp16", False, False, 99,
-                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16"), **_W4),
+                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "w4a16", "w4a8"), **_W4),
     "sm89": ArchSpec("sm89", (8, 9), ("int8", "fp8"), ("fp16", "fp8", "fp8_acc16"), "fp8", False, False, 99,
-                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                     _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
     "sm90": ArchSpec("sm90", (9, 0), ("int8", "fp8"), ("fp16", "fp8"), "fp8", False, True, 227,
-                     _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                     _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
     "sm100": ArchSpec("sm100", (10, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4"), "fp8", True, True, 227,
-                      _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                      _HOPPER_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
     "sm120": ArchSpec("sm120", (12, 0), ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4", "fp8_acc16"), "fp8", True, True, 99,
-                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                      _SMALL_SMEM_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
     # The reference path emulates every format; pv "auto" follows the Ampere default.
     "cpu": ArchSpec("cpu", None, ("int8", "fp8", "fp4"), ("fp16", "fp8", "fp4", "fp8_acc16"), "fp16", True, False, 0,
-                    _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16"), **_W4),
+                    _AMPERE_TILES, _GEMM_DEFAULT, ("w8a8", "fp8", "w4a16", "w4a8"), **_W4),
 }
 
 # NVFP4 linears (W4A4, tl.dot_scaled with e4m3 group scales) wherever NVFP4 runs natively
@@ -148,8 +163,10 @@ ARCHS = {name: replace(s, linear_formats=s.linear_formats + ("nvfp4",)) if s.fp4
 
 
 def linear_needs(fmt: str) -> str:
-    """The archs a linear format needs, for the reason a target without it is refused."""
-    return _needs({"nvfp4": "fp4", "w8a8": "int8"}.get(fmt, fmt))
+    """The archs a linear format needs, for the reason a target without it is refused: the tensor
+    cores of its GEMM's operands (NVFP4 from sm100, FP8 from sm89, INT8 for w8a8 / w4a8 and 16-bit
+    for w4a16 from sm80)."""
+    return _needs({"nvfp4": "fp4", "w8a8": "int8", "w4a8": "int8", "w4a16": "fp16"}.get(fmt, fmt))
 
 
 if tuple(a for a in ARCHS if a != "cpu") != switches.GPU_ARCHS:

@@ -319,6 +319,26 @@ def drive_w4a16(arch, spec, cap):
             linear_w4a16_triton(torch.randn(m, 512, dtype=torch.bfloat16), pk, sc, zr, None, arch=arch, tile=t)
 
 
+@driver("linear w4a8")
+def drive_w4a8(arch, spec, cap):
+    """W4A8: the group-stepped INT8 GEMM quantizing x in its prologue (M=64) or reading the
+    pre-kernel's INT8 x (M=200), in each table tile (prefill and M <= 16 tiles)."""
+    if "w4a8" not in spec.linear_formats:
+        return
+    from ..ops.linear_ref import quantize_weight_w4a8
+    from .linear.w4a8 import linear_w4a8_triton
+
+    pk, sc = quantize_weight_w4a8(torch.randn(256, 512) * 0.05)
+    for dtype in (torch.float16, torch.bfloat16):
+        for m in (64, 200):
+            cap.label = f"linear w4a8 {str(dtype)[6:]} M={m}"
+            linear_w4a8_triton(torch.randn(m, 512, dtype=dtype), pk, sc, torch.randn(256, dtype=dtype), arch=arch)
+    for m, tiles in ((64, spec.w4a8_tiles), (1, spec.w4a8_decode_tiles)):
+        for t in tiles[1 if m == 64 else 0:]:  # autotuned on the GPU too
+            cap.label = f"linear w4a8 M={m} tile {t.block_m}x{t.block_n}"
+            linear_w4a8_triton(torch.randn(m, 512, dtype=torch.bfloat16), pk, sc, None, arch=arch, tile=t)
+
+
 @driver("linear nvfp4")
 def drive_nvfp4(arch, spec, cap):
     """The NVFP4 linear's activation quantizer and block-scaled GEMM, where the arch offers it

@@ -1,5 +1,5 @@
-"""`torch.ops.attnopt.linear_8bit` / `linear_w4a16` / `linear_nvfp4`: the ops quantized linear sites become, and the
-probe `attnopt.inspect` / `attnopt.calibrate` put there instead.
+"""`torch.ops.attnopt.linear_8bit` / `linear_w4a16` / `linear_w4a8` / `linear_nvfp4`: the ops quantized
+linear sites become, and the probe `attnopt.inspect` / `attnopt.calibrate` put there instead.
 
 Weights arrive already quantized (once, at compile time). On CUDA the body launches the Triton
 GEMMs (inlined by Inductor); elsewhere it is the pure-PyTorch reference arithmetic.
@@ -52,6 +52,23 @@ def _(x, packed, scale, zero, bias, group, arch, impl):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
+@torch.library.triton_op("attnopt::linear_w4a8", mutates_args=())
+def linear_w4a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                group: int, arch: str, impl: str) -> torch.Tensor:
+    """x [..., K] @ W^T + b, W symmetric int4 in groups of `group` along K (two per byte), x INT8
+    per token (quantized here, at run time)."""
+    if _triton(x, arch, impl):
+        from ..codegen.linear.w4a8 import linear_w4a8_triton
+
+        return linear_w4a8_triton(x, packed, scale, bias, group, arch)
+    return L.linear_w4a8_ref(x, packed, scale, bias, group)
+
+
+@linear_w4a8.register_fake
+def _(x, packed, scale, bias, group, arch, impl):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
 @torch.library.triton_op("attnopt::linear_nvfp4", mutates_args=())
 def linear_nvfp4(x: torch.Tensor, packed: torch.Tensor, gscale: torch.Tensor, outer: torch.Tensor,
                  bias: Optional[torch.Tensor], arch: str, impl: str) -> torch.Tensor:
@@ -77,8 +94,8 @@ def linear_probe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  probe_key: str) -> torch.Tensor:
     """The quantized linear (or, fmt 'none', the original) plus, on the side, its error against
     float64 x W^T + b, and (calibration) per-input-channel max |x| and a sample of rows.
-    weight is the original [N, K]; (q0, q1, q2) = (wq, ws, -), (packed, scale, zero) or, NVFP4,
-    (packed, group scales, outer scales)."""
+    weight is the original [N, K]; (q0, q1, q2) = (wq, ws, -), (packed, scale, zero) (w4a16),
+    (packed, scale, -) (w4a8) or (packed, group scales, outer scales) (nvfp4)."""
     def original():
         return torch.nn.functional.linear(x, weight, bias)
 
@@ -87,6 +104,8 @@ def linear_probe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             return linear_8bit(x, q0, q1, bias, "int8" if fmt == "w8a8" else "fp8", small_m, arch, "auto")
         if fmt == "w4a16":
             return linear_w4a16(x, q0, q1, q2, bias, L.W4_GROUP, arch, "auto")
+        if fmt == "w4a8":
+            return linear_w4a8(x, q0, q1, bias, L.W4A8_GROUP, arch, "auto")
         if fmt == "nvfp4":
             return linear_nvfp4(x, q0, q1, q2, bias, arch, "auto")
         return original()

@@ -8,6 +8,12 @@ The CPU path of the linear ops and what the Triton GEMMs are tested against:
 - W4A16: asymmetric int4 weights, groups of 128 along K (scale and zero per group and output
   channel), two per byte (low nibble first); dequantized to the activation's dtype, 16-bit dot
   with fp32 accumulation. bf16 activations stay bf16 (no fp16 overflow on large models).
+- W4A8 (ViDiT-Q's format for DiTs): symmetric int4 weights, groups of 128 along K (one scale
+  per group and output channel, s = max|W_group| / 7, values -7..7 stored + 8, two per byte),
+  activations per token INT8 at run time (as W8A8). Each group's int8 x int4 dot is an exact
+  int32 partial sum; partial * group scale is added up in fp32 over the groups, then times the
+  token's scale, + bias. Every M takes this path (no weight-only small-M path).
+- NVFP4 (W4A4, sm100+): ops/linear_nvfp4_ref.py; quantize_format / format_output dispatch to it.
 - Small M (decode, conditioning): W8A8 / FP8 weights are used without quantizing the
   activation (a weight-only GEMV path, more accurate, and what small M can use).
 """
@@ -16,9 +22,14 @@ from __future__ import annotations
 
 import torch
 
+from . import linear_nvfp4_ref as F
+
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 W4_GROUP = 128
+W4A8_GROUP = 128  # W4A8 weights per scale along K (64 also runs: the kernel steps K a group at a time)
+INT4_MAX = 7.0
+AWQ_FORMATS = ("w4a16", "w4a8")  # the int4-weight formats AWQ scales apply to (calibration/awq.py)
 
 
 def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +119,79 @@ def linear_w4a16_ref(x, packed, scale, zero, bias, group: int = W4_GROUP) -> tor
     return y.to(x.dtype).reshape(*shape[:-1], packed.shape[0])
 
 
+def quantize_weight_w4a8(w: torch.Tensor, group: int = W4A8_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed uint8 [N, Kp/2], scales [N, G] fp32), Kp = G * group (K padded with
+    zeros). q = round(w / s) in -7..7 (half away from zero), s = max|w| / 7 per group, stored as
+    q + 8, two per byte (low nibble first)."""
+    n, k = w.shape
+    g = -(-k // group)
+    wf = torch.nn.functional.pad(w.float(), (0, g * group - k)).reshape(n, g, group)
+    amax = wf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax))
+    y = wf / scale[..., None]
+    q = torch.trunc(y + 0.5 * torch.sign(y)).clamp(-INT4_MAX, INT4_MAX).to(torch.int16) + 8
+    q = q.to(torch.uint8).reshape(n, -1)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scale.contiguous()
+
+
+def int4_symmetric_values(packed: torch.Tensor) -> torch.Tensor:
+    """[N, Kp/2] uint8 -> [N, Kp] int8 weights -7..7 (the stored value minus 8)."""
+    return (unpack_int4(packed).to(torch.int16) - 8).to(torch.int8)
+
+
+def dequantize_w4a8(packed, scale, k: int, group: int = W4A8_GROUP) -> torch.Tensor:
+    """The W4A8 weight as fp32 [N, K] (what it stands for; the GEMM never forms it)."""
+    q = int4_symmetric_values(packed).float().reshape(packed.shape[0], -1, group)
+    return (q * scale[..., None]).reshape(packed.shape[0], -1)[:, :k]
+
+
+def linear_w4a8_ref(x, packed, scale, bias, group: int = W4A8_GROUP) -> torch.Tensor:
+    """y = x W^T + b with int4 group weights and per-token INT8 x: the int32 partial sum of each
+    group (exact: an fp32 matmul of integers whose sums stay below 2^24), times the group's
+    scale, added up over the groups in fp32 in K order, times the token's scale, + bias."""
+    shape = x.shape
+    k = shape[-1]
+    x2 = x.reshape(-1, k)
+    n, kp = packed.shape[0], packed.shape[1] * 2
+    xq, xs = quantize_rows(x2, "int8")
+    xq = torch.nn.functional.pad(xq.float(), (0, kp - k))
+    wq = int4_symmetric_values(packed).float()
+    acc = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x.device)
+    for g0 in range(0, kp, group):
+        acc += (xq[:, g0:g0 + group] @ wq[:, g0:g0 + group].T) * scale[:, g0 // group][None, :]
+    y = acc * xs[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], n)
+
+
+def quantize_format(w: torch.Tensor, fmt: str) -> tuple:
+    """A linear format's compile-time weight tensors: (wq, ws) 8-bit, (packed, scales, zeros)
+    w4a16, (packed, scales) w4a8, (packed, group scales, outer scales) nvfp4."""
+    if fmt in ("w8a8", "fp8"):
+        return quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
+    if fmt == "w4a16":
+        return quantize_weight_int4(w)
+    if fmt == "w4a8":
+        return quantize_weight_w4a8(w)
+    if fmt == "nvfp4":
+        return F.quantize_weight_nvfp4(w)
+    raise ValueError(f"no quantized weights for linear format {fmt!r}")
+
+
+def format_output(x: torch.Tensor, q: tuple, bias, fmt: str, small_m: int = 16) -> torch.Tensor:
+    """The reference output of a linear in `fmt` whose weights are quantize_format's `q`."""
+    if fmt in ("w8a8", "fp8"):
+        return linear_w8a8_ref(x, q[0], q[1], bias, "int8" if fmt == "w8a8" else "fp8", small_m)
+    if fmt == "w4a16":
+        return linear_w4a16_ref(x, *q, bias)
+    if fmt == "w4a8":
+        return linear_w4a8_ref(x, *q, bias)
+    if fmt == "nvfp4":
+        return F.linear_nvfp4_ref(x, *q, bias)
+    raise ValueError(f"no reference for linear format {fmt!r}")
+
+
 def weight_bytes(fmt: str, n: int, k: int, orig_elem: int) -> tuple[int, int]:
     """(bytes before, bytes after) of one linear's weight (scales and zeros included)."""
     before = n * k * orig_elem
@@ -116,8 +200,9 @@ def weight_bytes(fmt: str, n: int, k: int, orig_elem: int) -> tuple[int, int]:
     if fmt == "w4a16":
         g = -(-k // W4_GROUP)
         return before, n * g * W4_GROUP // 2 + 8 * n * g
+    if fmt == "w4a8":
+        g = -(-k // W4A8_GROUP)
+        return before, n * g * W4A8_GROUP // 2 + 4 * n * g
     if fmt == "nvfp4":
-        from .linear_nvfp4_ref import weight_bytes as nvfp4_bytes
-
-        return before, nvfp4_bytes(n, k)
+        return before, F.weight_bytes(n, k)
     return before, before

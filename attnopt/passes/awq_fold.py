@@ -1,7 +1,7 @@
 """AWQ scales (from the plan) folded into the op before the linears, where one can take them.
 
-A plan's w4a16 linear may hold AWQ scales s (calibration/awq.py): the compile quantizes W s and
-the linear must read x / s. When the linears reading a norm's output (or a down_proj reading
+A plan's w4a16 / w4a8 linear may hold AWQ scales s (calibration/awq.py): the compile quantizes
+W s and the linear must read x / s. When the linears reading a norm's output (or a down_proj reading
 act(gate) * up) all hold the same scales, that division folds into the norm's gain and bias
 (or up's rows) exactly as a SmoothQuant group does (smoothquant.Fold, the same folded
 tensors), so nothing is added at run time. Every other AWQ linear gets x * (1 / s) in the graph
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import linear_ref as L
 from .linear_match import MatchedLinears
 from .smooth_match import SmoothGroup
 from .smoothquant import Fold, group_record, member_reason
@@ -21,9 +22,11 @@ _FOLDABLE = ("rmsnorm", "layernorm", "linear")  # attention-v: per-head maps, no
 
 
 def _shared_scales(g: SmoothGroup, m: MatchedLinears, awq: dict) -> dict | None:
-    """The AWQ entry every consumer of g holds (all w4a16, same scales, one per channel), or None."""
+    """The AWQ entry every consumer of g holds (all w4a16 / w4a8, same scales, one per channel),
+    or None."""
     entries = [awq.get(c.key) for c in g.consumers]
-    if not entries or any(e is None for e in entries) or any(m.formats.get(c.key) != "w4a16" for c in g.consumers):
+    if not entries or any(e is None for e in entries) or any(m.formats.get(c.key) not in L.AWQ_FORMATS
+                                                             for c in g.consumers):
         return None
     if any(e["scales"] != entries[0]["scales"] for e in entries[1:]):
         return None

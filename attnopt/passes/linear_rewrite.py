@@ -8,9 +8,10 @@ never leaves a half-folded model:
    undone, and its members are quantized again without the scales.
 2. `rewrite_all_or_nothing` then edits the graph: the folded norm gains and the quantized weights
    become constants of the graph module, each linear becomes `attnopt::linear_8bit` /
-   `attnopt::linear_w4a16` / `attnopt::linear_nvfp4` (or `aten::linear` on smoothed weights, or inspect's probe; in a
-   training graph `attnopt::linear_train`, reading the weight parameter itself). If any
-   edit fails the graph is restored as Dynamo gave it and the added constants unregistered.
+   `attnopt::linear_w4a16` / `attnopt::linear_w4a8` / `attnopt::linear_nvfp4` (or `aten::linear` on
+   smoothed weights, or inspect's probe; in a training graph `attnopt::linear_train`, reading the
+   weight parameter itself). If any edit fails the graph is restored as Dynamo gave it and the
+   added constants unregistered.
 
 Baked-weight bookkeeping: the parameters whose values the graph now holds copies of go to
 gm.meta[BAKED_META_KEY]; the backend checks them on every call, since the graph would not see
@@ -28,7 +29,6 @@ from torch._guards import detect_fake_mode
 from ..codegen.arch import FUSED_QUANT_MAX_M, ArchSpec
 from ..logs import log
 from ..ops import linear_ref as L
-from ..ops.linear_nvfp4_ref import quantize_weight_nvfp4
 from ..report import SiteRecord
 from .graph_utils import copy_graph, example_shape, example_value
 from .linear_match import LinearSite, MatchedLinears, training_format
@@ -37,7 +37,7 @@ from .smoothquant import Fold, folded_norm_params, folded_tensors
 BAKED_META_KEY = "attnopt_baked_params"  # gm.meta entry read by the backend (stale-weight check)
 _8BIT = ("w8a8", "fp8")
 _OP_NAMES = {"w8a8": "attnopt::linear_8bit", "fp8": "attnopt::linear_8bit", "w4a16": "attnopt::linear_w4a16",
-             "nvfp4": "attnopt::linear_nvfp4"}
+             "w4a8": "attnopt::linear_w4a8", "nvfp4": "attnopt::linear_nvfp4"}
 
 
 # --------------------------------------------------------------------------- weight quantization
@@ -58,14 +58,7 @@ class _Prepared:
 
 
 def _quantize(site: LinearSite, fmt: str, w: torch.Tensor, changed: bool, bias) -> _Prepared:
-    if fmt in _8BIT:
-        q = L.quantize_weight(w, "int8" if fmt == "w8a8" else "fp8")
-    elif fmt == "w4a16":
-        q = L.quantize_weight_int4(w)
-    elif fmt == "nvfp4":
-        q = quantize_weight_nvfp4(w)
-    else:
-        q = None
+    q = L.quantize_format(w, fmt) if fmt in _OP_NAMES else None
     return _Prepared(site, fmt, w, changed, bias, q)
 
 
@@ -75,10 +68,10 @@ def _x_dtype(site: LinearSite, w: torch.Tensor) -> torch.dtype:
 
 
 def _with_awq(p: _Prepared, entry: dict | None) -> _Prepared:
-    """A w4a16 site with AWQ scales in the plan: quantize W s instead of W, and x reads x / s.
+    """A w4a16 / w4a8 site with AWQ scales in the plan: quantize W s instead of W, and x reads x / s.
     1 / s is rounded to x's dtype first and W divided by exactly that, so the only new rounding
     is the one of x / s (and W s to W's dtype before 4 bits)."""
-    if entry is None or p.fmt != "w4a16":
+    if entry is None or p.fmt not in L.AWQ_FORMATS:
         return p
     k = p.w.shape[1]
     if len(entry["scales"]) != k:
@@ -107,7 +100,7 @@ def _undo_folds(broken: list[Fold], folds: list[Fold], errors: dict) -> list[Lin
 def quantize_weights(m: MatchedLinears, folds: list[Fold], awq: dict | None = None) -> tuple[dict[str, _Prepared], list[Fold]]:
     """Quantize every rewritten site; a group with a member that fails is undone (its members
     quantized again without the scales), so no fold is ever half applied. `awq`: key -> the
-    plan's AWQ entry, applied to w4a16 sites on top of any SmoothQuant fold."""
+    plan's AWQ entry, applied to w4a16 / w4a8 sites on top of any SmoothQuant fold."""
     awq = awq or {}
     folds = list(folds)
     prepared: dict[str, _Prepared] = {}
@@ -220,7 +213,8 @@ def _static_m(x: fx.Node) -> int | None:
 
 def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
     """(path, words) for what runs at this site's M: the small-M paths of linear_8bit (weight-only
-    split-K GEMV below min_m) and linear_w4a16 (split-K with BLOCK_M 16 at M <= 16)."""
+    split-K GEMV below min_m), linear_w4a16 (split-K with BLOCK_M 16 at M <= 16) and linear_w4a8
+    (one GEMM for every M, x quantized per token in its prologue up to FUSED_QUANT_MAX_M rows)."""
     if fmt in _8BIT:
         act = "INT8" if fmt == "w8a8" else "FP8"
         if m is None:
@@ -236,6 +230,14 @@ def _path_note(fmt: str, m: int | None, small_m: int) -> tuple[str, str]:
         if m <= 16:
             return "small-m", f"M={m}<=16: split-K GEMV (BLOCK_M 16), int4 dequantized in registers"
         return "gemm", f"M={m}: tiled GEMM, int4 dequantized in registers"
+    if fmt == "w4a8":
+        words = ("int4 weights unpacked in registers, int8 dot per 128-wide group (int32), group scales "
+                 "applied in fp32")
+        if m is None:
+            return "dynamic", (f"M known at run time: per-token INT8 activations (quantized in the GEMM's "
+                               f"prologue up to M={FUSED_QUANT_MAX_M}), {words}")
+        where = "in the GEMM's prologue (one launch)" if m <= FUSED_QUANT_MAX_M else "by a pre-kernel"
+        return "gemm", f"M={m}: per-token INT8 activations quantized {where}, {words}"
     if fmt == "nvfp4":
         rows = "M known at run time" if m is None else f"M={m}"
         return ("dynamic" if m is None else "gemm"), (f"{rows}: per-token NVFP4 activations quantized by a "
@@ -255,11 +257,14 @@ def _bias_node(rw: LinearRewriter, p: _Prepared, baked: _Baked):
 
 def _quantized_weight_nodes(rw: LinearRewriter, p: _Prepared) -> tuple | None:
     """The quantized weight's constants (8-bit: values, scales, None; W4A16: packed, scales,
-    zeros; NVFP4: packed, group scales, outer scales), or None for 'none' (smoothed weights only, or a calibration capture)."""
+    zeros; W4A8: packed, scales, None; NVFP4: packed, group scales, outer scales), or None for
+    'none' (smoothed weights only, or a calibration capture)."""
     if p.fmt in _8BIT:
         return rw.const(p.q[0], p.site.node, "wq"), rw.const(p.q[1], p.site.node, "ws"), None
     if p.fmt == "w4a16":
         return tuple(rw.const(t, p.site.node, nm) for t, nm in zip(p.q, ("w4", "w4s", "w4z")))
+    if p.fmt == "w4a8":
+        return rw.const(p.q[0], p.site.node, "w4a8"), rw.const(p.q[1], p.site.node, "w4a8s"), None
     if p.fmt == "nvfp4":
         return tuple(rw.const(t, p.site.node, nm) for t, nm in zip(p.q, ("fp4", "fp4g", "fp4s")))
     return None
@@ -359,6 +364,9 @@ def _op_call(rw: LinearRewriter, p: _Prepared, bias, q, small_m: int, spec: Arch
         return rw.call(torch._C._nn.linear, [x, rw.const(p.w, s.node, "wsmooth"), bias], s.node)
     if p.fmt == "w4a16":
         return rw.call(torch.ops.attnopt.linear_w4a16.default, [x, *q, bias, L.W4_GROUP, spec.name, "auto"], s.node)
+    if p.fmt == "w4a8":
+        return rw.call(torch.ops.attnopt.linear_w4a8.default, [x, q[0], q[1], bias, L.W4A8_GROUP, spec.name, "auto"],
+                       s.node)
     if p.fmt == "nvfp4":
         return rw.call(torch.ops.attnopt.linear_nvfp4.default, [x, *q, bias, spec.name, "auto"], s.node)
     return rw.call(torch.ops.attnopt.linear_8bit.default, [x, q[0], q[1], bias, "int8" if p.fmt == "w8a8" else "fp8",
