@@ -68,3 +68,17 @@ def test_dit_denoise(tmp_path):
     _all_rewritten(s)
     assert plan.exists() and "denoised 4 steps" in out
     assert 0 < s["step"] <= BOUND and s["final latent"] <= BOUND, s
+
+
+def test_video_dit(tmp_path):
+    """Wan-style video DiT: a calibrated SVG2 plan, the first quarter of the steps dense by the
+    schedule, all steps on one compiled graph."""
+    pytest.importorskip("diffusers")
+    plan = tmp_path / "plan.json"
+    out = run("video_dit.py", "--plan", str(plan))
+    s = summary(out)
+    _all_rewritten(s)
+    assert plan.exists() and "denoised 8 steps (2 dense by the schedule" in out
+    assert "graphs compiled: 1" in out, out[-2000:]
+    assert "+svg2" in out  # the plan keeps SVG2 at some self-attention site
+    assert 0 < s["step"] <= BOUND and 0 < s["final latent"] <= BOUND, s
