@@ -317,3 +317,51 @@ def test_use_backend_registers_tracks_and_selects():
     assert "int8qk" in d["transformer_blocks.0.attn#0"]
     assert d["single_transformer_blocks.0.attn#0"].startswith("sdpa: module 'single_transformer_blocks.0.attn' "
                                                               "excluded")
+
+
+def _plan(sites):
+    return {"schema_version": attnopt.Plan().to_dict()["schema_version"], "sites": sites}
+
+
+def test_schedule_entry_wins_over_the_plan_entry_and_plan_schedules_apply():
+    """As in the compile pass: a schedule entry's `use` beats the site's plan entry for the keys
+    it sets, and a plan entry's own schedule is tried before attention.schedule."""
+    plan = _plan({"blk#0": {"kind": "attention", "quant": "int8", "pv": "fp8",
+                            "sparsity": {"method": "window", "window": 32, "sinks": 0},
+                            "schedule": [{"steps": [1, 2], "use": {"quant": "fp8"}}]}})
+    b = db._Backend(attnopt.normalize_options({"plan": plan, "attention": {**ANY_LENGTH, "schedule": [
+        {"steps": [0.0, 0.5], "use": {"sparsity": None}}]}}))
+    q = torch.randn(1, 2, 128, 16)
+    runs = {}
+    for i in range(3):
+        with attnopt.step(i, 4):
+            runs[i] = b.decide(q, q, q, ("blk", 0))[1]
+    assert runs[0].sparsity == "" and runs[0].quant == "int8"          # section schedule: dense
+    assert runs[1].quant == "fp8" and "window" in runs[1].sparsity     # the plan's own schedule first
+    assert runs[2].quant == "int8" and "window" in runs[2].sparsity    # no entry: the plan entry
+
+
+def test_decisions_follow_grad_mode():
+    """A call with inputs that need grad runs SDPA; a later no-grad call is not pinned to that."""
+    register_backend({"attention": ANY_LENGTH}, name="attnopt_grad")
+    q, k, v = _qkv()
+    backend = dispatch.AttentionBackendName("attnopt_grad")
+    dispatch.dispatch_attention_fn(q.requires_grad_(), k, v, backend=backend)
+    assert decisions("attnopt_grad")["#0"].startswith("sdpa: q/k/v require grad")
+    with torch.no_grad(), CountFormats() as seen:
+        dispatch.dispatch_attention_fn(q, k, v, backend=backend)
+    assert seen.calls == [("attention", "int8", "fp16")]
+
+
+def test_svg2_needs_tracked_sites_and_causal_calls_stay_dense():
+    """SVG2 keeps centroids per site: an untracked call cannot have one; a causal call runs dense."""
+    register_backend({"attention": {**ANY_LENGTH, "sparsity": {"method": "svg2", "q_clusters": 4,
+                                                               "k_clusters": 8}}}, name="attnopt_svg2")
+    with pytest.raises(db.SiteUnknown, match="svg2"):
+        dispatch.dispatch_attention_fn(*_qkv(), backend=dispatch.AttentionBackendName("attnopt_svg2"))
+    b = db._Backend(attnopt.normalize_options({"attention": {**ANY_LENGTH, "sparsity": {
+        "method": "svg2", "q_clusters": 4, "k_clusters": 8}}}))
+    q = torch.randn(1, 2, 128, 16)
+    assert "svg2" in b.decide(q, q, q, ("blk", 0))[1].sparsity
+    causal = b.decide(q, q, q, ("blk", 0), is_causal=True)[1]
+    assert causal.sparsity == "" and "no causal form" in causal.kernel

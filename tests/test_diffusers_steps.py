@@ -53,3 +53,23 @@ def test_an_error_mid_run_leaves_no_step_open():
 def test_needs_a_scheduler():
     with pytest.raises(TypeError, match="not a diffusers scheduler"), track_steps(object()):
         pass
+
+
+def test_runs_that_start_past_step_zero_are_numbered_as_the_scheduler_numbers_them():
+    """img2img (strength < 1): set_begin_index(t_start) then timesteps[t_start:]; attnopt sees
+    steps t_start.. of the full schedule, as fractions of the noise schedule."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    seen = []
+    with track_steps(sched):
+        sched.set_timesteps(10)
+        sched.set_begin_index(6)
+        x = torch.zeros(1, 4)
+        for t in sched.timesteps[6:]:
+            seen.append(attnopt.schedule.current_step())
+            x = sched.step(torch.ones_like(x), t, x).prev_sample
+    assert seen == [(6, 10), (7, 10), (8, 10), (9, 10)]
+    assert attnopt.schedule.current_step() is None
+    assert "set_begin_index" not in sched.__dict__

@@ -92,3 +92,22 @@ def test_step_checks_its_arguments_and_calls_listeners():
     with attnopt.step(1, 2):
         pass
     assert seen == [(0, 2)]
+
+
+def test_a_schedule_setting_quant_drops_the_planned_pv():
+    """A planned pv was chosen for the planned quant: an entry that sets quant resolves pv afresh
+    (a plan's fp8 P.V with a schedule's quant 'none' would otherwise refuse the whole site)."""
+    from attnopt.codegen.arch import ARCHS
+    from attnopt.passes.attention_rewrite import choose_formats, overridden
+
+    entry = {"kind": "attention", "quant": "int8", "pv": "fp8", "sparsity": {"method": "window"}}
+    assert overridden(entry, {"quant": "none"}) == {"kind": "attention", "sparsity": {"method": "window"}}
+    assert overridden(entry, {"pv": "fp16"}) == {"kind": "attention", "quant": "int8",
+                                                 "sparsity": {"method": "window"}}
+    assert overridden(entry, {"sparsity": None}) == {"kind": "attention", "quant": "int8", "pv": "fp8"}
+    plan = {"schema_version": attnopt.Plan().to_dict()["schema_version"], "sites": {"s#0": entry}}
+    opts = normalize_options({"plan": plan, "attention": {"min_seq_len": 0}})
+    use = {"quant": "none", "sparsity": {"method": "window", "window": 64}}
+    a = S.apply_use(opts.attention, use)
+    quant, pv, sparsity, _ = choose_formats(opts, "s#0", ARCHS["sm90"], 2, 256, 256, "cuda", attention=a, use=use)
+    assert (quant, pv, sparsity["method"]) == ("none", "fp16", "window")

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..config import Options, normalize_options
+from ..config import Options, _thaw, normalize_options
 from ..codegen.arch import resolve_arch
 from ..codegen.attention.describe import describe_attention_kernel
 from ..passes import on_cpu
@@ -119,14 +119,6 @@ def _step_now():
     return schedule.current_step()
 
 
-def _options_at(a, module_path: str, step_now):
-    """The attention options in force at a site at a step: the first matching
-    `attention.schedule` entry, else `a` itself."""
-    from .. import schedule
-
-    return schedule.options_at(a, module_path, step_now)
-
-
 def _needs_site(opts: Options) -> str | None:
     """Why these options cannot run without knowing the calling module, or None."""
     a = opts.attention
@@ -137,6 +129,10 @@ def _needs_site(opts: Options) -> str | None:
     for entry in a.schedule:
         if tuple(entry["include"]) != ("*",):
             return "an attention.schedule entry selects modules by path"
+    methods = [a.sparsity.method if a.sparsity is not None else None]
+    methods += [(e["use"].get("sparsity") or {}).get("method") for e in a.schedule]
+    if "svg2" in methods:
+        return "sparsity 'svg2' keeps its k-means centroids per site"
     return None
 
 
@@ -159,8 +155,10 @@ class _Backend:
         self.needs_site = _needs_site(opts)
         self.decisions: dict[str, str] = {}
         self._cache: dict[tuple, _Params | str] = {}
-        self._scheduled: dict[tuple, object] = {}  # (module path, step) -> attention options in force
+        self._scheduled: dict[tuple, object] = {}  # (site key, module path, step) -> schedule `use` or None
         self._at_step: dict[object, Options] = {}  # attention options at a step -> Options with them
+        self.has_schedule = bool(opts.attention.schedule) or (opts.plan is not None and any(
+            e.get("schedule") for e in opts.plan.sites.values()))
 
     def _options_with(self, a) -> Options:
         if a is self.opts.attention:
@@ -170,7 +168,8 @@ class _Backend:
             got = self._at_step[a] = dataclasses.replace(self.opts, attention=a)
         return got
 
-    def decide(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: tuple[str, int] | None):
+    def decide(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: tuple[str, int] | None,
+               is_causal: bool = False):
         """(site key, _Params) or (site key, reason it stays SDPA). q, k, v are [B, H, N, D]."""
         if site is None:
             if self.needs_site:
@@ -182,30 +181,46 @@ class _Backend:
         else:
             path, index = site
         key = f"{path}#{index}"
-        a = self.opts.attention
-        if a.schedule:  # merged options per (site, step), validated once
-            at = (path, _step_now())
-            got = self._scheduled.get(at)
-            if got is None:
-                got = self._scheduled[at] = _options_at(a, path, at[1])
-            a = got
-        ck = (key, a, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype, q.device)
+        use, use_tag = self._use(key, path, _step_now())
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        ck = (key, use_tag, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype, q.device,
+              grad, bool(is_causal))
         got = self._cache.get(ck)
         if got is None:
-            got = self._cache[ck] = self._decide(a, key, path, q, k, v)
+            got = self._cache[ck] = self._decide(use, key, path, q, k, v, grad, bool(is_causal))
         return key, got
 
-    def _decide(self, a, key: str, path: str, q, k, v) -> _Params | str:
+    def _use(self, key: str, path: str, step_now):
+        """(the `use` of the schedule entry in force at the site and step, its JSON) or (None, None):
+        the site's plan entry's own schedule first, then attention.schedule, the first match
+        winning (as the compile pass tries them: passes/schedule_rewrite.py)."""
+        if step_now is None or not self.has_schedule:
+            return None, None
+        at = (key, path, step_now)
+        if at not in self._scheduled:
+            from ..passes.schedule_rewrite import site_schedule
+            from ..schedule import step_in
+
+            hit = next((e for _, e in site_schedule(self.opts, key, path) if step_in(e["steps"], *step_now)), None)
+            use = _thaw(hit["use"]) if hit is not None else None
+            self._scheduled[at] = (use, None if use is None else json.dumps(use, sort_keys=True))
+        return self._scheduled[at]
+
+    def _decide(self, use, key: str, path: str, q, k, v, grad: bool, is_causal: bool) -> _Params | str:
+        from ..schedule import apply_use
+
+        a = self.opts.attention if use is None else apply_use(self.opts.attention, use)
         opts = self._options_with(a)
         try:
-            check_selected(a, path)
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            check_selected(a, path, plain_ok=use is not None)
+            if grad:
                 raise Reject("q/k/v require grad: the backend runs attnopt's forward only, left for autograd")
             check_operands(a, (q.dtype, k.dtype, v.dtype), q.device.type, q.shape[-1], v.shape[-1],
                            q.shape[2], k.shape[2])
             spec = resolve_arch(opts.arch, q.device)
             quant, pv, sparsity, note = choose_formats(opts, key, spec, q.shape[1], q.shape[2], k.shape[2],
-                                                       q.device.type)
+                                                       q.device.type, causal=is_causal, attention=a, use=use,
+                                                       plain_ok=use is not None)
         except Reject as e:
             return str(e)
         kernel = describe_attention_kernel(spec, quant, pv, q.shape[-1], q.device.type)
@@ -232,7 +247,7 @@ class _Backend:
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, N, D] views
             if attn_mask is not None and attn_mask.ndim == 2 and attn_mask.shape == (q.shape[0], k.shape[2]):
                 attn_mask = attn_mask[:, None, None, :]  # [B, Nk] key padding, as the native backend reads it
-            site_key, params = state.decide(q, k, v, next_site())
+            site_key, params = state.decide(q, k, v, next_site(), is_causal)
             if isinstance(params, str):
                 state.decisions[site_key] = f"sdpa: {params}"
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,

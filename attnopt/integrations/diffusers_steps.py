@@ -12,7 +12,11 @@ step i run inside `attnopt.step(i, total)`: compiled graphs read it from the ste
 callers from `attnopt.schedule.current_step()`. Why the scheduler and not `callback_on_step_end`:
 every pipeline calls its scheduler, while the callback runs after a step (too late for step 0)
 and not every pipeline offers it. Multi-stage schedulers (Heun, DPM2) list each model call as a
-timestep, so `total` counts model calls, as the pipeline's own loop does.
+timestep, so `total` counts model calls, as the pipeline's own loop does. Runs that start past
+step 0 (img2img, `strength` < 1: the pipeline calls `set_begin_index(t_start)`) are numbered as
+the scheduler numbers them: step t_start of the full schedule first, so fractions in
+`attention.schedule` mean the same noise levels whatever the strength; after each `step` the
+scheduler's own `step_index` is taken where it keeps one.
 """
 
 from __future__ import annotations
@@ -67,15 +71,32 @@ def track_steps(pipe_or_scheduler: Any) -> Iterator[None]:
     def tracked_step(*args, **kwargs):
         out = step(*args, **kwargs)
         if steps.block is not None:
-            steps.open(steps.i + 1, steps.total)  # past the last step: closed
+            # the scheduler's own index where it keeps one (img2img runs start past 0), else one more
+            idx = getattr(scheduler, "step_index", None)
+            steps.open(idx if isinstance(idx, int) else steps.i + 1, steps.total)  # past the last: closed
         return out
 
-    scheduler.set_timesteps, scheduler.step = tracked_set_timesteps, tracked_step
+    wrapped = {"set_timesteps": tracked_set_timesteps, "step": tracked_step}
+    if callable(getattr(scheduler, "set_begin_index", None)):  # img2img / strength: the run starts there
+        own.update({"set_begin_index": scheduler.__dict__["set_begin_index"]}
+                   if "set_begin_index" in scheduler.__dict__ else {})
+        set_begin_index = scheduler.set_begin_index
+
+        @functools.wraps(set_begin_index)
+        def tracked_set_begin_index(begin_index: int = 0, *args, **kwargs):
+            out = set_begin_index(begin_index, *args, **kwargs)
+            if steps.block is not None:
+                steps.open(int(begin_index), steps.total)
+            return out
+
+        wrapped["set_begin_index"] = tracked_set_begin_index
+    for name, fn in wrapped.items():
+        setattr(scheduler, name, fn)
     try:
         yield
     finally:
         steps.close()
-        for name in ("set_timesteps", "step"):
+        for name in wrapped:
             if name in own:
                 setattr(scheduler, name, own[name])
             else:

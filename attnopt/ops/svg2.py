@@ -11,10 +11,13 @@ it is selected (a block straddling clusters keeps more than the pairs asked for,
 The output rows are scattered back to their original positions.
 
 Centroids are per-site state (`CentroidState`): a site's next call starts k-means from them
-(`warm_iters` iterations instead of `init_iters`). Each batch element keeps its own (the two
-halves of classifier-free guidance cluster differently). The state of a site resets when its
-batch size, lengths, heads or cluster counts change, on `reset()`, and on `on_step(0)`: the
-step API (`attnopt.step(i, total)`) is to call `on_step` so that a new generation starts cold.
+(`warm_iters` iterations instead of `init_iters`). Each batch element of one call keeps its
+own (the two halves of a batched classifier-free guidance cluster differently). The state is
+keyed by the site key alone: pipelines that run the two guidance halves as separate calls (Wan)
+or two transformers with the same module paths (Wan 2.2's experts) warm-start one call from the
+other's centroids, which costs quality (a worse start), never correctness. The state of a site
+resets when its batch size, lengths, heads or cluster counts change, on `reset()`, and at step 0
+of a generation (`with attnopt.step(0, n):` calls `on_step` through a step listener).
 k-means has no randomness: its cold start takes farthest-point tokens as the first centroids
 (bitwise repeatable on the CPU; on CUDA, scatter_add's float atomics may order a centroid's sum
 differently from run to run).

@@ -253,7 +253,9 @@ def overridden(entry: dict, use) -> dict:
     """A site's plan entry without what a schedule entry's `use` sets (the schedule wins there)."""
     if not use:
         return entry
-    drop = {k for k in ("quant", "pv") if k in use} | ({"sparsity", "dense"} if "sparsity" in use else set())
+    # a planned pv was chosen for the planned quant: a schedule that sets quant resolves pv afresh
+    drop = ({"quant", "pv"} if "quant" in use else {"pv"} if "pv" in use else set()) | (
+        {"sparsity", "dense"} if "sparsity" in use else set())
     return {k: v for k, v in entry.items() if k not in drop}
 
 
