@@ -492,6 +492,7 @@ def test_calibrate_progress_bar_per_site(monkeypatch):
     attnopt.calibrate(M(), [(x,)], options={"attention": {"min_seq_len": 0, "sparsity": {"method": "sparge"}}},
                       progress=True, cache_dir=False)
     monkeypatch.undo()
-    assert "calibrate: capture [##########] 1/1 batch 1" in tty.text
-    assert "calibrate: search [##########] 1/1 searching #0 (2 heads)" in tty.text and "elapsed" in tty.text
-    assert "calibrate: sensitivity [##########] 1/1 #0" in tty.text
+    text = tty.text.replace("\r", "\n")  # the whole text in a failure's message, a draw per line
+    assert "calibrate: capture [##########] 1/1 batch 1" in text, text
+    assert "calibrate: search [##########] 1/1 searching #0 (2 heads)" in text and "elapsed" in text, text
+    assert "calibrate: sensitivity [##########] 1/1 #0" in text, text
