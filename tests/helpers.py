@@ -62,3 +62,80 @@ def attend_with_keep(q, k, v, keep, apply: str, additive_fill: float = float("-i
     else:
         s = s.masked_fill(~keep, float("-inf"))
     return s.softmax(-1) @ v
+
+
+# A script that compiles as for a GPU arch without one (run in a subprocess: TRITON_INTERPRET=0,
+# which the interpreter-run test process cannot switch off). A stand-in for the CUDA driver names
+# the target (torch's mutation analysis compiles each kernel to TTIR for it; without one it assumes
+# every input is written, which a GPU compile never does), and Inductor's first pass records the
+# graph AOTAutograd traced, then stops: the rest is Inductor compiling Triton for a GPU this
+# machine lacks. The body compiles something under `stop_after_trace(...)` and prints JSON.
+_TRACE_FOR_ARCH = r'''import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch, attnopt, triton
+from attnopt.passes import manager
+
+
+class Stop(Exception):
+    pass
+
+
+class Target:
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", ARCH, 32)
+
+
+triton.runtime.driver.set_active(Target())
+after = []
+
+
+def call_then_stop(self, graph):
+    after.append(graph)
+    raise Stop()
+
+
+manager.CacheKeyPass.__call__ = call_then_stop
+
+
+def stop_after_trace(run):
+    """Run `run()` (a first compile), return the graph Inductor's first pass saw."""
+    try:
+        run()
+    except Exception as e:
+        assert "Stop" in repr(e) or "Stop" in str(type(e)), e
+    (graph,) = after
+    return graph
+
+
+def kernel_nodes(graph):
+    """(kernel name, node) of each Triton kernel traced into the graph."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    return [(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, n) for n in graph.nodes
+            if n.op == "call_function" and "triton_kernel_wrapper_functional" in str(n.target)]
+
+
+def attnopt_ops(graph):
+    return [str(n.target) for n in graph.nodes if n.op == "call_function" and str(n.target).startswith("attnopt.")]
+'''
+
+
+def run_traced_for_arch(tmp_path, body: str, arch: int) -> dict:
+    """Run `body` after the trace-for-arch preamble (sm`arch`, attnopt's Triton bodies inlined) in a
+    subprocess; its last stdout line, parsed as JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    script = tmp_path / f"trace_sm{arch}.py"
+    script.write_text(_TRACE_FOR_ARCH.replace("ARCH", str(arch)) + body)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "ATTNOPT_INLINE": "always", "ATTNOPT_IMPL": "triton",
+           "ATTNOPT_ARCH": f"sm{arch}", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, str(script), here], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(here))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -3,9 +3,6 @@ emulated arch (attnopt/switches.py); and what must happen when a rewrite goes wr
 impls reject bad operands, internal errors are loud and never cached, missing ops are named)."""
 
 import json
-import os
-import tempfile
-import warnings
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from attnopt.ops.attention_ref import attention_exact
 from attnopt.ops.checks import OperandError
 from attnopt.passes import manager
 
-from helpers import randn, rel_l1
+from helpers import randn, rel_l1, run_traced_for_arch
 
 
 class TwoSites(torch.nn.Module):
@@ -329,50 +326,19 @@ def test_triton_impl_runs_the_kernels_in_a_compiled_graph(monkeypatch):
 
 
 _INLINE_TRITON = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import torch, attnopt
-from attnopt.passes import manager
 from test_gpu_paths import ThreeSites, _three_inputs, PLAN3
 
-class Stop(Exception):
-    pass
-
-
-class Sm90Target:
-    # Stands in for the CUDA driver: torch's mutation analysis of each kernel (which tensors it
-    # writes) compiles it to TTIR for the current target; without one it assumes every input is
-    # written, which a GPU compile never does.
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-
-import triton
-triton.runtime.driver.set_active(Sm90Target())
-
-after = []
-def call_then_stop(self, graph):  # the first pass Inductor runs: AOTAutograd has traced the graph
-    after.append(graph)
-    raise Stop()  # the rest is Inductor compiling Triton for a GPU this machine lacks
-manager.CacheKeyPass.__call__ = call_then_stop
 opts = {"attention": {"min_seq_len": 0, "sparsity": {"method": "window", "window": 64}}, "plan": PLAN3}
 be = attnopt.backend(opts, inductor_config={"fx_graph_cache": False})
-try:
+
+
+def run():
     with torch.no_grad():
         torch.compile(ThreeSites(), backend=be)(*_three_inputs())
-except Exception as e:
-    assert "Stop" in repr(e) or "Stop" in str(type(e)), e
-(graph,) = after
-targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
-kernels = []
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-for n in graph.nodes:
-    if n.op == "call_function" and "triton_kernel_wrapper_functional" in str(n.target):
-        kernels.append(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__)
-print(json.dumps({"attnopt_ops": [t for t in targets if t.startswith("attnopt.")], "kernels": kernels,
+
+
+graph = stop_after_trace(run)
+print(json.dumps({"attnopt_ops": attnopt_ops(graph), "kernels": [k for k, _ in kernel_nodes(graph)],
                   "statuses": [r.status for r in be.recorder.sites()]}))
 """
 
@@ -383,17 +349,7 @@ def test_triton_bodies_inline_into_the_graph(tmp_path):
     nodes in the graph Inductor's first pass sees). Under
     the interpreter this cannot run (wrap_triton launches instead of tracing on fake tensors), so
     it runs in a subprocess with TRITON_INTERPRET=0."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "inline_triton.py"
-    script.write_text(_INLINE_TRITON)
-    env = {**os.environ, "TRITON_INTERPRET": "0", "ATTNOPT_INLINE": "always", "ATTNOPT_IMPL": "triton",
-           "ATTNOPT_ARCH": "sm90", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    res = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = run_traced_for_arch(tmp_path, _INLINE_TRITON, 90)
     assert got["statuses"] == ["rewritten"] * 3
     assert got["attnopt_ops"] == []  # nothing left as an extern call
     assert got["kernels"].count("_attn_fwd") == 3  # one attention kernel per site

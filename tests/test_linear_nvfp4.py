@@ -7,10 +7,6 @@ about 0.12-0.13 with outlier channels; W4A16 is ~0.10 and W8A8 ~0.012 on the sam
 """
 
 import copy
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +17,7 @@ from attnopt.codegen.linear.nvfp4 import linear_nvfp4_triton, quantize_act_nvfp4
 from attnopt.ops import linear_nvfp4_ref as F
 from attnopt.ops import nvfp4
 
-from helpers import dynamo_graph, rel_l1
+from helpers import dynamo_graph, rel_l1, run_traced_for_arch
 from test_linear_rewrite import LinearAndConv1D, _consts, _rewrite
 
 BOUND = 0.16  # rel-L1 of the NVFP4 linear against float64 (measured 0.12-0.14)
@@ -204,39 +200,19 @@ def test_the_op_runs_the_kernel_or_the_reference():
     assert torch.equal(reference, F.linear_nvfp4_ref(x, *q, b)) and rel_l1(kernel, reference) < 1e-3
 
 
-_INLINE_NVFP4 = r"""import json, sys
-sys.path.insert(0, sys.argv[1])
-import torch, attnopt
-from attnopt.passes import manager
+_INLINE_NVFP4 = r"""
 from test_linear_nvfp4 import TwoLinears
 
-class Stop(Exception):
-    pass
-
-class Sm100Target:
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-        return GPUTarget("cuda", 100, 32)
-
-import triton
-triton.runtime.driver.set_active(Sm100Target())
-after = []
-def call_then_stop(self, graph):
-    after.append(graph)
-    raise Stop()
-manager.CacheKeyPass.__call__ = call_then_stop
 be = attnopt.backend({"linear": {"quant": "nvfp4"}}, inductor_config={"fx_graph_cache": False})
-try:
+
+
+def run():
     with torch.no_grad():
         torch.compile(TwoLinears().bfloat16().eval(), backend=be)(torch.randn(3, 40, 64).bfloat16())
-except Exception as e:
-    assert "Stop" in repr(e) or "Stop" in str(type(e)), e
-(graph,) = after
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-kernels = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in graph.nodes
-           if n.op == "call_function" and "triton_kernel_wrapper_functional" in str(n.target)]
-targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
-print(json.dumps({"attnopt_ops": [t for t in targets if t.startswith("attnopt.")], "kernels": kernels,
+
+
+graph = stop_after_trace(run)
+print(json.dumps({"attnopt_ops": attnopt_ops(graph), "kernels": [k for k, _ in kernel_nodes(graph)],
                   "statuses": [r.status for r in be.recorder.sites()]}))
 """
 
@@ -246,13 +222,6 @@ def test_nvfp4_bodies_inline_into_the_graph(tmp_path):
     """What an sm100 compile does, short of Inductor compiling the kernels (as
     test_gpu_paths.test_triton_bodies_inline_into_the_graph): with the interpreter off, AOTAutograd
     traces each NVFP4 linear into its quantizer and GEMM. ~25 s (a subprocess)."""
-    script = tmp_path / "inline_nvfp4.py"
-    script.write_text(_INLINE_NVFP4)
-    env = {**os.environ, "TRITON_INTERPRET": "0", "ATTNOPT_INLINE": "always", "ATTNOPT_IMPL": "triton",
-           "ATTNOPT_ARCH": "sm100", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    res = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = run_traced_for_arch(tmp_path, _INLINE_NVFP4, 100)
     assert got["statuses"] == ["rewritten"] * 2 and got["attnopt_ops"] == []
     assert got["kernels"] == ["_quant_act_nvfp4_kernel", "_nvfp4_gemm_kernel"] * 2

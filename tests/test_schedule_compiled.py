@@ -15,7 +15,7 @@ from attnopt import schedule as S
 from attnopt.codegen.arch import ARCHS, resolve_pv
 from attnopt.config import normalize_options
 
-from helpers import randn
+from helpers import randn, run_traced_for_arch
 
 
 class Attn(torch.nn.Module):
@@ -264,49 +264,23 @@ def _direct_cuda(x, k, v, a):
 
 
 _TRACE_SM90 = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import torch, attnopt, triton
-from attnopt.passes import manager
-
-
-class Stop(Exception):
-    pass
-
-
-class Sm90Target:  # stands in for the CUDA driver (see test_gpu_paths._INLINE_TRITON)
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-
 from test_schedule_compiled import TinyDiT, SCHEDULE, SECTION
 from helpers import randn
 
-triton.runtime.driver.set_active(Sm90Target())
-after = []
-def call_then_stop(self, graph):  # the first pass Inductor runs: AOTAutograd has traced the graph
-    after.append(graph)
-    raise Stop()
-manager.CacheKeyPass.__call__ = call_then_stop
 be = attnopt.backend({"attention": {**SECTION, "schedule": SCHEDULE}}, inductor_config={"fx_graph_cache": False})
 x = randn(1, 2, 128, 32)
-try:
+
+
+def run():
     with torch.no_grad(), attnopt.step(3, 50):
         torch.compile(TinyDiT(), backend=be)(x, x, x)
-except Exception as e:
-    assert "Stop" in repr(e) or "Stop" in str(type(e)), e
-(graph,) = after
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-kernels, gated = [], 0
-for n in graph.nodes:
-    if n.op == "call_function" and "triton_kernel_wrapper_functional" in str(n.target):
-        name = kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
-        kernels.append(name)
-        gated += name == "_attn_fwd" and isinstance(n.kwargs["kwargs"].get("GATE"), torch.fx.Node)
-print(json.dumps({"attnopt_ops": [str(n.target) for n in graph.nodes if str(n.target).startswith("attnopt.")],
-                  "kernels": kernels, "gated": gated, "inputs": len(graph.find_nodes(op="placeholder"))}))
+
+
+graph = stop_after_trace(run)
+kernels = kernel_nodes(graph)
+gated = sum(name == "_attn_fwd" and isinstance(n.kwargs["kwargs"].get("GATE"), torch.fx.Node) for name, n in kernels)
+print(json.dumps({"attnopt_ops": attnopt_ops(graph), "kernels": [k for k, _ in kernels], "gated": gated,
+                  "inputs": len(graph.find_nodes(op="placeholder"))}))
 """
 
 
@@ -315,19 +289,7 @@ def test_gated_kernels_inline_into_the_graph_a_gpu_compiles(tmp_path):
     """As on a GPU (ATTNOPT_INLINE=always, Triton impl, sm90 target, stopped before Inductor's
     codegen): every variant's kernels trace into the graph, each attention kernel reading the gate
     (torch's mutation analysis compiles the gated kernel to TTIR for sm90 on the way)."""
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "trace_sm90.py"
-    script.write_text(_TRACE_SM90)
-    here = os.path.dirname(__file__)
-    env = {**os.environ, "TRITON_INTERPRET": "0", "ATTNOPT_INLINE": "always", "ATTNOPT_IMPL": "triton",
-           "ATTNOPT_ARCH": "sm90", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    res = subprocess.run([sys.executable, str(script), here], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(here))
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = run_traced_for_arch(tmp_path, _TRACE_SM90, 90)
     assert got["attnopt_ops"] == []  # nothing left as an extern call
     assert got["kernels"].count("_attn_fwd") == got["gated"] == 4 + 3  # every variant of both sites, gated
 

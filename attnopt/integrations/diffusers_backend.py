@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..config import Options, _thaw, normalize_options
 from ..codegen.arch import resolve_arch
 from ..codegen.attention.describe import describe_attention_kernel
+from ..ops.attention import split_mask
 from ..passes import on_cpu
 from ..passes.attention_rewrite import Reject, check_operands, check_selected, choose_formats
 from .diffusers_sites import next_site, track_sites
@@ -285,12 +286,7 @@ def _refuse(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, retu
 
 def _run(p: _Params, q, k, v, attn_mask, is_causal: bool, scale: float | None) -> torch.Tensor:
     """attnopt's attention op on [B, H, N, D] operands, as the compile pass's rewrite calls it."""
-    bias = keep = None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            keep = attn_mask
-        else:
-            bias = attn_mask
+    bias, keep = split_mask(attn_mask)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     head = (q, k, v, bias, keep, -math.inf, bool(is_causal), 0, s, p.quant, p.pv, p.smooth_k)
     if p.sparsity:

@@ -87,6 +87,14 @@ def _to_bhnd(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.transpose(1, 2) if layout == "bnhd" else t
 
 
+def split_mask(attn_mask):
+    """SDPA's `attn_mask` as the op's (additive bias, boolean keep mask): a bool mask keeps, any
+    other dtype adds."""
+    if attn_mask is None:
+        return None, None
+    return (None, attn_mask) if attn_mask.dtype == torch.bool else (attn_mask, None)
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -139,12 +147,7 @@ def attention(
         raise ValueError(f"q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True for GQA")
     spec = resolve_arch(arch, q.device)
     pv_fmt = resolve_pv(pv, quant, spec)
-    bias = keep = None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            keep = attn_mask
-        else:
-            bias = attn_mask
+    bias, keep = split_mask(attn_mask)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     cap = float(softcap or 0.0)
     if cap < 0 or not math.isfinite(cap):
