@@ -101,7 +101,7 @@ def _classes():
     class AttnoptLayer(StaticLayer):
         """A StaticLayer whose K / V live in a QuantizedKV (static shapes, written in place)."""
 
-        is_croppable = False  # the 16-bit ring only holds the last `residual` tokens
+        is_croppable = False  # only back to a mark() (the 16-bit ring holds the last `residual` tokens)
 
         def __init__(self, max_cache_len: int, layout: KVLayout, **kwargs):
             super().__init__(max_cache_len)
@@ -109,6 +109,7 @@ def _classes():
             self.store = None
             self.prefill_from_empty = False
             self.draft = False  # "int4+int8": decode reads the upper nibbles only (AttnoptCache.set_draft)
+            self.saved = None  # mark(): (first position, the ring slots the next positions overwrite)
             self.read = True  # False between an update() and the attention function reading the storage
 
         def lazy_initialization(self, key_states, value_states):
@@ -154,8 +155,37 @@ def _classes():
             self.cumulative_length.zero_()
             self.read = True
 
+        def mark(self, n: int) -> None:
+            """Save the 16-bit ring slots that writing the next `n` positions overwrites, so that
+            rewind() can drop those positions again (speculative decoding)."""
+            r = self.layout.residual
+            if not 0 < n <= r:
+                raise ValueError(f"AttnoptCache: mark(n) needs 0 < n <= residual={r}, got {n}")
+            start = int(self.cumulative_length)
+            slots = (start + torch.arange(n, device=self.device)) % r
+            self.saved = (start, n, self.store.ring_k[:, :, slots].clone(), self.store.ring_v[:, :, slots].clone())
+
+        def rewind(self, length: int) -> None:
+            """Back to `length` tokens, between the mark() and now: the ring slots of the dropped
+            positions get back the older tokens they held (readers take the last `residual` tokens
+            from the ring); quantized codes past `length` are masked by the length and rewritten
+            by the next append (it re-quantizes whole groups from its valid tokens only)."""
+            if self.saved is None:
+                raise RuntimeError("AttnoptCache: rewind() without mark()")
+            start, n, ring_k, ring_v = self.saved
+            end = int(self.cumulative_length)
+            if not start <= length <= end or end > start + n:
+                raise ValueError(f"AttnoptCache: rewind to {length} outside the mark [{start}, {start + n}] "
+                                 f"(now {end} tokens)")
+            r = self.layout.residual
+            pos = torch.arange(length, end, device=self.device)
+            self.store.ring_k.index_copy_(2, pos % r, ring_k[:, :, pos - start])
+            self.store.ring_v.index_copy_(2, pos % r, ring_v[:, :, pos - start])
+            self.cumulative_length.fill_(length)
+
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("AttnoptCache: crop (its ring keeps only the last `residual` tokens in 16 bits)")
+            raise NotImplementedError("AttnoptCache: crop (its ring keeps only the last `residual` tokens in 16 "
+                                      "bits); AttnoptCache.mark() / rewind() drop tokens written since a mark")
 
         def reorder_cache(self, beam_idx) -> None:
             raise NotImplementedError("AttnoptCache: beam search (reorder_cache)")
@@ -197,6 +227,16 @@ def _classes():
                 raise ValueError(f"AttnoptCache: a draft read needs quant='int4+int8', not {self.layout.quant!r}")
             for layer in self.layers:
                 layer.draft = bool(on)
+
+        def mark(self, n: int) -> None:
+            """Every layer: the next `n` positions (n <= residual) may be dropped again by rewind()."""
+            for layer in self.layers:
+                layer.mark(n)
+
+        def rewind(self, length: int) -> None:
+            """Every layer back to `length` tokens (at least the length at mark())."""
+            for layer in self.layers:
+                layer.rewind(length)
 
         def nbytes(self, batch_size: int | None = None, dtype: torch.dtype | None = None) -> int:
             """Bytes of its storage: the allocated tensors (once the first update() made them), or
