@@ -55,10 +55,12 @@ def test_rewind_restores_what_decode_reads():
         spec.rewind(60)
 
 
-def test_speculative_tokens_equal_greedy_int8():
+@pytest.mark.parametrize("draft_weights", [None, "w4a16"])
+def test_speculative_tokens_equal_greedy_int8(draft_weights):
     """Greedy, batch 1, 100-token prompt, 40 new tokens, residual 32 (the ring wraps many times):
     the speculative tokens are plain greedy generate()'s with the INT8 cache up to the first
-    near-tie of its logits; some drafts are rejected (the rewinds are exercised)."""
+    near-tie of its logits, whatever the draft reads (4-bit cache, optionally int4 weights); some
+    drafts are rejected (the rewinds are exercised)."""
     import attnopt.integrations.transformers as att
     from attnopt.integrations.speculative import generate_speculative
 
@@ -75,8 +77,9 @@ def test_speculative_tokens_equal_greedy_int8():
                          pad_token_id=0)
     want, want_logits = ref.sequences[0, 100:], torch.stack(ref.logits, 1)[0]
     cache = att.AttnoptCache(model.config, 160, quant="int4+int8", group=32, residual=32)
-    got, stats, logits = generate_speculative(model, ids, cache, steps, draft_tokens=4, return_logits=True)
-    print(f"accept rate {stats.accept_rate:.2f}, {stats.tokens_per_round:.2f} tokens per target pass")
+    got, stats, logits = generate_speculative(model, ids, cache, steps, draft_tokens=4,
+                                              draft_weights=draft_weights, return_logits=True)
+    print(f"{draft_weights}: accept rate {stats.accept_rate:.2f}, {stats.tokens_per_round:.2f} tokens per target pass")
     assert got.shape == (1, steps) and logits.shape == want_logits.shape
     top2 = want_logits.topk(2, -1).values
     ties = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).nonzero()
@@ -86,3 +89,21 @@ def test_speculative_tokens_equal_greedy_int8():
     assert 0 < stats.accepted < stats.drafted and stats.rounds < steps
     with pytest.raises(ValueError, match="int4\\+int8"):
         generate_speculative(model, ids, att.AttnoptCache(model.config, 160, quant="int8"), 4)
+
+
+def test_w4_draft_shares_the_target_weights():
+    """The W4 draft: decoder linears on int4 weights (near the 16-bit ones), everything else the
+    target's own tensors."""
+    from attnopt.integrations.draft_weights import W4Linear, w4_draft
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    draft = w4_draft(model)
+    assert isinstance(draft.model.layers[0].mlp.up_proj, W4Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    assert draft.lm_head.weight is model.lm_head.weight
+    assert draft.model.layers[1].input_layernorm.weight is model.model.layers[1].input_layernorm.weight
+    x = torch.randn(3, 128)
+    want = model.model.layers[0].mlp.up_proj(x)
+    err = (draft.model.layers[0].mlp.up_proj(x) - want).abs().sum() / want.abs().sum()
+    assert 0 < err < 0.15

@@ -53,16 +53,25 @@ def _logits(model, ids, cache):
 
 @torch.no_grad()
 def generate_speculative(model, input_ids: torch.Tensor, cache, max_new_tokens: int, draft_tokens: int = 4,
-                         eos_token_id: int | None = None, return_logits: bool = False):
+                         draft_weights: str | None = None, eos_token_id: int | None = None,
+                         return_logits: bool = False):
     """Greedy decoding of `max_new_tokens` after input_ids [1, n] (an empty "int4+int8"
-    AttnoptCache, attn_implementation="attnopt"). Returns (new tokens [1, m], SpeculativeStats),
-    and with return_logits the target's logits for each new token [m, vocab] (the near-tie check)."""
+    AttnoptCache, attn_implementation="attnopt"). draft_weights "w4a16": the draft steps also
+    run the decoder linears on int4 weights (draft_weights.py). Returns (new tokens [1, m],
+    SpeculativeStats), and with return_logits the target's logits per new token [m, vocab]."""
     if input_ids.shape[0] != 1:
         raise NotImplementedError("generate_speculative: batch 1 only (acceptance is per sequence)")
     if not 1 <= draft_tokens < cache.layout.residual:
         raise ValueError(f"draft_tokens must be in [1, residual), got {draft_tokens}")
+    if draft_weights not in (None, "w4a16"):
+        raise ValueError(f"draft_weights must be None or 'w4a16', got {draft_weights!r}")
     cache.set_draft(True)  # raises for a cache without the 4-bit plane
     cache.set_draft(False)
+    drafter = model
+    if draft_weights == "w4a16":
+        from .draft_weights import w4_draft
+
+        drafter = w4_draft(model)
     logits = _logits(model, input_ids, cache)[-1:]
     out, out_logits = [int(logits[-1].argmax())], [logits[-1]]
     stats = SpeculativeStats()
@@ -77,7 +86,7 @@ def generate_speculative(model, input_ids: torch.Tensor, cache, max_new_tokens: 
         draft, prev = [], out[-1]
         try:
             for _ in range(k):
-                prev = int(_logits(model, torch.tensor([[prev]], device=dev), cache)[-1].argmax())
+                prev = int(_logits(drafter, torch.tensor([[prev]], device=dev), cache)[-1].argmax())
                 draft.append(prev)
         finally:
             cache.set_draft(False)
