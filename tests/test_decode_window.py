@@ -1,0 +1,57 @@
+"""Per-head windows for decode (MoA-style plans): windowed KV storage keeps only the sinks and
+the span the widest window reaches, and decode attention applies each head's own window."""
+
+import pytest
+import torch
+
+from attnopt.decode.kv_quant import KVLayout
+from attnopt.decode.op import decode_attention
+from attnopt.decode.storage import QuantizedKV, windowed_slots
+
+from helpers import rel_l1
+
+WINDOW = [40, 100, 8, 64, 1, 30, 100, 77]  # per query head; 8 query heads over 2 KV heads
+SINKS = 5
+
+
+def _windowed_exact(q, k, v, length, window, sinks):
+    """float64 attention of q [1, Hq, nq, D] over k / v [1, Hkv, length, D], causal offset, per-head windows."""
+    _, hq, nq, d = q.shape
+    kk = k[0, :, :length].double().repeat_interleave(hq // k.shape[1], 0)
+    vv = v[0, :, :length].double().repeat_interleave(hq // k.shape[1], 0)
+    s = q[0].double() @ kk.transpose(-1, -2) / d ** 0.5  # [Hq, nq, length]
+    t = torch.arange(length)[None, None, :]
+    pos = (length - nq + torch.arange(nq))[None, :, None]
+    ok = (t <= pos) & ((pos - t < torch.tensor(window)[:, None, None]) | (t < sinks))
+    return (torch.softmax(s.masked_fill(~ok, -torch.inf), -1) @ vv)[None]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4+int8"])
+def test_windowed_storage_decode(quant):
+    """A 300-token prefill (only its sinks and tail are stored), 60 one-token steps and a 3-token
+    verification, the slot ring wrapping (224 slots for 363 tokens): windowed storage
+    reads what the full storage reads under the same windows, and both match float64 windowed
+    attention; its buffers are a fraction of the full storage's."""
+    lay = KVLayout(quant, 32, 32)
+    n = 363
+    k, v = torch.randn(1, 2, n, 64), torch.randn(1, 2, n, 64)
+    keep = windowed_slots(lay, SINKS, max(WINDOW), 16)
+    full = QuantizedKV(lay, 1, 2, 1024, 64, torch.float32, "cpu")
+    win = QuantizedKV(lay, 1, 2, 1024, 64, torch.float32, "cpu", keep=keep)
+    assert win.keep == (32, 192) and win.nbytes() < 0.4 * full.nbytes()
+    window = torch.tensor(WINDOW)
+    steps = [(0, 300)] + [(t, t + 1) for t in range(300, 360)] + [(360, 363)]
+    for a, b in steps:
+        for s in (full, win):
+            s.append(k[:, :, a:b], v[:, :, a:b], torch.tensor(a))
+        if b - a > 1 or b % 17 == 0:
+            q = torch.randn(1, 8, b - a if b - a <= 3 else 1, 64)
+            got = decode_attention(q, win, torch.tensor([b]), window=window, sinks=SINKS)
+            want = decode_attention(q, full, torch.tensor([b]), window=window, sinks=SINKS)
+            assert torch.allclose(got, want, atol=1e-5), (a, b)
+            exact = _windowed_exact(q, k, v, b, WINDOW, SINKS)
+            assert 0 < rel_l1(got, exact) < 0.01
+    dense = decode_attention(q, full, torch.tensor([363]))
+    assert rel_l1(got, dense) > 0.1  # the windows change the result
+    with pytest.raises(ValueError, match="windows"):
+        decode_attention(q, win, torch.tensor([363]))
