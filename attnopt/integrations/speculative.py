@@ -48,7 +48,9 @@ class SpeculativeStats:
 
 
 def _logits(model, ids, cache):
+    """Logits [n, vocab] of ids [1, n] appended to the cache."""
     return model(input_ids=ids, cache=cache, use_cache=True).logits[0].float()
+
 
 
 @torch.no_grad()
