@@ -21,6 +21,10 @@ dequantized copy.
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="attnopt")
     cache = att.AttnoptCache(model.config, max_cache_len=4096, quant="int8")
     model.generate(ids, cache=cache, max_new_tokens=256)
+
+AttnoptCache.mark() / rewind() drop the positions written since a mark (self-speculative
+decoding: speculative.py); AttnoptCache.from_plan() applies a calibrated plan's per-head decode
+windows and stores only what they reach (windows.py, decode/storage.py).
 """
 
 from __future__ import annotations
