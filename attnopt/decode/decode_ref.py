@@ -9,6 +9,10 @@ Which key t a query row sees (row of query i of `nq`, per batch row b with `leng
 t < lengths[b], t <= lengths[b] - nq + i (causal), and key_valid[b, t] where given (padding).
 Keys older than the last `residual` are read quantized, the rest from the ring. GQA: the query
 heads of one KV head are rows of one matrix against that head's K / V (no copies).
+
+Per-head windows (`window` [Hq] tokens, `sinks`): query head h at position p also needs
+p - t < window[h] or t < sinks. Windowed storage (kv.keep, storage.py) maps token t to its slot;
+only the sink tokens and the span the widest window reaches are read.
 """
 
 from __future__ import annotations
@@ -38,9 +42,32 @@ def _partial(qs, k, v, ok):
     return m, p.sum(-1), p @ v
 
 
-def decode_attention_ref(q, kv, lengths, key_valid=None, scale=None, draft=False, chunk=CHUNK):
-    """q [B, Hq, nq, D] against `kv` (QuantizedKV-like: kv.layout and the PLANES tensors);
-    lengths [B] tokens per row; key_valid [B, >= max length] bool or None. -> [B, Hq, nq, D]."""
+def _slot(t, keep):
+    if keep is None:
+        return t
+    sinks, span = keep
+    return torch.where(t < sinks, t, sinks + (t - sinks) % span)
+
+
+def _quant_ranges(keep, lengths, quant_end, nq, window, sinks, g):
+    """Group-aligned token ranges [a, b) of the quantized storage to read: all of it, or
+    (windows) the sink groups and what the widest window reaches from the earliest query."""
+    if window is None:
+        if keep is not None:
+            raise ValueError("windowed KV storage needs the heads' windows to be read")
+        return [(0, quant_end)]
+    head = keep[0] if keep is not None else -(-sinks // g) * g
+    lo = max(0, int(lengths.min()) - nq - int(window.max()) + 1) // g * g
+    if lo <= head:
+        return [(0, quant_end)]
+    return [(0, min(head, quant_end)), (lo, quant_end)]
+
+
+def decode_attention_ref(q, kv, lengths, key_valid=None, scale=None, draft=False, chunk=CHUNK,
+                         window=None, sinks=0):
+    """q [B, Hq, nq, D] against `kv` (QuantizedKV-like: kv.layout, the PLANES tensors and
+    kv.keep, None unless windowed); lengths [B] tokens per row; key_valid [B, >= max length]
+    bool or None; window [Hq] int or None, sinks: per-head windows. -> [B, Hq, nq, D]."""
     lay: KVLayout = kv.layout
     b, hq, nq, d = q.shape
     hkv, r = kv.ring_k.shape[1], lay.residual
@@ -49,10 +76,17 @@ def decode_attention_ref(q, kv, lengths, key_valid=None, scale=None, draft=False
     m_rows = qs.shape[2]
     query = (torch.arange(m_rows, device=q.device) % nq)[None, None, :, None]
     lengths = lengths.to(q.device).long().view(b, 1, 1, 1)
+    keep = getattr(kv, "keep", None)
+    if window is not None:  # [Hq] -> per row [1, Hkv, M, 1] (row j * nq + i: head j of the group)
+        window = window.to(q.device).long()
+        win_rows = window.view(hkv, hq // hkv).repeat_interleave(nq, 1).view(1, hkv, m_rows, 1)
 
-    def visible(t):  # t [n] or [B, 1, 1, n] token indices -> [B, 1, M, n]
+    def visible(t):  # t [n] or [B, 1, 1, n] token indices -> [B, 1 | Hkv, M, n]
         t = t.view(1, 1, 1, -1) if t.dim() == 1 else t
-        ok = (t >= 0) & (t < lengths) & (t <= lengths - nq + query)
+        pos = lengths - nq + query
+        ok = (t >= 0) & (t < lengths) & (t <= pos)
+        if window is not None:
+            ok = ok & ((t < sinks) | (pos - t < win_rows))
         if key_valid is not None:
             kvb = key_valid.to(q.device).bool()
             idx = t.clamp(0, kvb.shape[1] - 1).expand(b, 1, 1, -1).reshape(b, -1)
@@ -61,14 +95,16 @@ def decode_attention_ref(q, kv, lengths, key_valid=None, scale=None, draft=False
 
     parts = []
     quant_end = int((lengths - r).clamp(min=0).max())
-    for c0 in range(0, quant_end, chunk):
-        c1 = min(c0 + chunk, quant_end)
+    ranges = _quant_ranges(keep, lengths, quant_end, nq, window, sinks, lay.group)
+    chunks = [(c0, min(c0 + chunk, c_end)) for c_start, c_end in ranges for c0 in range(c_start, c_end, chunk)]
+    for c0, c1 in chunks:
         g0, g1 = c0 // lay.group, -(-c1 // lay.group)
         t = torch.arange(g0 * lay.group, g1 * lay.group, device=q.device)
-        k = dequantize_k(kv.k_codes[:, :, t], None if kv.k_low is None else kv.k_low[:, :, t],
-                         kv.k_scale[:, :, g0:g1], kv.k_zero[:, :, g0:g1], lay, draft)
-        v = dequantize_v(kv.v_codes[:, :, t], None if kv.v_low is None else kv.v_low[:, :, t],
-                         kv.v_scale[:, :, t], kv.v_zero[:, :, t], lay, draft)
+        at, gs = _slot(t, keep), _slot(t[:: lay.group], keep) // lay.group
+        k = dequantize_k(kv.k_codes[:, :, at], None if kv.k_low is None else kv.k_low[:, :, at],
+                         kv.k_scale[:, :, gs], kv.k_zero[:, :, gs], lay, draft)
+        v = dequantize_v(kv.v_codes[:, :, at], None if kv.v_low is None else kv.v_low[:, :, at],
+                         kv.v_scale[:, :, at], kv.v_zero[:, :, at], lay, draft)
         ok = visible(t) & (t.view(1, 1, 1, -1) < lengths - r)
         parts.append(_partial(qs, k, v, ok))
     slot = torch.arange(r, device=q.device).view(1, 1, 1, -1)

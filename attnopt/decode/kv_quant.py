@@ -70,9 +70,11 @@ class KVLayout:
         if head_dim % self.group:
             raise ValueError(f"head dim {head_dim} is not a multiple of group={self.group} (V's channel groups)")
 
-    def nbytes(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Bytes of one layer's K and V storage (codes, low nibbles, scales, zeros, 16-bit ring)."""
-        t, g = self.slots(max_len), self.group
+    def nbytes(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+               slots: int | None = None) -> int:
+        """Bytes of one layer's K and V storage (codes, low nibbles, scales, zeros, 16-bit ring);
+        `slots` token slots where the storage is windowed (storage.windowed_slots)."""
+        t, g = self.slots(max_len) if slots is None else slots, self.group
         codes = batch * heads * t * self.code_dim(head_dim) * (2 if self.has_low else 1)
         scales = batch * heads * (t // g * head_dim + t * head_dim // g) * 2 * SCALE_DTYPE.itemsize
         ring = 2 * batch * heads * self.residual * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -21,6 +21,10 @@ dequantized copy.
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="attnopt")
     cache = att.AttnoptCache(model.config, max_cache_len=4096, quant="int8")
     model.generate(ids, cache=cache, max_new_tokens=256)
+
+AttnoptCache.mark() / rewind() drop the positions written since a mark (self-speculative
+decoding: speculative.py); AttnoptCache.from_plan() applies a calibrated plan's per-head decode
+windows and stores only what they reach (windows.py, decode/storage.py).
 """
 
 from __future__ import annotations
@@ -84,7 +88,11 @@ def _decode(query, layer, attention_mask, scaling):
         row = attention_mask[:, 0, -1, :]
         valid = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
     lengths = layer.cumulative_length.expand(query.shape[0])
-    out = decode_attention(query, layer.store, lengths, valid, scaling, draft=layer.draft)
+    window = getattr(layer, "window_heads", None)
+    if window is not None and window.numel() != query.shape[1]:
+        raise ValueError(f"AttnoptCache: {window.numel()} head windows for {query.shape[1]} query heads")
+    out = decode_attention(query, layer.store, lengths, valid, scaling, draft=layer.draft, window=window,
+                           sinks=layer.sinks)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -96,19 +104,25 @@ def _classes():
     from transformers.utils import is_torchdynamo_compiling
 
     from ..decode.kv_quant import KVLayout
-    from ..decode.storage import QuantizedKV
+    from ..decode.storage import QuantizedKV, windowed_slots
 
     class AttnoptLayer(StaticLayer):
         """A StaticLayer whose K / V live in a QuantizedKV (static shapes, written in place)."""
 
-        is_croppable = False  # the 16-bit ring only holds the last `residual` tokens
+        is_croppable = False  # only back to a mark() (the 16-bit ring holds the last `residual` tokens)
 
-        def __init__(self, max_cache_len: int, layout: KVLayout, **kwargs):
+        def __init__(self, max_cache_len: int, layout: KVLayout, window: list[int] | None = None, sinks: int = 0,
+                     **kwargs):
             super().__init__(max_cache_len)
             self.layout = layout
+            self.window, self.sinks = window, sinks  # per query head (from_plan); None: every token kept
+            self.keep = None if window is None else windowed_slots(layout, sinks, max(window), DECODE_MAX_QUERIES)
+            if self.keep is not None and sum(self.keep) >= layout.slots(max_cache_len):
+                self.keep = None  # the windows reach further than the cache holds: store it all
             self.store = None
             self.prefill_from_empty = False
             self.draft = False  # "int4+int8": decode reads the upper nibbles only (AttnoptCache.set_draft)
+            self.saved = None  # mark(): (first position, the ring slots the next positions overwrite)
             self.read = True  # False between an update() and the attention function reading the storage
 
         def lazy_initialization(self, key_states, value_states):
@@ -118,7 +132,9 @@ def _classes():
             if value_states.shape[-1] != self.k_head_dim:
                 raise NotImplementedError("AttnoptCache: K and V head dims differ")
             self.store = QuantizedKV(self.layout, self.batch_size, self.num_heads, self.max_cache_len,
-                                     self.k_head_dim, key_states.dtype, self.device)
+                                     self.k_head_dim, key_states.dtype, self.device, keep=self.keep)
+            if self.window is not None:
+                self.window_heads = torch.tensor(self.window, device=self.device)
             self.keys, self.values = self.store.ring_k, self.store.ring_v  # what Cache's helpers look at
             self.cumulative_length = self.cumulative_length.to(self.device)
             if not is_torchdynamo_compiling():
@@ -154,8 +170,37 @@ def _classes():
             self.cumulative_length.zero_()
             self.read = True
 
+        def mark(self, n: int) -> None:
+            """Save the 16-bit ring slots that writing the next `n` positions overwrites, so that
+            rewind() can drop those positions again (speculative decoding)."""
+            r = self.layout.residual
+            if not 0 < n <= r:
+                raise ValueError(f"AttnoptCache: mark(n) needs 0 < n <= residual={r}, got {n}")
+            start = int(self.cumulative_length)
+            slots = (start + torch.arange(n, device=self.device)) % r
+            self.saved = (start, n, self.store.ring_k[:, :, slots].clone(), self.store.ring_v[:, :, slots].clone())
+
+        def rewind(self, length: int) -> None:
+            """Back to `length` tokens, between the mark() and now: the ring slots of the dropped
+            positions get back the older tokens they held (readers take the last `residual` tokens
+            from the ring); quantized codes past `length` are masked by the length and rewritten
+            by the next append (it re-quantizes whole groups from its valid tokens only)."""
+            if self.saved is None:
+                raise RuntimeError("AttnoptCache: rewind() without mark()")
+            start, n, ring_k, ring_v = self.saved
+            end = int(self.cumulative_length)
+            if not start <= length <= end or end > start + n:
+                raise ValueError(f"AttnoptCache: rewind to {length} outside the mark [{start}, {start + n}] "
+                                 f"(now {end} tokens)")
+            r = self.layout.residual
+            pos = torch.arange(length, end, device=self.device)
+            self.store.ring_k.index_copy_(2, pos % r, ring_k[:, :, pos - start])
+            self.store.ring_v.index_copy_(2, pos % r, ring_v[:, :, pos - start])
+            self.cumulative_length.fill_(length)
+
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("AttnoptCache: crop (its ring keeps only the last `residual` tokens in 16 bits)")
+            raise NotImplementedError("AttnoptCache: crop (its ring keeps only the last `residual` tokens in 16 "
+                                      "bits); AttnoptCache.mark() / rewind() drop tokens written since a mark")
 
         def reorder_cache(self, beam_idx) -> None:
             raise NotImplementedError("AttnoptCache: beam search (reorder_cache)")
@@ -166,7 +211,7 @@ def _classes():
         last `residual` tokens in 16 bits. Needs attn_implementation="attnopt" (register())."""
 
         def __init__(self, config, max_cache_len: int, quant: str = "int8", group: int = 64, residual: int = 128,
-                     offloading: bool = False, **kwargs):
+                     offloading: bool = False, windows: dict | None = None, **kwargs):
             if offloading:
                 raise NotImplementedError("AttnoptCache: offloading")
             self.layout = KVLayout(quant, group, residual)
@@ -176,7 +221,20 @@ def _classes():
             if any(t != "full_attention" for t in layer_types):
                 raise NotImplementedError(f"AttnoptCache: only full-attention layers, got {sorted(set(layer_types))}")
             self.max_cache_len = max_cache_len
-            super().__init__(layers=[AttnoptLayer(max_cache_len, self.layout) for _ in layer_types])
+            windows = windows or {}  # layer index -> (per query head windows, sinks)
+            super().__init__(layers=[AttnoptLayer(max_cache_len, self.layout, *windows.get(i, (None, 0)))
+                                     for i in range(len(layer_types))])
+
+        @classmethod
+        def from_plan(cls, config, max_cache_len: int, plan, model=None, **kwargs):
+            """Per-head decode windows from a calibrated plan's 'window' sites (MoA-style): each
+            layer stores only its sinks and the span its widest window reaches (kwargs: quant,
+            group, residual). Site keys map to layers by `model` (the module's layer_idx) or, without
+            it, by the number after "layers." in the key (windows.py)."""
+            from .windows import plan_windows
+
+            heads = config.get_text_config(decoder=True).num_attention_heads
+            return cls(config, max_cache_len, windows=plan_windows(plan, heads, max_cache_len, model), **kwargs)
 
         @classmethod
         def from_options(cls, config, max_cache_len: int, options=None):
@@ -198,14 +256,38 @@ def _classes():
             for layer in self.layers:
                 layer.draft = bool(on)
 
+        def mark(self, n: int) -> None:
+            """Every layer: the next `n` positions (n <= residual) may be dropped again by rewind()."""
+            for layer in self.layers:
+                layer.mark(n)
+
+        def rewind(self, length: int) -> None:
+            """Every layer back to `length` tokens (at least the length at mark())."""
+            for layer in self.layers:
+                layer.rewind(length)
+
         def nbytes(self, batch_size: int | None = None, dtype: torch.dtype | None = None) -> int:
             """Bytes of its storage: the allocated tensors (once the first update() made them), or
             what `batch_size` sequences of `dtype` K / V allocate (computed from the shapes)."""
+            return sum(self.layer_nbytes(batch_size, dtype))
+
+        def layer_nbytes(self, batch_size: int | None = None, dtype: torch.dtype | None = None) -> list[int]:
+            """nbytes() per layer (windowed layers store less)."""
             if batch_size is None and dtype is None and all(layer.store is not None for layer in self.layers):
-                return sum(layer.store.nbytes() for layer in self.layers)
+                return [layer.store.nbytes() for layer in self.layers]
             c = self.text_config
-            return len(self.layers) * self.layout.nbytes(batch_size or 1, c.num_key_value_heads, self.max_cache_len,
-                                                         _head_dim(c), dtype or torch.bfloat16)
+            return [self.layout.nbytes(batch_size or 1, c.num_key_value_heads, self.max_cache_len, _head_dim(c),
+                                       dtype or torch.bfloat16, None if layer.keep is None else sum(layer.keep))
+                    for layer in self.layers]
+
+        def layer_report(self, batch_size: int | None = None, dtype: torch.dtype | None = None) -> str:
+            """One line per layer: its widest window, sinks and bytes."""
+            lines = []
+            for i, (layer, n) in enumerate(zip(self.layers, self.layer_nbytes(batch_size, dtype))):
+                span = "all tokens" if layer.keep is None else (
+                    f"window <= {max(layer.window)}, sinks {layer.sinks}, {sum(layer.keep)} slots")
+                lines.append(f"layer {i}: {span}, {n / 2 ** 20:.2f} MiB")
+            return "\n".join(lines)
 
     return AttnoptLayer, AttnoptCache
 
