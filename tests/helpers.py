@@ -124,7 +124,7 @@ def attnopt_ops(graph):
 
 def run_traced_for_arch(tmp_path, body: str, arch: int) -> dict:
     """Run `body` after the trace-for-arch preamble (sm`arch`, attnopt's Triton bodies inlined) in a
-    subprocess; its last stdout line, parsed as JSON."""
+    subprocess; its last stdout line, parsed as JSON, with the script's stderr under "stderr"."""
     import json
     import os
     import subprocess
@@ -138,4 +138,4 @@ def run_traced_for_arch(tmp_path, body: str, arch: int) -> dict:
     res = subprocess.run([sys.executable, str(script), here], env=env, capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(here))
     assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return {**json.loads(res.stdout.strip().splitlines()[-1]), "stderr": res.stderr}

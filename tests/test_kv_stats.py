@@ -8,7 +8,6 @@ chunk boundaries, and the attention op's output unchanged.
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from attnopt.codegen.attention.quantize import kv_stats, padded_head_dim
 from attnopt.codegen.linear import splitk
 from attnopt.ops.attention_ref import FP8_MAX
 
-from helpers import rel_l1
+from helpers import rel_l1, run_traced_for_arch
 
 
 @pytest.fixture
@@ -140,22 +139,10 @@ def test_chunked_statistics_inline_into_the_graph(tmp_path):
     """torch.compile traces the chunked launch on fake tensors (the counters then come from a
     per-call zero fill, splitk.tile_counters): the dense sites' bodies still inline, chunked
     statistics kernel included."""
-    import json
-    import subprocess
-    import sys
-
     from test_gpu_paths import _INLINE_TRITON
 
-    script = tmp_path / "inline_chunked.py"
-    script.write_text(_INLINE_TRITON.replace("import torch, attnopt\n", "import torch, attnopt\n" + _TRACE_CHUNKED))
-    env = {**os.environ, "TRITON_INTERPRET": "0", "ATTNOPT_INLINE": "always", "ATTNOPT_IMPL": "triton",
-           "ATTNOPT_ARCH": "sm90", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    here = os.path.dirname(__file__)
-    res = subprocess.run([sys.executable, str(script), here], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(here))
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = run_traced_for_arch(tmp_path, _TRACE_CHUNKED + _INLINE_TRITON, 90)
     assert got["statuses"] == ["rewritten"] * 3
     assert "attnopt.attention.default" not in got["attnopt_ops"]  # the dense sites' bodies are inlined
     assert got["kernels"].count("_kv_stats_kernel") >= 2
-    assert "stats chunks 2" in res.stderr and "stats chunks 1" not in res.stderr  # traced chunked
+    assert "stats chunks 2" in got["stderr"] and "stats chunks 1" not in got["stderr"]  # traced chunked

@@ -152,8 +152,9 @@ def test_per_site_schedule_from_a_plan_comes_first():
     f = torch.compile(TinyDiT(), backend=be)
     a = normalize_options(opts).attention
     with torch.no_grad():
-        # the plan entry's schedule; the section's (its `use` names quant: pv stays the plan's); the plan
-        for i, quant, pv in ((0, "none", "fp16"), (1, "int8", "fp8"), (3, "fp8", "fp8")):
+        # the plan entry's schedule; the section's (its `use` names quant: the plan's pv, chosen for fp8,
+        # goes too and pv resolves from the section's); the plan
+        for i, quant, pv in ((0, "none", "fp16"), (1, "int8", a.pv), (3, "fp8", "fp8")):
             with attnopt.step(i, 4):
                 out = f(q, k, v)
             site1 = S.apply_use(a, {"quant": quant, "pv": pv})
