@@ -62,12 +62,21 @@ def add_step_listener(fn: Callable[[int, int], None]) -> Callable[[], None]:
 
 
 def _write(value: tuple[int, int] | None) -> None:
+    """Set the step and write it into every device's tensor. On CUDA the write is fenced by a
+    device-wide synchronize on both sides: a model running on another stream than the current
+    one would otherwise read the new value before its earlier kernels are done, or the old one
+    after (one sync pair per denoising step; nothing syncs on the CPU)."""
     global _current
     with _lock:
         _current = value
-        vals = value or NO_STEP
+        vals = torch.tensor(value or NO_STEP, dtype=torch.float64)
         for t in _tensors.values():
-            t.copy_(torch.tensor(vals, dtype=torch.float64), non_blocking=False)
+            fence = t.is_cuda and not torch.cuda.is_current_stream_capturing()
+            if fence:
+                torch.cuda.synchronize(t.device)
+            t.copy_(vals, non_blocking=False)
+            if fence:
+                torch.cuda.synchronize(t.device)
 
 
 @contextlib.contextmanager
