@@ -139,3 +139,18 @@ def run_traced_for_arch(tmp_path, body: str, arch: int) -> dict:
                          cwd=os.path.dirname(here))
     assert res.returncode == 0, res.stderr[-3000:]
     return {**json.loads(res.stdout.strip().splitlines()[-1]), "stderr": res.stderr}
+
+
+def compile_planned_and_folded(model, folded, opts, plan, x):
+    """(backend, `model` compiled with `plan` run on x, `folded` compiled without a plan run on x):
+    what a plan folds at compile time against the same folds made by hand."""
+    from attnopt.compiler import AttnoptBackend
+
+    with torch.no_grad():
+        be = AttnoptBackend(attnopt.normalize_options({**opts, "plan": plan}))
+        torch._dynamo.reset()
+        y = torch.compile(model, backend=be)(x)
+        torch._dynamo.reset()
+        y_same = torch.compile(folded, backend="attnopt", options=opts)(x)
+    torch._dynamo.reset()
+    return be, y, y_same

@@ -13,6 +13,8 @@ from attnopt.config import PLAN_KIND, PLAN_SCHEMA_VERSION, ConfigError, normaliz
 from attnopt.ops import linear_ref as L
 from attnopt.plan import Plan
 
+from helpers import compile_planned_and_folded
+
 
 def _rel_l1(y, ref):
     return float((y.double() - ref).abs().sum() / ref.abs().sum())
@@ -212,14 +214,7 @@ def test_awq_scales_fold_into_a_norm_and_into_up_for_down():
         out.up.weight.copy_((m.up.weight.double() * sn[None, :] / sd[:, None]).float())
         out.up.bias.copy_((m.up.bias.double() / sd).float())
         out.down.weight.copy_((m.down.weight.double() * sd).float())
-    x = torch.randn(2, 32, 256)
-    with torch.no_grad():
-        be = AttnoptBackend(normalize_options({**opts, "plan": plan.to_dict()}))
-        torch._dynamo.reset()
-        y = torch.compile(m, backend=be)(x)
-        torch._dynamo.reset()
-        y_same = torch.compile(out, backend="attnopt", options=opts)(x)
-    torch._dynamo.reset()
+    be, y, y_same = compile_planned_and_folded(m, out, opts, plan.to_dict(), torch.randn(2, 32, 256))
     recs = {r.key: r for r in be.recorder.sites()}
     assert recs["norm:awq"].status == "rewritten" and recs["up:awq"].status == "rewritten", \
         {k: (r.status, r.reason) for k, r in recs.items()}

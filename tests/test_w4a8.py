@@ -21,7 +21,7 @@ from attnopt.ops import linear_ref as L
 from attnopt.passes.linear_match import _format_reason
 from attnopt.plan import Plan
 
-from helpers import rel_l1
+from helpers import compile_planned_and_folded, rel_l1
 
 
 def exact(x, w, b=None):
@@ -264,13 +264,7 @@ def test_shared_awq_scales_of_w4a8_linears_fold_into_the_norm():
             a.bias.copy_(b.bias)
     opts = {"linear": {"quant": "w4a8"}}
     plan = {"schema_version": 1, "sites": {k: {"kind": "linear", "awq": e} for k in ("fc2", "fc3")}}
-    with torch.no_grad():
-        be = AttnoptBackend(normalize_options({**opts, "plan": plan}))
-        torch._dynamo.reset()
-        y = torch.compile(m, backend=be)(x)
-        torch._dynamo.reset()
-        y_same = torch.compile(out, backend="attnopt", options=opts)(x)
-    torch._dynamo.reset()
+    be, y, y_same = compile_planned_and_folded(m, out, opts, plan, x)
     recs = {r.key: r for r in be.recorder.sites()}
     assert recs["norm:awq"].status == "rewritten" and recs["norm:awq"].details["scales"] == "awq"
     assert not any("awq_alpha" in recs[k].details for k in ("fc2", "fc3"))  # nothing on x

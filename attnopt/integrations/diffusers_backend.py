@@ -37,6 +37,8 @@ from ..codegen.attention.describe import describe_attention_kernel
 from ..ops.attention import split_mask
 from ..passes import on_cpu
 from ..passes.attention_rewrite import Reject, check_operands, check_selected, choose_formats
+from ..passes.schedule_rewrite import site_schedule
+from ..schedule import apply_use, current_step, step_in
 from .diffusers_sites import next_site, track_sites
 
 log = logging.getLogger(__name__)
@@ -113,13 +115,6 @@ def use_backend(model: torch.nn.Module, options: Mapping | Options | None = None
     return name
 
 
-def _step_now():
-    """(step, total) of the current `attnopt.step(...)` block, or None."""
-    from .. import schedule
-
-    return schedule.current_step()
-
-
 def _needs_site(opts: Options) -> str | None:
     """Why these options cannot run without knowing the calling module, or None."""
     a = opts.attention
@@ -182,7 +177,7 @@ class _Backend:
         else:
             path, index = site
         key = f"{path}#{index}"
-        use, use_tag = self._use(key, path, _step_now())
+        use, use_tag = self._use(key, path, current_step())
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         ck = (key, use_tag, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype, q.device,
               grad, bool(is_causal))
@@ -199,17 +194,12 @@ class _Backend:
             return None, None
         at = (key, path, step_now)
         if at not in self._scheduled:
-            from ..passes.schedule_rewrite import site_schedule
-            from ..schedule import step_in
-
             hit = next((e for _, e in site_schedule(self.opts, key, path) if step_in(e["steps"], *step_now)), None)
             use = _thaw(hit["use"]) if hit is not None else None
             self._scheduled[at] = (use, None if use is None else json.dumps(use, sort_keys=True))
         return self._scheduled[at]
 
     def _decide(self, use, key: str, path: str, q, k, v, grad: bool, is_causal: bool) -> _Params | str:
-        from ..schedule import apply_use
-
         a = self.opts.attention if use is None else apply_use(self.opts.attention, use)
         opts = self._options_with(a)
         try:

@@ -218,13 +218,13 @@ def sparse_attention_impl(q, k, v, attn_bias, keep_mask, masked_value, is_causal
     params = freeze(params)
     use_triton = use_triton_for(q, arch, impl)
     nq, nk = q.shape[2], k.shape[2]
-    if not use_triton and gate_closed(gate, gate_id):
+    # an inactive scheduled variant: the reference returns at once, and so does svg2 (its clusters
+    # are computed in torch ops, so they are skipped too); the Triton kernels read the gate themselves
+    if (not use_triton or params["method"] in PERMUTED_METHODS) and gate_closed(gate, gate_id):
         return q.new_empty(q.shape[0], q.shape[1], nq, v.shape[3])
     if params["method"] in PERMUTED_METHODS:
         from . import svg2
 
-        if gate_closed(gate, gate_id):  # an inactive scheduled variant: its clusters are not computed either
-            return q.new_empty(q.shape[0], q.shape[1], nq, v.shape[3])
         out, lay = svg2.svg2_attention(q, k, v, attn_bias, keep_mask, masked_value, is_causal, scale, quant, pv,
                                        smooth_k, arch, params, use_triton, svg2.STATE, str(params.get("site", "")),
                                        softcap)
