@@ -19,6 +19,7 @@ import torch
 from .config import ConfigError, Options, normalize_options
 from .logs import log
 from .ops import aot_inline
+from .passes import capture_cache
 from .passes.graph_utils import copy_graph
 from .passes.linear_rewrite import BAKED_META_KEY
 from .passes.manager import (JointGraphFallback, PassContext, SiteInternalError, config_patches, needs_linear_pass,
@@ -78,7 +79,7 @@ class AttnoptBackend:
         try:
             run_linear(self.ctx, gm, example_inputs)
             baked = gm.meta.pop(BAKED_META_KEY, None)
-            graph = run_attention(self.ctx, gm, example_inputs)
+            graph = run_attention(self.ctx, gm, example_inputs, cache=capture_cache.enabled(self.ctx, patches))
             devices = step_devices(graph.graph)
             if devices:  # scheduled sites read the step tensors, passed after Dynamo's inputs
                 example_inputs = [*example_inputs, *_step_examples(devices)]

@@ -141,11 +141,22 @@ class Recorder:
         with self._lock:
             self.graphs[graph]["served"] = served
 
-    def cache_report(self) -> list[dict]:
-        """How each graph got its code: compiled by Inductor, or served from its caches. attnopt's
-        passes run before any cache lookup, so the site records are the same either way."""
+    def set_captured(self, graph: int | None, how: str) -> None:
+        """How the graph's aten form and site records were made: 'traced' or 'cache' (capture
+        cache); graphs with no attention candidate are not traced ('none')."""
+        if graph is None:
+            return
         with self._lock:
-            return [{"graph": g["index"], "served": g.get("served", "compiled")} for g in self.graphs]
+            self.graphs[graph]["captured"] = how
+
+    def cache_report(self) -> list[dict]:
+        """How each graph got its code: compiled by Inductor, or served from its caches (`served`),
+        and whether its capture was traced, rebuilt from attnopt's capture cache, or not needed
+        (`captured`: 'traced' | 'cache' | 'none').
+        The site records are the same either way."""
+        with self._lock:
+            return [{"graph": g["index"], "served": g.get("served", "compiled"),
+                     "captured": g.get("captured", "none")} for g in self.graphs]
 
     def set_error(self, key: str, metrics: dict) -> None:
         with self._lock:

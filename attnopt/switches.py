@@ -14,6 +14,13 @@ code a GPU runs, three opt-in variables force those paths:
   `arch` option is "auto" (formats, tiles and kernel variants of that row of codegen/arch.py). It
   never overrides a real GPU's own arch.
 
+And one that turns a cache off:
+
+- `ATTNOPT_CAPTURE_CACHE=on|off`: keep the capture and attention passes' result on disk beside
+  Inductor's caches, so a warm start skips the aten trace (`passes/capture_cache.py`; on by
+  default; the test suite turns it off, except in the cache's own tests, because a served graph
+  skips the passes that tests monkeypatch).
+
 Values are read on every call (tests change them with monkeypatch) and a bad one raises
 `attnopt.ConfigError` naming the variable.
 """
@@ -43,6 +50,11 @@ def inline_mode() -> str:
 def impl() -> str:
     """ATTNOPT_IMPL: 'auto' (Triton on CUDA, reference elsewhere), 'triton' or 'reference'."""
     return _read("ATTNOPT_IMPL", IMPLS, "auto")
+
+
+def capture_cache() -> bool:
+    """ATTNOPT_CAPTURE_CACHE: 'on' (the default) or 'off'."""
+    return _read("ATTNOPT_CAPTURE_CACHE", ("on", "off"), "on") == "on"
 
 
 # the GPU rows of codegen/arch.py's table (switches sits below codegen, so the names are listed

@@ -16,6 +16,13 @@ NOISE): compare attnopt with attnopt_off (same backend, nothing rewritten) for w
 itself costs, and read attnopt vs plain Inductor as "within that band".
 
     python benchmarks/compile_overhead.py [--layers 4 16 64] [--reps 3] [--inner 2] [--device cpu|cuda]
+
+`--warm` measures the other case users meet: a compile with Inductor's caches warm (a second run
+of the same program). Each process gets a fresh cache directory, compiles once to fill it (that
+compile, the process's first, is reported as `*_first_compile_cpu_s`: cold, with the caches
+being written), then times `inner` compiles after resetting Dynamo, with every cache on (attnopt's capture cache,
+AOTAutograd's, Inductor's FX graph cache). Sides: plain Inductor, attnopt, and attnopt with its
+capture cache off (each warm compile traces to aten again).
 """
 
 from __future__ import annotations
@@ -66,13 +73,13 @@ class Timed:
             self.cpu += time.process_time() - c0
 
 
-def compile_time(model, ids, backend) -> Timed:
+def compile_time(model, ids, backend, warm: bool = False) -> Timed:
     from torch._inductor.compile_fx import compile_fx
 
     torch._dynamo.reset()
     timed = Timed(compile_fx if backend == "inductor" else backend)
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, compile_threads=1), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=warm, compile_threads=1), \
+            torch._functorch.config.patch(enable_autograd_cache=warm):
         torch.compile(model, backend=timed)(ids)
     return timed
 
@@ -96,6 +103,7 @@ def versions() -> dict:
 
 
 SIDES = {"inductor": None, "attnopt_off": {"attention": {"enabled": False}}, "attnopt": {"attention": {"min_seq_len": 0}}}
+WARM_SIDES = {"inductor": None, "attnopt": SIDES["attnopt"], "attnopt_no_capture_cache": SIDES["attnopt"]}
 
 
 NOISE = ("Process-level offsets: the same plain-Inductor 4-layer compile measured 1.62-1.83 s CPU "
@@ -104,36 +112,65 @@ NOISE = ("Process-level offsets: the same plain-Inductor 4-layer compile measure
          "below ~7% are within that band; attnopt vs attnopt_off isolates the rewrite.")
 
 
-def one_compile(model, ids, side: str):
-    """(Timed, backend or None) of one cold compile of `side`, after a full garbage collection."""
-    be = None if SIDES[side] is None else attnopt.backend(SIDES[side])
+def one_compile(model, ids, side: str, warm: bool = False):
+    """(Timed, backend or None) of one compile of `side` (cold, or with the caches on), after a
+    full garbage collection."""
+    opts = (WARM_SIDES if warm else SIDES)[side]
+    be = None if opts is None else attnopt.backend(opts)
     gc.collect()
-    return compile_time(model, ids, "inductor" if be is None else be), be
+    return compile_time(model, ids, "inductor" if be is None else be, warm), be
 
 
-def side_worker(layers: int, device: str, side: str, inner: int) -> dict:
-    """In a process of its own: one warm-up compile of `side`, then `inner` timed cold compiles."""
+def side_worker(layers: int, device: str, side: str, inner: int, warm: bool = False) -> dict:
+    """In a process of its own: one warm-up compile of `side` (with --warm: into a fresh cache
+    directory), then `inner` timed compiles, cold or warm."""
+    if warm:
+        import atexit
+        import shutil
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tmp = tempfile.mkdtemp(prefix="attnopt-warm-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        os.environ["ATTNOPT_CAPTURE_CACHE"] = "off" if side == "attnopt_no_capture_cache" else "on"
     model, ids = llama(layers, device)
-    one_compile(model, ids, side)  # imports, the on-disk kernel-binary cache
+    fill, _ = one_compile(model, ids, side, warm)  # imports, the on-disk kernel-binary cache (--warm: every cache)
     walls, cpus, passes, sites = [], [], [], 0
     for _ in range(inner):
-        t, be = one_compile(model, ids, side)
+        t, be = one_compile(model, ids, side, warm)
         walls.append(t.wall)
         cpus.append(t.cpu)
         if be is not None:
             passes.append(be.recorder.pass_time())
             sites = sum(s.status == "rewritten" for s in be.recorder.sites())
-    return {"wall": statistics.median(walls), "cpu": statistics.median(cpus),
+    return {"wall": statistics.median(walls), "cpu": statistics.median(cpus), "first_cpu": fill.cpu,
             "pass_s": statistics.median(passes) if passes else 0.0, "sites": sites}
 
 
-def run_side(layers: int, device: str, side: str, inner: int) -> dict:
+def run_side(layers: int, device: str, side: str, inner: int, warm: bool = False) -> dict:
     """side_worker in a fresh interpreter: whichever graph a process compiles first keeps running
     slower there (by ~5-8% here), so sides sharing one process would not be compared fairly."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--layers", str(layers),
-           "--device", device, "--reps", str(inner)]
+           "--device", device, "--reps", str(inner)] + (["--warm"] if warm else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_warm(layers: int, device: str, reps: int, inner: int) -> dict:
+    """Warm compiles: medians over `reps` processes per side (order rotated each round)."""
+    names = list(WARM_SIDES)
+    runs = {side: [] for side in names}
+    for r in range(reps):
+        for side in names[r % 3:] + names[:r % 3]:
+            runs[side].append(run_side(layers, device, side, inner, warm=True))
+    med = statistics.median
+    cpu = {s: med(x["cpu"] for x in rs) for s, rs in runs.items()}
+    return {"layers": layers, "processes_per_side": reps, "compiles_per_process": inner,
+            **{f"{s}_warm_cpu_s": round(v, 3) for s, v in cpu.items()},
+            **{f"{s}_warm_wall_s": round(med(x["wall"] for x in rs), 3) for s, rs in runs.items()},
+            **{f"{s}_first_compile_cpu_s": round(med(x["first_cpu"] for x in rs), 3) for s, rs in runs.items()},
+            "attnopt_pass_s": round(med(x["pass_s"] for x in runs["attnopt"]), 4),
+            "attnopt_over_inductor_s": round(cpu["attnopt"] - cpu["inductor"], 3),
+            "cpu_s_each": {s: [round(x["cpu"], 3) for x in rs] for s, rs in runs.items()}}
 
 
 def measure(layers: int, device: str, reps: int, inner: int) -> dict:
@@ -176,21 +213,25 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=3, help="processes per side (worker: compiles per process)")
     ap.add_argument("--inner", type=int, default=2, help="timed compiles per process")
-    ap.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
+    ap.add_argument("--warm", action="store_true", help="time compiles with every cache warm")
+    ap.add_argument("--worker", choices=sorted({*SIDES, *WARM_SIDES}), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(side_worker(args.layers[0], args.device, args.worker, args.reps)))
+        print(json.dumps(side_worker(args.layers[0], args.device, args.worker, args.reps, args.warm)))
         return
     rows = []
     load = os.getloadavg()[0]
     with Progress("compile overhead", total=len(args.layers)) as bar:  # stderr, terminal only
         for n in args.layers:
             bar.note(f"{n} layers")
-            rows.append(measure(n, args.device, args.reps, args.inner))
+            rows.append((measure_warm if args.warm else measure)(n, args.device, args.reps, args.inner))
             bar.write(str(rows[-1]))
             bar.step()
-    out = args.out or f"compile_overhead_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
-    extra = {"what": __doc__.splitlines()[0], "versions": versions(), "noise": NOISE,
+    out = args.out or (f"compile_overhead_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
+                       f"{'_warm' if args.warm else ''}.json")
+    what = ("Compile time with Inductor's caches warm (a second run of the same program), with and without "
+            "attnopt, on Llama-shaped models." if args.warm else __doc__.splitlines()[0])
+    extra = {"what": what, "versions": versions(), "noise": NOISE,
              "load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}}
     print("wrote", common.write(out, rows, extra))
 

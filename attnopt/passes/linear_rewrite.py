@@ -139,6 +139,9 @@ def _drop_buffers_since(gm: fx.GraphModule, before: set) -> None:
             sources.pop(name, None)
 
 
+LINEAR_BUFFER_PREFIX = "_attnopt_"  # the graph-module buffers this pass adds (quantized weights, scales)
+
+
 class LinearRewriter:
     """Applies decisions to the graph: constants registered on the module, op calls inserted."""
 
@@ -151,7 +154,7 @@ class LinearRewriter:
         self.replaced: dict[fx.Node, fx.Node] = {}
 
     def const(self, t: torch.Tensor, before: fx.Node, name: str) -> fx.Node:
-        attr = f"_attnopt_{name}_{self.count}"
+        attr = f"{LINEAR_BUFFER_PREFIX}{name}_{self.count}"
         self.count += 1
         self.gm.register_buffer(attr, t.detach().contiguous())
         sources = getattr(self.gm, "_param_name_to_source", None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from .schedule_rewrite import ScheduledSite, scheduled, site_schedule, step_inpu
 from .aten_capture import CaptureError, might_hold_attention, needs_autograd, own_backward_region, trace_to_aten
 from .grad_flow import GradFlow
 from .linear_pipeline import run_linear_pass
-from . import on_cpu
+from . import capture_cache, on_cpu
 
 
 
@@ -355,11 +356,12 @@ class JointGraphFallback(CustomGraphPass):
         return self.ctx.uuid("attnopt-joint-fallback")
 
 
-def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs, cache: bool = False) -> fx.GraphModule:
     """Attention sites, on the aten graph traced from Dynamo's graph. Returns the graph to hand to
     compile_fx: the rewritten aten graph, or Dynamo's own graph when nothing was rewritten (then
     Inductor sees exactly what it would without attnopt) or when the graph takes
-    JointGraphFallback."""
+    JointGraphFallback. With `cache` (capture_cache.enabled), a graph traced and rewritten
+    before, by this code under these options, is rebuilt from disk instead of traced again."""
     gi = ctx.current_graph
     training = needs_autograd(example_inputs)
     if training and (region := own_backward_region(gm)) is not None:
@@ -369,6 +371,38 @@ def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> fx.Gr
         return gm
     if not might_hold_attention(gm) or has_subclass_inputs(example_inputs):
         return gm
+    if not cache:
+        return _capture_and_rewrite(ctx, gi, gm, example_inputs, training)[0]
+    t0 = time.perf_counter()
+    try:
+        k = capture_cache.key(ctx, gm, example_inputs, training)
+    except Exception as e:  # noqa: BLE001 - Uncacheable, or anything odd: trace as without the cache
+        log.debug("attnopt: graph %s not keyed for the capture cache: %s", gi, e)
+        return _capture_and_rewrite(ctx, gi, gm, example_inputs, training)[0]
+    entry = capture_cache.load(k)
+    if entry is not None and (out := _replay(ctx, gi, entry, gm, example_inputs)) is not None:
+        ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)
+        ctx.recorder.set_captured(gi, "cache")
+        return out
+    g = ctx.recorder.graphs[gi]
+    n_sites, n_notes = len(g["sites"]), len(g.get("notes", []))
+    env_before = capture_cache.shape_env_state(example_inputs)
+    out, traced = _capture_and_rewrite(ctx, gi, gm, example_inputs, training)
+    if traced and not ctx.internal_errors and capture_cache.shape_env_state(example_inputs) == env_before:
+        records = [r for r in g["sites"][n_sites:] if r.kind == "attention"]
+        try:
+            entry = capture_cache.Entry(nodes=None) if out is gm else capture_cache.write_graph(out, gm)
+            entry.records = capture_cache.record_dicts(records)
+            entry.notes = list(g.get("notes", [])[n_notes:])
+            capture_cache.store(k, entry)
+        except capture_cache.Uncacheable as e:
+            log.debug("attnopt: graph %s not kept in the capture cache: %s", gi, e)
+    return out
+
+
+def _capture_and_rewrite(ctx: PassContext, gi: int, gm: fx.GraphModule, example_inputs,
+                         training: bool) -> tuple[fx.GraphModule, bool]:
+    """(the graph for compile_fx, whether it came from a successful trace)."""
     for _ in range(64):  # each retry leaves at least one more site as it was
         t0 = time.perf_counter()
         try:
@@ -376,7 +410,7 @@ def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> fx.Gr
         except CaptureError as e:
             ctx.recorder.add_note(gi, f"attention not captured: Dynamo's graph could not be traced to aten ({e})")
             log.warning("attnopt: graph %s left to Inductor as it was: could not trace it to aten (%s)", gi, e)
-            return gm
+            return gm, False
         finally:
             ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)
         try:
@@ -385,11 +419,39 @@ def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs) -> fx.Gr
         except SiteInternalError:
             ctx.recorder.drop_sites(gi, kind="attention")
             continue
+        ctx.recorder.set_captured(gi, "traced")
         if not changed:
-            return gm
+            return gm, True
+        used = {n.target for n in aten.graph.nodes if n.op == "get_attr"}
+        for name in [b for b in aten._buffers if b not in used]:  # constants the rewrite left unread
+            del aten._buffers[name]
         aten.recompile()
-        return aten
+        return aten, True
     raise RuntimeError("attnopt: internal errors kept recurring while rewriting this graph")
+
+
+def _replay(ctx: PassContext, gi: int, entry, gm: fx.GraphModule, example_inputs) -> fx.GraphModule | None:
+    """A capture-cache entry applied to this compile: its records under the keys this recorder
+    gives them (None, a miss, if a key now comes out otherwise: the graph's ops carry their key),
+    and its graph rebuilt over this compile's inputs and constants."""
+    try:  # an entry that reads as JSON but not as a graph and records is a miss, never a failure
+        records = capture_cache.records_from(entry.records)
+        for r in records:
+            if ctx.recorder.claim(gi, re.sub(r"@g\d+$", "", r.key)) != r.key:
+                return None
+        out = gm if entry.nodes is None else capture_cache.rebuild(entry, gm)
+    except Exception as e:  # noqa: BLE001
+        log.warning("attnopt: capture-cache entry for graph %s not usable, tracing instead (%s)", gi, e)
+        return None
+    for r in records:
+        ctx.recorder.add_site(gi, r)
+        log.info("attention site %s: %s (%s)", r.key, r.status, r.reason or r.kernel)
+        if ctx.announce_cpu and r.status == "rewritten":
+            on_cpu.announce(r.details.get("device", ""))
+    for note in entry.notes:
+        ctx.recorder.add_note(gi, note)
+    trace_sites(gi, records)
+    return out
 
 
 # Where a pass runs. Everything attnopt rewrites, it rewrites in the backend before AOTAutograd
