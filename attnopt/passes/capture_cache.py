@@ -136,8 +136,11 @@ def _global_state() -> str:
 def _targets_are_torchs(gm: fx.GraphModule) -> None:
     """Uncacheable unless every call in Dynamo's graph is torch's or attnopt's: the key names a
     function by its name in the code, so a user function Dynamo kept whole (allow_in_graph, a
-    custom op of another library) could change its body under the same key."""
+    custom op of another library) could change its body under the same key. Also for graphs
+    with `custom` node annotations, which a rebuilt graph does not carry."""
     for n in gm.graph.nodes:
+        if n.meta.get("custom"):  # fx_traceback.annotate regions: a rebuilt graph would lose them
+            raise Uncacheable(f"node {n.name} carries custom annotations")
         if n.op == "call_module":
             raise Uncacheable(f"module call {n.target}")
         if n.op != "call_function":
