@@ -464,7 +464,8 @@ ATEN_GRAPH = "backend, on the aten graph traced from it"
 # JointGraphFallback in CacheKeyPass's slot instead.
 PASS_ORDER: tuple[tuple[str, str, object], ...] = (
     (DYNAMO_GRAPH, "linear match -> smoothquant -> linear rewrite", run_linear),
-    (DYNAMO_GRAPH, "capture: trace to the aten graph AOTAutograd would build", trace_to_aten),
+    (DYNAMO_GRAPH, "capture: trace to the aten graph AOTAutograd would build (warm: capture_cache rebuilds it)",
+     trace_to_aten),
     (ATEN_GRAPH, "attention match -> attention rewrite", AttentionPass),
     ("joint_custom_pre_pass", "attnopt's state into Inductor's and AOTAutograd's cache keys", CacheKeyPass),
 )
