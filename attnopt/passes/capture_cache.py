@@ -2,20 +2,22 @@
 
 With Inductor's caches warm, plain `torch.compile` serves a graph from AOTAutograd's cache
 without tracing it. attnopt's capture traces every graph that may hold attention before
-compile_fx can look anything up, which made a warm compile ~10x slower than plain Inductor's
+compile_fx can look anything up, which made a warm compile ~9x slower than plain Inductor's
 (docs/design.md#compile-time). This cache keeps what the trace and the attention pass produced
 for one Dynamo graph: the rewritten aten graph (or "unchanged"), its site records and notes.
-On a hit the graph is rebuilt node for node under the same names, so compile_fx's own caches
-hit as well.
+On a hit the graph is rebuilt node for node under the same names, graph-module class and
+attribute order, so it pickles as the traced one does and AOTAutograd's cache hits as well.
 
 The key covers everything the trace and the decisions read: Dynamo's graph (code, module paths,
 source lines), its inputs' metadata and aliasing, the small constants' values, the ShapeEnv's
-guards and ranges, grad mode, Inductor's config, and PassContext.uuid (attnopt's source, options,
-plan, versions, arch, switches). An entry is stored only when the trace and the pass left the
-ShapeEnv as they found it (no guard a rebuilt graph would fail to install), and only when every
-node, argument and constant can be written down exactly; anything else compiles as before.
-Off when Inductor's FX graph cache is off, in inspect / calibrate runs, after an internal error,
-and with ATTNOPT_CAPTURE_CACHE=off.
+guards and ranges, the global state a trace bakes in (grad mode, autocast, default dtype, ...),
+torch's configs, and PassContext.uuid (attnopt's source, options, plan, versions, arch,
+switches). An entry is stored only when the trace and the pass left the ShapeEnv as they found
+it (no guard a rebuilt graph would fail to install), when every call in Dynamo's graph is
+torch's or attnopt's (a user function's body is not in the key), and when every node, argument
+and constant can be written down exactly; anything else compiles as before. Any error while
+keying, reading or rebuilding is a miss. Off when Inductor's FX graph cache is off, in inspect /
+calibrate runs, after an internal error, and with ATTNOPT_CAPTURE_CACHE=off.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 
+from .. import switches
 from ..logs import log
 from ..report import SiteRecord
 from .linear_rewrite import LINEAR_BUFFER_PREFIX
@@ -61,8 +64,6 @@ class Entry:
 
 def enabled(ctx, patches: dict) -> bool:
     """Whether this compile may read and write the cache (see the module docstring)."""
-    from .. import switches
-
     cfg = torch._inductor.config
     return (switches.capture_cache() and patches.get("fx_graph_cache", cfg.fx_graph_cache)
             and not cfg.force_disable_caches and not ctx.internal_errors and not ctx.probe_sink
@@ -84,13 +85,17 @@ def _shape_env(example_inputs):
     return None if mode is None else mode.shape_env
 
 
-def shape_env_state(example_inputs) -> tuple:
-    """What a trace may add to the ShapeEnv: if any of it moved, a rebuilt graph would lack guards."""
-    env = _shape_env(example_inputs)
-    if env is None:
-        return ()
-    return (env._version_counter, len(env.guards), env.num_deferred_runtime_asserts,
-            env.unbacked_symint_counter, env.unbacked_symfloat_counter)
+def shape_env_state(example_inputs) -> tuple | None:
+    """What a trace may add to the ShapeEnv: if any of it moved, a rebuilt graph would lack guards.
+    None when it cannot be read (a torch whose ShapeEnv differs): then nothing is stored."""
+    try:
+        env = _shape_env(example_inputs)
+        if env is None:
+            return ()
+        return (env._version_counter, len(env.guards), env.num_deferred_runtime_asserts,
+                env.unbacked_symint_counter, env.unbacked_symfloat_counter)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _tensor_meta(t: torch.Tensor) -> str:

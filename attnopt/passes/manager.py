@@ -384,18 +384,20 @@ def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs, cache: b
         ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)
         ctx.recorder.set_captured(gi, "cache")
         return out
+    ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)  # the key and the lookup
     g = ctx.recorder.graphs[gi]
     n_sites, n_notes = len(g["sites"]), len(g.get("notes", []))
     env_before = capture_cache.shape_env_state(example_inputs)
     out, traced = _capture_and_rewrite(ctx, gi, gm, example_inputs, training)
-    if traced and not ctx.internal_errors and capture_cache.shape_env_state(example_inputs) == env_before:
+    if (traced and not ctx.internal_errors and env_before is not None
+            and capture_cache.shape_env_state(example_inputs) == env_before):
         records = [r for r in g["sites"][n_sites:] if r.kind == "attention"]
         try:
             entry = capture_cache.Entry(nodes=None) if out is gm else capture_cache.write_graph(out, gm)
             entry.records = capture_cache.record_dicts(records)
             entry.notes = list(g.get("notes", [])[n_notes:])
             capture_cache.store(k, entry)
-        except capture_cache.Uncacheable as e:
+        except Exception as e:  # noqa: BLE001 - Uncacheable, or anything odd: only the next trace pays
             log.debug("attnopt: graph %s not kept in the capture cache: %s", gi, e)
     return out
 
