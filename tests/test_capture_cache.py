@@ -317,3 +317,22 @@ def test_a_graph_that_cannot_be_keyed_compiles_as_without_the_cache(cache_on):
             out = torch.compile(ScalarConstant(), backend=attnopt.backend(OPTS))(q)
         assert torch.allclose(out, torch.softmax(q @ q.transpose(-1, -2) * 0.125, -1) @ q, atol=0.05)
     assert len(cache_on) == 1  # keyed by the constant's value and served the second time
+
+
+def test_graphs_with_triton_kernel_calls_are_not_written_down():
+    """A Triton kernel call's arguments index a per-process side table (and the kernel source is
+    not keyed): a graph holding one, e.g. the capture of a linear op inlined on CUDA, is not
+    stored, nor is a Dynamo graph calling a user's kernel."""
+    from attnopt.passes import capture_cache
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    call = g.call_function(torch.ops.higher_order.triton_kernel_wrapper_functional,
+                           kwargs={"kernel_idx": 0, "constant_args_idx": 0, "grid": [(1, 1, 1)],
+                                   "tma_descriptor_metadata": {}, "kwargs": {"x": x}, "tensors_to_clone": []})
+    g.output(call)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    with pytest.raises(capture_cache.Uncacheable, match="triton_kernel_wrapper"):
+        capture_cache.write_graph(gm, gm)
+    with pytest.raises(capture_cache.Uncacheable, match="Triton kernel call"):
+        capture_cache._targets_are_torchs(gm)

@@ -156,6 +156,8 @@ def _targets_are_torchs(gm: fx.GraphModule) -> None:
                 raise Uncacheable(f"op {t} of another library")
             continue
         if isinstance(t, torch._ops.HigherOrderOperator):
+            if _side_table_hop(t):  # a user's Triton kernel: its source is not in the key
+                raise Uncacheable(f"Triton kernel call {n.name}")
             continue
         mod = getattr(t, "__module__", None) or ""
         if not (mod.split(".")[0] in ("torch", "attnopt", "operator", "math", "builtins", "_operator")
@@ -229,11 +231,19 @@ def key(ctx, gm: fx.GraphModule, example_inputs, training: bool) -> str:
 
 # ---- writing a graph down ----------------------------------------------------------------------
 
+def _side_table_hop(t) -> bool:
+    """A Triton kernel call: its arguments index this process's kernel side table, and the
+    kernel's source is not in the key, so a graph holding one is never stored. (Where the capture
+    trace inlines an attnopt op's Triton body, as it may on CUDA for the linear pass's ops, that
+    graph is traced on every compile.)"""
+    return isinstance(t, torch._ops.HigherOrderOperator) and t.name().startswith("triton_kernel_wrapper")
+
+
 def _target(t) -> tuple:
     if isinstance(t, torch._ops.OpOverload):
         return ("op", t.namespace, t._opname, t._overloadname)
     if isinstance(t, torch._ops.HigherOrderOperator):
-        if getattr(torch.ops.higher_order, t.name(), None) is not t:
+        if _side_table_hop(t) or getattr(torch.ops.higher_order, t.name(), None) is not t:
             raise Uncacheable(f"higher-order op {t.name()}")
         return ("hop", t.name())
     for mod_name, mod in _MODULES.items():
