@@ -38,6 +38,7 @@ import torch.fx as fx
 from .. import switches
 from ..logs import log
 from ..report import SiteRecord
+from .graph_utils import attr_of
 from .linear_rewrite import LINEAR_BUFFER_PREFIX
 from .schedule_rewrite import STEP_INPUT_KEY
 
@@ -104,19 +105,12 @@ def _tensor_meta(t: torch.Tensor) -> str:
             f"{t.storage_offset() if t.layout == torch.strided else ''}|{t.requires_grad}")
 
 
-def _get(root, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def dynamo_attrs(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Attribute path -> tensor, for every tensor Dynamo's graph reads with get_attr (the linear
     pass's quantized weights, constants Dynamo lifted)."""
     out = {}
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and isinstance(obj := _get(gm, n.target), torch.Tensor):
+        if n.op == "get_attr" and isinstance(obj := attr_of(gm, n.target), torch.Tensor):
             out.setdefault(n.target, obj)
     return out
 
@@ -327,7 +321,7 @@ def write_graph(aten: fx.GraphModule, dynamo: fx.GraphModule) -> Entry:
     nodes, constants = [], {}
     for n in aten.graph.nodes:
         if n.op == "get_attr":
-            obj = _get(aten, n.target)
+            obj = attr_of(aten, n.target)
             if not isinstance(obj, torch.Tensor) or "." in n.target:
                 raise Uncacheable(f"attribute {n.target} ({type(obj).__name__})")
             if id(obj) in by_id:
@@ -353,7 +347,7 @@ def rebuild(entry: Entry, dynamo: fx.GraphModule) -> fx.GraphModule:
     compile_fx takes Dynamo's graphs without it too, and AOTAutograd traces the graph afresh."""
     root = torch.nn.Module()
     for target, (kind, v) in entry.constants.items():
-        obj = _get(dynamo, v) if kind == "dynamo" else v
+        obj = attr_of(dynamo, v) if kind == "dynamo" else v
         if not isinstance(obj, torch.Tensor):
             raise Uncacheable(f"Dynamo's graph no longer holds {v}")
         setattr(root, target, obj)

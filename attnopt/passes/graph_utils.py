@@ -41,6 +41,14 @@ def example_shape(n) -> tuple:
     return tuple(ev.shape) if isinstance(ev, torch.Tensor) else ()
 
 
+def attr_of(gm: torch.nn.Module, target: str):
+    """What a get_attr node's dotted `target` names on `gm` (None if any part is missing)."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def copy_graph(graph: fx.Graph) -> fx.Graph:
     """A copy of Dynamo's graph that AOT autograd still accepts: node metas (shallow) and the
     placeholders' `_dynamo_source`, which deepcopy alone drops."""

@@ -29,7 +29,7 @@ from ..codegen.arch import ArchSpec, linear_needs
 from ..report import SiteRecord
 from . import on_cpu
 from .aten_capture import needs_autograd
-from .graph_utils import example_shape, example_value, module_class, module_path, source_line
+from .graph_utils import attr_of, example_shape, example_value, module_class, module_path, source_line
 
 LINEAR_FNS = (torch._C._nn.linear, torch.nn.functional.linear)
 MATMUL_FNS = (torch.matmul, operator.matmul)
@@ -64,13 +64,6 @@ class MatchedLinears:
     training: bool = False  # the graph will be differentiated: formats are 'train-*' or None, nothing is baked
 
 
-def _get_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def find_parameters(gm: fx.GraphModule, example_inputs) -> tuple[dict[fx.Node, torch.Tensor], dict[fx.Node, int]]:
     """(parameter node -> real tensor, placeholder -> its position among the graph's inputs).
     Dynamo lifts parameters to graph inputs; without inlining they stay get_attr nodes."""
@@ -81,8 +74,8 @@ def find_parameters(gm: fx.GraphModule, example_inputs) -> tuple[dict[fx.Node, t
         if isinstance(t, torch.nn.Parameter) or (isinstance(t, torch.Tensor) and "_parameters_" in n.name):
             out[n] = t
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and isinstance(_get_attr(gm, n.target), torch.nn.Parameter):
-            out[n] = _get_attr(gm, n.target)
+        if n.op == "get_attr" and isinstance(attr_of(gm, n.target), torch.nn.Parameter):
+            out[n] = attr_of(gm, n.target)
     return out, index
 
 
