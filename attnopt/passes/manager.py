@@ -380,11 +380,11 @@ def run_attention(ctx: PassContext, gm: fx.GraphModule, example_inputs, cache: b
         log.debug("attnopt: graph %s not keyed for the capture cache: %s", gi, e)
         return _capture_and_rewrite(ctx, gi, gm, example_inputs, training)[0]
     entry = capture_cache.load(k)
-    if entry is not None and (out := _replay(ctx, gi, entry, gm, example_inputs)) is not None:
-        ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)
+    out = _replay(ctx, gi, entry, gm) if entry is not None else None
+    ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)  # the key, the lookup, a rebuild
+    if out is not None:
         ctx.recorder.set_captured(gi, "cache")
         return out
-    ctx.recorder.add_pass_time(gi, "capture", time.perf_counter() - t0)  # the key and the lookup
     g = ctx.recorder.graphs[gi]
     n_sites, n_notes = len(g["sites"]), len(g.get("notes", []))
     env_before = capture_cache.shape_env_state(example_inputs)
@@ -432,10 +432,10 @@ def _capture_and_rewrite(ctx: PassContext, gi: int, gm: fx.GraphModule, example_
     raise RuntimeError("attnopt: internal errors kept recurring while rewriting this graph")
 
 
-def _replay(ctx: PassContext, gi: int, entry, gm: fx.GraphModule, example_inputs) -> fx.GraphModule | None:
+def _replay(ctx: PassContext, gi: int, entry, gm: fx.GraphModule) -> fx.GraphModule | None:
     """A capture-cache entry applied to this compile: its records under the keys this recorder
     gives them (None, a miss, if a key now comes out otherwise: the graph's ops carry their key),
-    and its graph rebuilt over this compile's inputs and constants."""
+    and its graph rebuilt over this compile's constants."""
     try:  # an entry that reads as JSON but not as a graph and records is a miss, never a failure
         records = capture_cache.records_from(entry.records)
         for r in records:
