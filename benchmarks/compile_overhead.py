@@ -155,13 +155,19 @@ def run_side(layers: int, device: str, side: str, inner: int, warm: bool = False
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure_warm(layers: int, device: str, reps: int, inner: int) -> dict:
-    """Warm compiles: medians over `reps` processes per side (order rotated each round)."""
-    names = list(WARM_SIDES)
+def run_sides(layers: int, device: str, reps: int, inner: int, warm: bool = False) -> dict[str, list[dict]]:
+    """`reps` rounds of one process per side, the sides' order rotated each round."""
+    names = list(WARM_SIDES if warm else SIDES)
     runs = {side: [] for side in names}
     for r in range(reps):
-        for side in names[r % 3:] + names[:r % 3]:
-            runs[side].append(run_side(layers, device, side, inner, warm=True))
+        for side in names[r % len(names):] + names[:r % len(names)]:
+            runs[side].append(run_side(layers, device, side, inner, warm))
+    return runs
+
+
+def measure_warm(layers: int, device: str, reps: int, inner: int) -> dict:
+    """Warm compiles: medians over `reps` processes per side."""
+    runs = run_sides(layers, device, reps, inner, warm=True)
     med = statistics.median
     cpu = {s: med(x["cpu"] for x in rs) for s, rs in runs.items()}
     return {"layers": layers, "processes_per_side": reps, "compiles_per_process": inner,
@@ -174,13 +180,8 @@ def measure_warm(layers: int, device: str, reps: int, inner: int) -> dict:
 
 
 def measure(layers: int, device: str, reps: int, inner: int) -> dict:
-    """Medians over `reps` rounds of one process per side (order rotated each round)."""
-    names = list(SIDES)
-    runs = {side: [] for side in names}
-    for r in range(reps):
-        for side in names[r % 3:] + names[:r % 3]:
-            runs[side].append(run_side(layers, device, side, inner))
-    return _row(layers, reps, inner, runs)
+    """Cold compiles: medians over `reps` processes per side."""
+    return _row(layers, reps, inner, run_sides(layers, device, reps, inner))
 
 
 def _row(layers, reps, inner, runs) -> dict:
