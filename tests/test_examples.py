@@ -60,25 +60,28 @@ def test_vit_classifier():
     assert 0 < s["logits"] <= BOUND, s
 
 
-def test_dit_denoise(tmp_path):
+def _denoise_with_plan(tmp_path, script: str) -> tuple[str, dict]:
+    """Run a diffusers example that calibrates a plan into tmp_path: (its output, its summary)."""
     pytest.importorskip("diffusers")
     plan = tmp_path / "plan.json"
-    out = run("dit_denoise.py", "--plan", str(plan))
+    out = run(script, "--plan", str(plan))
     s = summary(out)
     _all_rewritten(s)
-    assert plan.exists() and "denoised 4 steps" in out
+    assert plan.exists()
+    return out, s
+
+
+def test_dit_denoise(tmp_path):
+    out, s = _denoise_with_plan(tmp_path, "dit_denoise.py")
+    assert "denoised 4 steps" in out
     assert 0 < s["step"] <= BOUND and s["final latent"] <= BOUND, s
 
 
 def test_video_dit(tmp_path):
     """Wan-style video DiT: a calibrated SVG2 plan, the first quarter of the steps dense by the
     schedule, all steps on one compiled graph."""
-    pytest.importorskip("diffusers")
-    plan = tmp_path / "plan.json"
-    out = run("video_dit.py", "--plan", str(plan))
-    s = summary(out)
-    _all_rewritten(s)
-    assert plan.exists() and "denoised 8 steps (2 dense by the schedule" in out
+    out, s = _denoise_with_plan(tmp_path, "video_dit.py")
+    assert "denoised 8 steps (2 dense by the schedule" in out
     assert "graphs compiled: 1" in out, out[-2000:]
     assert "+svg2" in out  # the plan keeps SVG2 at some self-attention site
     assert 0 < s["step"] <= BOUND and 0 < s["final latent"] <= BOUND, s
